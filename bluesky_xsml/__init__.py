@@ -1,0 +1,39 @@
+"""bluesky-xsml: live multi-label tagging of x-ray scattering frames for Bluesky.
+
+Public names are imported lazily so that ``import bluesky_xsml`` stays light
+(no torch, no bluesky at import time).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Tagger": "bluesky_xsml.inference.tagger",
+    "TaggingCallback": "bluesky_xsml.documents.callback",
+    "TAG_NAMES": "bluesky_xsml.tags",
+    "PreprocessConfig": "bluesky_xsml.preprocess",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .documents.callback import TaggingCallback
+    from .inference.tagger import Tagger
+    from .preprocess import PreprocessConfig
+    from .tags import TAG_NAMES
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bluesky_xsml' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

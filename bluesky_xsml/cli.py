@@ -1,0 +1,38 @@
+"""The ``xsml`` command line.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)``
+and ``main(args) -> int``; modules are imported only when their subcommand runs,
+so ``xsml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("bluesky_xsml.sim.dataset", "write a synthetic labeled dataset (zarr)"),
+    "train": ("bluesky_xsml.training.train", "train the tagger on a synthetic dataset"),
+    "evaluate": ("bluesky_xsml.training.evaluate", "per-tag AP/ROC-AUC, mAP and thresholds"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="xsml", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""The live tagging callback: subscribe it to a RunEngine, put the writer behind it.
+
+::
+
+    from bluesky_xsml import Tagger, TaggingCallback
+    xsml = TaggingCallback(Tagger.load(), downstream=[writer])
+    RE.subscribe(xsml)
+
+Every document is forwarded to ``downstream`` unchanged and in order, through
+a delivery thread (so a slow or failing writer never stalls the RunEngine).
+For each run with detector frames the callback adds a tag stream (default
+``xsml_tags``): a descriptor bound to the run's start document, then one event
+per frame (as event pages), tagged off the RunEngine thread in micro-batches.
+The run's ``stop`` is held until every frame of that run is tagged or recorded
+as skipped, then emitted with the tag stream counted in ``num_events`` and a
+run summary (``xsml_tags``, ``xsml_tag_counts``, ``xsml_model``,
+``xsml_frames``, ``xsml_skipped``) that catalogs can search.
+
+The callback never raises into the RunEngine: problems are logged, counted in
+:meth:`TaggingCallback.status`, and recorded as skipped frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from ..inference.worker import FrameJob, InferenceWorker
+from .compose import FrameResult, TagStreamComposer
+from .frames import find_image_keys, is_image_value, split_frames
+from .outbox import Outbox
+
+__all__ = ["TaggingCallback", "RunTagState"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RunTagState:
+    """What the callback knows about one run."""
+
+    start: dict
+    composer: TagStreamComposer | None = None
+    descriptors: dict = field(default_factory=dict)      # uid -> (stream name, {key: kind})
+    event_uids: dict = field(default_factory=dict)       # (descriptor uid, seq_num) -> uid
+    external: Any = None                                  # ExternalFrames, created on demand
+    pending: dict = field(default_factory=dict)          # id(job) -> job
+    held_stop: dict | None = None
+    stop_received_at: float | None = None
+    finalized: bool = False
+    frames: int = 0
+    tag_counts: collections.Counter = field(default_factory=collections.Counter)
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    checkpoints: list = field(default_factory=list)
+
+    @property
+    def uid(self) -> str:
+        return self.start["uid"]
+
+
+class TaggingCallback:
+    """Tag every detector frame of every run into the run's own tag stream.
+
+    Parameters
+    ----------
+    tagger : Tagger
+        The model that tags frames (``Tagger.load()`` for the packaged default).
+    downstream : iterable of callables, optional
+        Writers/serializers that receive every document, in order, including
+        the tag stream. More can be added with :meth:`subscribe`.
+    stream_name : str
+        Name of the tag stream.
+    image_keys : iterable of str, optional
+        Tag exactly these data keys instead of detecting images from descriptors.
+    streams : iterable of str, optional
+        Only tag frames from these streams (default: every stream with images).
+    max_batch, max_wait : int, float
+        Micro-batch size and the longest wait for a batch to fill (seconds).
+    max_pending_bytes : int
+        Memory budget of inline frames waiting for the model.
+    overflow : {"skip", "wait"}
+        What to do with a frame over budget (see :class:`InferenceWorker`).
+    hand_off_timeout : float
+        Longest wait of the RunEngine thread for budget with ``overflow="wait"``.
+    stop_timeout : float
+        Longest time a run's stop is held for its frames; frames still pending
+        then are recorded as skipped (``"stop_timeout"``) and the stop goes out.
+    max_pending_documents, max_block : int, float
+        Soft bound of the delivery queue and the longest the RunEngine waits
+        for room in it.
+    handler_registry, root_map : dict, optional
+        For frames stored in files (resource/datum): handlers by spec, and
+        root remapping as in databroker.
+    """
+
+    def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
+                 stream_name: str = "xsml_tags", image_keys: Iterable[str] | None = None,
+                 streams: Iterable[str] | None = None, max_batch: int = 32,
+                 max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
+                 overflow: str = "skip", hand_off_timeout: float = 0.05,
+                 stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
+                 max_block: float = 0.5, handler_registry: Mapping | None = None,
+                 root_map: Mapping | None = None):
+        if "." in stream_name or "/" in stream_name or not stream_name:
+            raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
+        self.tagger = tagger
+        self.stream_name = stream_name
+        self.image_keys = list(image_keys) if image_keys is not None else None
+        self.streams = set(streams) if streams is not None else None
+        self.stop_timeout = float(stop_timeout)
+        self.handler_registry = dict(handler_registry) if handler_registry else None
+        self.root_map = dict(root_map) if root_map else None
+        self._lock = threading.RLock()
+        self._runs: dict[str, RunTagState] = {}
+        self._by_descriptor: dict[str, RunTagState] = {}
+        self._by_resource: dict[str, RunTagState] = {}
+        self._errors: collections.Counter = collections.Counter()
+        self._finished_runs: collections.deque = collections.deque(maxlen=100)
+        self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
+                             on_idle=self._check_held_stops)
+        self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
+                                      max_wait=max_wait, max_pending_bytes=max_pending_bytes,
+                                      overflow=overflow, hand_off_timeout=hand_off_timeout)
+        self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
+
+    # ----------------------------------------------------------------- public
+    def subscribe(self, callback: Callable[[str, dict], Any]) -> None:
+        """Add a downstream callback (it receives documents from now on)."""
+        self.outbox.downstream.append(callback)
+
+    def add_result_listener(self, listener: Callable[[str, list[FrameResult]], None]) -> None:
+        """Call ``listener(run_uid, results)`` from the worker after each batch."""
+        self._listeners.append(listener)
+
+    def __call__(self, name: str, doc: dict) -> None:
+        """Receive one document from the RunEngine (or a document bus)."""
+        try:
+            self.outbox.put(name, doc) if name != "stop" else None
+        except Exception:  # pragma: no cover - the outbox put does not raise
+            log.exception("xsml could not queue a %s document", name)
+        try:
+            handler = getattr(self, "_on_" + name, None)
+            if handler is not None:
+                handler(doc)
+        except Exception as err:
+            self._errors[f"{name}: {type(err).__name__}"] += 1
+            log.exception("xsml failed to handle a %r document; it was passed through", name)
+            if name == "stop":  # never lose a stop
+                self._emit_stop_unchanged(doc)
+
+    def flush(self, timeout: float | None = 60.0) -> bool:
+        """Wait until every frame received so far is tagged and every document delivered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left():
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        ok = self.worker.flush(left())
+        with self._lock:
+            held = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized]
+        for run in held:  # runs whose last frames were just reported
+            self._maybe_finalize(run)
+        return ok and self.outbox.flush(left())
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish outstanding work, emit held stops, stop the threads."""
+        self.flush(timeout)
+        with self._lock:
+            runs = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized]
+        for run in runs:
+            self._finalize(run, reason="stop_timeout")
+        self.worker.close(timeout)
+        self.outbox.close(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """Counters and latency figures (JSON-able)."""
+        s = self.worker.stats
+        with self._lock:
+            open_runs = len(self._runs)
+        return {
+            "checkpoint_id": self.tagger.checkpoint_id,
+            "device": str(self.tagger.device),
+            "frames_submitted": s.submitted,
+            "frames_tagged": s.frames_tagged,
+            "frames_skipped": s.frames_skipped,
+            "skipped_by_reason": dict(s.skipped_by_reason),
+            "overflow": s.overflow,
+            "queue_jobs": self.worker.outstanding,
+            "pending_bytes": s.pending_bytes,
+            "latency_s": s.latency_percentiles(),
+            "worker_restarts": s.restarts,
+            "open_runs": open_runs,
+            "documents_delivered": self.outbox.delivered,
+            "documents_queued": len(self.outbox),
+            "downstream_errors": self.outbox.downstream_errors,
+            "delivery_overruns": self.outbox.overruns,
+            "document_errors": dict(self._errors),
+        }
+
+    # ----------------------------------------------------------- documents
+    def _on_start(self, doc: dict) -> None:
+        with self._lock:
+            if doc["uid"] in self._runs:
+                log.warning("xsml saw start %s twice; keeping the first", doc["uid"])
+                return
+            self._runs[doc["uid"]] = RunTagState(start=doc)
+
+    def _run_for(self, uid: str | None, what: str) -> RunTagState | None:
+        run = self._runs.get(uid) if uid else None
+        if run is None:
+            self._errors[f"{what} for unknown run"] += 1
+            log.warning("xsml got a %s for a run it has no start for (%s); passed through", what, uid)
+        return run
+
+    def _on_descriptor(self, doc: dict) -> None:
+        with self._lock:
+            run = self._run_for(doc.get("run_start"), "descriptor")
+            if run is None:
+                return
+            name = doc.get("name", "primary")
+            keys = {}
+            if name != self.stream_name and (self.streams is None or name in self.streams):
+                keys = find_image_keys(doc, self.image_keys)
+            run.descriptors[doc["uid"]] = (name, keys)
+            self._by_descriptor[doc["uid"]] = run
+            if any(kind in ("datum", "stream") for kind in keys.values()):
+                self._external(run).register("descriptor", doc)
+            if keys:
+                self._ensure_tag_stream(run)
+
+    def _ensure_tag_stream(self, run: RunTagState) -> None:
+        if run.composer is None:
+            run.composer = TagStreamComposer(run.start, self.tagger.tags, self.tagger.thresholds,
+                                             self.tagger.describe(), self.stream_name)
+            self.outbox.put("descriptor", run.composer.descriptor)
+
+    def _external(self, run: RunTagState):
+        if run.external is None:
+            from .external import ExternalFrames
+
+            run.external = ExternalFrames(handler_registry=self.handler_registry,
+                                          root_map=self.root_map)
+        return run.external
+
+    def _on_event(self, doc: dict) -> None:
+        self._take_events(doc["descriptor"], [doc["seq_num"]], [doc["uid"]], [doc["time"]],
+                          {k: [v] for k, v in doc.get("data", {}).items()})
+
+    def _on_event_page(self, doc: dict) -> None:
+        self._take_events(doc["descriptor"], list(doc["seq_num"]), list(doc["uid"]),
+                          list(doc["time"]), doc.get("data", {}))
+
+    def _take_events(self, descriptor_uid, seq_nums, uids, times, data) -> None:
+        with self._lock:
+            run = self._by_descriptor.get(descriptor_uid)
+            if run is None:
+                self._errors["event for unknown descriptor"] += 1
+                log.warning("xsml got events for unknown descriptor %s; passed through",
+                            descriptor_uid)
+                return
+            if run.finalized or run.held_stop is not None:
+                self._errors["event after stop"] += 1
+                return
+            stream, keys = run.descriptors[descriptor_uid]
+            for key in list(keys):
+                if keys[key] == "probe":  # dtype "array" with no shape: decide now
+                    values = data.get(key) or []
+                    keys[key] = "inline" if values and is_image_value(values[0]) else "none"
+                    if keys[key] == "inline":
+                        self._ensure_tag_stream(run)
+            jobs = []
+            for i, (seq, uid) in enumerate(zip(seq_nums, uids)):
+                run.event_uids[(descriptor_uid, seq)] = uid
+                for key, kind in keys.items():
+                    if kind == "inline":
+                        values = data.get(key)
+                        value = values[i] if values is not None and i < len(values) else None
+                        if value is None:
+                            job = FrameJob(run.uid, stream, seq, uid, key, skip_reason="no_data")
+                        else:
+                            nbytes = int(getattr(value, "nbytes", 0))
+                            job = FrameJob(run.uid, stream, seq, uid, key, source=value,
+                                           nbytes=nbytes)
+                    elif kind == "datum":
+                        values = data.get(key)
+                        datum_id = values[i] if values is not None and i < len(values) else None
+                        job = self._datum_job(run, stream, seq, uid, key, datum_id)
+                    else:  # "stream": frames come with stream_datum; "none": not an image
+                        continue
+                    jobs.append(job)
+                    run.pending[id(job)] = job
+        for job in jobs:
+            self.worker.submit(job)
+
+    def _datum_job(self, run, stream, seq, uid, key, datum_id) -> FrameJob:
+        if not isinstance(datum_id, str):
+            return FrameJob(run.uid, stream, seq, uid, key, skip_reason="no_datum_id")
+        ext = self._external(run)
+        try:
+            ref = ext.datum_ref(datum_id)
+        except Exception as err:
+            reason = getattr(err, "reason", "unknown_datum")
+            return FrameJob(run.uid, stream, seq, uid, key, skip_reason=f"{reason}: {err}")
+        return FrameJob(run.uid, stream, seq, uid, key, source=lambda: ext.read(ref))
+
+    # external-data documents
+    def _on_resource(self, doc: dict) -> None:
+        with self._lock:
+            run = self._runs.get(doc.get("run_start") or "") or self._latest_open_run()
+            if run is None:
+                return
+            self._by_resource[doc["uid"]] = run
+            self._external(run).register("resource", doc)
+
+    def _on_datum(self, doc: dict) -> None:
+        with self._lock:
+            run = self._by_resource.get(doc.get("resource"))
+            if run is not None:
+                self._external(run).register("datum", doc)
+
+    def _on_datum_page(self, doc: dict) -> None:
+        with self._lock:
+            run = self._by_resource.get(doc.get("resource"))
+            if run is not None:
+                self._external(run).register("datum_page", doc)
+
+    def _on_stream_resource(self, doc: dict) -> None:
+        with self._lock:
+            run = self._runs.get(doc.get("run_start") or "") or self._latest_open_run()
+            if run is None:
+                return
+            self._by_resource[doc["uid"]] = run
+            self._external(run).register("stream_resource", doc)
+
+    def _on_stream_datum(self, doc: dict) -> None:
+        with self._lock:
+            run = self._by_resource.get(doc.get("stream_resource"))
+            if run is None:
+                self._errors["stream_datum for unknown stream_resource"] += 1
+                return
+            desc = run.descriptors.get(doc.get("descriptor"))
+            ext = self._external(run)
+            ext.register("stream_datum", doc)
+            if desc is None:
+                return
+            stream, keys = desc
+            jobs = []
+            for key, seq, ref in ext.stream_refs(doc):
+                if keys.get(key) != "stream":
+                    continue
+                uid = run.event_uids.get((doc["descriptor"], seq), "")
+                job = FrameJob(run.uid, stream, seq, uid, key,
+                               source=(lambda r=ref: ext.read(r)))
+                jobs.append(job)
+                run.pending[id(job)] = job
+        for job in jobs:
+            self.worker.submit(job)
+
+    def _latest_open_run(self) -> RunTagState | None:
+        open_runs = [r for r in self._runs.values() if r.held_stop is None]
+        return open_runs[-1] if len(open_runs) == 1 else None
+
+    def _on_stop(self, doc: dict) -> None:
+        with self._lock:
+            run = self._runs.get(doc.get("run_start"))
+            if run is None:
+                self._errors["stop for unknown run"] += 1
+                log.warning("xsml got a stop for a run it has no start for; passed through")
+                self.outbox.put("stop", doc)
+                return
+            run.held_stop = doc
+            run.stop_received_at = time.monotonic()
+        self._maybe_finalize(run)
+
+    # -------------------------------------------------------------- results
+    def _on_results(self, batch: list) -> None:
+        """Worker thread: compose tag pages per run, then finish runs that are done."""
+        by_run: dict[str, list[FrameResult]] = collections.OrderedDict()
+        done: dict[str, list] = collections.defaultdict(list)
+        for job, results in batch:
+            by_run.setdefault(job.run_uid, []).extend(results)
+            done[job.run_uid].append(job)
+        for run_uid, results in by_run.items():
+            with self._lock:
+                run = self._runs.get(run_uid)
+                if run is None or run.finalized:
+                    self._errors["late results"] += len(results)
+                    continue
+                for r in results:
+                    if not r.event_uid:
+                        r.event_uid = run.event_uids.get(self._desc_uid(run, r), "")
+                self._record(run, results)
+                self.outbox.put("event_page", run.composer.page(results))
+                for job in done[run_uid]:
+                    run.pending.pop(id(job), None)
+            for listener in self._listeners:
+                try:
+                    listener(run_uid, results)
+                except Exception:
+                    log.exception("xsml result listener failed")
+            self._maybe_finalize(run)
+
+    @staticmethod
+    def _desc_uid(run: RunTagState, r: FrameResult):
+        for uid, (stream, keys) in run.descriptors.items():
+            if stream == r.stream and r.key in keys:
+                return (uid, r.seq_num)
+        return None
+
+    def _record(self, run: RunTagState, results: list[FrameResult]) -> None:
+        for r in results:
+            run.frames += 1
+            if r.skip_reason:
+                run.skipped[r.skip_reason.split(":")[0]] += 1
+            else:
+                run.tag_counts.update(r.tags)
+                if r.checkpoint and r.checkpoint not in run.checkpoints:
+                    run.checkpoints.append(r.checkpoint)
+
+    def _maybe_finalize(self, run: RunTagState) -> None:
+        with self._lock:
+            if run.finalized or run.held_stop is None or run.pending:
+                return
+        self._finalize(run)
+
+    def _finalize(self, run: RunTagState, reason: str | None = None) -> None:
+        with self._lock:
+            if run.finalized or run.held_stop is None:
+                return
+            if run.pending and reason:
+                leftovers = list(run.pending.values())
+                run.pending.clear()
+                results = [FrameResult(stream=j.stream, seq_num=j.seq_num, event_uid=j.event_uid,
+                                       key=j.key, frame_index=0, probs=None, skip_reason=reason,
+                                       checkpoint=self.tagger.checkpoint_id,
+                                       latency=time.monotonic() - j.t_in) for j in leftovers]
+                self._record(run, results)
+                self.outbox.put("event_page", run.composer.page(results))
+                log.warning("xsml: %d frames of run %s still pending at stop timeout; recorded "
+                            "as skipped", len(results), run.uid)
+            run.finalized = True
+            stop = run.held_stop
+            if run.composer is not None:
+                stop = run.composer.stop(stop, self._summary(run))
+            self.outbox.put("stop", stop)
+            del self._runs[run.uid]
+            for uid in run.descriptors:
+                self._by_descriptor.pop(uid, None)
+            for uid in [u for u, r in self._by_resource.items() if r is run]:
+                del self._by_resource[uid]
+            self._finished_runs.append({"uid": run.uid, **self._summary(run)})
+        if run.external is not None:
+            try:
+                run.external.forget()
+            except Exception:
+                log.exception("xsml could not release file handles of run %s", run.uid)
+
+    def _summary(self, run: RunTagState) -> dict[str, Any]:
+        return {
+            "xsml_stream": self.stream_name,
+            "xsml_tags": sorted(run.tag_counts),
+            "xsml_tag_counts": {t: int(n) for t, n in sorted(run.tag_counts.items())},
+            "xsml_model": run.checkpoints[-1] if run.checkpoints else self.tagger.checkpoint_id,
+            "xsml_models": list(run.checkpoints),
+            "xsml_frames": int(run.frames),
+            "xsml_skipped": {k: int(v) for k, v in sorted(run.skipped.items())},
+        }
+
+    def _check_held_stops(self) -> None:
+        """Outbox thread: release stops held longer than ``stop_timeout``."""
+        now = time.monotonic()
+        with self._lock:
+            late = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized
+                    and now - r.stop_received_at > self.stop_timeout]
+        for run in late:
+            self._finalize(run, reason="stop_timeout")
+
+    def _emit_stop_unchanged(self, doc: dict) -> None:
+        with self._lock:
+            run = self._runs.pop(doc.get("run_start"), None)
+            if run is not None:
+                run.finalized = True
+        self.outbox.put("stop", doc)
+
+    @property
+    def finished_runs(self) -> list[dict]:
+        """Summaries of the most recent finished runs (newest last)."""
+        return list(self._finished_runs)

@@ -1,0 +1,668 @@
+"""Reading detector frames stored outside the documents.
+
+Two ways a Bluesky run points at externally stored frames:
+
+* ``resource`` + ``datum`` (ophyd v1 area detectors): the event holds a datum
+  id; a handler chosen by the resource ``spec`` reads the frames.  Handlers
+  follow event-model's Filler protocol, ``handler_class(path,
+  **resource_kwargs)(**datum_kwargs)``, so any Filler handler registry works.
+* ``stream_resource`` + ``stream_datum`` (ophyd-async): events carry nothing
+  for the image key; a ``stream_datum`` says which rows (``indices``) of the
+  HDF5 dataset belong to which events (``seq_nums``).
+
+:class:`ExternalFrames` keeps one run's documents.  :meth:`ExternalFrames.register`
+is cheap (no file I/O) and is meant for the RunEngine thread;
+:meth:`ExternalFrames.read` blocks and is meant for a worker thread.  Documents
+are never modified.
+
+HDF5 files are opened with ``swmr=True`` and datasets are refreshed before
+each read, so frames appended after the file was first opened are seen.
+Files are opened once per path and cached until :meth:`ExternalFrames.forget`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
+
+from bluesky_xsml.errors import FrameSourceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import h5py
+    import numpy as np
+
+__all__ = [
+    "DEFAULT_HANDLERS",
+    "ExternalFrames",
+    "FrameRef",
+    "HDF5Files",
+    "SWMRHDF5Handler",
+]
+
+logger = logging.getLogger(__name__)
+
+AD_DATA_PATH = "/entry/data/data"
+HDF5_MIMETYPE = "application/x-hdf5"
+
+DEFAULT_HANDLERS: dict[str, str] = {
+    # SWMR-aware replacements: area-detector-handlers 0.0.10's AD_HDF5 builds a
+    # dask array once (later frames invisible) and its AD_HDF5_SWMR fails on
+    # refresh (AttributeError: 'Array' object has no attribute 'id').
+    "AD_HDF5": "bluesky_xsml.documents.external:SWMRHDF5Handler",
+    "AD_HDF5_SWMR": "bluesky_xsml.documents.external:SWMRHDF5Handler",
+    "AD_TIFF": "area_detector_handlers.handlers:AreaDetectorTiffHandler",
+    "AD_SPE": "area_detector_handlers.handlers:AreaDetectorSPEHandler",
+    "AD_CBF": "area_detector_handlers.handlers:PilatusCBFHandler",
+    "AD_HDF5_SINGLE": "area_detector_handlers.handlers:AreaDetectorHDF5SingleHandler",
+    "TPX_HDF5": "area_detector_handlers.handlers:TimepixHDF5Handler",
+    "IMM": "area_detector_handlers.handlers:IMMHandler",
+    "AD_EIGER": "area_detector_handlers.eiger:EigerHandler",
+    "AD_EIGER2": "area_detector_handlers.eiger:EigerHandler",
+    "AD_EIGER_SLICE": "area_detector_handlers.eiger:EigerHandler",
+    "NPY_SEQ": "ophyd.sim:NumpySeqHandler",
+}
+"""Spec -> handler (``"module:attribute"``, imported on first use).
+
+Timestamp specs (``AD_HDF5_TS``, ``AD_HDF5_SWMR_TS``) are left out: they hold
+no frames.  A ``handler_registry`` given to :class:`ExternalFrames` is laid
+over this mapping (its entries win; a value of ``None`` removes a spec).
+"""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """A light, hashable handle to one event's worth of external frames.
+
+    Attributes
+    ----------
+    kind : {"datum", "stream"}
+        Which document family the frames come from.
+    key : str
+        The datum id (``kind="datum"``) or the stream_datum uid
+        (``kind="stream"``).
+    resource : str
+        uid of the resource or stream_resource.
+    spec : str
+        Resource spec (``"AD_HDF5"``, ...) or stream mimetype
+        (``"application/x-hdf5"``).
+    path : str
+        Local file (or, for per-frame specs such as AD_TIFF, directory) after
+        ``root_map``.
+    data_key : str
+        The descriptor data key (``kind="stream"``; ``""`` for datum refs,
+        whose key the event names).
+    dataset : str
+        HDF5 dataset (``kind="stream"``).
+    start, stop : int
+        Rows ``[start, stop)`` of ``dataset`` (``kind="stream"``).
+
+    A datum ref is read by the :class:`ExternalFrames` that made it (the
+    datum kwargs and the handler live there); a stream ref is self-contained.
+    """
+
+    kind: Literal["datum", "stream"]
+    key: str
+    resource: str
+    spec: str
+    path: str
+    data_key: str = ""
+    dataset: str = ""
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def n_frames(self) -> int | None:
+        """Frames this ref covers, where known without reading (stream refs)."""
+        return self.stop - self.start if self.kind == "stream" else None
+
+
+class _NotYetWritten(OSError):
+    """The file exists but does not hold the requested frames (yet)."""
+
+
+class _OpenH5:
+    """One open file: its handle, one Dataset object per name, and a lock."""
+
+    def __init__(self, path: str) -> None:
+        import h5py
+
+        self.file = h5py.File(path, "r", swmr=True)
+        # Only files in the SWMR format (superblock >= 3, libver="latest") can
+        # be refreshed safely; refreshing an old-format file while several
+        # Dataset objects are open corrupts HDF5's state (RuntimeError "ref-counted
+        # page nil", then a segfault at exit; h5py 3.16).
+        self.swmr = self.file.id.get_create_plist().get_version()[0] >= 3
+        self.datasets: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.datasets.clear()
+            _close_quietly(self.file)
+
+
+class HDF5Files:
+    """Thread-safe cache of HDF5 files opened for SWMR reading, one per path.
+
+    Each file is opened once with ``swmr=True`` and each dataset looked up
+    once; :meth:`read` refreshes the dataset (SWMR-format files) before
+    slicing, so frames appended by a writer in another process are seen
+    without reopening.  Files not in SWMR format are never refreshed; when
+    they are too short they are closed, so the next :meth:`read` reopens them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, _OpenH5] = {}
+
+    def _entry(self, path: str) -> _OpenH5:
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is None or entry.closed:
+                entry = self._files[path] = _OpenH5(path)
+            return entry
+
+    def read(self, path: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Return rows ``[start, stop)`` of dataset ``name`` in ``path``.
+
+        Raises
+        ------
+        OSError
+            The file cannot be opened, or holds fewer than ``stop`` rows
+            (an ``OSError`` subclass, so Filler-style callers retry).
+        KeyError
+            No dataset ``name``.
+        """
+        entry = self._entry(path)
+        with entry.lock:
+            if entry.closed:
+                raise OSError(f"HDF5 file {path} was closed while being read; retry")
+            ds = entry.datasets.get(name)
+            if ds is None:
+                try:
+                    ds = entry.datasets[name] = entry.file[name]
+                except KeyError as err:
+                    raise KeyError(f"no dataset {name!r} in HDF5 file {path}") from err
+            if entry.swmr:
+                ds.refresh()
+            rows = ds.shape[0] if ds.shape else 0
+            if rows >= stop:
+                return ds[start:stop]
+        if not entry.swmr:
+            self.drop(path)
+        raise _NotYetWritten(
+            f"HDF5 file {path} holds {rows} frames in {name}; frames "
+            f"{start}..{stop - 1} were requested"
+        )
+
+    def is_open(self, path: str) -> bool:
+        entry = self._files.get(path)
+        return entry is not None and not entry.closed
+
+    def drop(self, path: str) -> None:
+        """Close and forget ``path`` (the next :meth:`read` reopens it)."""
+        with self._lock:
+            entry = self._files.pop(path, None)
+        if entry is not None:
+            entry.close()
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._files = list(self._files.values()), {}
+        for entry in entries:
+            entry.close()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _close_quietly(obj: Any) -> None:
+    try:
+        obj.close()
+    except Exception:  # noqa: BLE001 - closing must not raise
+        logger.debug("error closing %r", obj, exc_info=True)
+
+
+class SWMRHDF5Handler:
+    """SWMR-aware handler for the ``AD_HDF5`` and ``AD_HDF5_SWMR`` specs.
+
+    Drop-in for area-detector-handlers' ``AreaDetectorHDF5Handler`` (same
+    constructor and call signature, usable in an ``event_model.Filler``), but
+    it opens the file lazily with ``swmr=True``, refreshes the dataset before
+    every read and returns a NumPy array ``(frame_per_point, H, W)``.  Frames
+    not in the file yet raise :class:`OSError`, which Filler-style callers
+    retry.
+
+    Parameters
+    ----------
+    filename : str
+        Path to the HDF5 file.
+    frame_per_point : int
+        Frames per datum.
+    key : str
+        Dataset path, ``/entry/data/data`` for area detectors.
+    file_cache : HDF5Files, optional
+        Shared file cache (a private one if not given).
+    """
+
+    specs = {"AD_HDF5", "AD_HDF5_SWMR"}
+
+    def __init__(
+        self,
+        filename: str,
+        frame_per_point: int = 1,
+        *,
+        key: str = AD_DATA_PATH,
+        file_cache: HDF5Files | None = None,
+    ) -> None:
+        self._filename = filename
+        self._fpp = int(frame_per_point)
+        self._key = key
+        self._own_cache = file_cache is None
+        self._files = HDF5Files() if file_cache is None else file_cache
+
+    def __call__(self, point_number: int) -> np.ndarray:
+        start = int(point_number) * self._fpp
+        return self._files.read(self._filename, self._key, start, start + self._fpp)
+
+    def get_file_list(self, datum_kwargs: Any) -> list[str]:
+        return [self._filename]
+
+    def close(self) -> None:
+        if self._own_cache:
+            self._files.close()
+
+    def __enter__(self) -> SWMRHDF5Handler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resolve(spec: str, handler: Any) -> Callable:
+    if isinstance(handler, str):
+        module, _, attr = handler.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise FrameSourceError(
+                f"handler {handler!r} for spec {spec!r} cannot be imported: {err}",
+                reason="unknown_spec",
+            ) from err
+    return handler
+
+
+def _remap_prefix(path: str, root_map: Mapping[str, str]) -> tuple[str, str | None]:
+    """Replace the longest ``root_map`` key that is a directory prefix of ``path``."""
+    best = None
+    for old in root_map:
+        stripped = old.rstrip("/") or "/"
+        if path == stripped or path.startswith(stripped.rstrip("/") + "/"):
+            if best is None or len(stripped) > len(best):
+                best = old
+    if best is None:
+        return path, None
+    stripped = best.rstrip("/") or "/"
+    rest = path[len(stripped):].lstrip("/")
+    new = root_map[best]
+    return (posixpath.join(new, rest) if rest else new), best
+
+
+def _squeeze_single(arr: np.ndarray) -> np.ndarray:
+    return arr[0] if arr.ndim >= 3 and arr.shape[0] == 1 else arr
+
+
+class ExternalFrames:
+    """One run's external frames: register documents, then read frames.
+
+    Parameters
+    ----------
+    handler_registry : dict, optional
+        ``spec -> handler class`` (or ``"module:attribute"``), laid over
+        :data:`DEFAULT_HANDLERS`; ``None`` as a value removes a spec.
+        Handlers follow the event-model Filler protocol.
+    root_map : dict, optional
+        ``old -> new`` roots for files moved since acquisition.  For a
+        ``resource``, a ``root`` equal to a key is replaced (as databroker
+        and ``event_model.Filler`` do); otherwise, and for a
+        ``stream_resource`` uri, the longest key that is a directory prefix
+        of the file path is replaced.
+    retries : int
+        Extra attempts after the first for files that are missing, truncated
+        or do not hold the frames yet.
+    retry_delay : float
+        Seconds between attempts (so a hopeless read gives up after about
+        ``retries * retry_delay`` seconds).
+
+    Notes
+    -----
+    :meth:`register`, :meth:`datum_ref` and :meth:`stream_refs` do no file
+    I/O.  :meth:`read` blocks; it may be called from any thread, concurrently.
+    :meth:`read` returns ``(H, W)`` for one frame and ``(N, H, W)`` for a
+    stack; a leading axis of length 1 is dropped.
+
+    Examples
+    --------
+    >>> frames = ExternalFrames(retries=0)
+    >>> frames.register("resource", {"uid": "r1", "spec": "AD_HDF5", "root": "/d",
+    ...     "resource_path": "a.h5", "resource_kwargs": {"frame_per_point": 1},
+    ...     "path_semantics": "posix"})
+    >>> frames.register("datum", {"datum_id": "r1/0", "resource": "r1",
+    ...     "datum_kwargs": {"point_number": 0}})
+    >>> frames.datum_ref("r1/0").path
+    '/d/a.h5'
+    >>> try:
+    ...     frames.read(frames.datum_ref("r1/0"))
+    ... except FrameSourceError as err:
+    ...     print(err.reason, "|", err)
+    missing_file | cannot read datum r1/0 (spec 'AD_HDF5'): file /d/a.h5 does not exist (1 attempt)
+    """
+
+    def __init__(
+        self,
+        *,
+        handler_registry: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
+        retries: int = 5,
+        retry_delay: float = 0.1,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if retry_delay < 0:
+            raise ValueError(f"retry_delay must be >= 0, got {retry_delay}")
+        registry: dict[str, Any] = dict(DEFAULT_HANDLERS)
+        for spec, handler in (handler_registry or {}).items():
+            if handler is None:
+                registry.pop(spec, None)
+            else:
+                registry[spec] = handler
+        self._registry = registry
+        self.root_map: dict[str, str] = dict(root_map or {})
+        self.retries = int(retries)
+        self.retry_delay = float(retry_delay)
+        self._resources: dict[str, dict] = {}
+        self._datums: dict[str, dict] = {}
+        self._stream_resources: dict[str, dict] = {}
+        self._descriptors: dict[str, dict] = {}
+        self._files = HDF5Files()
+        self._handlers: dict[str, Any] = {}
+        self._handler_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ registering
+
+    def register(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Remember what later refs and reads need from ``doc``; no file I/O.
+
+        Accepts ``resource``, ``datum``, ``datum_page``, ``stream_resource``,
+        ``stream_datum`` and ``descriptor``; other names are ignored.  The
+        document is not modified.
+        """
+        if name == "resource":
+            self._resources[doc["uid"]] = doc
+        elif name == "datum":
+            self._datums[doc["datum_id"]] = doc
+        elif name == "datum_page":
+            kwargs = doc["datum_kwargs"]
+            for i, datum_id in enumerate(doc["datum_id"]):
+                self._datums[datum_id] = {
+                    "datum_id": datum_id,
+                    "resource": doc["resource"],
+                    "datum_kwargs": {k: v[i] for k, v in kwargs.items()},
+                }
+        elif name == "stream_resource":
+            self._stream_resources[doc["uid"]] = doc
+        elif name == "descriptor":
+            self._descriptors[doc["uid"]] = doc
+        # stream_datum carries everything stream_refs needs; nothing to keep.
+
+    # ------------------------------------------------------------------ refs
+
+    def _resource_path(self, resource: Mapping[str, Any]) -> str:
+        root = resource.get("root", "") or ""
+        rel = resource["resource_path"]
+        if root in self.root_map:
+            root = self.root_map[root]
+            return os.path.join(root, rel) if root else rel
+        path = os.path.join(root, rel) if root else rel
+        return _remap_prefix(path, self.root_map)[0]
+
+    def datum_ref(self, datum_id: str) -> FrameRef:
+        """Return the ref for a datum id found in an event's data.
+
+        Raises
+        ------
+        FrameSourceError
+            ``reason="unknown_datum"`` if the datum or its resource was never
+            registered.
+        """
+        datum = self._datums.get(datum_id)
+        if datum is None:
+            raise FrameSourceError(
+                f"unknown datum id {datum_id!r}: no datum or datum_page document "
+                f"with it was registered ({len(self._datums)} datums known)",
+                reason="unknown_datum",
+            )
+        resource = self._resources.get(datum["resource"])
+        if resource is None:
+            raise FrameSourceError(
+                f"datum {datum_id!r} refers to resource {datum['resource']!r}, "
+                "which was never registered",
+                reason="unknown_datum",
+            )
+        return FrameRef(
+            kind="datum",
+            key=datum_id,
+            resource=resource["uid"],
+            spec=resource["spec"],
+            path=self._resource_path(resource),
+        )
+
+    def _frames_per_index(self, sres: Mapping[str, Any], descriptor_uid: str | None) -> int:
+        multiplier = sres.get("parameters", {}).get("multiplier")
+        if multiplier:
+            return int(multiplier)
+        descriptor = self._descriptors.get(descriptor_uid or "")
+        if descriptor is not None:
+            key = descriptor["data_keys"].get(sres["data_key"])
+            # ophyd-async >= 0.10 describes images as [frames_per_event, H, W]
+            # and counts stream_datum indices in events.
+            if key is not None and len(key.get("shape") or ()) == 3:
+                return int(key["shape"][0] or 1)
+        return 1
+
+    def stream_refs(self, stream_datum: Mapping[str, Any]) -> list[tuple[str, int, FrameRef]]:
+        """Return ``(data_key, seq_num, ref)`` for each event a stream_datum covers.
+
+        Index ``i`` of ``indices`` covers dataset rows ``[i * n, (i + 1) * n)``
+        where ``n`` is the stream_resource ``multiplier`` parameter if present,
+        else the leading axis of a 3-D descriptor shape (ophyd-async's
+        ``[collections_per_event, H, W]``), else 1.  Register the descriptor
+        first to get stacks right.  If ``seq_nums`` is empty, events are
+        numbered ``index + 1``.
+
+        Raises
+        ------
+        FrameSourceError
+            ``reason="unknown_datum"`` if its stream_resource was never
+            registered.
+        """
+        sres_uid = stream_datum["stream_resource"]
+        sres = self._stream_resources.get(sres_uid)
+        if sres is None:
+            raise FrameSourceError(
+                f"stream_datum {stream_datum.get('uid')!r} refers to stream_resource "
+                f"{sres_uid!r}, which was never registered",
+                reason="unknown_datum",
+            )
+        path = _remap_prefix(unquote(urlparse(sres["uri"]).path), self.root_map)[0]
+        dataset = sres.get("parameters", {}).get("dataset", "")
+        n = self._frames_per_index(sres, stream_datum.get("descriptor"))
+        i0, i1 = stream_datum["indices"]["start"], stream_datum["indices"]["stop"]
+        seq = stream_datum.get("seq_nums") or {}
+        s0, s1 = seq.get("start", 0), seq.get("stop", 0)
+        if s1 - s0 != i1 - i0:
+            if s1 - s0:
+                logger.warning(
+                    "stream_datum %s covers %d indices but %d seq_nums; numbering "
+                    "events index + 1",
+                    stream_datum.get("uid"),
+                    i1 - i0,
+                    s1 - s0,
+                )
+            s0 = i0 + 1
+        out = []
+        for k, index in enumerate(range(i0, i1)):
+            ref = FrameRef(
+                kind="stream",
+                key=stream_datum["uid"],
+                resource=sres_uid,
+                spec=sres["mimetype"],
+                path=path,
+                data_key=sres["data_key"],
+                dataset=dataset,
+                start=index * n,
+                stop=(index + 1) * n,
+            )
+            out.append((sres["data_key"], s0 + k, ref))
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    def _handler(self, ref: FrameRef) -> Any:
+        with self._handler_lock:
+            handler = self._handlers.get(ref.resource)
+            if handler is not None:
+                return handler
+            cls = self._registry.get(ref.spec)
+            if cls is None:
+                raise FrameSourceError(
+                    f"cannot read datum {ref.key}: no handler for spec {ref.spec!r} "
+                    f"(known specs: {', '.join(sorted(self._registry))})",
+                    reason="unknown_spec",
+                )
+            cls = _resolve(ref.spec, cls)
+            kwargs = dict(self._resources[ref.resource].get("resource_kwargs") or {})
+            if isinstance(cls, type) and issubclass(cls, SWMRHDF5Handler):
+                kwargs["file_cache"] = self._files
+            handler = cls(ref.path, **kwargs)
+            self._handlers[ref.resource] = handler
+            return handler
+
+    def _read_datum(self, ref: FrameRef) -> Any:
+        handler = self._handler(ref)
+        return handler(**self._datums[ref.key]["datum_kwargs"])
+
+    def _read_stream(self, ref: FrameRef) -> Any:
+        if ref.spec != HDF5_MIMETYPE:
+            raise FrameSourceError(
+                f"cannot read stream_datum {ref.key}: mimetype {ref.spec!r} is not "
+                f"supported (only {HDF5_MIMETYPE!r})",
+                reason="unknown_spec",
+            )
+        return self._files.read(ref.path, ref.dataset, ref.start, ref.stop)
+
+    def read(self, ref: FrameRef) -> np.ndarray:
+        """Read the frames behind ``ref``; blocking, with bounded retries.
+
+        Missing files, files that cannot be opened (truncated, locked by a
+        writer not in SWMR mode) and files that do not hold the frames yet are
+        retried ``retries`` times, ``retry_delay`` seconds apart; HDF5
+        datasets are refreshed before every attempt.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(H, W)`` for one frame, ``(N, H, W)`` for a stack.
+
+        Raises
+        ------
+        FrameSourceError
+            With ``reason`` ``"missing_file"``, ``"truncated_file"`` (cannot
+            be opened as its format, or holds fewer frames than the documents
+            say), ``"unknown_spec"`` (no handler / unsupported mimetype; not
+            retried) or ``"read_error"`` (anything else); the message names
+            the path and what was wrong.
+        """
+        import numpy as np
+
+        what = (
+            f"datum {ref.key} (spec {ref.spec!r})"
+            if ref.kind == "datum"
+            else f"stream_datum {ref.key} rows {ref.start}..{ref.stop - 1} of "
+            f"{ref.dataset}"
+        )
+        read = self._read_datum if ref.kind == "datum" else self._read_stream
+        attempts = self.retries + 1
+        error: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.retry_delay)
+            try:
+                payload = read(ref)
+                return _squeeze_single(np.asarray(payload))
+            except FrameSourceError:
+                raise
+            except _NotYetWritten as err:
+                error = err
+            except OSError as err:
+                error = err
+                if ref.kind == "stream" or ref.spec in ("AD_HDF5", "AD_HDF5_SWMR"):
+                    self._files.drop(ref.path)
+                with self._handler_lock:
+                    # Other handlers may cache a failed open: rebuild them.
+                    stale = self._handlers.get(ref.resource)
+                    if stale is not None and not isinstance(stale, SWMRHDF5Handler):
+                        del self._handlers[ref.resource]
+                    else:
+                        stale = None
+                if stale is not None and hasattr(stale, "close"):
+                    _close_quietly(stale)
+            except Exception as err:  # handler bugs, bad dataset names, ...
+                raise FrameSourceError(
+                    f"cannot read {what} from {ref.path}: {type(err).__name__}: {err}",
+                    reason="read_error",
+                ) from err
+        reason, detail = self._classify(ref, error)
+        n = "attempt" if attempts == 1 else "attempts"
+        raise FrameSourceError(
+            f"cannot read {what}: {detail} ({attempts} {n})", reason=reason
+        ) from error
+
+    def _classify(self, ref: FrameRef, error: BaseException | None) -> tuple[str, str]:
+        text = str(error)
+        if isinstance(error, _NotYetWritten):
+            return "truncated_file", f"file {ref.path} is short: {text}"
+        single_file = ref.kind == "stream" or ref.spec in ("AD_HDF5", "AD_HDF5_SWMR")
+        if single_file and not os.path.exists(ref.path):
+            return "missing_file", f"file {ref.path} does not exist"
+        if isinstance(error, FileNotFoundError):
+            return "missing_file", f"file not found under {ref.path}: {text}"
+        if "truncated" in text or "signature" in text:
+            return "truncated_file", f"file {ref.path} is truncated or not HDF5: {text}"
+        return "read_error", f"reading {ref.path} failed: {type(error).__name__}: {text}"
+
+    def forget(self) -> None:
+        """Close open files and handlers; registered documents are kept."""
+        with self._handler_lock:
+            handlers, self._handlers = list(self._handlers.values()), {}
+        for handler in handlers:
+            close = getattr(handler, "close", None)
+            if close is not None:
+                _close_quietly(handler)
+        self._files.close()
+
+    def __enter__(self) -> ExternalFrames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.forget()

@@ -1,0 +1,401 @@
+"""The :class:`Tagger`: a network, its preprocessing, tag names and thresholds.
+
+A tagger turns detector frames into per-tag probabilities. It is what the live
+callback runs, what training produces and what checkpoints hold.
+
+Examples
+--------
+>>> import numpy as np
+>>> from bluesky_xsml import Tagger
+>>> tagger = Tagger.untrained(seed=0)
+>>> probs = tagger.predict(np.random.default_rng(0).poisson(3, (256, 300)).astype("uint32"))
+>>> probs.shape == (1, len(tagger.tags)), probs.dtype
+(True, dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigurationError, FrameError
+from ..model import TaggerNet, TaggerNetConfig, fuse_for_inference
+from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
+from ..tags import TAG_NAMES, TAGS, validate_tag_names
+from .device import choose_device, resolve_precision
+
+__all__ = ["Tagger", "CHECKPOINT_FORMAT", "default_checkpoint_path"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "bluesky-xsml-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+_PACKAGED = Path(__file__).resolve().parent.parent / "models" / "default.pt"
+
+
+def default_checkpoint_path() -> Path:
+    """Where the packaged default checkpoint lives (it may not exist)."""
+    return _PACKAGED
+
+
+def _content_id(state_dict: dict, header: dict) -> str:
+    """sha256 over the weights and the header that describes them (12 hex chars)."""
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class Tagger:
+    """A multi-label tagger for scattering frames.
+
+    Parameters
+    ----------
+    net : TaggerNet
+        The network (its outputs are in ``tags`` order).
+    tags : sequence of str
+        Tag names, one per network output.
+    thresholds : sequence of float, optional
+        Per-tag decision thresholds (default: the vocabulary's defaults, or 0.5).
+    preprocess : PreprocessConfig, optional
+    metadata : dict, optional
+        Provenance: ``checkpoint_id``, ``parent_id``, training data, metrics...
+    device : str or torch.device, optional
+        ``"cuda"`` when available, else ``"cpu"`` when not given.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast precision for inference; ``"auto"`` picks bf16 on CPUs with
+        native bf16 support and fp16 on CUDA.
+    num_threads : int, optional
+        Threads for CPU preprocessing (the numba kernel releases the GIL).
+    """
+
+    def __init__(
+        self,
+        net: TaggerNet,
+        tags: Sequence[str],
+        *,
+        thresholds: Sequence[float] | None = None,
+        preprocess: PreprocessConfig | None = None,
+        metadata: dict | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        num_threads: int | None = None,
+    ):
+        self.tags: tuple[str, ...] = validate_tag_names(tags)
+        if net.config.n_tags != len(self.tags):
+            raise ConfigurationError(
+                f"network has {net.config.n_tags} outputs but {len(self.tags)} tag names were given"
+            )
+        if net.config.in_channels != len(CHANNELS):
+            raise ConfigurationError(
+                f"network expects {net.config.in_channels} input channels; preprocessing "
+                f"makes {len(CHANNELS)}"
+            )
+        defaults = {t.name: t.threshold for t in TAGS}
+        self.thresholds = np.asarray(
+            thresholds if thresholds is not None else [defaults.get(t, 0.5) for t in self.tags],
+            dtype=np.float32,
+        )
+        if self.thresholds.shape != (len(self.tags),):
+            raise ConfigurationError(
+                f"need one threshold per tag ({len(self.tags)}), got shape {self.thresholds.shape}"
+            )
+        self.preprocess_config = preprocess or PreprocessConfig()
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.device = choose_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.net = net.eval()  # the trainable form, on the CPU; saved and fine-tuned
+        self._lock = threading.RLock()  # guards net swaps against a running batch
+        self._rebuild_inference_net()
+        self._num_threads = num_threads or min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        if "checkpoint_id" not in self.metadata:
+            self.metadata["checkpoint_id"] = _content_id(self.net.state_dict(), self._header())
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def checkpoint_id(self) -> str:
+        """Content id of the weights and configuration this tagger runs."""
+        return str(self.metadata["checkpoint_id"])
+
+    def _header(self) -> dict:
+        return {
+            "model_config": self.net.config.to_dict(),
+            "preprocess": self.preprocess_config.to_dict(),
+            "tags": list(self.tags),
+        }
+
+    def describe(self) -> dict:
+        """JSON-able summary for documents and the API."""
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "parent_id": self.metadata.get("parent_id"),
+            "tags": list(self.tags),
+            "thresholds": [float(t) for t in self.thresholds],
+            "preprocess": self.preprocess_config.to_dict(),
+            "model_config": self.net.config.to_dict(),
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def untrained(cls, *, seed: int = 0, config: TaggerNetConfig | None = None,
+                  tags: Sequence[str] = TAG_NAMES, **kwargs) -> "Tagger":
+        """A randomly initialised tagger (deterministic for a seed)."""
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            net = TaggerNet(config or TaggerNetConfig(n_tags=len(tags), in_channels=len(CHANNELS)))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        md = {"untrained": True, "seed": seed, **kwargs.pop("metadata", {})}
+        return cls(net, tags, metadata=md, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> "Tagger":
+        """Load a checkpoint; with no ``path``, the packaged default model.
+
+        If the package ships no trained default (a development checkout before
+        one was trained), an untrained model of the same API is returned and a
+        warning is logged.
+
+        Raises
+        ------
+        CheckpointError
+            The file is missing, truncated, not a bluesky-xsml checkpoint,
+            tampered with (content id mismatch) or would need code to unpickle.
+        """
+        if path is None:
+            if not _PACKAGED.exists():
+                log.warning("no packaged default model at %s; using an untrained model", _PACKAGED)
+                return cls.untrained(**kwargs)
+            path = _PACKAGED
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"cannot load checkpoint {str(path)!r}: {type(err).__name__}: {err}. Checkpoints "
+                "are loaded with weights_only=True; a truncated file or one that needs code to "
+                "unpickle is refused."
+            ) from err
+        return cls.from_checkpoint_dict(ckpt, source=str(path), **kwargs)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> "Tagger":
+        """Build a tagger from a loaded checkpoint dictionary (validated)."""
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{source} is not a {CHECKPOINT_FORMAT} file")
+        if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has format version {ckpt.get('format_version')}; this bluesky-xsml "
+                f"reads up to {CHECKPOINT_FORMAT_VERSION}"
+            )
+        try:
+            config = TaggerNetConfig.from_dict(ckpt["model_config"])
+            preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
+            tags = list(ckpt["tags"])
+            thresholds = list(ckpt["thresholds"])
+            state = ckpt["state_dict"]
+            metadata = dict(ckpt.get("metadata", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{source} is missing or has a malformed field: {err}") from err
+        net = TaggerNet(config)
+        try:
+            net.load_state_dict(state)
+        except Exception as err:
+            raise CheckpointError(f"{source}: weights do not fit the model config: {err}") from err
+        header = {"model_config": config.to_dict(), "preprocess": preprocess.to_dict(),
+                  "tags": tags}
+        expected = metadata.get("checkpoint_id")
+        actual = _content_id(net.state_dict(), header)
+        if expected is not None and expected != actual:
+            raise CheckpointError(
+                f"{source}: content id mismatch (recorded {expected}, computed {actual}); the file "
+                "was modified after it was written"
+            )
+        metadata["checkpoint_id"] = actual
+        return cls(net, tags, thresholds=thresholds, preprocess=preprocess, metadata=metadata,
+                   **kwargs)
+
+    def _rebuild_inference_net(self) -> None:
+        """Fold batch norms and move the inference copy to the device."""
+        fused = fuse_for_inference(self.net).to(self.device)
+        if self.device.type == "cpu":
+            fused = fused.to(memory_format=torch.channels_last)
+        with self._lock:
+            self._infer_net = fused
+
+    def checkpoint_dict(self) -> dict:
+        """Everything :meth:`save` writes: plain types and tensors only."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        metadata = dict(self.metadata)
+        metadata["checkpoint_id"] = _content_id(state, self._header())
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            **self._header(),
+            "thresholds": [float(t) for t in self.thresholds],
+            "state_dict": state,
+            "metadata": json.loads(json.dumps(metadata, default=str)),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically (temp file, fsync, ``os.replace``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = self.checkpoint_dict()
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.metadata["checkpoint_id"] = ckpt["metadata"]["checkpoint_id"]
+        return path
+
+    # ---------------------------------------------------------------- inference
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self._num_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="xsml-prep")
+        return self._pool
+
+    def preprocess(self, frames: Sequence[np.ndarray]):
+        """Preprocess frames; see :func:`bluesky_xsml.preprocess.preprocess_batch`."""
+        return preprocess_batch(frames, self.preprocess_config, pool=self._executor())
+
+    def predict_inputs(self, inputs: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities for already preprocessed inputs ``(N, C, S, S)``."""
+        x = torch.as_tensor(inputs)
+        if x.shape[0] == 0:
+            return np.zeros((0, len(self.tags)), np.float32)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with self._lock, torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            logits, _ = self._infer_net(x)
+            probs = torch.sigmoid(logits.float())
+        return probs.cpu().numpy().astype(np.float32, copy=False)
+
+    def predict(self, frames, *, batch_size: int = 32) -> np.ndarray:
+        """Per-tag probabilities for one frame, a stack or a list of frames.
+
+        Parameters
+        ----------
+        frames : array_like or sequence of array_like
+            One 2-D frame, an ``(N, H, W)`` stack, or a list of 2-D frames of
+            different shapes and dtypes.
+        batch_size : int
+            Frames per network call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N, len(tags))`` float32 probabilities in ``tags`` order.
+
+        Raises
+        ------
+        FrameError
+            If a frame cannot be used; the message names its index.
+        """
+        frame_list = _as_frame_list(frames)
+        out = np.empty((len(frame_list), len(self.tags)), np.float32)
+        for start in range(0, len(frame_list), batch_size):
+            chunk = frame_list[start:start + batch_size]
+            inputs, ok, errors = self.preprocess(chunk)
+            if errors:
+                i, err = min(errors.items())
+                raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err
+            out[start:start + len(chunk)] = self.predict_inputs(inputs)
+        return out
+
+    def decide(self, probs: np.ndarray) -> list[list[str]]:
+        """Tag names at or above threshold, per row of ``probs``."""
+        probs = np.atleast_2d(probs)
+        return [[t for t, p, th in zip(self.tags, row, self.thresholds) if p >= th]
+                for row in probs]
+
+    # -------------------------------------------------------------- hot swap
+    def swap_weights(self, other: "Tagger") -> None:
+        """Adopt ``other``'s weights, thresholds and metadata between batches."""
+        if other.tags != self.tags or other.net.config != self.net.config:
+            raise ConfigurationError("can only swap in a tagger with the same tags and network")
+        state = other.net.state_dict()
+        fused = fuse_for_inference(other.net).to(self.device)
+        if self.device.type == "cpu":
+            fused = fused.to(memory_format=torch.channels_last)
+        with self._lock:
+            self.net.load_state_dict(state)
+            self._infer_net = fused
+            self.thresholds = other.thresholds.copy()
+            self.metadata = dict(other.metadata)
+            self.preprocess_config = other.preprocess_config
+
+    def warmup(self, shape: tuple[int, int] = (256, 256),
+               dtypes: Sequence[str] = ("uint32", "int32", "uint16", "float32"),
+               batch: int = 2) -> float:
+        """Compile kernels for common detector dtypes and run one batch each.
+
+        Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        for dtype in dtypes:
+            self.predict(np.zeros((batch, *shape), dtype))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return (f"<Tagger {self.checkpoint_id} {len(self.tags)} tags on {self.device}"
+                f" ({self.precision})>")
+
+
+def _as_frame_list(frames) -> list:
+    if isinstance(frames, (list, tuple)):
+        out = []
+        for f in frames:
+            a = np.asarray(f)
+            out.extend(list(a) if a.ndim == 3 else [a])
+        return out
+    a = np.asarray(frames)
+    if a.ndim == 3:
+        return list(a)
+    if a.ndim == 2:
+        return [a]
+    raise FrameError(
+        f"expected a 2-D frame, an (N, H, W) stack or a list of frames; got shape {a.shape}",
+        reason="bad_shape",
+    )

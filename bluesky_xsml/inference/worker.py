@@ -1,0 +1,324 @@
+"""The inference worker: micro-batches frames off the RunEngine thread.
+
+``submit`` never blocks longer than ``hand_off_timeout`` (default: not at all).
+Frames wait in a queue whose inline-array memory is bounded by
+``max_pending_bytes``; a frame that does not fit is turned into a skip with
+reason ``"overflow"`` (counted) rather than dropped, so every frame still gets
+a tag event. The worker thread collects up to ``max_batch`` frames or waits
+``max_wait`` seconds, reads external frames, preprocesses, runs the model and
+hands the results back through ``on_results``.
+
+A batch the model fails on is split in halves and retried down to single
+frames (this also absorbs CUDA out-of-memory errors); a frame that still fails
+is skipped with reason ``"model_error"``. An unexpected error in the loop skips
+that batch with reason ``"internal_error"`` and the loop goes on; if the thread
+dies anyway it is restarted on the next ``submit``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..documents.compose import FrameResult
+from ..documents.frames import split_frames
+from ..errors import FrameError, FrameSourceError
+
+__all__ = ["FrameJob", "InferenceWorker", "WorkerStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class FrameJob:
+    """One event's image value (one or more frames) waiting to be tagged."""
+
+    run_uid: str
+    stream: str
+    seq_num: int
+    event_uid: str
+    key: str
+    source: Any = None            # ndarray, a zero-argument loader, or None when skipped
+    skip_reason: str = ""
+    nbytes: int = 0
+    t_in: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WorkerStats:
+    """Counters of the worker; read them any time."""
+
+    submitted: int = 0
+    frames_tagged: int = 0
+    frames_skipped: int = 0
+    skipped_by_reason: dict = field(default_factory=collections.Counter)
+    overflow: int = 0
+    batches: int = 0
+    restarts: int = 0
+    pending_bytes: int = 0
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+
+    def latency_percentiles(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies, dtype=float)
+        if lat.size == 0:
+            return {"p50": math.nan, "p99": math.nan}
+        return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+
+
+class InferenceWorker:
+    """Batches frame jobs through a :class:`~bluesky_xsml.Tagger` on a thread.
+
+    Parameters
+    ----------
+    tagger : Tagger
+    on_results : callable
+        Called from the worker thread with a list of ``(job, [FrameResult, ...])``.
+    max_batch : int
+        Most frames per model call.
+    max_wait : float
+        Seconds to wait for more frames once the first of a batch arrived.
+    max_pending_bytes : int
+        Memory budget for inline frames waiting in the queue.
+    overflow : {"skip", "wait"}
+        Over budget: skip at once, or wait up to ``hand_off_timeout`` then skip.
+    hand_off_timeout : float
+        Longest time ``submit`` may wait with ``overflow="wait"``.
+    warmup : bool
+        Compile kernels and run a first batch on the worker thread at start.
+    """
+
+    def __init__(self, tagger, on_results: Callable[[list], None], *, max_batch: int = 32,
+                 max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
+                 overflow: str = "skip", hand_off_timeout: float = 0.05, warmup: bool = True):
+        if overflow not in ("skip", "wait"):
+            raise ValueError(f"overflow must be 'skip' or 'wait', got {overflow!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.tagger = tagger
+        self.on_results = on_results
+        self.max_batch = int(max_batch)
+        self.max_wait = float(max_wait)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.overflow = overflow
+        self.hand_off_timeout = float(hand_off_timeout)
+        self.warmup = bool(warmup)
+        self.stats = WorkerStats()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._budget = threading.Condition()
+        self._outstanding = 0  # jobs submitted and not yet reported
+        self._idle = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_thread()
+
+    # ----------------------------------------------------------------- intake
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="xsml-inference", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: FrameJob) -> None:
+        """Queue ``job``; bounded wait, never raises for a full queue."""
+        if self._thread is None or not self._thread.is_alive():
+            if not self._stop.is_set():
+                log.error("xsml inference thread had died; restarting it")
+                self.stats.restarts += 1
+                self._start_thread()
+        if job.source is not None and job.nbytes:
+            with self._budget:
+                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
+                    if self.overflow == "wait":
+                        self._budget.wait_for(
+                            lambda: self.stats.pending_bytes + job.nbytes <= self.max_pending_bytes,
+                            timeout=self.hand_off_timeout,
+                        )
+                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
+                    job.source, job.skip_reason, job.nbytes = None, "overflow", 0
+                    self.stats.overflow += 1
+                else:
+                    self.stats.pending_bytes += job.nbytes
+        with self._idle:
+            self._outstanding += 1
+        self.stats.submitted += 1
+        self._queue.put(job)
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted whose results were not yet handed back."""
+        return self._outstanding
+
+    # ------------------------------------------------------------------- loop
+    def _next_batch(self) -> list[FrameJob]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        if self.warmup:
+            try:  # compile the preprocessing kernels before the first real frame
+                self.tagger.warmup()
+            except Exception:
+                log.exception("xsml tagger warm-up failed (tagging goes on)")
+            self.warmup = False
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                out = self._process(batch)
+            except Exception as err:  # keep the loop alive whatever happens
+                log.exception("xsml inference batch failed")
+                out = [(job, [self._skip(job, 0, f"internal_error: {type(err).__name__}")])
+                       for job in batch]
+            self._release(batch)
+            try:
+                self.on_results(out)
+            except Exception:
+                log.exception("xsml result handler failed")
+            finally:
+                with self._idle:
+                    self._outstanding -= len(batch)
+                    self._idle.notify_all()
+
+    def _release(self, batch: Sequence[FrameJob]) -> None:
+        freed = sum(job.nbytes for job in batch)
+        for job in batch:
+            job.source = None  # let the arrays go
+        if freed:
+            with self._budget:
+                self.stats.pending_bytes -= freed
+                self._budget.notify_all()
+
+    def _skip(self, job: FrameJob, index: int, reason: str) -> FrameResult:
+        self.stats.frames_skipped += 1
+        self.stats.skipped_by_reason[reason.split(":")[0]] += 1
+        return FrameResult(stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid,
+                           key=job.key, frame_index=index, probs=None, skip_reason=reason,
+                           checkpoint=self.tagger.checkpoint_id,
+                           latency=time.monotonic() - job.t_in)
+
+    def _process(self, batch: list[FrameJob]) -> list:
+        per_job: list[list] = []  # per job: list of FrameResult or frame placeholders
+        frames: list[np.ndarray] = []
+        owners: list[tuple[int, int]] = []  # (job position, frame index)
+        for pos, job in enumerate(batch):
+            slots: list = []
+            per_job.append(slots)
+            if job.source is None:
+                slots.append(self._skip(job, 0, job.skip_reason or "no_data"))
+                continue
+            try:
+                value = job.source() if callable(job.source) else job.source
+            except FrameSourceError as err:
+                slots.append(self._skip(job, 0, f"{err.reason}: {err}"))
+                continue
+            except Exception as err:
+                slots.append(self._skip(job, 0, f"read_error: {type(err).__name__}: {err}"))
+                continue
+            try:
+                parts = split_frames(value)
+            except Exception as err:
+                slots.append(self._skip(job, 0, f"bad_frame: {err}"))
+                continue
+            for idx, frame in enumerate(parts):
+                slots.append(None)
+                frames.append(frame)
+                owners.append((pos, idx))
+
+        probs_by_frame: dict[int, np.ndarray] = {}
+        errors_by_frame: dict[int, str] = {}
+        if frames:
+            inputs, ok, errors = self.tagger.preprocess(frames)
+            for i, err in errors.items():
+                errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
+            probs, failed = self._predict_resilient(inputs)
+            for row, i in enumerate(ok):
+                if row in failed:
+                    errors_by_frame[i] = failed[row]
+                else:
+                    probs_by_frame[i] = probs[row]
+        checkpoint = self.tagger.checkpoint_id
+        thresholds = self.tagger.thresholds
+        tags = self.tagger.tags
+        now = time.monotonic()
+        for i, (pos, idx) in enumerate(owners):
+            job = batch[pos]
+            if i in probs_by_frame:
+                p = probs_by_frame[i]
+                self.stats.frames_tagged += 1
+                latency = now - job.t_in
+                self.stats.latencies.append(latency)
+                per_job[pos][idx] = FrameResult(
+                    stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid, key=job.key,
+                    frame_index=idx, probs=p.tolist(), checkpoint=checkpoint,
+                    tags=tuple(t for t, v, th in zip(tags, p, thresholds) if v >= th),
+                    latency=latency)
+            else:
+                per_job[pos][idx] = self._skip(job, idx, errors_by_frame.get(i, "bad_frame"))
+        self.stats.batches += 1
+        return list(zip(batch, per_job))
+
+    def _predict_resilient(self, inputs: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """Predict, splitting the batch on failure; returns probs and failed rows."""
+        n = len(inputs)
+        probs = np.full((n, len(self.tagger.tags)), np.nan, np.float32)
+        failed: dict[int, str] = {}
+        stack = [(0, n)]
+        while stack:
+            lo, hi = stack.pop()
+            if hi <= lo:
+                continue
+            try:
+                probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi])
+            except Exception as err:
+                _free_accelerator_memory()
+                if hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    log.warning("model failed on a batch of %d (%s); retrying in halves",
+                                hi - lo, type(err).__name__)
+                    stack.extend([(mid, hi), (lo, mid)])
+                else:
+                    failed[lo] = f"model_error: {type(err).__name__}: {err}"
+        bad = ~np.isfinite(probs).all(axis=1)
+        for row in np.flatnonzero(bad):
+            failed.setdefault(int(row), "model_error: non-finite output")
+        return probs, failed
+
+    # ------------------------------------------------------------ lifecycle
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job was handed back; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
