@@ -477,6 +477,7 @@ def test_reader_sees_frames_appended_later_by_another_process(tmp_path, kind):
     finally:
         writer.stdin.close()
         writer.wait(timeout=10)
+        writer.stdout.close()
 
 
 # --------------------------------------------------------------------------- (e)

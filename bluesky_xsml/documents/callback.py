@@ -95,6 +95,9 @@ class TaggingCallback:
     handler_registry, root_map : dict, optional
         For frames stored in files (resource/datum): handlers by spec, and
         root remapping as in databroker.
+    read_retries, read_retry_delay : int, float
+        Bounded retries for external files that are missing, truncated or
+        still being written, before the frame is recorded as skipped.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
@@ -104,7 +107,8 @@ class TaggingCallback:
                  overflow: str = "skip", hand_off_timeout: float = 0.05,
                  stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
                  max_block: float = 0.5, handler_registry: Mapping | None = None,
-                 root_map: Mapping | None = None):
+                 root_map: Mapping | None = None, read_retries: int = 5,
+                 read_retry_delay: float = 0.1):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -114,6 +118,8 @@ class TaggingCallback:
         self.stop_timeout = float(stop_timeout)
         self.handler_registry = dict(handler_registry) if handler_registry else None
         self.root_map = dict(root_map) if root_map else None
+        self.read_retries = int(read_retries)
+        self.read_retry_delay = float(read_retry_delay)
         self._lock = threading.RLock()
         self._runs: dict[str, RunTagState] = {}
         self._by_descriptor: dict[str, RunTagState] = {}
@@ -243,7 +249,8 @@ class TaggingCallback:
             from .external import ExternalFrames
 
             run.external = ExternalFrames(handler_registry=self.handler_registry,
-                                          root_map=self.root_map)
+                                          root_map=self.root_map, retries=self.read_retries,
+                                          retry_delay=self.read_retry_delay)
         return run.external
 
     def _on_event(self, doc: dict) -> None:

@@ -205,10 +205,6 @@ class HDF5Files:
             f"{start}..{stop - 1} were requested"
         )
 
-    def is_open(self, path: str) -> bool:
-        entry = self._files.get(path)
-        return entry is not None and not entry.closed
-
     def drop(self, path: str) -> None:
         """Close and forget ``path`` (the next :meth:`read` reopens it)."""
         with self._lock:
@@ -576,8 +572,9 @@ class ExternalFrames:
 
         Missing files, files that cannot be opened (truncated, locked by a
         writer not in SWMR mode) and files that do not hold the frames yet are
-        retried ``retries`` times, ``retry_delay`` seconds apart; HDF5
-        datasets are refreshed before every attempt.
+        retried ``retries`` times, ``retry_delay`` seconds apart.  HDF5 files
+        stay open between reads; SWMR-format datasets are refreshed before
+        every attempt, older-format files are reopened when too short.
 
         Returns
         -------
