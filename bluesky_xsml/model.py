@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TaggerNetConfig", "TaggerNet", "masked_bce_loss", "fuse_for_inference"]
+__all__ = ["TaggerNetConfig", "TaggerNet", "masked_bce_loss", "fuse_for_inference",
+           "Probabilities"]
 
 
 @dataclass
@@ -157,3 +158,15 @@ def fuse_for_inference(net: TaggerNet) -> TaggerNet:
         if block.shortcut is not None:
             block.shortcut = fuse_conv_bn_eval(block.shortcut[0], block.shortcut[1])
     return fused
+
+
+class Probabilities(nn.Module):
+    """Inference wrapper: input in the network's dtype -> float32 probabilities."""
+
+    def __init__(self, net: TaggerNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.net(x)
+        return torch.sigmoid(logits.float())

@@ -108,71 +108,12 @@ class PreprocessConfig:
 
 
 def _kernels():
-    """Compile (once, cached on disk) the numba kernels."""
-    global _reduce, _plateau
-    if _reduce is not None:
-        return _reduce, _plateau
-    import numba
+    """The compiled batch kernel (numba is imported on first use)."""
+    from ._kernels import prep_many
 
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
-    def reduce_blocks(x, k, off_i, off_j, lo, hi, out_sum, out_cnt, out_max):
-        # One pass over the frame: per k x k block, sum / count / max of valid pixels.
-        # Rows are accumulated per column in float32 (branch-free, vectorised), then
-        # folded into blocks once per block row.
-        H, W = x.shape
-        acc_s = np.zeros(W, np.float32)
-        acc_c = np.zeros(W, np.int32)
-        acc_m = np.zeros(W, np.float32)
-        zero = np.float32(0.0)
-        for i in range(H):
-            row = x[i]
-            for j in range(W):
-                v = row[j]
-                ok = (v >= lo) & (v <= hi)  # False for NaN
-                fv = np.float32(v) if ok else zero
-                acc_s[j] += fv
-                acc_c[j] += ok
-                acc_m[j] = max(acc_m[j], fv)
-            bi = (i + off_i) // k
-            if i == H - 1 or (i + 1 + off_i) // k != bi:
-                for j in range(W):
-                    bj = (j + off_j) // k
-                    out_sum[bi, bj] += acc_s[j]
-                    out_cnt[bi, bj] += acc_c[j]
-                    if acc_m[j] > out_max[bi, bj]:
-                        out_max[bi, bj] = acc_m[j]
-                    acc_s[j] = zero
-                    acc_c[j] = 0
-                    acc_m[j] = zero
-
-    @numba.njit(nogil=True, boundscheck=False, cache=True)
-    def plateau_counts(x, k, off_i, off_j, level, hit_blocks, out_sat):
-        # Count pixels >= level, only inside the blocks whose max reached it.
-        H, W = x.shape
-        total = 0
-        for n in range(hit_blocks.shape[0]):
-            bi = hit_blocks[n, 0]
-            bj = hit_blocks[n, 1]
-            i0 = max(0, bi * k - off_i)
-            i1 = min(H, (bi + 1) * k - off_i)
-            j0 = max(0, bj * k - off_j)
-            j1 = min(W, (bj + 1) * k - off_j)
-            c = 0
-            for i in range(i0, i1):
-                for j in range(j0, j1):
-                    v = x[i, j]
-                    if v >= level:
-                        c += 1
-            out_sat[bi, bj] = c
-            total += c
-        return total
-
-    _reduce, _plateau = reduce_blocks, plateau_counts
-    return _reduce, _plateau
+    return prep_many
 
 
-_reduce = None
-_plateau = None
 
 
 def _valid_range(dtype: np.dtype) -> tuple[float, float]:
@@ -222,6 +163,48 @@ def _as_frame(frame) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _layout(shape: tuple[int, int], size: int) -> tuple[int, int, int]:
+    """Block size and offsets that centre an (H, W) frame on the S*k canvas."""
+    H, W = shape
+    k = max(1, math.ceil(max(H, W) / size))
+    return k, (size * k - H) // 2, (size * k - W) // 2
+
+
+def _prepared(frame, config: PreprocessConfig) -> np.ndarray:
+    """Validated, native-order 2-D frame; small frames enlarged; sentinels applied."""
+    arr = _as_frame(frame)
+    S = config.size
+    if max(arr.shape) < S:  # enlarge small frames by whole-pixel repetition
+        rep = S // max(arr.shape)
+        if rep > 1:
+            arr = np.repeat(np.repeat(arr, rep, axis=0), rep, axis=1)
+    if config.sentinels:  # rare: extra sentinels become NaN in a float copy
+        arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
+        arr[np.isin(arr, np.asarray(config.sentinels, arr.dtype))] = np.nan
+    return arr
+
+
+def _run_group(frames: list[np.ndarray], config: PreprocessConfig, out: np.ndarray) -> None:
+    """Preprocess same-dtype frames into ``out`` with one GIL-free kernel call."""
+    from numba.typed import List
+
+    prep_many = _kernels()
+    dtype = frames[0].dtype
+    lo, hi = _valid_range(dtype)
+    layouts = np.array([_layout(f.shape, config.size) for f in frames], np.int64)
+    cast = dtype.type if dtype.kind in "iu" else float
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        level = config.saturation_level if config.saturation_level is not None else 0.0
+        sat_level = cast(min(max(math.ceil(level), info.min), info.max))
+    else:
+        sat_level = float(config.saturation_level or 0.0)
+    typed = List(frames)
+    prep_many(typed, layouts[:, 0], layouts[:, 1], layouts[:, 2], cast(lo), cast(hi),
+              sat_level, config.saturation_level is not None, int(config.min_plateau),
+              float(config.min_saturation_counts), LOG_SCALE, out)
+
+
 def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """Turn one detector frame into a ``(len(CHANNELS), S, S)`` float32 input.
 
@@ -244,60 +227,18 @@ def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig()) -> np
         If the frame is not 2-D, is smaller than 8 pixels on a side, or has a
         dtype that holds no counts (strings, objects, complex).
     """
-    arr = _as_frame(frame)
-    S = config.size
-    H, W = arr.shape
-    if max(H, W) < S:  # enlarge small frames by whole-pixel repetition
-        rep = S // max(H, W)
-        if rep > 1:
-            arr = np.repeat(np.repeat(arr, rep, axis=0), rep, axis=1)
-            H, W = arr.shape
-    k = max(1, math.ceil(max(H, W) / S))
-    off_i = (S * k - H) // 2
-    off_j = (S * k - W) // 2
-
-    reduce_blocks, plateau_counts = _kernels()
-    if config.sentinels:  # rare: extra sentinels become NaN in a float copy
-        arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
-        arr[np.isin(arr, np.asarray(config.sentinels, arr.dtype))] = np.nan
-    lo, hi = _valid_range(arr.dtype)
-    out_sum = np.zeros((S, S), np.float64)
-    out_cnt = np.zeros((S, S), np.int64)
-    out_max = np.zeros((S, S), np.float64)
-    lo_t = arr.dtype.type(lo) if arr.dtype.kind in "iu" else lo
-    hi_t = arr.dtype.type(hi) if arr.dtype.kind in "iu" else hi
-    reduce_blocks(arr, k, off_i, off_j, lo_t, hi_t, out_sum, out_cnt, out_max)
-
-    # Geometric coverage of each block by detector pixels (outside = padding).
-    rows = np.clip(np.minimum((np.arange(S) + 1) * k - off_i, H) - np.maximum(np.arange(S) * k - off_i, 0), 0, None)
-    cols = np.clip(np.minimum((np.arange(S) + 1) * k - off_j, W) - np.maximum(np.arange(S) * k - off_j, 0), 0, None)
-    cover = np.outer(rows, cols).astype(np.float64)
-
-    mean = np.divide(out_sum, out_cnt, out=np.zeros_like(out_sum), where=out_cnt > 0)
-    x = np.empty((len(CHANNELS), S, S), np.float32)
-    x[0] = np.log1p(mean) / LOG_SCALE
-    x[1] = np.log1p(out_max) / LOG_SCALE
-    peak = float(x[0].max())
-    x[2] = x[0] / peak if peak > 0 else 0.0
-    x[3] = np.divide(cover - out_cnt, cover, out=np.zeros_like(cover), where=cover > 0)
-    x[4] = 1.0 - cover / float(k * k)
-
-    # Saturation: a plateau of pixels at the maximum valid value.
-    vmax = float(out_max.max()) if out_cnt.any() else 0.0
-    level = config.saturation_level if config.saturation_level is not None else vmax
-    sat = np.zeros((S, S), np.int64)
-    if vmax >= max(level, config.min_saturation_counts) and vmax > 0:
-        hit = np.argwhere(out_max >= level).astype(np.int64)
-        level_t = arr.dtype.type(level) if arr.dtype.kind in "iu" else level
-        total = plateau_counts(arr, k, off_i, off_j, level_t, hit, sat)
-        if config.saturation_level is None and total < config.min_plateau:
-            sat[:] = 0
-    x[5] = np.divide(sat, cover, out=np.zeros_like(cover), where=cover > 0)
-    return x
+    arr = _prepared(frame, config)
+    out = np.empty((1, len(CHANNELS), config.size, config.size), np.float32)
+    _run_group([arr], config, out)
+    return out[0]
 
 
 def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, pool=None):
     """Preprocess many frames; bad frames are reported, not raised.
+
+    Frames are grouped by dtype and each group is reduced by one kernel call
+    that does not hold the GIL (split across ``pool`` when given), so a busy
+    RunEngine thread and the preprocessing do not wait on each other.
 
     Parameters
     ----------
@@ -305,7 +246,7 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
         2-D frames, shapes and dtypes may differ.
     config : PreprocessConfig
     pool : concurrent.futures.Executor, optional
-        Runs frames in parallel; the numba kernel releases the GIL.
+        Splits large groups across its threads.
 
     Returns
     -------
@@ -317,21 +258,38 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
         Frames that could not be used, by index.
     """
     frames = list(frames)
-
-    def one(i):
+    prepared: dict[int, np.ndarray] = {}
+    errors: dict[int, FrameError] = {}
+    for i, f in enumerate(frames):
         try:
-            return i, preprocess_frame(frames[i], config), None
+            prepared[i] = _prepared(f, config)
         except FrameError as err:
-            return i, None, err
+            errors[i] = err
         except Exception as err:  # any other failure is still a recorded skip
-            return i, None, FrameError(f"preprocessing failed: {type(err).__name__}: {err}",
-                                       reason="preprocess_error")
-
-    results = list(pool.map(one, range(len(frames)))) if pool is not None and len(frames) > 1 \
-        else [one(i) for i in range(len(frames))]
-    ok = [i for i, x, _ in results if x is not None]
-    errors = {i: e for i, _, e in results if e is not None}
+            errors[i] = FrameError(f"preprocessing failed: {type(err).__name__}: {err}",
+                                   reason="preprocess_error")
+    ok = sorted(prepared)
     S = config.size
-    inputs = np.stack([x for _, x, _ in results if x is not None]) if ok else \
-        np.zeros((0, len(CHANNELS), S, S), np.float32)
+    inputs = np.empty((len(ok), len(CHANNELS), S, S), np.float32)
+    groups: dict[np.dtype, list[int]] = {}
+    for row, i in enumerate(ok):
+        groups.setdefault(prepared[i].dtype, []).append(row)
+    tasks = []
+    for rows in groups.values():
+        n_parts = 1 if pool is None else min(len(rows), getattr(pool, "_max_workers", 1))
+        for part in np.array_split(np.asarray(rows), max(1, n_parts)):
+            if len(part):
+                tasks.append(part)
+
+    def run(part):
+        sub = np.empty((len(part), len(CHANNELS), S, S), np.float32)
+        _run_group([prepared[ok[r]] for r in part], config, sub)
+        inputs[part] = sub
+
+    if pool is not None and len(tasks) > 1:
+        for fut in [pool.submit(run, part) for part in tasks]:
+            fut.result()
+    else:
+        for part in tasks:
+            run(part)
     return inputs, ok, errors

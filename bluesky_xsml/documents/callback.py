@@ -98,6 +98,14 @@ class TaggingCallback:
     read_retries, read_retry_delay : int, float
         Bounded retries for external files that are missing, truncated or
         still being written, before the frame is recorded as skipped.
+    threads : int, optional
+        CPU threads for tagging (preprocessing and, on CPU, torch's intra-op
+        pool, which is process-wide). Default: one less than the machine's
+        cores, so the RunEngine keeps a core of its own.
+    validate_pages : bool
+        Schema-validate every tag event page at run time (descriptors and stops
+        are always validated). Off by default: jsonschema costs ~20 ms per page
+        of 32 frames, all of it holding the GIL the RunEngine needs.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
@@ -108,7 +116,8 @@ class TaggingCallback:
                  stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
                  max_block: float = 0.5, handler_registry: Mapping | None = None,
                  root_map: Mapping | None = None, read_retries: int = 5,
-                 read_retry_delay: float = 0.1):
+                 read_retry_delay: float = 0.1, threads: int | None = None,
+                 validate_pages: bool = False):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -120,6 +129,8 @@ class TaggingCallback:
         self.root_map = dict(root_map) if root_map else None
         self.read_retries = int(read_retries)
         self.read_retry_delay = float(read_retry_delay)
+        self.validate_pages = bool(validate_pages)
+        self._set_threads(threads)
         self._lock = threading.RLock()
         self._runs: dict[str, RunTagState] = {}
         self._by_descriptor: dict[str, RunTagState] = {}
@@ -132,6 +143,19 @@ class TaggingCallback:
                                       max_wait=max_wait, max_pending_bytes=max_pending_bytes,
                                       overflow=overflow, hand_off_timeout=hand_off_timeout)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
+
+    def _set_threads(self, threads: int | None) -> None:
+        import os
+
+        n = threads if threads is not None else max(1, (os.cpu_count() or 2) - 1)
+        if n < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if hasattr(self.tagger, "set_num_threads"):
+            self.tagger.set_num_threads(n)
+        if getattr(self.tagger, "device", None) is None or self.tagger.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(n)
 
     # ----------------------------------------------------------------- public
     def subscribe(self, callback: Callable[[str, dict], Any]) -> None:
@@ -157,6 +181,10 @@ class TaggingCallback:
             log.exception("xsml failed to handle a %r document; it was passed through", name)
             if name == "stop":  # never lose a stop
                 self._emit_stop_unchanged(doc)
+
+    def wait_ready(self, timeout: float | None = 60.0) -> bool:
+        """Wait until the worker compiled its kernels (it tags frames either way)."""
+        return self.worker.ready.wait(timeout)
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every frame received so far is tagged and every document delivered."""
@@ -241,7 +269,8 @@ class TaggingCallback:
     def _ensure_tag_stream(self, run: RunTagState) -> None:
         if run.composer is None:
             run.composer = TagStreamComposer(run.start, self.tagger.tags, self.tagger.thresholds,
-                                             self.tagger.describe(), self.stream_name)
+                                             self.tagger.describe(), self.stream_name,
+                                             validate_pages=self.validate_pages)
             self.outbox.put("descriptor", run.composer.descriptor)
 
     def _external(self, run: RunTagState):

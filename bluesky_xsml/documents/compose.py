@@ -76,11 +76,16 @@ class TagStreamComposer:
     model_info : dict
         ``Tagger.describe()``: checkpoint id, preprocessing, model config.
     stream_name : str
+    validate_pages : bool
+        Schema-validate each composed event page (the descriptor and the
+        stop are always validated).
     """
 
     def __init__(self, start: Mapping, tags: Sequence[str], thresholds: Sequence[float],
-                 model_info: Mapping, stream_name: str = "xsml_tags"):
+                 model_info: Mapping, stream_name: str = "xsml_tags", *,
+                 validate_pages: bool = True):
         self.tags = tuple(tags)
+        self.validate_pages = validate_pages
         self.stream_name = stream_name
         self._streams: dict = {}
         self._counters: dict = {}
@@ -152,7 +157,8 @@ class TagStreamComposer:
             data["latency"].append(float(r.latency))
         times = [r.time for r in results]
         timestamps = {k: list(times) for k in self.data_keys}
-        return self._compose_page(data=data, timestamps=timestamps, time=list(times))
+        return self._compose_page(data=data, timestamps=timestamps, time=list(times),
+                                  validate=self.validate_pages)
 
     def stop(self, stop: Mapping, summary: Mapping[str, Any]) -> dict:
         """The run's stop with the tag stream counted and ``summary`` merged in."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigurationError, FrameError
-from ..model import TaggerNet, TaggerNetConfig, fuse_for_inference
+from ..model import Probabilities, TaggerNet, TaggerNetConfig, fuse_for_inference
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
@@ -235,13 +235,33 @@ class Tagger:
         return cls(net, tags, thresholds=thresholds, preprocess=preprocess, metadata=metadata,
                    **kwargs)
 
+    def _compiled(self, net: TaggerNet):
+        """The inference form of ``net``: batch norms folded, cast, traced and frozen.
+
+        One call of the frozen TorchScript graph runs the whole forward pass
+        without the GIL, so a busy RunEngine thread does not slow it down op by
+        op (eager mode re-acquires the GIL after every operator).
+        """
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        module = Probabilities(fuse_for_inference(net)).to(self.device, dtype=dtype).eval()
+        memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        module = module.to(memory_format=memory_format)
+        S = self.preprocess_config.size
+        example = torch.zeros(2, net.config.in_channels, S, S, device=self.device, dtype=dtype)
+        example = example.contiguous(memory_format=memory_format)
+        try:
+            with torch.inference_mode():
+                traced = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+                traced(example)
+            return traced, dtype, memory_format
+        except Exception as err:  # pragma: no cover - depends on the torch build
+            log.warning("TorchScript tracing failed (%s); inference runs eagerly", err)
+            return module, dtype, memory_format
+
     def _rebuild_inference_net(self) -> None:
-        """Fold batch norms and move the inference copy to the device."""
-        fused = fuse_for_inference(self.net).to(self.device)
-        if self.device.type == "cpu":
-            fused = fused.to(memory_format=torch.channels_last)
+        compiled = self._compiled(self.net)
         with self._lock:
-            self._infer_net = fused
+            self._infer = compiled
 
     def checkpoint_dict(self) -> dict:
         """Everything :meth:`save` writes: plain types and tensors only."""
@@ -294,17 +314,13 @@ class Tagger:
         x = torch.as_tensor(inputs)
         if x.shape[0] == 0:
             return np.zeros((0, len(self.tags)), np.float32)
-        cuda = self.device.type == "cuda"
-        if cuda:
+        with self._lock:
+            module, dtype, memory_format = self._infer
+        if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with self._lock, torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
-            logits, _ = self._infer_net(x)
-            probs = torch.sigmoid(logits.float())
+        x = x.to(dtype=dtype).contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            probs = module(x)
         return probs.cpu().numpy().astype(np.float32, copy=False)
 
     def predict(self, frames, *, batch_size: int = 32) -> np.ndarray:
@@ -351,12 +367,10 @@ class Tagger:
         if other.tags != self.tags or other.net.config != self.net.config:
             raise ConfigurationError("can only swap in a tagger with the same tags and network")
         state = other.net.state_dict()
-        fused = fuse_for_inference(other.net).to(self.device)
-        if self.device.type == "cpu":
-            fused = fused.to(memory_format=torch.channels_last)
+        compiled = self._compiled(other.net)
         with self._lock:
             self.net.load_state_dict(state)
-            self._infer_net = fused
+            self._infer = compiled
             self.thresholds = other.thresholds.copy()
             self.metadata = dict(other.metadata)
             self.preprocess_config = other.preprocess_config
@@ -372,6 +386,14 @@ class Tagger:
         for dtype in dtypes:
             self.predict(np.zeros((batch, *shape), dtype))
         return time.perf_counter() - t0
+
+    def set_num_threads(self, n: int) -> None:
+        """Threads for CPU preprocessing (the kernels release the GIL)."""
+        if n < 1:
+            raise ConfigurationError(f"num_threads must be >= 1, got {n}")
+        if n != self._num_threads:
+            self.close()
+            self._num_threads = int(n)
 
     def close(self) -> None:
         if self._pool is not None:

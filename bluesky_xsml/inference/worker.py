@@ -116,6 +116,7 @@ class InferenceWorker:
         self._outstanding = 0  # jobs submitted and not yet reported
         self._idle = threading.Condition()
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the warm-up is over
         self._thread: threading.Thread | None = None
         self._start_thread()
 
@@ -156,6 +157,11 @@ class InferenceWorker:
 
     # ------------------------------------------------------------------- loop
     def _next_batch(self) -> list[FrameJob]:
+        """Block for the first job, then sleep once for ``max_wait`` and drain.
+
+        One wake-up per batch rather than per frame keeps GIL hand-offs with
+        the RunEngine thread rare.
+        """
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
@@ -163,11 +169,15 @@ class InferenceWorker:
         batch = [first]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                batch.append(self._queue.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
+            time.sleep(min(left, 0.01))
         return batch
 
     def _loop(self) -> None:
@@ -177,6 +187,7 @@ class InferenceWorker:
             except Exception:
                 log.exception("xsml tagger warm-up failed (tagging goes on)")
             self.warmup = False
+        self.ready.set()
         while not self._stop.is_set():
             batch = self._next_batch()
             if not batch:
