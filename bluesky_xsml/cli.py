@@ -13,6 +13,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("bluesky_xsml.demo", "tag a simulated scattering scan live (embedded defaults)"),
     "synth": ("bluesky_xsml.sim.dataset", "write a synthetic labeled dataset (zarr)"),
     "train": ("bluesky_xsml.training.train", "train the tagger on a synthetic dataset"),
     "evaluate": ("bluesky_xsml.training.evaluate", "per-tag AP/ROC-AUC, mAP and thresholds"),

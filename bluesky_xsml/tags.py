@@ -127,3 +127,22 @@ def validate_tag_names(names) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"tag names must be unique, got {names}")
     return names
+
+
+def _markdown() -> str:  # pragma: no cover - documentation helper
+    groups = (("scattering", "Scattering features"), ("grazing", "Grazing-incidence geometry"),
+              ("instrument", "Image and instrument"))
+    lines = ["# The tag vocabulary", "",
+             "Names and order are a public contract (`bluesky_xsml.tags.TAG_NAMES`): label arrays, "
+             "tag", "documents and checkpoints use this order; new tags are appended, none is "
+             "renamed. This page is", "generated from `bluesky_xsml/tags.py` "
+             "(`python -m bluesky_xsml.tags`).", ""]
+    for group, title in groups:
+        lines += [f"## {title}", "", "| tag | meaning | default threshold |", "|---|---|---|"]
+        lines += [f"| `{t.name}` | {t.meaning} | {t.threshold} |" for t in TAGS if t.group == group]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(_markdown())

@@ -23,6 +23,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -250,9 +251,14 @@ class Tagger:
         example = torch.zeros(2, net.config.in_channels, S, S, device=self.device, dtype=dtype)
         example = example.contiguous(memory_format=memory_format)
         try:
-            with torch.inference_mode():
+            # TorchScript is deprecated in favour of torch.compile, but it is still the
+            # way to run a whole forward pass in one GIL-free call with no cold-compile
+            # cost (docs/decisions/0002-torchscript-inference.md).
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
                 traced = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
-                traced(example)
+                for _ in range(3):  # the profiling executor optimises after a few runs
+                    traced(example)
             return traced, dtype, memory_format
         except Exception as err:  # pragma: no cover - depends on the torch build
             log.warning("TorchScript tracing failed (%s); inference runs eagerly", err)

@@ -1,0 +1,101 @@
+"""Inference benchmark: 1024x1024 frames to probabilities on this machine.
+
+    python benchmarks/bench_inference.py [--batch 32] [--size 1024] [--batches 8]
+
+Measures, in one run: a dense fp32 matmul (the machine's practical peak), the
+network alone (fp32 and the tagger's precision), preprocessing alone, and the
+whole ``Tagger.predict`` path at the given batch size; prints GFLOP/s achieved
+by the network against the matmul peak. The last line reads
+``frames_per_s <end-to-end> batch <B> size <S> gflops <network GFLOP/s> peak_fraction <f>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _rate(fn, n_items: int, repeats: int) -> float:
+    for _ in range(3):  # warm: kernels, TorchScript profiling runs
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return n_items * repeats / (time.perf_counter() - t0)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    rate = _rate(lambda: a @ b, 1, repeats)
+    return rate * 2 * n**3 / 1e9
+
+
+def network_flops(tagger) -> float:
+    """FLOPs of one forward pass per frame (eager fp32 model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    S = tagger.preprocess_config.size
+    x = torch.zeros(1, tagger.net.config.in_channels, S, S)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        tagger.net.eval()(x)
+    return float(counter.get_total_flops())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
+    args = p.parse_args(argv)
+
+    from bluesky_xsml import Tagger
+
+    tagger = Tagger.load(args.model)
+    rng = np.random.default_rng(0)
+    try:
+        from bluesky_xsml.sim.generator import SceneGenerator
+
+        gen = SceneGenerator(seed=7, size=args.size)
+        frames = [gen.one()[0] for _ in range(args.batch)]
+        source = "generator"
+    except Exception:
+        frames = [rng.poisson(5, (args.size, args.size)).astype(np.uint32)
+                  for _ in range(args.batch)]
+        source = "poisson"
+    tagger.warmup(shape=(args.size, args.size), dtypes=sorted({f.dtype.str for f in frames}))
+
+    peak = matmul_peak_gflops()
+    flops = network_flops(tagger)
+    inputs, ok, _ = tagger.preprocess(frames)
+    net_rate = _rate(lambda: tagger.predict_inputs(inputs), len(inputs), args.batches)
+    fp32 = Tagger(tagger.net, tagger.tags, preprocess=tagger.preprocess_config,
+                  precision="fp32", metadata=dict(tagger.metadata))
+    fp32_rate = _rate(lambda: fp32.predict_inputs(inputs), len(inputs), args.batches)
+    prep_rate = _rate(lambda: tagger.preprocess(frames), len(frames), args.batches)
+    e2e_rate = _rate(lambda: tagger.predict(frames, batch_size=args.batch), len(frames),
+                     args.batches)
+    gflops = net_rate * flops / 1e9
+    print(f"{len(frames)} frames ({source}), longest side {args.size}, batch {args.batch}, "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__} threads "
+          f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}")
+    print(f"matmul fp32 peak        {peak:8.1f} GFLOP/s")
+    print(f"network                 {flops / 1e6:8.1f} MFLOP per frame")
+    print(f"network {tagger.precision:5s}           {net_rate:8.1f} frames/s  "
+          f"{gflops:6.1f} GFLOP/s  ({gflops / peak:.2f} of fp32 matmul peak)")
+    print(f"network fp32            {fp32_rate:8.1f} frames/s  "
+          f"{fp32_rate * flops / 1e9:6.1f} GFLOP/s  ({fp32_rate * flops / 1e9 / peak:.2f})")
+    print(f"preprocessing           {prep_rate:8.1f} frames/s")
+    print(f"predict (end to end)    {e2e_rate:8.1f} frames/s")
+    print(f"frames_per_s {e2e_rate:.1f} batch {args.batch} size {args.size} "
+          f"gflops {gflops:.1f} peak_fraction {gflops / peak:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
