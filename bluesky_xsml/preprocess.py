@@ -116,15 +116,22 @@ def _kernels():
 
 
 
-def _valid_range(dtype: np.dtype) -> tuple[float, float]:
-    """Inclusive range of valid values: negatives and the unsigned max are masked."""
+#: Float pixels above this are treated as masked: no detector counts that high, and sums of
+#: such values would overflow the float32 block accumulators.
+MAX_FLOAT_COUNTS = 1e18
+
+
+def _valid_range(dtype: np.dtype):
+    """Inclusive range of valid values, in the frame's own type.
+
+    Negatives and the unsigned-integer maximum (Eiger's masked pixels) are
+    outside it; NaN fails both comparisons.
+    """
     if dtype.kind == "u":
-        return 0.0, float(np.iinfo(dtype).max - 1)
+        return dtype.type(0), dtype.type(np.iinfo(dtype).max - 1)
     if dtype.kind == "i":
-        return 0.0, float(np.iinfo(dtype).max)
-    if dtype.kind == "b":
-        return 0.0, 1.0
-    return 0.0, float(np.finfo(np.float64).max)  # excludes inf; NaN fails both tests
+        return dtype.type(0), dtype.type(np.iinfo(dtype).max)
+    return 0.0, MAX_FLOAT_COUNTS
 
 
 def _as_frame(frame) -> np.ndarray:
@@ -200,7 +207,7 @@ def _run_group(frames: list[np.ndarray], config: PreprocessConfig, out: np.ndarr
     else:
         sat_level = float(config.saturation_level or 0.0)
     typed = List(frames)
-    prep_many(typed, layouts[:, 0], layouts[:, 1], layouts[:, 2], cast(lo), cast(hi),
+    prep_many(typed, layouts[:, 0], layouts[:, 1], layouts[:, 2], lo, hi,
               sat_level, config.saturation_level is not None, int(config.min_plateau),
               float(config.min_saturation_counts), LOG_SCALE, out)
 
