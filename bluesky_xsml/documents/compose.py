@@ -92,7 +92,7 @@ class TagStreamComposer:
         data_keys: dict[str, dict] = {}
         for tag, th in zip(self.tags, thresholds):
             data_keys[tag] = {
-                "dtype": "number", "dtype_numpy": "<f4", "shape": [], "source": "xsml",
+                "dtype": "number", "dtype_numpy": "<f8", "shape": [], "source": "xsml",
                 "units": "probability", "threshold": float(th),
                 "description": _MEANING.get(tag, tag),
             }
