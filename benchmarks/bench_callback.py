@@ -7,7 +7,8 @@
    the RunEngine thread, at batch size 1 (what a user writes first);
 3. ``xsml``: :class:`bluesky_xsml.TaggingCallback`.
 
-Each mode runs in its own subprocess (so peak RSS is per mode) on the same
+Each run is its own subprocess (so peak RSS is per mode); modes are interleaved
+``--repeats`` times and medians reported. All runs use the same
 frames: a pool of synthetic scattering frames from the project's generator
 (or Poisson noise if the generator is unavailable), served by an ophyd
 ``SynSignal`` so the detector itself costs almost nothing. The last line reads
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -118,22 +120,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=500)
     p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each mode, interleaved; medians are reported (default 3)")
     p.add_argument("--mode", choices=["untagged", "naive", "xsml"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.frames, args.size)))
         return 0
+    runs: dict[str, list[dict]] = {"untagged": [], "naive": [], "xsml": []}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all modes
+        for mode in runs:
+            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--frames",
+                                  str(args.frames), "--size", str(args.size)],
+                                 capture_output=True, text=True, env=os.environ.copy())
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                return out.returncode
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
-    for mode in ("untagged", "naive", "xsml"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--frames",
-                              str(args.frames), "--size", str(args.size)],
-                             capture_output=True, text=True, env=os.environ.copy())
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    for mode, rs in runs.items():
+        med = dict(rs[0])
+        for key in ("scan_s", "last_tag_s", "frames_per_s", "latency_p50_ms", "latency_p99_ms",
+                    "peak_rss_mb"):
+            med[key] = statistics.median(r[key] for r in rs)
+        med["accounted"] = min(r["accounted"] for r in rs)
+        results[mode] = med
     print(f"{args.frames} frames of {args.size}x{args.size} uint32 "
-          f"({results['xsml']['frame_source']} frames), {os.cpu_count()} CPU cores")
+          f"({results['xsml']['frame_source']} frames), {os.cpu_count()} CPU cores, "
+          f"median of {args.repeats} interleaved runs per mode")
     print(f"{'mode':10s} {'scan s':>8s} {'last tag s':>10s} {'frames/s':>9s} "
           f"{'p50 ms':>8s} {'p99 ms':>8s} {'peak RSS MB':>11s} {'accounted':>10s}")
     for mode, r in results.items():

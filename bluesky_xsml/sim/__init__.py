@@ -1,0 +1,50 @@
+"""Simulation: physics-based synthetic scattering frames and simulated detectors.
+
+Modules (imported only when used; ``import bluesky_xsml.sim`` loads nothing
+heavy):
+
+``geometry``   detector families (Pilatus, Eiger, CCD-like) and q <-> pixel geometry
+``physics``    scattering models and the per-pixel detector model (numba)
+``generator``  scene sampling, rendering and labels (:class:`SceneGenerator`)
+``dataset``    zarr datasets and the ``xsml synth`` command
+``detectors``  ophyd / ophyd-async simulated detectors
+
+The generator's main names are available lazily from here, e.g.
+``from bluesky_xsml.sim import SceneGenerator``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    "SceneGenerator": "bluesky_xsml.sim.generator",
+    "sample_scene": "bluesky_xsml.sim.generator",
+    "render_scene": "bluesky_xsml.sim.generator",
+    "scene_labels": "bluesky_xsml.sim.generator",
+    "complete_scene": "bluesky_xsml.sim.generator",
+    "open_dataset": "bluesky_xsml.sim.dataset",
+    "write_dataset": "bluesky_xsml.sim.dataset",
+    "DETECTORS": "bluesky_xsml.sim.geometry",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dataset import open_dataset, write_dataset
+    from .generator import (SceneGenerator, complete_scene, render_scene, sample_scene,
+                            scene_labels)
+    from .geometry import DETECTORS
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bluesky_xsml.sim' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
