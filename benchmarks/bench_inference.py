@@ -6,7 +6,8 @@ Measures, in one run: a dense fp32 matmul (the machine's practical peak), the
 network alone (fp32 and the tagger's precision), preprocessing alone, and the
 whole ``Tagger.predict`` path at the given batch size; prints GFLOP/s achieved
 by the network against the matmul peak. The last line reads
-``frames_per_s <end-to-end> batch <B> size <S> gflops <network GFLOP/s> peak_fraction <f>``.
+``frames_per_s <end-to-end> batch <B> size <S> gflops <network GFLOP/s> peak_fraction <f>``,
+the fraction being of a matmul peak in the network's own precision.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _rate(fn, n_items: int, repeats: int) -> float:
     return n_items * repeats / (time.perf_counter() - t0)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     rate = _rate(lambda: a @ b, 1, repeats)
     return rate * 2 * n**3 / 1e9
 
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     tagger.warmup(shape=(args.size, args.size), dtypes=sorted({f.dtype.str for f in frames}))
 
     peak = matmul_peak_gflops()
+    peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16)
+    same_peak = peak_bf16 if tagger.precision == "bf16" else peak
     flops = network_flops(tagger)
     inputs, ok, _ = tagger.preprocess(frames)
     net_rate = _rate(lambda: tagger.predict_inputs(inputs), len(inputs), args.batches)
@@ -81,19 +84,23 @@ def main(argv=None) -> int:
     e2e_rate = _rate(lambda: tagger.predict(frames, batch_size=args.batch), len(frames),
                      args.batches)
     gflops = net_rate * flops / 1e9
+    diff = float(np.abs(tagger.predict_inputs(inputs) - fp32.predict_inputs(inputs)).max())
     print(f"{len(frames)} frames ({source}), longest side {args.size}, batch {args.batch}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}")
     print(f"matmul fp32 peak        {peak:8.1f} GFLOP/s")
+    print(f"matmul bf16 peak        {peak_bf16:8.1f} GFLOP/s")
     print(f"network                 {flops / 1e6:8.1f} MFLOP per frame")
     print(f"network {tagger.precision:5s}           {net_rate:8.1f} frames/s  "
-          f"{gflops:6.1f} GFLOP/s  ({gflops / peak:.2f} of fp32 matmul peak)")
+          f"{gflops:6.1f} GFLOP/s  ({gflops / same_peak:.2f} of {tagger.precision} matmul peak)")
     print(f"network fp32            {fp32_rate:8.1f} frames/s  "
-          f"{fp32_rate * flops / 1e9:6.1f} GFLOP/s  ({fp32_rate * flops / 1e9 / peak:.2f})")
+          f"{fp32_rate * flops / 1e9:6.1f} GFLOP/s  ({fp32_rate * flops / 1e9 / peak:.2f} of fp32 "
+          "matmul peak)")
+    print(f"max |p({tagger.precision}) - p(fp32)|  {diff:8.2e}")
     print(f"preprocessing           {prep_rate:8.1f} frames/s")
     print(f"predict (end to end)    {e2e_rate:8.1f} frames/s")
     print(f"frames_per_s {e2e_rate:.1f} batch {args.batch} size {args.size} "
-          f"gflops {gflops:.1f} peak_fraction {gflops / peak:.3f}")
+          f"gflops {gflops:.1f} peak_fraction {gflops / same_peak:.3f}")
     return 0
 
 
