@@ -344,13 +344,17 @@ class TaggingCallback:
         return FrameJob(run.uid, stream, seq, uid, key, source=lambda: ext.read(ref))
 
     # external-data documents
-    def _on_resource(self, doc: dict) -> None:
+    def _register_resource(self, name: str, doc: dict) -> None:
         with self._lock:
             run = self._runs.get(doc.get("run_start") or "") or self._latest_open_run()
             if run is None:
+                self._errors[f"{name} for unknown run"] += 1
                 return
             self._by_resource[doc["uid"]] = run
-            self._external(run).register("resource", doc)
+            self._external(run).register(name, doc)
+
+    def _on_resource(self, doc: dict) -> None:
+        self._register_resource("resource", doc)
 
     def _on_datum(self, doc: dict) -> None:
         with self._lock:
@@ -365,12 +369,7 @@ class TaggingCallback:
                 self._external(run).register("datum_page", doc)
 
     def _on_stream_resource(self, doc: dict) -> None:
-        with self._lock:
-            run = self._runs.get(doc.get("run_start") or "") or self._latest_open_run()
-            if run is None:
-                return
-            self._by_resource[doc["uid"]] = run
-            self._external(run).register("stream_resource", doc)
+        self._register_resource("stream_resource", doc)
 
     def _on_stream_datum(self, doc: dict) -> None:
         with self._lock:
