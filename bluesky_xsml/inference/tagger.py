@@ -37,7 +37,7 @@ from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
 
-__all__ = ["Tagger", "CHECKPOINT_FORMAT", "default_checkpoint_path"]
+__all__ = ["Tagger", "CHECKPOINT_FORMAT", "default_checkpoint_path", "atomic_torch_save"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ def _content_id(state_dict: dict, header: dict) -> str:
         h.update(name.encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:12]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    A crash mid-write leaves the previous file intact and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class Tagger:
@@ -285,21 +308,8 @@ class Tagger:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the checkpoint atomically (temp file, fsync, ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = self.checkpoint_dict()
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = atomic_torch_save(ckpt, path)
         self.metadata["checkpoint_id"] = ckpt["metadata"]["checkpoint_id"]
         return path
 

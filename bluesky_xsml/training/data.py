@@ -1,0 +1,466 @@
+"""Training data: synthetic frames -> cached, preprocessed model inputs.
+
+Rendering a synthetic frame takes 10-200 ms, preprocessing it ~1 ms and a
+training step ~4 ms per frame, so frames are rendered and preprocessed *once*
+and the model inputs are cached on disk as float16 ``(N, 6, S, S)`` arrays
+(memory-mapped while training), next to the labels, the traditional
+baseline's profile features and a little per-frame metadata (detector, shape).
+
+A data source is either
+
+* a synthetic specification string, ``synth:KEY=VALUE,...`` with keys
+  ``seed`` (default 0), ``n`` (frames, default 1000), ``sizes`` (rendered
+  longest sides joined by ``+``; ``native`` for the detector's own shape;
+  frame ``i`` uses ``sizes[i % len(sizes)]``; default ``256``),
+  ``detectors`` (``train``, ``heldout``, ``all``, names or ``HxW`` shapes
+  joined by ``+``; default ``train``) and ``start`` (first frame index,
+  default 0), e.g. ``synth:seed=1,n=2000,sizes=256+512+1024``; or
+* a zarr store written by ``xsml synth`` (read with
+  :func:`bluesky_xsml.sim.dataset.open_dataset`); or
+* a directory of already preprocessed arrays (a cache entry, or one written
+  by :func:`save_arrays`), used as is.
+
+The cache key is a hash of the source, the preprocessing config and
+:data:`CACHE_VERSION`, so a changed generator spec never reuses stale inputs.
+
+Examples
+--------
+>>> from bluesky_xsml.training.data import SynthSpec
+>>> spec = SynthSpec.parse("synth:seed=3,n=10,sizes=256+native,detectors=eiger_4m")
+>>> spec.seed, spec.n, spec.sizes, spec.detectors
+(3, 10, (256, None), ('eiger_4m',))
+>>> spec.size_of(1) is None
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
+from ..tags import TAG_NAMES
+
+__all__ = ["CACHE_VERSION", "SynthSpec", "CachedArrays", "load_arrays", "save_arrays",
+           "default_cache_dir", "label_frequencies"]
+
+log = logging.getLogger(__name__)
+
+#: Bump when what is cached changes meaning (features, layout).
+CACHE_VERSION = 2
+_CHUNK = 32
+#: Frames per cached shard of a synthetic spec.
+SHARD = 2000
+
+
+def default_cache_dir() -> Path:
+    """``$XSML_CACHE`` or ``~/.cache/bluesky-xsml``."""
+    return Path(os.environ.get("XSML_CACHE", Path.home() / ".cache" / "bluesky-xsml"))
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """A reproducible set of synthetic frames (see the module docstring)."""
+
+    seed: int = 0
+    n: int = 1000
+    sizes: tuple[int | None, ...] = (256,)
+    detectors: tuple[str, ...] = ("train",)
+    start: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SynthSpec":
+        """Parse ``synth:seed=0,n=100,sizes=256+512,detectors=train``."""
+        body = text[len("synth:"):] if text.startswith("synth:") else text
+        kw: dict = {}
+        for item in filter(None, (p.strip() for p in body.split(","))):
+            if "=" not in item:
+                raise ValueError(f"bad synthetic spec item {item!r} in {text!r}; use KEY=VALUE")
+            key, value = (s.strip() for s in item.split("=", 1))
+            if key in ("seed", "n", "start"):
+                kw[key] = int(value)
+            elif key == "sizes":
+                kw[key] = tuple(None if v in ("native", "none", "None") else int(v)
+                                for v in value.split("+"))
+            elif key == "detectors":
+                kw[key] = tuple(value.split("+"))
+            else:
+                raise ValueError(f"unknown synthetic spec key {key!r} in {text!r}; "
+                                 "known: seed, n, sizes, detectors, start")
+        spec = cls(**kw)
+        if spec.n < 1 or not spec.sizes:
+            raise ValueError(f"synthetic spec {text!r} needs n >= 1 and at least one size")
+        return spec
+
+    def size_of(self, i: int) -> int | None:
+        """Rendered size of frame index ``i`` (counted from 0, not from ``start``)."""
+        return self.sizes[i % len(self.sizes)]
+
+    def shards(self, size: int) -> list["SynthSpec"]:
+        """This spec cut into consecutive specs of at most ``size`` frames.
+
+        Shards are cached separately, so a larger ``n`` reuses the frames of a
+        smaller one.
+        """
+        from dataclasses import replace
+
+        return [replace(self, start=self.start + a, n=min(size, self.n - a))
+                for a in range(0, self.n, size)]
+
+    def __str__(self) -> str:
+        sizes = "+".join("native" if s is None else str(s) for s in self.sizes)
+        return (f"synth:seed={self.seed},n={self.n},sizes={sizes},"
+                f"detectors={'+'.join(self.detectors)},start={self.start}")
+
+
+@dataclass
+class CachedArrays:
+    """A dataset held as arrays (the inputs memory-mapped from the cache).
+
+    Attributes
+    ----------
+    inputs : numpy.ndarray
+        ``(N, C, S, S)`` float16 model inputs.
+    labels : numpy.ndarray
+        ``(N, T)`` float32, ``NaN`` where unknown.
+    features : numpy.ndarray or None
+        ``(N, F)`` float32 baseline profile features.
+    detectors, shapes : numpy.ndarray
+        Per frame: detector name and ``(H, W)`` of the raw frame.
+    source : str
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray | None
+    detectors: np.ndarray
+    shapes: np.ndarray
+    source: str
+    tags: tuple[str, ...] = TAG_NAMES
+    preprocess: dict | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index) -> "CachedArrays":
+        """Rows ``index`` (a boolean mask or integer index array), loaded in memory."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return CachedArrays(np.asarray(self.inputs[np.sort(index)])[np.argsort(np.argsort(index))],
+                            self.labels[index],
+                            None if self.features is None else self.features[index],
+                            self.detectors[index], self.shapes[index],
+                            f"{self.source}[subset of {len(index)}]", self.tags,
+                            self.preprocess)
+
+
+def label_frequencies(labels: np.ndarray) -> np.ndarray:
+    """Fraction of positives among the known labels of each tag."""
+    y = np.asarray(labels, np.float64)
+    known = np.isfinite(y)
+    return np.where(known, y >= 0.5, False).sum(0) / np.maximum(known.sum(0), 1)
+
+
+# --------------------------------------------------------------------- building
+
+
+def _frames_features(frames, centers, config: PreprocessConfig):
+    """Preprocess frames (float16 inputs) and compute baseline features."""
+    from .baseline import profile_features
+
+    inputs, ok, errors = preprocess_batch(frames, config)
+    if errors:
+        i, err = min(errors.items())
+        raise RuntimeError(f"generated frame {i} could not be preprocessed: {err}")
+    feats = np.stack([profile_features(f, c) for f, c in zip(frames, centers)])
+    return inputs.astype(np.float16), feats
+
+
+def _synth_chunk(args):
+    """Worker: render frames ``[a, b)`` of a spec, preprocess, featurise."""
+    spec_text, a, b, config_dict = args
+    from ..sim.generator import SceneGenerator
+
+    spec = SynthSpec.parse(spec_text)
+    config = PreprocessConfig.from_dict(config_dict)
+    gens: dict = {}
+    frames, labels, centers, dets, shapes = [], [], [], [], []
+    for i in range(spec.start + a, spec.start + b):
+        size = spec.size_of(i)
+        if size not in gens:
+            gens[size] = SceneGenerator(seed=spec.seed, size=size, detectors=list(spec.detectors))
+        frame, lab, params = gens[size].frame_at(i)
+        frames.append(frame)
+        labels.append(lab)
+        centers.append(params["geometry"]["beam_center"])
+        dets.append(str(params["detector"].get("name", "?")))
+        shapes.append(frame.shape)
+    inputs, feats = _frames_features(frames, centers, config)
+    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes
+
+
+def _zarr_source(path: Path):
+    """Open a ``xsml synth`` store: ``(n, get_chunk(a, b))`` or raise."""
+    try:
+        from ..sim.dataset import open_dataset
+    except ImportError as err:
+        raise RuntimeError(
+            f"cannot read {str(path)!r}: bluesky_xsml.sim.dataset is not available ({err}); "
+            "use a 'synth:...' data source instead") from err
+    ds = open_dataset(path)
+    return ds
+
+
+def _zarr_chunk(ds, a, b, config):
+    """Frames ``[a, b)`` of an opened dataset -> inputs, labels, features, meta."""
+    frames, centers, dets, shapes = [], [], [], []
+    labels = np.asarray(ds.labels[a:b], np.float32)
+    for i in range(a, b):
+        frame = np.asarray(ds.frame(i)) if hasattr(ds, "frame") else np.asarray(ds[i][0])
+        params = ds.params(i) if hasattr(ds, "params") else {}
+        frames.append(frame)
+        centers.append((params.get("geometry") or {}).get("beam_center"))
+        dets.append(str((params.get("detector") or {}).get("name", "?")))
+        shapes.append(frame.shape)
+    inputs, feats = _frames_features(frames, centers, config)
+    return a, inputs, labels, feats, dets, shapes
+
+
+def _cache_key(source: str, config: PreprocessConfig) -> str:
+    if not source.startswith("synth:"):
+        p = Path(source).resolve()
+        stamp = max((f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()), default=0)
+        source = f"{p}@{stamp}"
+    blob = json.dumps({"source": source, "preprocess": config.to_dict(),
+                       "version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
+                cache_dir: str | os.PathLike | None = None, workers: int = 1,
+                progress: bool = True) -> CachedArrays:
+    """Build (or reuse from the cache) the arrays of a data source.
+
+    Parameters
+    ----------
+    source : str
+        ``synth:...`` spec or a path to an ``xsml synth`` zarr store.
+    config : PreprocessConfig
+        How frames become model inputs (the model's preprocessing).
+    cache_dir : path, optional
+        Where cached arrays live (default :func:`default_cache_dir`).
+    workers : int
+        Processes rendering frames in parallel (synthetic sources).
+    progress : bool
+        Show a tqdm progress bar while building.
+
+    Returns
+    -------
+    CachedArrays
+    """
+    if not source.startswith("synth:") and (Path(source) / "meta.json").exists():
+        return _open(Path(source))
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if source.startswith("synth:"):
+        spec = SynthSpec.parse(source)
+        parts = [str(s) for s in spec.shards(SHARD)]
+    else:
+        spec, parts = None, [source]
+    opened = []
+    for part in parts:
+        final = cache_dir / _cache_key(part, config)
+        if not (final / "meta.json").exists():
+            _build(part, config, final, workers=workers, progress=progress)
+        opened.append(_open(final))
+    if len(opened) == 1:
+        out = opened[0]
+    else:
+        out = CachedArrays(
+            ConcatRows([o.inputs for o in opened]),
+            np.concatenate([o.labels for o in opened]),
+            None if any(o.features is None for o in opened)
+            else np.concatenate([o.features for o in opened]),
+            np.concatenate([o.detectors for o in opened]),
+            np.concatenate([o.shapes for o in opened]),
+            source, opened[0].tags, opened[0].preprocess)
+    out.source = str(spec) if spec is not None else source
+    return out
+
+
+class ConcatRows:
+    """Row-wise concatenation of (memory-mapped) arrays without copying them.
+
+    Supports ``len``, ``shape``, ``dtype``, slices and integer index arrays.
+
+    >>> import numpy as np
+    >>> c = ConcatRows([np.arange(6).reshape(3, 2), np.arange(6, 10).reshape(2, 2)])
+    >>> c.shape, c[[4, 0]].tolist(), c[2:4].tolist()
+    ((5, 2), [[8, 9], [0, 1]], [[4, 5], [6, 7]])
+    """
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.bounds = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.bounds[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index)
+        scalar = index.ndim == 0
+        index = np.atleast_1d(index).astype(np.int64)
+        index = np.where(index < 0, index + len(self), index)
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        which = np.searchsorted(self.bounds, index, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.parts[k][index[sel] - self.bounds[k]]
+        return out[0] if scalar else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _open(path: Path) -> CachedArrays:
+    meta = json.loads((path / "meta.json").read_text())
+    feats = path / "features.npy"
+    return CachedArrays(
+        inputs=np.load(path / "inputs.npy", mmap_mode="r"),
+        labels=np.load(path / "labels.npy"),
+        features=np.load(feats) if feats.exists() else None,
+        detectors=np.asarray(meta["detectors"]),
+        shapes=np.asarray(meta["shapes"], dtype=np.int64).reshape(-1, 2),
+        source=meta["source"],
+        tags=tuple(meta["tags"]),
+        preprocess=meta.get("preprocess"),
+    )
+
+
+def save_arrays(path, inputs, labels, *, features=None, detectors=None, shapes=None,
+                preprocess: PreprocessConfig | None = None, source: str | None = None) -> Path:
+    """Write preprocessed arrays as a directory usable as a data source.
+
+    Parameters
+    ----------
+    path : path
+        Directory to create.
+    inputs : array_like, shape (N, C, S, S)
+        Model inputs (stored as float16).
+    labels : array_like, shape (N, T)
+        ``NaN`` for unknown labels.
+    features : array_like, optional
+        Baseline features ``(N, F)``.
+    detectors : sequence of str, optional
+    shapes : array_like, optional
+        ``(N, 2)`` raw frame shapes.
+    preprocess : PreprocessConfig, optional
+        Default: ``PreprocessConfig(size=S)``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    inputs = np.asarray(inputs)
+    n = len(inputs)
+    np.save(path / "inputs.npy", inputs.astype(np.float16))
+    np.save(path / "labels.npy", np.asarray(labels, np.float32))
+    if features is not None:
+        np.save(path / "features.npy", np.asarray(features, np.float32))
+    pcfg = preprocess or PreprocessConfig(size=int(inputs.shape[-1]))
+    meta = {"source": source or str(path), "n": n, "preprocess": pcfg.to_dict(),
+            "tags": list(TAG_NAMES[: np.asarray(labels).shape[1]]) if np.asarray(labels).shape[1]
+            <= len(TAG_NAMES) else [f"tag{i}" for i in range(np.asarray(labels).shape[1])],
+            "detectors": list(detectors) if detectors is not None else ["?"] * n,
+            "shapes": np.asarray(shapes).tolist() if shapes is not None else [[0, 0]] * n,
+            "cache_version": CACHE_VERSION}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
+           progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if source.startswith("synth:"):
+        spec = SynthSpec.parse(source)
+        n = spec.n
+        ds = None
+    else:
+        ds = _zarr_source(Path(source))
+        n = int(np.asarray(ds.labels).shape[0])
+    S, C = config.size, len(CHANNELS)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    inputs = np.lib.format.open_memmap(tmp / "inputs.npy", "w+", np.float16, (n, C, S, S))
+    labels = np.zeros((n, len(TAG_NAMES)), np.float32)
+    feats = None
+    dets: list = [None] * n
+    shapes: list = [None] * n
+    chunks = [(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]
+    bar = tqdm(total=n, desc=f"building {final.name}", unit="frame", disable=not progress)
+
+    def store(res):
+        nonlocal feats
+        a, x, y, f, d, s = res
+        b = a + len(y)
+        inputs[a:b] = x
+        labels[a:b] = y
+        if feats is None:
+            feats = np.zeros((n, f.shape[1]), np.float32)
+        feats[a:b] = f
+        dets[a:b] = d
+        shapes[a:b] = [list(v) for v in s]
+        bar.update(b - a)
+
+    try:
+        if ds is None and workers > 1:
+            import multiprocessing as mp
+
+            jobs = [(source, a, b, config.to_dict()) for a, b in chunks]
+            with mp.get_context("fork").Pool(workers) as pool:
+                for res in pool.imap_unordered(_synth_chunk, jobs):
+                    store(res)
+        elif ds is None:
+            for a, b in chunks:
+                store(_synth_chunk((source, a, b, config.to_dict())))
+        else:
+            for a, b in chunks:
+                store(_zarr_chunk(ds, a, b, config))
+    finally:
+        bar.close()
+    inputs.flush()
+    del inputs
+    np.save(tmp / "labels.npy", labels)
+    np.save(tmp / "features.npy", feats)
+    meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),
+            "detectors": dets, "shapes": shapes, "cache_version": CACHE_VERSION,
+            "build_seconds": round(time.perf_counter() - t0, 1)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built %s (%d frames) in %.0f s", final, n, time.perf_counter() - t0)
+
+
+def describe(arrays: CachedArrays) -> dict:
+    """Counts per detector and per tag, for logs and model cards."""
+    dets, counts = np.unique(arrays.detectors, return_counts=True)
+    freq = label_frequencies(arrays.labels)
+    return {"source": arrays.source, "n": len(arrays),
+            "detectors": {str(d): int(c) for d, c in zip(dets, counts)},
+            "positive_fraction": {t: round(float(f), 4) for t, f in zip(arrays.tags, freq)}}

@@ -1,0 +1,241 @@
+"""``xsml evaluate``: per-tag AP and ROC-AUC, mAP, thresholds, PR curves.
+
+Scores a checkpoint (its deployed, TorchScript form) on a data source (a
+``synth:...`` spec or an ``xsml synth`` zarr store; see
+:mod:`bluesky_xsml.training.data`) and prints a per-tag table. Suggested
+per-tag thresholds maximise F1 on a validation split: ``--threshold-data``
+when given, otherwise a random half of the frames (the F1 column is then
+measured on the other half). With ``--baseline`` the traditional
+radial/azimuthal-profile baseline (:mod:`bluesky_xsml.training.baseline`) is
+fitted on the model's training data and scored on the same frames.
+
+The last line of the output is always ``mAP <value> over <n> tags`` (the
+model's mAP over the tags that have at least one positive).
+
+Examples
+--------
+>>> import argparse
+>>> from bluesky_xsml.training import evaluate
+>>> p = argparse.ArgumentParser(); evaluate.add_arguments(p)
+>>> p.parse_args(["--data", "synth:n=10"]).threshold_split
+0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_arguments", "main", "last_line", "plot_pr_curves"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``xsml evaluate``."""
+    parser.add_argument("--model", default=None,
+                        help="checkpoint (or a training output directory holding model.pt); "
+                             "default: the packaged model")
+    parser.add_argument("--data", required=True,
+                        help="test frames: 'synth:...' spec or an 'xsml synth' zarr store")
+    parser.add_argument("--out", default=None,
+                        help="directory for metrics.json, the per-tag table and pr_curves.png")
+    parser.add_argument("--threshold-data", default=None,
+                        help="validation frames on which thresholds are chosen (default: a "
+                             "random half of --data)")
+    parser.add_argument("--threshold-split", type=float, default=0.5,
+                        help="fraction of --data used to choose thresholds when no "
+                             "--threshold-data is given (default 0.5)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also fit and score the traditional profile baseline")
+    parser.add_argument("--baseline-train", default=None,
+                        help="baseline training frames (default: the model's training data)")
+    parser.add_argument("--by-detector", action="store_true", help="mAP per detector too")
+    parser.add_argument("--summary", default=None,
+                        help="merge a compact summary into this JSON file ...")
+    parser.add_argument("--summary-key", default="test", help="... under this key")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def last_line(mean_ap: float, n_tags: int) -> str:
+    """The closing line of ``xsml evaluate``.
+
+    >>> last_line(0.95123, 23)
+    'mAP 0.9512 over 23 tags'
+    """
+    return f"mAP {mean_ap:.4f} over {n_tags} tags"
+
+
+def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
+    """One precision-recall panel per tag; ``curves`` maps a name to ``(N, T)`` scores."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .metrics import average_precision, precision_recall_curve
+
+    n = len(tags)
+    cols = 5
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
+    for j, tag in enumerate(tags):
+        ax = axes[j // cols][j % cols]
+        for (name, scores), style in zip(curves.items(), ("-", "--", ":")):
+            p, r, _ = precision_recall_curve(labels[:, j], scores[:, j])
+            if p.size:
+                ap = average_precision(labels[:, j], scores[:, j])
+                ax.step(np.r_[0, r], np.r_[p[0], p], where="pre", ls=style,
+                        label=f"{name} {ap:.3f}")
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="lower left")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _predict(tagger, inputs, batch_size: int) -> np.ndarray:
+    out = []
+    for a in range(0, len(inputs), batch_size):
+        out.append(tagger.predict_inputs(np.asarray(inputs[a:a + batch_size], np.float32)))
+    return np.concatenate(out) if out else np.zeros((0, len(tagger.tags)), np.float32)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``xsml evaluate``; returns the process exit code."""
+    from ..inference.tagger import Tagger
+    from .data import describe, load_arrays
+    from .metrics import evaluate_scores
+
+    model_path = args.model
+    if model_path is not None and Path(model_path).is_dir():
+        model_path = str(Path(model_path) / "model.pt")
+    tagger = Tagger.load(model_path)
+    tags = list(tagger.tags)
+    pcfg = tagger.preprocess_config
+    progress = not args.no_progress
+    test = load_arrays(args.data, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
+                       progress=progress)
+    t0 = time.perf_counter()
+    scores = _predict(tagger, test.inputs, args.batch_size)
+    infer_s = time.perf_counter() - t0
+    y = test.labels
+
+    # thresholds: max F1 on a validation split, F1 measured on the rest
+    if args.threshold_data:
+        val = load_arrays(args.threshold_data, config=pcfg, cache_dir=args.cache_dir,
+                          workers=args.workers, progress=progress)
+        vy, vs = val.labels, _predict(tagger, val.inputs, args.batch_size)
+        f1_rows = np.arange(len(y))
+        thr_source = args.threshold_data
+    else:
+        perm = np.random.default_rng(args.seed).permutation(len(y))
+        k = int(round(args.threshold_split * len(y)))
+        vy, vs = y[perm[:k]], scores[perm[:k]]
+        f1_rows = perm[k:]
+        thr_source = f"random {args.threshold_split:.0%} of --data (F1 on the other frames)"
+    m = evaluate_scores(y, scores, tags)
+    mt = evaluate_scores(y[f1_rows], scores[f1_rows], tags, thresholds_from=(vy, vs))
+    m.threshold, m.f1 = mt.threshold, mt.f1
+    from .metrics import f1_at
+
+    ckpt_f1 = np.array([f1_at(y[f1_rows, j], scores[f1_rows, j], tagger.thresholds[j])
+                        for j in range(len(tags))])
+
+    print(f"model {tagger.checkpoint_id} ({model_path or 'packaged default'}) on {test.source}: "
+          f"{len(test)} frames")
+    print(f"thresholds chosen on: {thr_source}")
+    print(m.table())
+    print(f"mean ROC-AUC {m.mean_auc:.4f}; F1 at the suggested thresholds (mean) "
+          f"{np.nanmean(m.f1):.4f}, at the checkpoint's thresholds {np.nanmean(ckpt_f1):.4f}")
+    print(f"worst tags: {', '.join(f'{t} {a:.4f}' for t, a in m.worst(5))}")
+    print(f"inference: {len(test) / max(infer_s, 1e-9):.0f} frames/s (network only, "
+          f"{tagger.precision}, preprocessed inputs)")
+    result = m.to_dict()
+    result.update({"model": str(model_path or "packaged default"),
+                   "checkpoint_id": tagger.checkpoint_id, "data": test.source,
+                   "n_frames": len(test), "thresholds_from": thr_source,
+                   "f1_at_checkpoint_thresholds": [None if not np.isfinite(v) else
+                                                   round(float(v), 4) for v in ckpt_f1],
+                   "data_summary": describe(test)})
+
+    if args.by_detector:
+        per = {}
+        print("per detector (shape): mAP over tags with positives")
+        for det in np.unique(test.detectors):
+            sel = test.detectors == det
+            md = evaluate_scores(y[sel], scores[sel], tags)
+            shape = "x".join(str(v) for v in test.shapes[sel][0])
+            per[str(det)] = {"n": int(sel.sum()), "shape_example": shape,
+                             "mAP": round(md.mean_ap, 4), "n_tags": md.n_scored,
+                             "worst": md.worst(3)}
+            print(f"  {det:<16} {shape:>10} n={int(sel.sum()):<5} mAP {md.mean_ap:.4f} over "
+                  f"{md.n_scored} tags; worst {', '.join(f'{t} {a:.3f}' for t, a in md.worst(2))}")
+        result["per_detector"] = per
+
+    curves = {"CNN": scores}
+    if args.baseline:
+        from .baseline import ProfileBaseline
+
+        src = args.baseline_train or tagger.metadata.get("train_data")
+        if not src:
+            raise SystemExit("--baseline needs --baseline-train (the checkpoint does not name "
+                             "its training data)")
+        bt = load_arrays(src, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
+                         progress=progress)
+        t1 = time.perf_counter()
+        base = ProfileBaseline().fit(bt.features, bt.labels)
+        bscores = base.predict_proba(test.features)
+        bm = evaluate_scores(y, bscores, tags)
+        curves["baseline"] = bscores
+        print(f"traditional baseline (profile features + logistic regression, fitted on "
+              f"{len(bt)} frames of {bt.source} in {time.perf_counter() - t1:.0f} s)")
+        print(f"{'tag':<20} {'CNN AP':>8} {'base AP':>8}")
+        for j, t in enumerate(tags):
+            print(f"{t:<20} {m.ap[j]:>8.4f} {bm.ap[j]:>8.4f}")
+        print(f"{'mAP':<20} {m.mean_ap:>8.4f} {bm.mean_ap:>8.4f}")
+        result["baseline"] = {"train_data": bt.source, "n_train": len(bt), **bm.to_dict()}
+
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        (out / "per_tag.txt").write_text(m.table() + "\n")
+        png = plot_pr_curves(out / "pr_curves.png", y, curves, tags)
+        print(f"wrote {out / 'metrics.json'}, {out / 'per_tag.txt'} and {png}")
+    if args.summary:
+        path = Path(args.summary)
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        entry = {"data": test.source, "n_frames": len(test), "mAP": round(m.mean_ap, 4),
+                 "n_tags": m.n_scored, "mean_roc_auc": round(m.mean_auc, 4),
+                 "worst": [[t, round(a, 4)] for t, a in m.worst(3)],
+                 "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
+                        for t, a in zip(tags, m.ap)}}
+        if "baseline" in result:
+            entry["baseline_mAP"] = result["baseline"]["mAP"]
+            entry["baseline_ap"] = {t: v["ap"] for t, v in result["baseline"]["per_tag"].items()}
+        if "per_detector" in result:
+            entry["per_detector"] = {k: {"mAP": v["mAP"], "n": v["n"], "shape": v["shape_example"]}
+                                     for k, v in result["per_detector"].items()}
+        summary["checkpoint_id"] = tagger.checkpoint_id
+        summary[args.summary_key] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(last_line(m.mean_ap, m.n_scored))
+    return 0

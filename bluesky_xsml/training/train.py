@@ -1,0 +1,428 @@
+"""``xsml train``: train the tagger on synthetic frames (resumable).
+
+The training frames are rendered once and cached as preprocessed float16
+inputs (:mod:`bluesky_xsml.training.data`); each epoch then costs only the
+network. After every epoch the full training state is written atomically to
+``OUT/last.pt`` (weights, optimizer, EMA weights, step, history, RNG state)
+and the inference checkpoint to ``OUT/model.pt`` (a :class:`Tagger` whose
+thresholds are the max-F1 thresholds on the validation set). Running the same
+command again continues from the last finished epoch; ``--epochs`` may be
+raised to train longer.
+
+Loss: masked BCE (``NaN`` labels are unknown and ignored) with a per-tag
+``pos_weight = clip(sqrt(neg/pos), 1, 10)`` from the training label
+frequencies, stored in ``net.pos_weight``.
+
+Augmentation respects the geometry: horizontal flips (left/right are
+equivalent) and an intensity scale of the count channels; never vertical
+flips or rotations (the grazing-incidence horizon and Yoneda band lie below
+and above the beam).
+
+Examples
+--------
+>>> import argparse
+>>> from bluesky_xsml.training import train
+>>> p = argparse.ArgumentParser(); train.add_arguments(p)
+>>> args = p.parse_args(["--epochs", "3", "--widths", "16,32"])
+>>> args.epochs, args.widths
+(3, (16, 32))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import threading
+import queue
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "bluesky-xsml-train-state"
+DEFAULT_DATA = "synth:seed=0,n=24000,sizes=256+512+1024,detectors=train"
+DEFAULT_VAL = "synth:seed=1,n=2000,sizes=256+512+1024,detectors=train"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(text).replace("+", ",").split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``xsml train``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=DEFAULT_DATA,
+                   help="training frames: a 'synth:...' spec or an 'xsml synth' zarr store "
+                        f"(default {DEFAULT_DATA})")
+    g.add_argument("--n", type=int, default=None,
+                   help="number of training frames (overrides n= of a synth spec)")
+    g.add_argument("--val-data", default=DEFAULT_VAL,
+                   help=f"validation frames for thresholds and monitoring (default {DEFAULT_VAL})")
+    g.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where preprocessed inputs are cached (default $XSML_CACHE or "
+                        "~/.cache/bluesky-xsml)")
+    g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes rendering synthetic frames")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup", type=float, default=0.5, help="warm-up length in epochs")
+    g.add_argument("--ema", type=float, default=0.998,
+                   help="decay of the weight moving average that is evaluated and shipped "
+                        "(0 disables)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast precision of the training step (fp32 master weights); auto: "
+                        "bf16 on CPUs with native bf16")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--widths", type=_ints, default=(32, 64, 128, 192),
+                   help="channels per stage, comma separated (default 32,64,128,192)")
+    g.add_argument("--depths", type=_ints, default=(1, 1, 2, 1),
+                   help="residual blocks per stage (default 1,1,2,1)")
+    g.add_argument("--stem-width", type=int, default=24)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default="runs/tagger", help="output directory (default runs/tagger)")
+    g.add_argument("--export", default=None,
+                   help="also write the final model to this path (e.g. "
+                        "bluesky_xsml/models/default.pt)")
+    g.add_argument("--restart", action="store_true",
+                   help="ignore OUT/last.pt and start from scratch")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs in this invocation (rerun to continue; "
+                        "the schedule still spans --epochs)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _with_n(source: str, n: int | None) -> str:
+    if n is None:
+        return source
+    if not source.startswith("synth:"):
+        raise SystemExit("--n applies only to a 'synth:...' data source")
+    from .data import SynthSpec
+    from dataclasses import replace
+
+    return str(replace(SynthSpec.parse(source), n=int(n)))
+
+
+def pos_weights(labels: np.ndarray, *, max_weight: float = 10.0) -> np.ndarray:
+    """``clip(sqrt(neg/pos), 1, max_weight)`` per tag from known labels.
+
+    >>> [round(float(w), 3) for w in pos_weights(np.array([[1, 0], [0, 0], [0, 0], [0, 1.]]))]
+    [1.732, 1.732]
+    """
+    from .data import label_frequencies
+
+    p = np.clip(label_frequencies(labels), 1e-4, 1.0)
+    return np.clip(np.sqrt((1 - p) / p), 1.0, max_weight).astype(np.float32)
+
+
+def augment(x, *, generator, flip_p: float = 0.5, log_scale_range: float = 0.35):
+    """Physics-respecting augmentation of preprocessed inputs ``(B, 6, S, S)``.
+
+    Horizontal flips (per sample, probability ``flip_p``) and a count scale
+    ``a = exp(U(-r, r))`` applied exactly to the ``log_mean``/``log_max``
+    channels (``log1p(a * expm1(v))``), with ``relative`` recomputed. Vertical
+    flips are never applied. ``generator`` is a ``torch.Generator``.
+    """
+    import torch
+
+    from ..preprocess import LOG_SCALE
+
+    B = x.shape[0]
+    flip = torch.rand(B, generator=generator) < flip_p
+    if flip.any():
+        x[flip] = x[flip].flip(-1)
+    if log_scale_range > 0:
+        a = torch.exp((torch.rand(B, 1, 1, 1, generator=generator) * 2 - 1) * log_scale_range)
+        counts = torch.expm1(x[:, 0:2] * LOG_SCALE)
+        x[:, 0:2] = torch.log1p(counts * a) / LOG_SCALE
+        peak = x[:, 0].amax(dim=(1, 2), keepdim=True)
+        x[:, 2] = torch.where(peak > 0, x[:, 0] / peak.clamp(min=1e-12), torch.zeros_like(x[:, 0]))
+    return x
+
+
+class BatchLoader:
+    """Shuffled batches from cached arrays, assembled in a background thread.
+
+    Epoch ``e`` uses the permutation of ``numpy.random.default_rng([seed, e])``,
+    so a resumed run sees the same batches it would have seen.
+    """
+
+    def __init__(self, inputs, labels, batch_size: int, *, seed: int, augment_fn=None,
+                 prefetch: int = 3):
+        self.inputs, self.labels = inputs, labels
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment_fn = augment_fn
+        self.prefetch = prefetch
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size  # drop the last partial batch
+
+    def epoch(self, e: int):
+        """Yield ``(x, y)`` float32 tensors for epoch ``e``."""
+        import torch
+
+        order = np.random.default_rng([self.seed, e]).permutation(len(self.labels))
+        gen = torch.Generator().manual_seed(int(self.seed) * 100003 + e)
+        q: queue.Queue = queue.Queue(self.prefetch)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for b in range(len(self)):
+                    if stop.is_set():
+                        return
+                    idx = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
+                    x = torch.from_numpy(np.asarray(self.inputs[idx], dtype=np.float32))
+                    y = torch.from_numpy(np.asarray(self.labels[idx], dtype=np.float32))
+                    if self.augment_fn is not None:
+                        x = self.augment_fn(x, generator=gen)
+                    q.put((x, y))
+                q.put(None)
+            except BaseException as err:  # pragma: no cover - surfaced in the consumer
+                q.put(err)
+
+        t = threading.Thread(target=work, daemon=True, name="xsml-batches")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.05)
+
+
+def lr_at(step: int, *, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up then cosine decay to 1 % of ``peak``.
+
+    >>> lr_at(0, total=100, warmup=10, peak=1.0), lr_at(10, total=100, warmup=10, peak=1.0)
+    (0.1, 1.0)
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def predict(net, inputs, *, batch_size: int = 256, bf16: bool = False) -> np.ndarray:
+    """Probabilities of ``net`` (eval mode) for cached inputs, in batches."""
+    import torch
+
+    net.eval()
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for a in range(0, len(inputs), batch_size):
+            x = torch.from_numpy(np.asarray(inputs[a:a + batch_size], dtype=np.float32))
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits, _ = net(x)
+            out.append(torch.sigmoid(logits.float()).numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.config.n_tags), np.float32)
+
+
+def _ema_update(ema: dict, net, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            e = ema[k]
+            if e.dtype.is_floating_point:
+                e.mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                e.copy_(v)
+
+
+# ------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``xsml train``; returns the process exit code."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..inference.device import cpu_supports_bf16
+    from ..inference.tagger import Tagger, atomic_torch_save
+    from ..model import TaggerNet, TaggerNetConfig
+    from ..preprocess import CHANNELS, PreprocessConfig
+    from ..tags import TAG_NAMES
+    from .data import describe, load_arrays
+    from .metrics import evaluate_scores
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
+    progress = not args.no_progress
+
+    train_src = _with_n(args.data, args.n)
+    pcfg = PreprocessConfig(size=args.input_size)
+    state = None
+    if (out / "last.pt").exists() and not args.restart:
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise SystemExit(f"{out / 'last.pt'} is not a training state; use --restart")
+        train_src, pcfg = state["train_data"], PreprocessConfig.from_dict(state["preprocess"])
+        print(f"resuming from {out / 'last.pt'} after epoch {state['epoch']} "
+              f"(training data {train_src})")
+
+    t0 = time.perf_counter()
+    train = load_arrays(train_src, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
+                        progress=progress)
+    if train.preprocess and int(train.inputs.shape[-1]) != pcfg.size:
+        pcfg = PreprocessConfig.from_dict(train.preprocess)  # preprocessed arrays decide
+    val = load_arrays(args.val_data if state is None else state["val_data"], config=pcfg,
+                      cache_dir=args.cache_dir, workers=args.workers, progress=progress)
+    data_seconds = time.perf_counter() - t0
+    print(f"data ready in {data_seconds:.0f} s: {len(train)} training, {len(val)} validation "
+          f"frames")
+
+    if state is None:
+        config = TaggerNetConfig(n_tags=len(TAG_NAMES), in_channels=len(CHANNELS),
+                                 stem_width=args.stem_width, widths=tuple(args.widths),
+                                 depths=tuple(args.depths), dropout=args.dropout)
+    else:
+        config = TaggerNetConfig.from_dict(state["model_config"])
+    torch.manual_seed(args.seed)
+    net = TaggerNet(config)
+    net.pos_weight.copy_(torch.from_numpy(pos_weights(train.labels)))
+    net = net.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if args.ema > 0 else None
+    history: list[dict] = []
+    start_epoch, step = 0, 0
+    train_seconds = 0.0
+    if state is not None:
+        net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema = {k: v.clone() for k, v in state["ema"].items()}
+        history = list(state["history"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        train_seconds = float(state.get("train_seconds", 0.0))
+        torch.set_rng_state(state["torch_rng"])
+
+    loader = BatchLoader(train.inputs, train.labels, args.batch_size, seed=args.seed,
+                         augment_fn=augment)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"batch size {args.batch_size} exceeds the {len(train)} training frames")
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, int(args.warmup * steps_per_epoch))
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"model {config.to_dict()} ({n_params / 1e6:.2f} M parameters); {steps_per_epoch} "
+          f"steps/epoch; autocast {'bf16' if bf16 else 'fp32'}; {torch.get_num_threads()} threads")
+
+    def eval_net():
+        if ema is None:
+            return net
+        m = TaggerNet(config)
+        m.load_state_dict(ema)
+        return m.to(memory_format=torch.channels_last)
+
+    tagger = None
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs,
+                                                                start_epoch + args.stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        net.train()
+        te = time.perf_counter()
+        run_loss, n_seen = 0.0, 0
+        bar = tqdm(loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/"
+                   f"{args.epochs}", unit="batch", disable=not progress, mininterval=2.0)
+        for x, y in bar:
+            lr = lr_at(step, total=total, warmup=warmup, peak=args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                _, loss = net(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+            opt.step()
+            if ema is not None:
+                _ema_update(ema, net, min(args.ema, (1 + step) / (10 + step)))
+            step += 1
+            run_loss += loss.item() * len(y)
+            n_seen += len(y)
+            bar.set_postfix(loss=f"{run_loss / n_seen:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.close()
+        epoch_seconds = time.perf_counter() - te
+        train_seconds += epoch_seconds
+        # validation: mAP and max-F1 thresholds of the weights that are shipped
+        shipped = eval_net()
+        vp = predict(shipped, val.inputs, bf16=bf16)
+        vm = evaluate_scores(val.labels, vp, TAG_NAMES)
+        rec = {"epoch": epoch + 1, "step": step, "train_loss": round(run_loss / n_seen, 5),
+               "val_mAP": round(vm.mean_ap, 4), "val_worst": vm.worst(3),
+               "lr": lr, "epoch_seconds": round(epoch_seconds, 1),
+               "frames_per_second": round(n_seen / epoch_seconds, 1)}
+        history.append(rec)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {rec['train_loss']:.4f}  val mAP "
+              f"{vm.mean_ap:.4f}  worst {', '.join(f'{t} {a:.3f}' for t, a in vm.worst(3))}  "
+              f"({epoch_seconds:.0f} s, {rec['frames_per_second']:.0f} frames/s)", flush=True)
+        with open(out / "history.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        metadata = {
+            "trained_by": "xsml train",
+            "train_data": train_src, "val_data": args.val_data if state is None
+            else state["val_data"],
+            "n_train": len(train), "epochs": epoch + 1, "seed": args.seed,
+            "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+            "val_mAP": round(vm.mean_ap, 4),
+            "thresholds_from": "max F1 on the validation data",
+            "train_seconds": round(train_seconds, 1),
+        }
+        tagger = Tagger(shipped.float().eval(), TAG_NAMES, thresholds=vm.threshold.tolist(),
+                        preprocess=pcfg, metadata=metadata)
+        tagger.save(out / "model.pt")
+        atomic_torch_save({
+            "format": STATE_FORMAT, "epoch": epoch + 1, "step": step,
+            "model_config": config.to_dict(), "preprocess": pcfg.to_dict(),
+            "train_data": train_src, "val_data": metadata["val_data"],
+            "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
+            "ema": ema, "optimizer": opt.state_dict(), "history": history,
+            "torch_rng": torch.get_rng_state(), "train_seconds": train_seconds,
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                     if not k.startswith("_")},
+        }, out / "last.pt")
+
+    if tagger is None:  # nothing left to train: rebuild the model from the state
+        print(f"already trained for {start_epoch} epochs (raise --epochs to continue)")
+        tagger = Tagger.load(out / "model.pt")
+    (out / "data.json").write_text(json.dumps({"train": describe(train), "val": describe(val),
+                                                "data_seconds": round(data_seconds, 1)},
+                                               indent=1))
+    if args.export:
+        tagger.save(args.export)
+        print(f"exported {args.export}")
+    last = history[-1] if history else {}
+    print(f"trained {last.get('epoch', start_epoch)} epochs in {train_seconds:.0f} s; "
+          f"val mAP {last.get('val_mAP', float('nan'))}; model {out / 'model.pt'}")
+    return 0
