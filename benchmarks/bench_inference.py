@@ -84,7 +84,10 @@ def main(argv=None) -> int:
     e2e_rate = _rate(lambda: tagger.predict(frames, batch_size=args.batch), len(frames),
                      args.batches)
     gflops = net_rate * flops / 1e9
-    diff = float(np.abs(tagger.predict_inputs(inputs) - fp32.predict_inputs(inputs)).max())
+    p_fast, p_fp32 = tagger.predict_inputs(inputs), fp32.predict_inputs(inputs)
+    diff = float(np.abs(p_fast - p_fp32).max())
+    mean_diff = float(np.abs(p_fast - p_fp32).mean())
+    flips = float(((p_fast >= tagger.thresholds) != (p_fp32 >= tagger.thresholds)).mean())
     print(f"{len(frames)} frames ({source}), longest side {args.size}, batch {args.batch}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}")
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     print(f"network fp32            {fp32_rate:8.1f} frames/s  "
           f"{fp32_rate * flops / 1e9:6.1f} GFLOP/s  ({fp32_rate * flops / 1e9 / peak:.2f} of fp32 "
           "matmul peak)")
-    print(f"max |p({tagger.precision}) - p(fp32)|  {diff:8.2e}")
+    print(f"|p({tagger.precision}) - p(fp32)|  max {diff:.3f}  mean {mean_diff:.4f}  "
+          f"tag decisions changed {flips:.2%}")
     print(f"preprocessing           {prep_rate:8.1f} frames/s")
     print(f"predict (end to end)    {e2e_rate:8.1f} frames/s")
     print(f"frames_per_s {e2e_rate:.1f} batch {args.batch} size {args.size} "
