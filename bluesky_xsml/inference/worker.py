@@ -266,21 +266,23 @@ class InferenceWorker:
                 else:
                     probs_by_frame[i] = probs[row]
         checkpoint = self.tagger.checkpoint_id
-        thresholds = self.tagger.thresholds
         tags = self.tagger.tags
+        rows = sorted(probs_by_frame)
+        above = {}  # tags at or above threshold, decided once per batch
+        if rows:
+            hits = np.stack([probs_by_frame[i] for i in rows]) >= self.tagger.thresholds
+            above = {i: tuple(tags[j] for j in np.flatnonzero(h)) for i, h in zip(rows, hits)}
         now = time.monotonic()
         for i, (pos, idx) in enumerate(owners):
             job = batch[pos]
             if i in probs_by_frame:
-                p = probs_by_frame[i]
                 self.stats.frames_tagged += 1
                 latency = now - job.t_in
                 self.stats.latencies.append(latency)
                 per_job[pos][idx] = FrameResult(
                     stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid, key=job.key,
-                    frame_index=idx, probs=p.tolist(), checkpoint=checkpoint,
-                    tags=tuple(t for t, v, th in zip(tags, p, thresholds) if v >= th),
-                    latency=latency)
+                    frame_index=idx, probs=probs_by_frame[i].tolist(), checkpoint=checkpoint,
+                    tags=above[i], latency=latency)
             else:
                 per_job[pos][idx] = self._skip(job, idx, errors_by_frame.get(i, "bad_frame"))
         self.stats.batches += 1
