@@ -336,3 +336,32 @@ def test_runs_without_images_get_no_tag_stream(RE, tagger, recorder):
     run_and_flush(RE, xsml, scan([det], motor, 0, 1, 3))
     assert not [d for d in recorder.of("descriptor") if d["name"] == "xsml_tags"]
     assert "xsml_frames" not in recorder.of("stop")[0]
+
+
+def test_exiting_without_close_delivers_everything(tmp_path):
+    """A script that never calls close(): held work is finished at interpreter exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "names.txt"
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from bluesky import RunEngine
+        from bluesky.plans import count
+        from ophyd.sim import SynSignal
+        from bluesky_xsml import Tagger, TaggingCallback
+        names = open({str(out)!r}, "w")
+        det = SynSignal(func=lambda: np.ones((256, 256), np.uint32), name="img",
+                        labels={{"detectors"}})
+        xsml = TaggingCallback(Tagger.untrained(), downstream=[lambda n, d: names.write(n + "\\n")])
+        RE = RunEngine({{}})
+        RE.subscribe(xsml)
+        RE(count([det], 20))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "terminate called" not in res.stderr
+    names = out.read_text().split()
+    assert names[-1] == "stop" and names.count("event") == 20

@@ -22,10 +22,12 @@ The callback never raises into the RunEngine: problems are logged, counted in
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -130,6 +132,7 @@ class TaggingCallback:
         self.read_retries = int(read_retries)
         self.read_retry_delay = float(read_retry_delay)
         self.validate_pages = bool(validate_pages)
+        self._closed = False
         self._set_threads(threads)
         self._lock = threading.RLock()
         self._runs: dict[str, RunTagState] = {}
@@ -143,6 +146,8 @@ class TaggingCallback:
                                       max_wait=max_wait, max_pending_bytes=max_pending_bytes,
                                       overflow=overflow, hand_off_timeout=hand_off_timeout)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
+        # Finish and stop the threads before the interpreter tears down torch/numba under them.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _set_threads(self, threads: int | None) -> None:
         import os
@@ -201,7 +206,10 @@ class TaggingCallback:
         return ok and self.outbox.flush(left())
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish outstanding work, emit held stops, stop the threads."""
+        """Finish outstanding work, emit held stops, stop the threads (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.flush(timeout)
         with self._lock:
             runs = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized]
@@ -525,3 +533,12 @@ class TaggingCallback:
     def finished_runs(self) -> list[dict]:
         """Summaries of the most recent finished runs (newest last)."""
         return list(self._finished_runs)
+
+
+def _close_at_exit(ref: "weakref.ref[TaggingCallback]") -> None:
+    callback = ref()
+    if callback is not None:
+        try:
+            callback.close(timeout=10.0)
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            log.exception("xsml could not close the tagging callback at exit")
