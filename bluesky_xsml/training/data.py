@@ -235,13 +235,31 @@ def _zarr_chunk(ds, a, b, config):
     return a, inputs, labels, feats, dets, shapes
 
 
+def generator_fingerprint() -> str:
+    """Hash of the synthetic generator's source code (part of every synthetic cache key).
+
+    Frames are a function of the spec *and* the generator code, so a changed
+    generator never reuses inputs rendered by an older one.
+    """
+    sim = Path(__file__).resolve().parent.parent / "sim"
+    h = hashlib.sha1()
+    for name in ("generator.py", "physics.py", "geometry.py"):
+        f = sim / name
+        if f.exists():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _cache_key(source: str, config: PreprocessConfig) -> str:
-    if not source.startswith("synth:"):
+    if source.startswith("synth:"):
+        extra = generator_fingerprint()
+    else:
         p = Path(source).resolve()
         stamp = max((f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()), default=0)
-        source = f"{p}@{stamp}"
+        source, extra = f"{p}@{stamp}", ""
     blob = json.dumps({"source": source, "preprocess": config.to_dict(),
-                       "version": CACHE_VERSION}, sort_keys=True)
+                       "version": CACHE_VERSION, "generator": extra}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -447,6 +465,7 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     np.save(tmp / "labels.npy", labels)
     np.save(tmp / "features.npy", feats)
     meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),
+            "generator": generator_fingerprint() if ds is None else None,
             "detectors": dets, "shapes": shapes, "cache_version": CACHE_VERSION,
             "build_seconds": round(time.perf_counter() - t0, 1)}
     (tmp / "meta.json").write_text(json.dumps(meta))

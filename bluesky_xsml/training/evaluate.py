@@ -98,7 +98,8 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.supxlabel("recall")
