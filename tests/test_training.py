@@ -20,7 +20,8 @@ from bluesky_xsml.training.train import augment, pos_weights  # noqa: E402
 
 T = len(TAG_NAMES)
 TINY = ["--widths", "8,16", "--depths", "1,1", "--stem-width", "8", "--batch-size", "32",
-        "--lr", "1e-2", "--warmup", "0.2", "--threads", "1", "--precision", "fp32", "--no-progress", "--workers", "1"]
+        "--lr", "1e-2", "--warmup", "0.2", "--threads", "1", "--precision", "fp32",
+        "--no-progress", "--workers", "1"]
 
 
 def toy_arrays(path, n, seed):
@@ -150,6 +151,17 @@ def test_synthetic_source_is_built_and_cached(tmp_path):
     b = load_arrays(src, cache_dir=tmp_path, progress=False)  # from the cache
     assert np.array_equal(np.asarray(a.inputs), np.asarray(b.inputs))
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_zarr_source_from_xsml_synth(tmp_path):
+    dataset = pytest.importorskip("bluesky_xsml.sim.dataset")
+    store = tmp_path / "tiny.zarr"
+    dataset.write_dataset(str(store), 3, size=64, seed=5, workers=1, progress=False)
+    a = load_arrays(str(store), cache_dir=tmp_path / "cache", progress=False)
+    ds = dataset.open_dataset(str(store))
+    assert a.inputs.shape == (3, 6, 128, 128)
+    assert np.array_equal(a.labels, np.asarray(ds.labels, np.float32))
+    assert [tuple(s) for s in a.shapes] == [ds.frame(i).shape for i in range(3)]
 
 
 def test_augmentation_flips_horizontally_only():

@@ -235,6 +235,10 @@ def main(args: argparse.Namespace) -> int:
             entry["per_detector"] = {k: {"mAP": v["mAP"], "n": v["n"], "shape": v["shape_example"]}
                                      for k, v in result["per_detector"].items()}
         summary["checkpoint_id"] = tagger.checkpoint_id
+        summary["training"] = {k: tagger.metadata[k] for k in (
+            "train_data", "val_data", "n_train", "epochs", "val_mAP", "train_seconds")
+            if k in tagger.metadata}
+        summary["thresholds"] = {t: round(float(v), 4) for t, v in zip(tags, tagger.thresholds)}
         summary[args.summary_key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
