@@ -227,21 +227,6 @@ def lr_at(step: int, *, total: int, warmup: int, peak: float) -> float:
     return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def predict(net, inputs, *, batch_size: int = 256, bf16: bool = False) -> np.ndarray:
-    """Probabilities of ``net`` (eval mode) for cached inputs, in batches."""
-    import torch
-
-    net.eval()
-    out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for a in range(0, len(inputs), batch_size):
-            x = torch.from_numpy(np.asarray(inputs[a:a + batch_size], dtype=np.float32))
-            x = x.contiguous(memory_format=torch.channels_last)
-            logits, _ = net(x)
-            out.append(torch.sigmoid(logits.float()).numpy())
-    return np.concatenate(out) if out else np.zeros((0, net.config.n_tags), np.float32)
-
-
 def _ema_update(ema: dict, net, decay: float) -> None:
     import torch
 
@@ -346,6 +331,16 @@ def main(args: argparse.Namespace) -> int:
         m.load_state_dict(ema)
         return m.to(memory_format=torch.channels_last)
 
+    def validated(model, metadata):
+        """The Tagger of ``model`` with max-F1 thresholds from its own validation scores."""
+        tg = Tagger(model.float().eval(), TAG_NAMES, preprocess=pcfg, metadata=metadata)
+        vp = np.concatenate([tg.predict_inputs(np.asarray(val.inputs[a:a + 64], np.float32))
+                             for a in range(0, len(val), 64)])
+        vm = evaluate_scores(val.labels, vp, TAG_NAMES)
+        tg.thresholds = vm.threshold.astype(np.float32)
+        tg.metadata["val_mAP"] = round(vm.mean_ap, 4)
+        return tg, vm
+
     tagger = None
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs,
                                                                 start_epoch + args.stop_after)
@@ -375,10 +370,18 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         epoch_seconds = time.perf_counter() - te
         train_seconds += epoch_seconds
-        # validation: mAP and max-F1 thresholds of the weights that are shipped
-        shipped = eval_net()
-        vp = predict(shipped, val.inputs, bf16=bf16)
-        vm = evaluate_scores(val.labels, vp, TAG_NAMES)
+        # validation, in the deployed form (fused, TorchScript, inference precision): mAP and
+        # the max-F1 thresholds that the checkpoint carries
+        metadata = {
+            "trained_by": "xsml train",
+            "train_data": train_src, "val_data": args.val_data if state is None
+            else state["val_data"],
+            "n_train": len(train), "epochs": epoch + 1, "seed": args.seed,
+            "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+            "thresholds_from": "max F1 on the validation data",
+            "train_seconds": round(train_seconds, 1),
+        }
+        tagger, vm = validated(eval_net(), metadata)
         rec = {"epoch": epoch + 1, "step": step, "train_loss": round(run_loss / n_seen, 5),
                "val_mAP": round(vm.mean_ap, 4), "val_worst": vm.worst(3),
                "lr": lr, "epoch_seconds": round(epoch_seconds, 1),
@@ -389,18 +392,6 @@ def main(args: argparse.Namespace) -> int:
               f"({epoch_seconds:.0f} s, {rec['frames_per_second']:.0f} frames/s)", flush=True)
         with open(out / "history.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        metadata = {
-            "trained_by": "xsml train",
-            "train_data": train_src, "val_data": args.val_data if state is None
-            else state["val_data"],
-            "n_train": len(train), "epochs": epoch + 1, "seed": args.seed,
-            "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-            "val_mAP": round(vm.mean_ap, 4),
-            "thresholds_from": "max F1 on the validation data",
-            "train_seconds": round(train_seconds, 1),
-        }
-        tagger = Tagger(shipped.float().eval(), TAG_NAMES, thresholds=vm.threshold.tolist(),
-                        preprocess=pcfg, metadata=metadata)
         tagger.save(out / "model.pt")
         atomic_torch_save({
             "format": STATE_FORMAT, "epoch": epoch + 1, "step": step,
@@ -414,8 +405,12 @@ def main(args: argparse.Namespace) -> int:
         }, out / "last.pt")
 
     if tagger is None:  # nothing left to train: rebuild the model from the state
-        print(f"already trained for {start_epoch} epochs (raise --epochs to continue)")
-        tagger = Tagger.load(out / "model.pt")
+        print(f"already trained for {start_epoch} epochs (raise --epochs to continue); "
+              f"rebuilding {out / 'model.pt'} from {out / 'last.pt'}")
+        metadata = dict(Tagger.load(out / "model.pt").metadata)
+        metadata.pop("checkpoint_id", None)
+        tagger, vm = validated(eval_net(), metadata)
+        tagger.save(out / "model.pt")
     (out / "data.json").write_text(json.dumps({"train": describe(train), "val": describe(val),
                                                 "data_seconds": round(data_seconds, 1)},
                                                indent=1))
