@@ -11,13 +11,19 @@ hands the results back through ``on_results``.
 A batch the model fails on is split in halves and retried down to single
 frames (this also absorbs CUDA out-of-memory errors); a frame that still fails
 is skipped with reason ``"model_error"``. An unexpected error in the loop skips
-that batch with reason ``"internal_error"`` and the loop goes on; if the thread
-dies anyway it is restarted on the next ``submit``.
+that batch with reason ``"internal_error"`` and the loop goes on. If the thread
+dies anyway (an exception that is not an ``Exception``, such as ``SystemExit``
+raised inside the model or injected asynchronously), the frames it held are
+recorded as skipped with reason ``"worker_died"`` and a new thread takes over the
+queue; :meth:`InferenceWorker.ensure_alive` (called on every ``submit``, while
+flushing and periodically by the tagging callback) restarts a thread that
+vanished without that clean-up.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -93,17 +99,22 @@ class InferenceWorker:
         Longest time ``submit`` may wait with ``overflow="wait"``.
     warmup : bool
         Compile kernels and run a first batch on the worker thread at start.
+    on_inputs : callable, optional
+        Called from the worker thread, before ``on_results``, with a list of
+        ``(job, frame_index, input)``: the preprocessed input of each tagged frame.
     """
 
     def __init__(self, tagger, on_results: Callable[[list], None], *, max_batch: int = 32,
                  max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
-                 overflow: str = "skip", hand_off_timeout: float = 0.05, warmup: bool = True):
+                 overflow: str = "skip", hand_off_timeout: float = 0.05, warmup: bool = True,
+                 on_inputs: Callable[[list], None] | None = None):
         if overflow not in ("skip", "wait"):
             raise ValueError(f"overflow must be 'skip' or 'wait', got {overflow!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.tagger = tagger
         self.on_results = on_results
+        self.on_inputs = on_inputs  # called with [(job, frame_index, preprocessed input), ...]
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.max_pending_bytes = int(max_pending_bytes)
@@ -118,20 +129,61 @@ class InferenceWorker:
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the warm-up is over
         self._thread: threading.Thread | None = None
+        self._current: list[FrameJob] = []  # the batch the thread holds (for crash recovery)
+        self._restart_lock = threading.Lock()
         self._start_thread()
 
     # ----------------------------------------------------------------- intake
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="xsml-inference", daemon=True)
+        self._thread = threading.Thread(target=self._supervised, name="xsml-inference",
+                                        daemon=True)
         self._thread.start()
+
+    def _supervised(self) -> None:
+        """Thread body: run the loop; if it dies, account for its batch and hand over."""
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - the thread is dying either way
+            log.critical("xsml inference thread died (%s: %s); frames it held are skipped "
+                         "and a new thread takes over", type(err).__name__, err, exc_info=True)
+            self._account_lost_batch(f"worker_died: {type(err).__name__}")
+            with self._restart_lock:
+                if not self._stop.is_set() and self._thread is threading.current_thread():
+                    self.stats.restarts += 1
+                    self._start_thread()
+
+    def ensure_alive(self) -> bool:
+        """Restart the worker thread if it is gone; True if it had to be restarted."""
+        with self._restart_lock:
+            thread = self._thread
+            if self._stop.is_set() or (thread is not None and thread.is_alive()):
+                return False
+            log.error("xsml inference thread had died; restarting it")
+            self.stats.restarts += 1
+            self._account_lost_batch("worker_died")
+            self._start_thread()
+            return True
+
+    def _account_lost_batch(self, reason: str) -> None:
+        """Report the jobs of a batch whose thread died as skipped with ``reason``."""
+        with self._idle:
+            batch, self._current = self._current, []
+        if not batch:
+            return
+        self._release(batch)
+        out = [(job, [self._skip(job, 0, reason)]) for job in batch]
+        try:
+            self.on_results(out)
+        except Exception:
+            log.exception("xsml result handler failed")
+        finally:
+            with self._idle:
+                self._outstanding -= len(batch)
+                self._idle.notify_all()
 
     def submit(self, job: FrameJob) -> None:
         """Queue ``job``; bounded wait, never raises for a full queue."""
-        if self._thread is None or not self._thread.is_alive():
-            if not self._stop.is_set():
-                log.error("xsml inference thread had died; restarting it")
-                self.stats.restarts += 1
-                self._start_thread()
+        self.ensure_alive()
         if job.source is not None and job.nbytes:
             with self._budget:
                 if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
@@ -166,7 +218,7 @@ class InferenceWorker:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
-        batch = [first]
+        batch = self._current = [first]  # held here until reported (crash recovery)
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             try:
@@ -182,11 +234,11 @@ class InferenceWorker:
 
     def _loop(self) -> None:
         if self.warmup:
+            self.warmup = False  # once: a restarted thread must not crash-loop in warm-up
             try:  # compile the preprocessing kernels before the first real frame
                 self.tagger.warmup()
             except Exception:
                 log.exception("xsml tagger warm-up failed (tagging goes on)")
-            self.warmup = False
         self.ready.set()
         while not self._stop.is_set():
             batch = self._next_batch()
@@ -205,6 +257,7 @@ class InferenceWorker:
                 log.exception("xsml result handler failed")
             finally:
                 with self._idle:
+                    self._current = []
                     self._outstanding -= len(batch)
                     self._idle.notify_all()
 
@@ -212,6 +265,7 @@ class InferenceWorker:
         freed = sum(job.nbytes for job in batch)
         for job in batch:
             job.source = None  # let the arrays go
+            job.nbytes = 0  # released once, even if a crash makes us come back here
         if freed:
             with self._budget:
                 self.stats.pending_bytes -= freed
@@ -255,22 +309,33 @@ class InferenceWorker:
 
         probs_by_frame: dict[int, np.ndarray] = {}
         errors_by_frame: dict[int, str] = {}
-        if frames:
-            inputs, ok, errors = self.tagger.preprocess(frames)
-            for i, err in errors.items():
-                errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
-            probs, failed = self._predict_resilient(inputs)
-            for row, i in enumerate(ok):
-                if row in failed:
-                    errors_by_frame[i] = failed[row]
-                else:
-                    probs_by_frame[i] = probs[row]
-        checkpoint = self.tagger.checkpoint_id
-        tags = self.tagger.tags
+        input_rows: dict[int, int] = {}  # frame -> row of ``inputs``
+        # no weight swap between the model call and reading which checkpoint made it
+        with getattr(self.tagger, "hold", contextlib.nullcontext)():
+            if frames:
+                inputs, ok, errors = self.tagger.preprocess(frames)
+                for i, err in errors.items():
+                    errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
+                probs, failed = self._predict_resilient(inputs)
+                for row, i in enumerate(ok):
+                    if row in failed:
+                        errors_by_frame[i] = failed[row]
+                    else:
+                        probs_by_frame[i] = probs[row]
+                        input_rows[i] = row
+            checkpoint = self.tagger.checkpoint_id
+            tags = self.tagger.tags
+            thresholds = self.tagger.thresholds
+        if input_rows and self.on_inputs is not None:
+            try:  # e.g. the callback's label cache; never fails the batch
+                self.on_inputs([(batch[owners[i][0]], owners[i][1], inputs[row])
+                                for i, row in input_rows.items()])
+            except Exception:
+                log.exception("xsml inputs handler failed")
         rows = sorted(probs_by_frame)
         above = {}  # tags at or above threshold, decided once per batch
         if rows:
-            hits = np.stack([probs_by_frame[i] for i in rows]) >= self.tagger.thresholds
+            hits = np.stack([probs_by_frame[i] for i in rows]) >= thresholds
             above = {i: tuple(tags[j] for j in np.flatnonzero(h)) for i, h in zip(rows, hits)}
         now = time.monotonic()
         for i, (pos, idx) in enumerate(owners):
@@ -317,8 +382,16 @@ class InferenceWorker:
     # ------------------------------------------------------------ lifecycle
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job was handed back; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.ensure_alive()  # a dead thread would never drain the queue
+            left = None if deadline is None else deadline - time.monotonic()
+            step = 0.5 if left is None else max(0.0, min(left, 0.5))
+            with self._idle:
+                if self._idle.wait_for(lambda: self._outstanding == 0, timeout=step):
+                    return True
+            if left is not None and left <= step:
+                return False
 
     def close(self, timeout: float = 10.0) -> None:
         self.flush(timeout)

@@ -1,0 +1,364 @@
+"""Fault injection on a real RunEngine: the model, the inference thread and the writers fail.
+
+Each test runs real plans on a real ``RunEngine`` with ophyd ``SynSignal``
+detectors through :class:`~bluesky_xsml.TaggingCallback` and checks that the
+run completes, the RunEngine never sees an exception, every frame is accounted
+for (tagged, or skipped with a reason) and every document reaches the writers
+in order.
+
+Stand-ins: the failing model wraps the real (untrained) ``Tagger`` and raises
+the error a GPU would (``torch.cuda.OutOfMemoryError`` or the ``RuntimeError``
+message of older torch) because there is no GPU here; the failing writers are
+small callables because the failure (a raise, a sleep, ``ConnectionError`` for
+a while) is the point. The same outage against a real Tiled server is in
+tests/test_reliability_catalog.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from bluesky.plans import count
+
+from bluesky_xsml import TaggingCallback
+from bluesky_xsml.documents.outbox import RetryPolicy
+from bluesky_xsml.tags import TAG_NAMES
+
+from .conftest import DocumentRecorder, make_image_detector, validate_all
+
+pytestmark = pytest.mark.reliability
+
+
+class WrappedTagger:
+    """The real tagger, with ``predict_inputs`` replaced by ``fault(inputs, real)``."""
+
+    def __init__(self, tagger, fault):
+        self._t, self._fault = tagger, fault
+        self.calls: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+    def predict_inputs(self, inputs):
+        self.calls.append(len(inputs))
+        return self._fault(inputs, self._t.predict_inputs)
+
+
+def by_seq(recorder):
+    return {e["data"]["source_seq_num"]: e["data"] for e in recorder.tag_events()}
+
+
+def assert_run_complete(recorder, n_frames):
+    """One stop, last, success; one tag event per frame; schema-valid documents."""
+    names = recorder.names()
+    assert names.count("stop") == 1 and names[-1] == "stop"
+    stop = recorder.of("stop")[0]
+    assert stop["exit_status"] == "success"
+    assert stop["xsml_frames"] == n_frames
+    tags = by_seq(recorder)
+    assert sorted(tags) == list(range(1, n_frames + 1))
+    for d in tags.values():  # tagged: finite probabilities; skipped: NaN and a reason
+        probs = np.array([d[t] for t in TAG_NAMES])
+        assert np.isfinite(probs).all() != bool(d["skip_reason"])
+    validate_all(recorder.docs)
+    return stop, tags
+
+
+# ----------------------------------------------------------------- the model
+def test_cuda_oom_runtime_error_message_is_retried_in_smaller_batches(RE, tagger, recorder):
+    """Older torch raises a plain RuntimeError("CUDA out of memory..."): split, then tag."""
+    def fault(inputs, real):
+        if len(inputs) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB (GPU 0; "
+                               "7.79 GiB total capacity)")
+        return real(inputs)
+
+    model = WrappedTagger(tagger, fault)
+    xsml = TaggingCallback(model, downstream=[recorder], max_batch=8, max_wait=0.5)
+    RE.subscribe(xsml)
+    RE(count([make_image_detector()], 8))
+    assert xsml.flush(60)
+    stop, tags = assert_run_complete(recorder, 8)
+    assert all(d["skip_reason"] == "" for d in tags.values())
+    assert stop["xsml_skipped"] == {}
+    assert max(model.calls) > 1 and model.calls.count(1) == 8
+
+
+def test_out_of_memory_even_for_one_frame_is_a_recorded_skip(RE, tagger, recorder, caplog):
+    def fault(inputs, real):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    xsml = TaggingCallback(WrappedTagger(tagger, fault), downstream=[recorder], max_batch=4)
+    RE.subscribe(xsml)
+    with caplog.at_level(logging.WARNING, logger="bluesky_xsml"):
+        RE(count([make_image_detector()], 5))  # raises nothing
+        assert xsml.flush(60)
+    stop, tags = assert_run_complete(recorder, 5)
+    assert all(d["skip_reason"].startswith("model_error: OutOfMemoryError: CUDA out of memory")
+               for d in tags.values())
+    assert stop["xsml_skipped"] == {"model_error": 5}
+    assert xsml.status()["skipped_by_reason"] == {"model_error": 5}
+    assert "retrying in halves" in caplog.text
+
+
+def test_a_poison_frame_costs_only_itself(RE, tagger, recorder):
+    """The model fails on one input only: the batch is bisected down to that frame."""
+    poison = np.full((128, 160), 7, np.uint32)
+    poison_input = tagger.preprocess([poison])[0][0]
+
+    def fault(inputs, real):
+        if any(np.array_equal(np.asarray(x), poison_input) for x in inputs):
+            raise ValueError("the model cannot digest this frame")
+        return real(inputs)
+
+    rng = np.random.default_rng(5)
+    pool = [rng.poisson(4, (128, 160)).astype(np.uint32) for _ in range(3)] + [poison]
+    calls = iter(range(10**6))
+    xsml = TaggingCallback(WrappedTagger(tagger, fault), downstream=[recorder], max_batch=8,
+                           max_wait=0.5)
+    RE.subscribe(xsml)
+    RE(count([make_image_detector(func=lambda: pool[next(calls) % 4])], 8))
+    assert xsml.flush(60)
+    stop, tags = assert_run_complete(recorder, 8)
+    poisoned = {e["seq_num"] for e in recorder.of("event") if e["data"]["img"] is poison}
+    assert len(poisoned) == 2
+    assert {s for s, d in tags.items() if d["skip_reason"]} == poisoned
+    assert {tags[s]["skip_reason"] for s in poisoned} == {
+        "model_error: ValueError: the model cannot digest this frame"}
+    assert stop["xsml_skipped"] == {"model_error": 2}
+
+
+# ------------------------------------------------------- the inference thread
+def test_worker_thread_killed_by_the_model_is_restarted(RE, tagger, recorder, caplog):
+    """SystemExit is not an Exception: it ends the thread. Its batch is skipped, the rest tagged."""
+    crashed = []
+
+    def fault(inputs, real):
+        if not crashed:
+            crashed.append(len(inputs))
+            raise SystemExit("simulated crash inside the model")
+        return real(inputs)
+
+    xsml = TaggingCallback(WrappedTagger(tagger, fault), downstream=[recorder], max_batch=2,
+                           stop_timeout=300)
+    first_thread = xsml.worker._thread
+    RE.subscribe(xsml)
+    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
+        t0 = time.monotonic()
+        RE(count([make_image_detector()], 10))
+        assert xsml.flush(60)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 60  # finished by the restart, not by the 300 s stop timeout
+    stop, tags = assert_run_complete(recorder, 10)
+    died = {s for s, d in tags.items() if d["skip_reason"]}
+    assert len(died) == crashed[0]
+    assert all(tags[s]["skip_reason"] == "worker_died: SystemExit" for s in died)
+    assert stop["xsml_skipped"] == {"worker_died": crashed[0]}
+    status = xsml.status()
+    assert status["worker_restarts"] == 1 and status["queue_jobs"] == 0
+    assert xsml.worker._thread is not first_thread and xsml.worker._thread.is_alive()
+    assert "inference thread died (SystemExit: simulated crash inside the model)" in caplog.text
+
+
+def _raise_in_thread(thread: threading.Thread, exc_type) -> None:
+    """Inject ``exc_type`` asynchronously into ``thread`` (what a kill looks like from inside)."""
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                   ctypes.py_object(exc_type))
+    assert n == 1
+
+
+def test_worker_thread_killed_from_outside_mid_batch(RE, tagger, recorder):
+    """An exception injected into the thread while it runs the model: pending frames survive."""
+    in_model = threading.Event()
+    release = threading.Event()
+
+    def fault(inputs, real):
+        if not in_model.is_set():
+            in_model.set()
+            while not release.is_set():  # Python-level wait, so the injection lands here
+                time.sleep(0.001)
+        return real(inputs)
+
+    xsml = TaggingCallback(WrappedTagger(tagger, fault), downstream=[recorder], max_batch=3)
+    RE.subscribe(xsml)
+    killer_done = threading.Event()
+
+    def killer():
+        assert in_model.wait(60)
+        _raise_in_thread(xsml.worker._thread, KeyboardInterrupt)
+        release.set()
+        killer_done.set()
+
+    threading.Thread(target=killer, daemon=True).start()
+    RE(count([make_image_detector()], 9))
+    assert killer_done.wait(60)
+    assert xsml.flush(60)
+    stop, tags = assert_run_complete(recorder, 9)
+    skipped = {s: d["skip_reason"] for s, d in tags.items() if d["skip_reason"]}
+    assert 1 <= len(skipped) <= 3
+    assert set(skipped.values()) == {"worker_died: KeyboardInterrupt"}
+    assert sum(stop["xsml_skipped"].values()) == len(skipped)
+    assert xsml.status()["worker_restarts"] == 1
+
+
+def test_dead_worker_is_noticed_without_new_frames(tagger):
+    """The supervisor (the callback's housekeeping tick) restarts a thread that vanished."""
+    xsml = TaggingCallback(tagger, downstream=[])
+    worker = xsml.worker
+    worker._stop.set()  # let the thread end as if it had been killed ...
+    worker._thread.join(5)
+    worker._stop.clear()  # ... while the worker is still supposed to run
+    assert not worker._thread.is_alive()
+    deadline = time.monotonic() + 5
+    while not worker._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker._thread.is_alive() and xsml.status()["worker_restarts"] == 1
+    xsml.close()
+
+
+# -------------------------------------------------------------- the writers
+def test_slow_writer_blocks_the_runengine_at_most_max_block(RE, tagger):
+    """Delivery queue bound 5 documents, max_block 0.05 s, writer 30 ms per document."""
+    received = DocumentRecorder()
+
+    def slow(name, doc):
+        time.sleep(0.03)
+        received(name, doc)
+
+    xsml = TaggingCallback(tagger, downstream=[slow], max_pending_documents=5, max_block=0.05)
+    waits = []
+
+    def timed(name, doc):
+        t0 = time.perf_counter()
+        xsml(name, doc)
+        waits.append(time.perf_counter() - t0)
+
+    seen = DocumentRecorder()
+    RE.subscribe(seen)
+    RE.subscribe(timed)
+    RE(count([make_image_detector(shape=(64, 64))], 30))
+    assert xsml.flush(60)
+    assert xsml.status()["delivery_overruns"] >= 1  # the bound was reached ...
+    assert max(waits) < 0.05 + 0.25  # ... and the RunEngine waited at most max_block (+ slack)
+    # nothing lost or reordered: the RunEngine's documents, in its order, then tags, stop last
+    theirs = [id(d) for n, d in seen.docs if n != "stop"]
+    ours = [id(d) for _, d in received.docs if id(d) in set(theirs)]
+    assert ours == theirs
+    assert len(received.tag_events()) == 30 and received.names()[-1] == "stop"
+
+
+def test_writer_bug_skips_one_document_and_reports_it(RE, tagger, recorder, caplog):
+    """A non-transient error: that document is skipped for that writer only, counted per run."""
+    got = DocumentRecorder()
+
+    def buggy(name, doc):
+        if name == "event" and doc["seq_num"] == 3:
+            raise ValueError("cannot serialize")
+        got(name, doc)
+
+    xsml = TaggingCallback(tagger, downstream=[buggy, recorder])
+    RE.subscribe(xsml)
+    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
+        RE(count([make_image_detector()], 5))
+        assert xsml.flush(30)
+    run = recorder.of("start")[0]["uid"]
+    assert [d["seq_num"] for d in got.of("event")] == [1, 2, 4, 5]
+    assert len(recorder.of("event")) == 5
+    assert [n for n, _ in got.docs] == [n for n, d in recorder.docs
+                                        if not (n == "event" and d["seq_num"] == 3)]
+    assert xsml.status()["delivery_losses"] == {run: {"failed": 1}}
+    assert f"raised on a event document of run {run}" in caplog.text
+
+
+class Outage:
+    """A writer that raises ConnectionRefusedError while ``down`` is set, else records."""
+
+    def __init__(self):
+        self.down = threading.Event()
+        self.docs = DocumentRecorder()
+        self.refused = 0
+
+    def __call__(self, name, doc):
+        if self.down.is_set():
+            self.refused += 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.docs(name, doc)
+
+
+FAST_RETRY = RetryPolicy(initial_delay=0.02, max_delay=0.1)
+
+
+def test_unreachable_writer_is_buffered_and_caught_up_in_order(RE, tagger, recorder, caplog):
+    outage = Outage()
+    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=FAST_RETRY)
+    calls = iter(range(100))
+
+    def frame():  # the writer goes away at the 3rd frame and comes back at the 9th
+        i = next(calls)
+        if i == 2:
+            outage.down.set()
+        if i == 8:
+            assert xsml.outbox.flush(0.3) is False  # documents are waiting for the writer
+            assert xsml.status()["delivery_backlog"]
+            outage.down.clear()
+        return np.random.default_rng(i).poisson(4, (64, 64)).astype(np.uint32)
+
+    RE.subscribe(xsml)
+    with caplog.at_level(logging.WARNING, logger="bluesky_xsml"):
+        RE(count([make_image_detector(func=frame)], 12))
+        assert xsml.flush(60)
+    assert outage.refused >= 2  # the first try and at least one retry failed
+    key = [(n, d.get("uid")) for n, d in recorder.docs]
+    assert [(n, d.get("uid")) for n, d in outage.docs.docs] == key  # same documents, same order
+    assert len(outage.docs.tag_events()) == 12
+    status = xsml.status()
+    assert status["delivery_losses"] == {} and status["delivery_backlog"] == {}
+    assert "is unreachable (ConnectionRefusedError" in caplog.text
+    assert "is back after" in caplog.text
+
+
+def test_outage_longer_than_the_backlog_reports_losses_per_run(RE, tagger, recorder, caplog):
+    outage = Outage()
+    retry = RetryPolicy(initial_delay=0.02, max_delay=0.05, max_backlog=4)
+    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=retry)
+    RE.subscribe(xsml)
+    outage.down.set()
+    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
+        RE(count([make_image_detector(shape=(64, 64))], 6))
+        assert xsml.outbox.flush(0.5) is False
+        first = recorder.of("start")[0]["uid"]
+        n_first = len(recorder.docs)
+        outage.down.clear()
+        assert xsml.outbox.flush(10)  # the kept documents go out once it is back
+        RE(count([make_image_detector(shape=(64, 64))], 3))
+        assert xsml.flush(60)
+    second = recorder.of("start")[1]["uid"]
+    names = [n for n, _ in outage.docs.docs]
+    # the oldest 4 documents of the first run were kept and delivered; the rest were dropped
+    assert [(n, d["uid"]) for n, d in outage.docs.docs[:4]] == \
+        [(n, d["uid"]) for n, d in recorder.docs[:4]]
+    assert names[4] == "start" and outage.docs.docs[4][1]["uid"] == second
+    assert len(outage.docs.docs) == 4 + len(recorder.docs) - n_first
+    losses = xsml.status()["delivery_losses"]
+    assert losses == {first: {"dropped": n_first - 4}}
+    assert f"dropping documents of run {first}" in caplog.text
+
+
+def test_writer_still_down_at_close_is_counted_undelivered(RE, tagger, recorder, caplog):
+    outage = Outage()
+    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=FAST_RETRY)
+    RE.subscribe(xsml)
+    outage.down.set()
+    RE(count([make_image_detector(shape=(64, 64))], 3))
+    assert xsml.flush(0.5) is False
+    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
+        xsml.close(timeout=0.5)
+    run = recorder.of("start")[0]["uid"]
+    assert xsml.status()["delivery_losses"] == {run: {"undelivered": len(recorder.docs)}}
+    assert "still unreachable at close" in caplog.text
