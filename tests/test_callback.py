@@ -132,6 +132,7 @@ def test_stacks_and_several_detectors(RE, tagger, recorder):
     assert recorder.of("stop")[0]["xsml_frames"] == 16
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("dtype,sentinel", [
     (np.uint16, 2**16 - 1), (np.uint32, 2**32 - 1), (np.int32, -1), (np.int32, -2),
     (np.float32, np.nan), (np.float64, np.inf),
@@ -153,6 +154,7 @@ def test_detector_dtypes_and_sentinels_are_tagged(RE, tagger, recorder, dtype, s
         assert np.isfinite([e["data"][t] for t in TAG_NAMES]).all()
 
 
+@pytest.mark.reliability
 def test_bad_frames_are_recorded_as_skipped(RE, tagger, recorder):
     kinds = {"tiny": np.zeros((4, 4)), "good": np.full((64, 64), 3, np.uint32),
              "strings": np.array(["a", "b"] * 512).reshape(32, 32),
@@ -195,6 +197,7 @@ class FailingTagger:
         return self._t.predict_inputs(inputs)
 
 
+@pytest.mark.reliability
 def test_model_errors_never_reach_the_runengine(RE, tagger, recorder):
     failing = FailingTagger(tagger, ok_up_to=0)
     xsml = TaggingCallback(failing, downstream=[recorder], max_batch=8)
@@ -207,6 +210,7 @@ def test_model_errors_never_reach_the_runengine(RE, tagger, recorder):
     assert recorder.of("stop")[0]["exit_status"] == "success"
 
 
+@pytest.mark.reliability
 def test_out_of_memory_batches_are_retried_smaller(RE, tagger, recorder):
     oom = torch_oom_error()
     failing = FailingTagger(tagger, ok_up_to=2, error=oom)
@@ -224,6 +228,7 @@ def torch_oom_error():
     return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+@pytest.mark.reliability
 def test_failing_writer_does_not_stop_other_writers(RE, tagger, recorder):
     def broken(name, doc):
         if name in ("event", "event_page"):
@@ -237,6 +242,7 @@ def test_failing_writer_does_not_stop_other_writers(RE, tagger, recorder):
     assert xsml.status()["downstream_errors"] >= 5
 
 
+@pytest.mark.reliability
 def test_slow_writer_does_not_stall_the_scan(RE, tagger, recorder):
     def slow(name, doc):
         time.sleep(0.05)
@@ -254,6 +260,7 @@ def test_slow_writer_does_not_stall_the_scan(RE, tagger, recorder):
     assert recorder.names()[-1] == "stop"
 
 
+@pytest.mark.reliability
 def test_overflow_is_counted_and_every_frame_accounted(RE, tagger, recorder):
     xsml = TaggingCallback(tagger, downstream=[recorder], max_pending_bytes=64 * 64 * 4 * 2)
     gate = threading.Event()
@@ -275,6 +282,7 @@ def test_overflow_is_counted_and_every_frame_accounted(RE, tagger, recorder):
     assert len(recorder.tag_events()) == 10
 
 
+@pytest.mark.reliability
 def test_held_stop_is_released_after_timeout(RE, tagger, recorder):
     class Stuck(FailingTagger):
         def predict_inputs(self, inputs):
@@ -315,6 +323,7 @@ def test_interleaved_runs_keep_separate_state(RE, tagger):
     validate_all(out.docs)
 
 
+@pytest.mark.reliability
 def test_malformed_documents_pass_through(tagger):
     rec = DocumentRecorder()
     xsml = TaggingCallback(tagger, downstream=[rec])
@@ -338,6 +347,7 @@ def test_runs_without_images_get_no_tag_stream(RE, tagger, recorder):
     assert "xsml_frames" not in recorder.of("stop")[0]
 
 
+@pytest.mark.reliability
 def test_exiting_without_close_delivers_everything(tmp_path):
     """A script that never calls close(): held work is finished at interpreter exit."""
     import subprocess

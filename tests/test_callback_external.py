@@ -73,6 +73,7 @@ def test_stream_resource_frames_are_tagged(RE, tagger, recorder, tmp_path):
     assert recorder.of("stop")[0]["num_events"]["xsml_tags"] == 5
 
 
+@pytest.mark.reliability
 def test_missing_file_is_a_recorded_skip(RE, tagger, recorder, tmp_path):
     ad = HDF5ResourceDetector("ad", frame_source(), tmp_path)
     xsml = TaggingCallback(tagger, downstream=[recorder], read_retries=2, read_retry_delay=0.01)

@@ -292,6 +292,7 @@ def _write_frames(path, arrays):
         f.create_dataset(DATA_PATH, data=np.stack(arrays), maxshape=(None, *arrays[0].shape))
 
 
+@pytest.mark.reliability
 def test_missing_file_gives_up_after_bounded_retries(tmp_path):
     frames = _frames_for(tmp_path, "nope.h5", retries=3, retry_delay=0.02)
     t0 = time.monotonic()
@@ -306,6 +307,7 @@ def test_missing_file_gives_up_after_bounded_retries(tmp_path):
     assert "does not exist" in str(err) and "4 attempts" in str(err)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("damage", ["truncate", "junk"])
 def test_corrupt_file_is_reported(tmp_path, damage):
     path = tmp_path / "bad.h5"
@@ -320,6 +322,7 @@ def test_corrupt_file_is_reported(tmp_path, damage):
     assert ("truncated" if damage == "truncate" else "signature") in str(info.value)
 
 
+@pytest.mark.reliability
 def test_file_shorter_than_documents(tmp_path):
     _write_frames(tmp_path / "short.h5", [np.zeros(SHAPE), np.ones(SHAPE)])
     frames = _frames_for(tmp_path, "short.h5", n=4, retries=2, retry_delay=0.01)
@@ -330,6 +333,7 @@ def test_file_shorter_than_documents(tmp_path):
     assert "holds 2 frames" in str(info.value) and "short.h5" in str(info.value)
 
 
+@pytest.mark.reliability
 def test_unknown_spec_fails_at_once(tmp_path):
     _write_frames(tmp_path / "a.h5", [np.zeros(SHAPE)])
     frames = _frames_for(tmp_path, "a.h5", spec="MYSTERY", retries=5, retry_delay=1.0)
@@ -341,6 +345,7 @@ def test_unknown_spec_fails_at_once(tmp_path):
     assert "'MYSTERY'" in str(info.value) and "AD_HDF5" in str(info.value)
 
 
+@pytest.mark.reliability
 def test_unknown_datum_and_stream_resource():
     frames = ExternalFrames()
     with pytest.raises(FrameSourceError) as info:
@@ -429,6 +434,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("kind", ["datum", "stream"])
 def test_reader_sees_frames_appended_later_by_another_process(tmp_path, kind):
     path = tmp_path / "live.h5"

@@ -27,6 +27,7 @@ def frames(draw):
     return draw(hnp.arrays(dtype, shape, elements=elements))
 
 
+@pytest.mark.reliability
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames())
 def test_any_frame_gives_finite_input_or_frame_error(frame):
@@ -40,6 +41,7 @@ def test_any_frame_gives_finite_input_or_frame_error(frame):
     assert (x[CHANNELS.index("invalid")] >= 0).all() and (x[CHANNELS.index("invalid")] <= 1).all()
 
 
+@pytest.mark.reliability
 @settings(max_examples=40, deadline=None)
 @given(st.lists(frames(), min_size=1, max_size=6))
 def test_batches_never_raise_and_account_for_every_frame(batch):
@@ -50,6 +52,7 @@ def test_batches_never_raise_and_account_for_every_frame(batch):
         np.testing.assert_array_equal(inputs[ok.index(i)], preprocess_frame(batch[i], CFG))
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("value", [2**16 - 1, 0, 7])
 def test_constant_and_sentinel_only_frames(value):
     x = preprocess_frame(np.full((40, 40), value, np.uint16), CFG)

@@ -30,6 +30,7 @@ def test_predict_accepts_one_frame_a_stack_and_a_ragged_list(tagger):
     np.testing.assert_allclose(probs[2], tagger.predict(stack)[0], atol=1e-2)
 
 
+@pytest.mark.reliability
 def test_predict_names_the_bad_frame(tagger):
     good = np.ones((64, 64), np.uint32)
     with pytest.raises(FrameError, match="frame 1: .*2-D") as info:
@@ -58,6 +59,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob("ckpt/*.tmp"))  # atomic write leaves no temp file
 
 
+@pytest.mark.reliability
 def test_tampered_and_truncated_checkpoints_are_refused(tmp_path):
     t = Tagger.untrained(seed=1)
     path = t.save(tmp_path / "m.pt")
@@ -74,6 +76,7 @@ def test_tampered_and_truncated_checkpoints_are_refused(tmp_path):
         Tagger.load(tmp_path / "missing.pt")
 
 
+@pytest.mark.reliability
 def test_checkpoints_that_need_code_are_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 from ..inference.worker import FrameJob, InferenceWorker
 from .compose import FrameResult, TagStreamComposer
 from .frames import find_image_keys, is_image_value, split_frames
-from .outbox import Outbox
+from .outbox import Outbox, RetryPolicy
 
 __all__ = ["TaggingCallback", "RunTagState"]
 
@@ -58,6 +58,7 @@ class RunTagState:
     tag_counts: collections.Counter = field(default_factory=collections.Counter)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     checkpoints: list = field(default_factory=list)
+    event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
 
     @property
     def uid(self) -> str:
@@ -108,6 +109,14 @@ class TaggingCallback:
         Schema-validate every tag event page at run time (descriptors and stops
         are always validated). Off by default: jsonschema validation of each page
         holds the GIL the RunEngine needs; the tests validate every document.
+    delivery_retry : RetryPolicy, optional
+        How a downstream callback that is unreachable (e.g. a catalog server
+        that is down) is buffered and retried; losses are counted per run in
+        ``status()["delivery_losses"]`` (see :mod:`bluesky_xsml.documents.outbox`).
+    label_cache_size : int
+        Recent frames whose preprocessed inputs are kept so they can be
+        labeled after the fact (:meth:`label`, :meth:`suggest_labels`); about
+        192 KiB each. 0 keeps none.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
@@ -119,7 +128,8 @@ class TaggingCallback:
                  max_block: float = 0.5, handler_registry: Mapping | None = None,
                  root_map: Mapping | None = None, read_retries: int = 5,
                  read_retry_delay: float = 0.1, threads: int | None = None,
-                 validate_pages: bool = False):
+                 validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
+                 label_cache_size: int = 2000):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -141,11 +151,20 @@ class TaggingCallback:
         self._errors: collections.Counter = collections.Counter()
         self._finished_runs: collections.deque = collections.deque(maxlen=100)
         self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
-                             on_idle=self._check_held_stops)
+                             on_idle=self._check_held_stops, retry=delivery_retry)
         self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
                                       max_wait=max_wait, max_pending_bytes=max_pending_bytes,
-                                      overflow=overflow, hand_off_timeout=hand_off_timeout)
+                                      overflow=overflow, hand_off_timeout=hand_off_timeout,
+                                      on_inputs=self._on_inputs)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
+        self._input_listeners: list[Callable[[list], None]] = []
+        from ..training.live import FrameCache
+
+        self.frame_cache = FrameCache(label_cache_size)
+        #: The :class:`~bluesky_xsml.training.live.LiveFineTuner`; None until
+        #: :meth:`enable_finetuning`.
+        self.finetuner = None
+        self._labels_ignored = 0
         # Finish and stop the threads before the interpreter tears down torch/numba under them.
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -163,13 +182,45 @@ class TaggingCallback:
             torch.set_num_threads(n)
 
     # ----------------------------------------------------------------- public
-    def subscribe(self, callback: Callable[[str, dict], Any]) -> None:
-        """Add a downstream callback (it receives documents from now on)."""
+    def subscribe(self, callback: Callable[[str, dict], Any], *,
+                  retry: RetryPolicy | None = None) -> None:
+        """Add a downstream callback (it receives documents from now on).
+
+        ``retry`` overrides ``delivery_retry`` for this callback, e.g.
+        ``RetryPolicy(resend_failed=False, probe=...)`` for a ``TiledWriter``.
+        """
+        if retry is not None:
+            self.outbox.set_retry(callback, retry)
         self.outbox.downstream.append(callback)
 
     def add_result_listener(self, listener: Callable[[str, list[FrameResult]], None]) -> None:
         """Call ``listener(run_uid, results)`` from the worker after each batch."""
         self._listeners.append(listener)
+
+    def remove_result_listener(self, listener: Callable[[str, list[FrameResult]], None]) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def add_input_listener(self, listener: Callable[[list], None]) -> None:
+        """Call ``listener([(job, frame_index, input), ...])`` from the worker after each batch.
+
+        ``input`` is the frame's preprocessed ``(C, S, S)`` array (the service
+        keeps thumbnails from it); the listener must be quick and not keep it.
+        """
+        self._input_listeners.append(listener)
+
+    def serve(self, *, port: int | None = None, **options):
+        """Start the steering service for this callback in a background thread.
+
+        ``xsml.serve(port=8765)`` returns a handle with ``.url``, ``.api_key``
+        and ``.stop()``; ``options`` go to :func:`bluesky_xsml.api.serve.serve`.
+        """
+        from ..api.serve import serve
+
+        return serve(self, port=port, **options)
 
     def __call__(self, name: str, doc: dict) -> None:
         """Receive one document from the RunEngine (or a document bus)."""
@@ -217,6 +268,8 @@ class TaggingCallback:
             self._finalize(run, reason="stop_timeout")
         self.worker.close(timeout)
         self.outbox.close(timeout)
+        if self.finetuner is not None:
+            self.finetuner.close(timeout)
 
     def status(self) -> dict[str, Any]:
         """Counters and latency figures (JSON-able)."""
@@ -240,8 +293,113 @@ class TaggingCallback:
             "documents_queued": len(self.outbox),
             "downstream_errors": self.outbox.downstream_errors,
             "delivery_overruns": self.outbox.overruns,
+            "delivery_losses": self.outbox.losses(),
+            "delivery_backlog": self.outbox.backlogs(),
             "document_errors": dict(self._errors),
+            "label_cache_frames": len(self.frame_cache),
+            "labels_ignored": self._labels_ignored,
         }
+
+    # ------------------------------------------------------------ fine-tuning
+    def enable_finetuning(self, directory, **options):
+        """Start live fine-tuning into ``directory``; returns the :class:`LiveFineTuner`.
+
+        ``options`` go to :class:`~bluesky_xsml.training.live.LiveFineTuner`
+        (``min_labels``, ``steps``, ``synthetic``, ``nice``, ...). Calling it
+        again returns the running fine-tuner.
+        """
+        if self.finetuner is None:
+            from ..training.live import LiveFineTuner
+
+            self.finetuner = LiveFineTuner(self.tagger, directory, **options)
+        return self.finetuner
+
+    def label(self, run_uid: str, seq_num: int, *, stream: str = "primary",
+              key: str | None = None, frame_index: int = 0, **tags) -> dict:
+        """Label a recently tagged frame, e.g. ``label(uid, 12, ring_oriented=True)``.
+
+        Tags not given stay unknown (masked out of the loss); ``None`` marks a
+        tag unknown explicitly; a tag name the model lacks is taught as a new
+        tag. The label is on disk when this returns.
+
+        Returns
+        -------
+        dict
+            A JSON-able receipt: the frame, ``labels``, ``new_tags``, the
+            replay ``rows``, ``holdout`` and ``pending`` counts.
+
+        Raises
+        ------
+        ConfigurationError
+            Fine-tuning is not enabled (:meth:`enable_finetuning`).
+        KeyError
+            The frame is not in the label cache (the message says why).
+        ValueError
+            No tags, or a value other than True/False/1/0/None.
+        """
+        import math
+
+        from ..errors import ConfigurationError
+        from ..training.live import parse_tag_labels
+
+        if self.finetuner is None:
+            raise ConfigurationError("fine-tuning is not enabled; call "
+                                     "enable_finetuning(directory) first")
+        names, row = parse_tag_labels(tags)
+        ident, entry = self.frame_cache.find(run_uid, seq_num, stream=stream, key=key,
+                                             frame_index=frame_index)
+        prov = {"source": "label", "run_uid": ident[0], "stream": ident[1],
+                "seq_num": ident[2], "key": ident[3], "frame_index": ident[4],
+                "checkpoint": entry.get("checkpoint", "")}
+        receipt = self.finetuner.add_labels(entry["input"][None], row[None], [prov], tags=names)
+        self.frame_cache.mark_labeled(ident)
+        return {"run_uid": ident[0], "stream": ident[1], "seq_num": ident[2], "key": ident[3],
+                "frame_index": ident[4],
+                "labels": {t: (None if math.isnan(v) else bool(v)) for t, v in zip(names, row)},
+                "new_tags": [t for t in names if t not in self.tagger.tags], **receipt}
+
+    def suggest_labels(self, k: int = 10) -> list[dict]:
+        """The ``k`` recent unlabeled frames the model is least sure about.
+
+        Each is a dict with ``run_uid, stream, seq_num, key, frame_index, score``
+        (1 = every one of its three most uncertain tags sits at its threshold).
+        """
+        return self.frame_cache.suggest(k)
+
+    def _on_inputs(self, items: list) -> None:
+        """Worker thread: cache inputs; queue labels that documents declared."""
+        self.frame_cache.put_inputs(items)
+        for listener in self._input_listeners:
+            try:
+                listener(items)
+            except Exception:
+                log.exception("xsml input listener failed")
+        todo = []
+        with self._lock:
+            for job, idx, x in items:
+                run = self._runs.get(job.run_uid)
+                if run is None:
+                    continue
+                declared = dict(run.start.get("xsml_labels") or {})
+                declared.update(run.event_labels.get((job.stream, job.seq_num), {}))
+                if declared:
+                    todo.append((job, idx, x, declared))
+        if not todo:
+            return
+        if self.finetuner is None:
+            self._labels_ignored += len(todo)
+            return
+        from ..training.live import parse_tag_labels
+
+        for job, idx, x, declared in todo:
+            try:
+                names, row = parse_tag_labels(declared)
+            except ValueError as err:
+                self._errors[f"bad xsml_labels: {err}"] += 1
+                continue
+            prov = {"source": "document", "run_uid": job.run_uid, "stream": job.stream,
+                    "seq_num": int(job.seq_num), "key": job.key, "frame_index": int(idx)}
+            self.finetuner.add_labels_async(x[None], row[None], [prov], tags=names)
 
     # ----------------------------------------------------------- documents
     def _on_start(self, doc: dict) -> None:
@@ -308,6 +466,8 @@ class TaggingCallback:
                 return
             if run.finalized or run.held_stop is not None:
                 self._errors["event after stop"] += 1
+                log.warning("xsml got events after the stop of run %s; passed through untagged",
+                            run.uid)
                 return
             stream, keys = run.descriptors[descriptor_uid]
             for key in list(keys):
@@ -317,8 +477,19 @@ class TaggingCallback:
                     if keys[key] == "inline":
                         self._ensure_tag_stream(run)
             jobs = []
+            declared = data.get("xsml_labels")  # per-event labels (dicts or JSON strings)
             for i, (seq, uid) in enumerate(zip(seq_nums, uids)):
                 run.event_uids[(descriptor_uid, seq)] = uid
+                if declared is not None and i < len(declared) and declared[i]:
+                    try:
+                        value = declared[i]
+                        if isinstance(value, str):
+                            import json
+
+                            value = json.loads(value)
+                        run.event_labels[(stream, seq)] = dict(value)
+                    except (ValueError, TypeError) as err:  # the frames are tagged anyway
+                        self._errors[f"bad xsml_labels in event: {type(err).__name__}"] += 1
                 for key, kind in keys.items():
                     if kind == "inline":
                         values = data.get(key)
@@ -437,10 +608,15 @@ class TaggingCallback:
                     if not r.event_uid:
                         r.event_uid = run.event_uids.get(self._desc_uid(run, r), "")
                 self._record(run, results)
+                n_tags = len(run.composer.tags)  # tags may have grown/shrunk by a hot swap
+                for r in results:
+                    if r.probs is not None and len(r.probs) != n_tags:
+                        r.probs = (list(r.probs) + [float("nan")] * n_tags)[:n_tags]
                 self.outbox.put("event_page", run.composer.page(results))
                 for job in done[run_uid]:
                     run.pending.pop(id(job), None)
-            for listener in self._listeners:
+            self.frame_cache.put_probs(run_uid, results, self.tagger.thresholds)
+            for listener in list(self._listeners):
                 try:
                     listener(run_uid, results)
                 except Exception:
@@ -515,6 +691,7 @@ class TaggingCallback:
 
     def _check_held_stops(self) -> None:
         """Outbox thread: release stops held longer than ``stop_timeout``."""
+        self.worker.ensure_alive()  # supervise the inference thread about every 0.1 s
         now = time.monotonic()
         with self._lock:
             late = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized

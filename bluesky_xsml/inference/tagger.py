@@ -378,18 +378,81 @@ class Tagger:
                 for row in probs]
 
     # -------------------------------------------------------------- hot swap
-    def swap_weights(self, other: "Tagger") -> None:
-        """Adopt ``other``'s weights, thresholds and metadata between batches."""
-        if other.tags != self.tags or other.net.config != self.net.config:
+    def swap_weights(self, other: "Tagger", *, allow_tag_change: bool = False) -> None:
+        """Adopt ``other``'s weights, thresholds and metadata between batches.
+
+        With ``allow_tag_change``, ``other`` may have more or fewer tags as long
+        as one tag list extends the other (tags are only ever appended, e.g. by
+        fine-tuning a new tag) and the networks differ only in ``n_tags``.
+        The swap waits for a batch holding :meth:`hold` to finish.
+        """
+        import copy
+
+        same_tags = other.tags == self.tags
+        if not same_tags and allow_tag_change:
+            short, long_ = sorted((self.tags, other.tags), key=len)
+            a, b = self.net.config.to_dict(), other.net.config.to_dict()
+            a.pop("n_tags"), b.pop("n_tags")
+            if long_[:len(short)] != short or a != b:
+                raise ConfigurationError(
+                    "can only swap in a tagger whose tags extend (or are extended by) the live "
+                    f"tags, with the same network otherwise; live {list(self.tags)}, new "
+                    f"{list(other.tags)}")
+        elif not same_tags or other.net.config != self.net.config:
             raise ConfigurationError("can only swap in a tagger with the same tags and network")
         state = other.net.state_dict()
         compiled = self._compiled(other.net)
+        net = copy.deepcopy(other.net).eval() if not same_tags else None
         with self._lock:
-            self.net.load_state_dict(state)
+            if net is not None:
+                self.net = net
+                self.tags = other.tags
+            else:
+                self.net.load_state_dict(state)
             self._infer = compiled
             self.thresholds = other.thresholds.copy()
             self.metadata = dict(other.metadata)
             self.preprocess_config = other.preprocess_config
+
+    def hold(self):
+        """Context manager that keeps weights from being swapped while it is held.
+
+        The inference worker holds it around one batch's model call and the
+        reading of :attr:`checkpoint_id`, so the two always agree.
+        """
+        return self._lock
+
+    def finetune(self, frames, labels, **options) -> "Tagger":
+        """Fine-tune a copy of this tagger on labeled frames.
+
+        Parameters
+        ----------
+        frames : array_like or sequence of array_like
+            Raw detector frames (as for :meth:`predict`).
+        labels : array_like
+            ``(N, T)``: 1, 0 or ``NaN`` (unknown) per frame and tag, in
+            ``self.tags`` order, or in the order of ``tags=`` (a name this
+            tagger lacks grows its head).
+        **options
+            Keyword options of :func:`bluesky_xsml.training.finetune.finetune`
+            (``steps``, ``synthetic``, ``synthetic_val``, ``val_fraction``, ...).
+
+        Returns
+        -------
+        Tagger
+            The fine-tuned tagger; its validation report (a
+            :class:`~bluesky_xsml.training.finetune.FinetuneReport`, with the gate's
+            ``passed`` and ``reason``) is ``new.report``. This tagger is unchanged.
+        """
+        from ..training.finetune import finetune
+
+        frame_list = _as_frame_list(frames)
+        inputs, ok, errors = self.preprocess(frame_list)
+        if errors:
+            i, err = min(errors.items())
+            raise FrameError(f"frame {i}: {err}", reason=err.reason) from err
+        new, _report = finetune(self, inputs, labels, **options)
+        return new
 
     def warmup(self, shape: tuple[int, int] = (256, 256),
                dtypes: Sequence[str] = ("uint32", "int32", "uint16", "float32"),

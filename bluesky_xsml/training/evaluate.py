@@ -111,10 +111,15 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     return path
 
 
-def _predict(tagger, inputs, batch_size: int) -> np.ndarray:
+def _predict(tagger, inputs, batch_size: int, progress: bool = False) -> np.ndarray:
+    from tqdm.auto import tqdm
+
     out = []
-    for a in range(0, len(inputs), batch_size):
-        out.append(tagger.predict_inputs(np.asarray(inputs[a:a + batch_size], np.float32)))
+    with tqdm(total=len(inputs), desc="xsml evaluate: tagging", unit="frame",
+              disable=not progress, mininterval=1.0) as bar:
+        for a in range(0, len(inputs), batch_size):
+            out.append(tagger.predict_inputs(np.asarray(inputs[a:a + batch_size], np.float32)))
+            bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, len(tagger.tags)), np.float32)
 
 
@@ -134,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     test = load_arrays(args.data, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
                        progress=progress)
     t0 = time.perf_counter()
-    scores = _predict(tagger, test.inputs, args.batch_size)
+    scores = _predict(tagger, test.inputs, args.batch_size, progress)
     infer_s = time.perf_counter() - t0
     y = test.labels
 

@@ -1,0 +1,252 @@
+"""Fine-tuning the default model on a shifted domain: gain, forgetting, cost.
+
+Reproduces, on synthetic data, the source work's experiment (a network
+trained on synthetic frames meets a new data stream and is fine-tuned on a
+few labeled frames of it):
+
+* **shifted domain**: detector families held out of training (Pilatus 900K,
+  Eiger 4M; ``detectors=heldout``) rendered at 512 px, with every scene's
+  intensities (feature amplitudes and background) scaled by an exposure
+  factor ``k ~ logU(0.02, 0.2)``, far below the training distribution.
+  Labels are recomputed from the scaled scene (features that sink into the
+  noise lose their tag, ``weak_scattering`` appears), so they stay true to
+  the frames. The shift is applied to the scene here, not in the generator,
+  so every cached training set stays valid.
+* With 32, 128 and 512 labeled shifted frames: mAP on held-out shifted
+  frames before/after, mAP on the original domain (the default model's
+  synthetic test set) before/after, wall time of fine-tuning on CPU, and
+  whether the validation gate promoted the result.
+* Tagging throughput (``Tagger.predict`` on raw 512 px frames) while a
+  :class:`~bluesky_xsml.training.live.LiveFineTuner` trains in its low-priority
+  thread, against idle.
+
+Run (about 10 minutes on 2 cores)::
+
+    nice python benchmarks/bench_finetune.py
+
+Targets (issue 4): +10 mAP points with 128 labels; original domain within
+1 point; tagging throughput while fine-tuning >= 50 % of idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SHIFT = {"seed": 5, "size": 512, "detectors": "heldout", "k_lo": 0.02, "k_hi": 0.2,
+         "version": 1}
+
+
+def shift_scene(scene: dict, rng: np.random.Generator, *, k_lo: float, k_hi: float) -> dict:
+    """The scene with every intensity scaled by one exposure factor ``k ~ logU(k_lo, k_hi)``."""
+    sc = copy.deepcopy(scene)
+    k = float(np.exp(rng.uniform(np.log(k_lo), np.log(k_hi))))
+    for f in sc.get("features", []):
+        for key in ("amp", "i0", "peak_amp", "min_amp"):
+            if f.get(key) is not None:
+                f[key] = (np.asarray(f[key], float) * k).tolist()
+    if sc.get("background"):
+        sc["background"]["level"] = float(sc["background"]["level"]) * k
+    sc["exposure_scale"] = k
+    return sc
+
+
+def _render(args):
+    a, b = args
+    from bluesky_xsml.preprocess import PreprocessConfig, preprocess_batch
+    from bluesky_xsml.sim.generator import SceneGenerator, render_scene, scene_labels
+
+    gen = SceneGenerator(seed=SHIFT["seed"], size=SHIFT["size"], detectors=SHIFT["detectors"])
+    frames, labels = [], []
+    for i in range(a, b):
+        scene, _, _ = gen.scene_at(i)
+        rng = np.random.default_rng([SHIFT["seed"], 7, i])
+        sc = shift_scene(scene, rng, k_lo=SHIFT["k_lo"], k_hi=SHIFT["k_hi"])
+        frames.append(render_scene(sc, rng))
+        labels.append(scene_labels(sc))
+    inputs, _ok, errors = preprocess_batch(frames, PreprocessConfig())
+    assert not errors, errors
+    return a, inputs.astype(np.float16), np.stack(labels).astype(np.float32), frames[:4]
+
+
+def shifted_data(n: int, workers: int):
+    """``(inputs, labels, sample raw frames)`` of the first ``n`` shifted frames (cached)."""
+    from bluesky_xsml.training.data import default_cache_dir, generator_fingerprint
+
+    key = hashlib.sha1(json.dumps({**SHIFT, "n": n, "gen": generator_fingerprint()},
+                                  sort_keys=True).encode()).hexdigest()[:16]
+    path = default_cache_dir() / f"finetune-shift-{key}.npz"
+    if path.exists():
+        z = np.load(path)
+        return z["inputs"], z["labels"], [z[f"frame_{i}"] for i in range(4)]
+    t0 = time.perf_counter()
+    chunks = [(a, min(n, a + 64)) for a in range(0, n, 64)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = sorted(pool.map(_render, chunks), key=lambda p: p[0])
+    inputs = np.concatenate([p[1] for p in parts])
+    labels = np.concatenate([p[2] for p in parts])
+    frames = list(parts[0][3])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, inputs=inputs, labels=labels, **{f"frame_{i}": f for i, f in enumerate(frames)})
+    print(f"rendered {n} shifted frames in {time.perf_counter() - t0:.0f} s -> {path}")
+    return inputs, labels, frames
+
+
+def mean_ap(tagger, inputs, labels) -> float:
+    """mAP of ``tagger`` over the tags of ``labels`` (the first columns of a grown head)."""
+    from bluesky_xsml.training.metrics import evaluate_scores
+
+    t = labels.shape[1]
+    probs = np.concatenate([tagger.predict_inputs(np.asarray(inputs[a:a + 64], np.float32))
+                            for a in range(0, len(inputs), 64)])
+    return float(evaluate_scores(labels, probs[:, :t], tagger.tags[:t]).mean_ap)
+
+
+def throughput(tagger, frames, seconds: float) -> float:
+    """Frames per second of ``tagger.predict`` on raw frames, over ``seconds``."""
+    batch = (frames * 8)[:16]
+    for _ in range(4):  # compile kernels for these shapes and dtypes, let TorchScript specialise
+        tagger.predict(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        tagger.predict(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--labels", default="32,128,512",
+                   help="labeled shifted frames per run ('none': only the throughput part)")
+    p.add_argument("--test-n", type=int, default=400, help="held-out shifted test frames")
+    p.add_argument("--steps", default="40,80,120", help="fine-tuning steps per label count")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--freeze", type=int, default=3,
+                   help="leading modules kept fixed (stem + blocks; see finetune)")
+    p.add_argument("--distill", type=float, default=1.0,
+                   help="weight of the distillation term on replayed frames (see finetune)")
+    p.add_argument("--replay", default="synth:seed=0,n=2000,sizes=256+512+768+1024,"
+                                       "detectors=train",
+                   help="original-domain frames replayed while fine-tuning")
+    p.add_argument("--gate-val", default="synth:seed=1,n=2000,sizes=256+512+768+1024,"
+                                         "detectors=train",
+                   help="original-domain frames the gate checks forgetting on")
+    p.add_argument("--gate-val-n", type=int, default=500)
+    p.add_argument("--orig-test", default="synth:seed=2,n=2000,sizes=256+512+768+1024,"
+                                          "detectors=train",
+                   help="original-domain test frames (the model card's test set)")
+    p.add_argument("--orig-test-n", type=int, default=1000)
+    p.add_argument("--throughput-seconds", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for fine-tuning runs (default: cores)")
+    p.add_argument("--tag-threads", type=int, default=None,
+                   help="torch threads for the throughput part (default: cores - 1, as "
+                        "TaggingCallback)")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering shifted frames")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from bluesky_xsml import Tagger
+    from bluesky_xsml.training.data import load_arrays
+    from bluesky_xsml.training.finetune import finetune
+    from bluesky_xsml.training.live import LiveFineTuner
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    label_ns = [] if args.labels == "none" else [int(v) for v in args.labels.split(",")]
+    steps = [int(v) for v in args.steps.split(",")][:len(label_ns)]
+    if len(steps) != len(label_ns):
+        raise SystemExit("--steps needs one value per --labels value")
+    tagger = Tagger.load()
+    cfg = tagger.preprocess_config
+    n_shift = max(label_ns + [512]) + args.test_n
+    x_shift, y_shift, raw = shifted_data(n_shift, args.workers)
+    x_test, y_test = x_shift[-args.test_n:], y_shift[-args.test_n:]
+    replay = load_arrays(args.replay, config=cfg, progress=False)
+    gate_val = load_arrays(args.gate_val, config=cfg, progress=False)
+    gate_val = (np.asarray(gate_val.inputs[:args.gate_val_n]),
+                gate_val.labels[:args.gate_val_n], gate_val.tags)
+    orig = load_arrays(args.orig_test, config=cfg, progress=False)
+    x_orig = np.asarray(orig.inputs[:args.orig_test_n])
+    y_orig = orig.labels[:args.orig_test_n]
+
+    shift_before = mean_ap(tagger, x_test, y_test)
+    orig_before = mean_ap(tagger, x_orig, y_orig)
+    print(f"default model {tagger.checkpoint_id}: shifted-domain test mAP {shift_before:.4f} "
+          f"({args.test_n} frames), original-domain test mAP {orig_before:.4f} "
+          f"({len(x_orig)} frames); torch threads {torch.get_num_threads()}")
+    results = {"command": "nice python benchmarks/bench_finetune.py " + " ".join(argv or
+                                                                                 sys.argv[1:]),
+               "shift": SHIFT, "checkpoint": tagger.checkpoint_id,
+               "shifted_before": shift_before, "original_before": orig_before, "runs": []}
+    print(f"{'labels':>6} {'steps':>5} {'shifted mAP':>19} {'gain':>6} {'original mAP':>19} "
+          f"{'change':>7} {'seconds':>7} gate")
+    for n, st in zip(label_ns, steps):
+        new, rep = finetune(tagger, x_shift[:n], y_shift[:n], synthetic=replay,
+                            synthetic_val=gate_val, steps=st, batch_size=args.batch_size,
+                            lr=args.lr, freeze=args.freeze, distill=args.distill,
+                            val_fraction=0.25)
+        s_after = mean_ap(new, x_test, y_test)
+        o_after = mean_ap(new, x_orig, y_orig)
+        run = {"labels": n, "steps": rep.steps, "seconds": rep.seconds,
+               "shifted_after": s_after, "gain_points": 100 * (s_after - shift_before),
+               "original_after": o_after, "original_change_points": 100 * (o_after - orig_before),
+               "gate_passed": rep.passed, "gate_reason": rep.reason}
+        results["runs"].append(run)
+        print(f"{n:>6} {rep.steps:>5} {shift_before:.4f} -> {s_after:.4f} "
+              f"{run['gain_points']:>+6.1f} {orig_before:.4f} -> {o_after:.4f} "
+              f"{run['original_change_points']:>+7.2f} {rep.seconds:>7.1f} "
+              f"{'promoted' if rep.passed else 'kept'}", flush=True)
+
+    # tagging throughput, idle vs while a live fine-tuner trains in the background, with the
+    # torch threads TaggingCallback sets by default (one less than the cores)
+    torch.set_num_threads(args.tag_threads or max(1, (os.cpu_count() or 2) - 1))
+    live = Tagger.load()
+    idle_a = throughput(live, raw, args.throughput_seconds / 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        ft = LiveFineTuner(live, tmp, auto=False, steps=100000, batch_size=args.batch_size,
+                           synthetic=replay, synthetic_val=None, freeze=args.freeze)
+        ft.add_labels(x_shift[:64], y_shift[:64])
+        ft.retrain_now()
+        t0 = time.perf_counter()
+        while ft.status()["step"] < 1 and time.perf_counter() - t0 < 300:
+            time.sleep(0.2)
+        step0 = ft.status()["step"]
+        busy = throughput(live, raw, args.throughput_seconds)
+        steps_done = ft.status()["step"] - step0
+        ft.close()
+    # idle measured before and after, so a change in the machine's other load shows less
+    idle = (idle_a + throughput(live, raw, args.throughput_seconds / 2)) / 2
+    ratio = busy / idle
+    results.update(throughput_idle=idle, throughput_finetuning=busy, throughput_ratio=ratio,
+                   finetune_steps_during=steps_done, tag_threads=torch.get_num_threads())
+    print(f"tagging throughput (Pilatus/Eiger frames at 512 px, {torch.get_num_threads()} torch "
+          f"threads): idle {idle:.1f} frames/s, while fine-tuning {busy:.1f} frames/s "
+          f"({steps_done} fine-tuning steps in those {args.throughput_seconds:.0f} s)")
+
+    print("\nratios against the default model, measured in this run:")
+    for run in results["runs"]:
+        print(f"  {run['labels']:>4} labels: shifted mAP x{run['shifted_after'] / shift_before:.3f}"
+              f" ({run['gain_points']:+.1f} points; target +10 at 128), original mAP "
+              f"x{run['original_after'] / orig_before:.4f} ({run['original_change_points']:+.2f} "
+              f"points; target >= -1), {run['seconds']:.0f} s")
+    print(f"  tagging throughput while fine-tuning / idle: {ratio:.2f} (target >= 0.50)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,506 @@
+"""Fine-tune a tagger on a few labeled frames, with replay and a validation gate.
+
+Starting from a :class:`~bluesky_xsml.Tagger` (a checkpoint), :func:`finetune`
+takes a mini-batch of labeled, preprocessed frames (labels ``NaN`` where
+unknown, masked out of the loss) and runs a few optimiser steps. Each step's
+batch mixes the new labels with *replay*: older labeled frames and synthetic
+frames of the original domain, so old skills are not forgotten. Batch norm
+statistics stay frozen (the network runs in eval mode) so a handful of
+frames cannot drag the normalisation of every layer towards themselves.
+
+The result is checked by a **validation gate**:
+
+* new-domain held-out labeled frames must improve: their mAP over the tags
+  that have positives and negatives among them rises by more than
+  ``min_improvement`` (with no such tag, their masked loss must fall). A tag
+  the parent does not have scores, before, as the constant predictor (its
+  AP is the positive rate);
+* the original domain (a synthetic validation set) may not drop by more than
+  ``max_forgetting`` mAP (default 0.01, one point).
+
+A tag name the tagger does not have grows the head: the new output starts
+from zero weights (probability 0.5 before training) and the old outputs are
+copied exactly. Synthetic frames count as negatives for a tag the generator
+does not know (it never renders it).
+
+Examples
+--------
+>>> import numpy as np
+>>> from bluesky_xsml import Tagger
+>>> from bluesky_xsml.model import TaggerNetConfig
+>>> from bluesky_xsml.training.finetune import finetune
+>>> tagger = Tagger.untrained(config=TaggerNetConfig(stem_width=8, widths=(8,), depths=(1,)))
+>>> rng = np.random.default_rng(0)
+>>> x = rng.random((12, 6, 128, 128), dtype=np.float32)
+>>> y = np.full((12, 23), np.nan, np.float32); y[:, 0] = np.arange(12) % 2
+>>> new, report = finetune(tagger, x, y, steps=3, batch_size=4, synthetic=None)
+>>> report.steps, new.metadata["parent_id"] == tagger.checkpoint_id
+(3, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from ..tags import TAG_NAMES, validate_tag_names
+
+__all__ = [
+    "DEFAULT_SYNTHETIC_REPLAY",
+    "DEFAULT_SYNTHETIC_VAL",
+    "FinetuneReport",
+    "finetune",
+    "grow_head",
+    "load_synthetic",
+    "split_holdout",
+]
+
+log = logging.getLogger(__name__)
+
+#: Original-domain frames replayed while fine-tuning (the kind the default model trained on).
+DEFAULT_SYNTHETIC_REPLAY = "synth:seed=0,n=512,sizes=256+512,detectors=train"
+#: Original-domain validation frames for the forgetting check (another seed).
+DEFAULT_SYNTHETIC_VAL = "synth:seed=1,n=256,sizes=256+512,detectors=train"
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning round did and how its validation gate decided."""
+
+    passed: bool
+    reason: str
+    parent_id: str
+    checkpoint_id: str = ""
+    steps: int = 0
+    seconds: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+    n_replay: int = 0
+    n_synthetic: int = 0
+    new_tags: list = field(default_factory=list)
+    new_domain_metric: str = "mAP"
+    new_domain_before: float = math.nan
+    new_domain_after: float = math.nan
+    new_domain_tags: list = field(default_factory=list)
+    original_before: float = math.nan
+    original_after: float = math.nan
+    new_tag_ap: dict = field(default_factory=dict)
+    max_forgetting: float = 0.01
+    min_improvement: float = 0.0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-able (NaN becomes ``None``)."""
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        return {k: clean(v) for k, v in asdict(self).items()}
+
+
+# ----------------------------------------------------------------------- helpers
+def grow_head(tagger, new_tags: Sequence[str]):
+    """A copy of ``tagger`` with outputs appended for ``new_tags``.
+
+    Old outputs keep their weights exactly; new ones start at zero weight and
+    bias (probability 0.5), threshold 0.5, positive weight 1.
+    """
+    import torch
+
+    from ..inference.tagger import Tagger
+    from ..model import TaggerNet
+
+    new = [t for t in dict.fromkeys(new_tags) if t not in tagger.tags]
+    if not new:
+        return tagger
+    tags = validate_tag_names(tagger.tags + tuple(new))
+    config = copy.deepcopy(tagger.net.config)
+    config.n_tags = len(tags)
+    net = TaggerNet(config)
+    old = tagger.net.state_dict()
+    state = net.state_dict()
+    for k, v in old.items():
+        if k in ("head.weight", "head.bias", "pos_weight"):
+            continue
+        state[k] = v.clone()
+    n = len(tagger.tags)
+    with torch.no_grad():
+        state["head.weight"] = torch.zeros_like(state["head.weight"])
+        state["head.weight"][:n] = old["head.weight"]
+        state["head.bias"] = torch.zeros_like(state["head.bias"])
+        state["head.bias"][:n] = old["head.bias"]
+        state["pos_weight"] = torch.ones_like(state["pos_weight"])
+        state["pos_weight"][:n] = old["pos_weight"]
+    net.load_state_dict(state)
+    thresholds = np.concatenate([tagger.thresholds, np.full(len(new), 0.5, np.float32)])
+    metadata = {k: v for k, v in tagger.metadata.items() if k != "checkpoint_id"}
+    metadata["parent_id"] = tagger.checkpoint_id
+    return Tagger(net.eval(), tags, thresholds=thresholds, preprocess=tagger.preprocess_config,
+                  metadata=metadata, device=tagger.device, precision=tagger.precision)
+
+
+def split_holdout(n: int, *, fraction: float, seed: int = 0, min_val: int = 2) -> np.ndarray:
+    """Boolean mask of the rows held out for validation (deterministic for a seed)."""
+    if n < 2 * min_val or fraction <= 0:
+        return np.zeros(n, bool)
+    k = max(min_val, int(round(fraction * n)))
+    mask = np.zeros(n, bool)
+    mask[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return mask
+
+
+def load_synthetic(source, preprocess, *, progress: bool = False):
+    """``(inputs, labels, tags)`` of a synthetic source (spec string, arrays or ``None``).
+
+    Spec strings go through the cached data machinery of
+    :func:`bluesky_xsml.training.data.load_arrays`; a tuple ``(inputs, labels)``
+    is taken as ``TAG_NAMES``-ordered labels, a 3-tuple adds the tag names.
+    """
+    if source is None:
+        return None
+    if isinstance(source, str):
+        from .data import load_arrays
+
+        arrays = load_arrays(source, config=preprocess, progress=progress)
+        return arrays.inputs, np.asarray(arrays.labels, np.float32), tuple(arrays.tags)
+    if hasattr(source, "inputs") and hasattr(source, "labels"):
+        return source.inputs, np.asarray(source.labels, np.float32), tuple(
+            getattr(source, "tags", TAG_NAMES))
+    if isinstance(source, tuple) and len(source) in (2, 3):
+        tags = tuple(source[2]) if len(source) == 3 else TAG_NAMES
+        return source[0], np.asarray(source[1], np.float32), tags
+    raise ConfigurationError(
+        "synthetic data must be a 'synth:...' spec, CachedArrays, (inputs, labels[, tags]) or "
+        f"None; got {type(source).__name__}")
+
+
+def _remap(labels: np.ndarray, src_tags: Sequence[str], dst_tags: Sequence[str], *,
+           absent_negative: bool) -> np.ndarray:
+    """Labels in ``src_tags`` order -> ``dst_tags`` order.
+
+    Tags missing in ``src_tags`` are ``NaN`` (unknown), or 0 when
+    ``absent_negative`` and the tag is not one the generator knows.
+    """
+    out = np.full((len(labels), len(dst_tags)), np.nan, np.float32)
+    index = {t: i for i, t in enumerate(src_tags)}
+    for j, t in enumerate(dst_tags):
+        if t in index:
+            out[:, j] = labels[:, index[t]]
+        elif absent_negative and t not in TAG_NAMES:
+            out[:, j] = 0.0
+    return out
+
+
+def _scores(net, inputs, batch: int = 64) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for a in range(0, len(inputs), batch):
+            x = torch.as_tensor(np.asarray(inputs[a:a + batch], np.float32))
+            out.append(torch.sigmoid(net(x)[0].float()).numpy())
+    n_tags = net.config.n_tags
+    return np.concatenate(out) if out else np.zeros((0, n_tags), np.float32)
+
+
+def _masked_loss(scores: np.ndarray, labels: np.ndarray) -> float:
+    known = np.isfinite(labels)
+    if not known.any():
+        return math.nan
+    p = np.clip(scores, 1e-6, 1 - 1e-6)
+    y = np.where(known, labels, 0)
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float(bce[known].mean())
+
+
+def _scorable(labels: np.ndarray) -> list[int]:
+    known = np.isfinite(labels)
+    pos = (np.where(known, labels, 0) >= 0.5) & known
+    return [j for j in range(labels.shape[1]) if pos[:, j].any() and (known & ~pos)[:, j].any()]
+
+
+def _map(labels, scores, cols) -> float:
+    from .metrics import average_precision
+
+    aps = [average_precision(labels[:, j], scores[:, j]) for j in cols]
+    aps = [a for a in aps if math.isfinite(a)]
+    return float(np.mean(aps)) if aps else math.nan
+
+
+def _tag_ap(labels, scores, j) -> float:
+    from .metrics import average_precision
+
+    return float(average_precision(labels[:, j], scores[:, j]))
+
+
+# -------------------------------------------------------------------- fine-tune
+def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
+             val_inputs=None, val_labels=None, val_fraction: float = 0.25,
+             replay_inputs=None, replay_labels=None,
+             synthetic=DEFAULT_SYNTHETIC_REPLAY, synthetic_val=DEFAULT_SYNTHETIC_VAL,
+             steps: int | None = None, batch_size: int = 32, lr: float = 2e-4,
+             weight_decay: float = 1e-4, new_fraction: float = 0.5,
+             max_forgetting: float = 0.01, min_improvement: float = 0.0,
+             original_before: float | None = None, augment: bool = True, seed: int = 0,
+             freeze: int = 0, distill: float = 0.0,
+             should_stop: Callable[[], bool] | None = None,
+             on_step: Callable[[int, float], None] | None = None):
+    """Fine-tune ``tagger`` on labeled inputs; returns ``(new_tagger, FinetuneReport)``.
+
+    Parameters
+    ----------
+    tagger : Tagger
+        Starting point (not modified).
+    inputs : array_like
+        ``(N, C, S, S)`` preprocessed inputs (``tagger.preprocess``).
+    labels : array_like
+        ``(N, len(tags))``: 1, 0 or ``NaN`` (unknown, masked out of the loss).
+    tags : sequence of str, optional
+        Column names of ``labels`` (default ``tagger.tags``); names the tagger
+        does not have grow its head.
+    val_inputs, val_labels : array_like, optional
+        Held-out labeled frames of the new data for the gate; by default
+        ``val_fraction`` of the given frames are held out (not trained on).
+    replay_inputs, replay_labels : array_like, optional
+        Older labeled frames to mix in (labels in the same ``tags`` order).
+    synthetic, synthetic_val : spec str, CachedArrays, tuple or None
+        Original-domain frames to replay, and to check forgetting on. ``None``
+        turns either off (without ``synthetic_val`` the gate cannot check
+        forgetting and says so in its reason).
+    steps : int, optional
+        Optimiser steps (default: about 15 passes over the new frames, 30 to 300).
+    batch_size : int
+        Frames per step; ``new_fraction`` of them from the new labels, the
+        rest replay (older labels and synthetic, half each when both exist).
+    lr, weight_decay : float
+        AdamW settings (cosine decay after a short warm-up).
+    max_forgetting : float
+        Largest allowed drop of original-domain mAP (0.01 = one point).
+    min_improvement : float
+        New-domain mAP must rise by more than this.
+    original_before : float, optional
+        The parent's original-domain mAP on ``synthetic_val`` if already known.
+    augment : bool
+        Flips and count scaling (:func:`bluesky_xsml.training.train.augment`).
+    freeze : int
+        Leading modules kept fixed, counting the stem as the first and then
+        each residual block (0 trains everything; 3 freezes the stem and two
+        blocks, which halves the CPU time of a step).
+    distill : float
+        Weight of a distillation term on the replayed frames: binary
+        cross-entropy of the new outputs against the parent's probabilities for
+        the parent's tags (learning without forgetting); 0 turns it off.
+    should_stop : callable, optional
+        Polled every step; returning True ends training early (the gate still runs).
+    on_step : callable, optional
+        ``on_step(step, loss)`` after every step.
+
+    Returns
+    -------
+    (Tagger, FinetuneReport)
+        The fine-tuned tagger (``metadata["parent_id"]`` names the parent,
+        ``metadata["finetune"]`` holds the report) and the gate's report.
+    """
+    import torch
+
+    from ..inference.tagger import Tagger
+    from .train import augment as augment_fn
+
+    t0 = time.perf_counter()
+    names = tuple(tags) if tags is not None else tagger.tags
+    x_all = np.asarray(inputs)
+    y_all = np.asarray(labels, np.float32)
+    if x_all.ndim != 4 or x_all.shape[1:] != (tagger.net.config.in_channels,
+                                             tagger.preprocess_config.size,
+                                             tagger.preprocess_config.size):
+        raise ValueError(f"inputs must be preprocessed (N, {tagger.net.config.in_channels}, "
+                         f"{tagger.preprocess_config.size}, {tagger.preprocess_config.size}); got "
+                         f"{x_all.shape}. Use Tagger.preprocess(frames) or Tagger.finetune(frames,"
+                         " labels)")
+    if y_all.shape != (len(x_all), len(names)):
+        raise ValueError(f"labels must be (N={len(x_all)}, {len(names)}) in tag order "
+                         f"{list(names)[:3]}...; got {y_all.shape}")
+    bad = np.isfinite(y_all) & (y_all != 0) & (y_all != 1)
+    if bad.any():
+        raise ValueError(f"labels must be 0, 1 or NaN (unknown); got {sorted(set(y_all[bad]))[:5]}")
+    if len(x_all) == 0:
+        raise ValueError("need at least one labeled frame to fine-tune on")
+
+    new_tags = [t for t in dict.fromkeys(names) if t not in tagger.tags]
+    base = grow_head(tagger, new_tags) if new_tags else tagger
+    out_tags = base.tags
+    y_all = _remap(y_all, names, out_tags, absent_negative=False)
+
+    if val_inputs is not None:
+        x_tr, y_tr = x_all, y_all
+        x_val = np.asarray(val_inputs)
+        y_val = _remap(np.asarray(val_labels, np.float32), names, out_tags, absent_negative=False)
+    else:
+        hold = split_holdout(len(x_all), fraction=val_fraction, seed=seed)
+        x_tr, y_tr, x_val, y_val = x_all[~hold], y_all[~hold], x_all[hold], y_all[hold]
+    pools: list[tuple[Any, np.ndarray]] = []
+    n_replay = 0
+    if replay_inputs is not None and len(replay_inputs):
+        ry = _remap(np.asarray(replay_labels, np.float32), names, out_tags, absent_negative=False)
+        pools.append((replay_inputs, ry))
+        n_replay = len(replay_inputs)
+    syn = load_synthetic(synthetic, tagger.preprocess_config)
+    n_syn = 0
+    if syn is not None and len(syn[0]):
+        pools.append((syn[0], _remap(syn[1], syn[2], out_tags, absent_negative=True)))
+        n_syn = len(syn[0])
+    syn_val = load_synthetic(synthetic_val, tagger.preprocess_config)
+
+    report = FinetuneReport(passed=False, reason="", parent_id=tagger.checkpoint_id,
+                            n_train=len(x_tr), n_val=len(x_val), n_replay=n_replay,
+                            n_synthetic=n_syn, new_tags=list(new_tags),
+                            max_forgetting=max_forgetting, min_improvement=min_improvement)
+
+    n_new = max(1, int(round(batch_size * new_fraction))) if pools else batch_size
+    if steps is None:
+        steps = int(np.clip(15 * math.ceil(len(x_tr) / n_new), 30, 300))
+    net = copy.deepcopy(base.net).float().eval()  # frozen batch-norm statistics, no dropout
+    for module in ([net.stem, *net.stages][:max(0, int(freeze))]):
+        module.requires_grad_(False)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    teacher = copy.deepcopy(tagger.net).float().eval() if distill > 0 else None
+    warm = max(1, steps // 10)
+    done = 0
+    if len(x_tr):
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                report.stopped_early = True
+                break
+            lr_now = lr * min(1.0, (step + 1) / warm) * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            idx = np.sort(rng.integers(0, len(x_tr), n_new))
+            xs = [np.asarray(x_tr[idx], np.float32)]
+            ys = [y_tr[idx]]
+            rest = batch_size - n_new
+            for k, (px, py) in enumerate(pools):
+                share = rest // len(pools) + (1 if k < rest % len(pools) else 0)
+                if share <= 0:
+                    continue
+                j = np.sort(rng.integers(0, len(px), share))
+                xs.append(np.asarray(px[j], np.float32))
+                ys.append(py[j])
+            x = torch.from_numpy(np.concatenate(xs))
+            y = torch.from_numpy(np.concatenate(ys))
+            if augment:
+                x = augment_fn(x, generator=gen)
+            logits, loss = net(x, y)
+            if distill > 0 and len(x) > n_new:
+                with torch.no_grad():
+                    soft = torch.sigmoid(teacher(x[n_new:])[0].float())
+                k = soft.shape[1]
+                loss = loss + distill * torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits[n_new:, :k].float(), soft)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 2.0)
+            opt.step()
+            done = step + 1
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+    net.eval().requires_grad_(True)
+    report.steps = done
+
+    # ------------------------------------------------------------------ the gate
+    parent_net = base.net.float().eval()
+    reasons: list[str] = []
+    ok = True
+    if len(x_val):
+        before = _scores(parent_net, x_val)
+        after = _scores(net, x_val)
+        cols = _scorable(y_val)
+        report.new_domain_tags = [out_tags[j] for j in cols]
+        if cols:
+            prior = {j: float(np.nanmean(y_val[:, j])) for j in cols}
+            aps_before = [prior[j] if out_tags[j] in new_tags else _tag_ap(y_val, before, j)
+                          for j in cols]
+            aps_after = [_tag_ap(y_val, after, j) for j in cols]
+            report.new_domain_before = float(np.nanmean(aps_before))
+            report.new_domain_after = float(np.nanmean(aps_after))
+            report.new_tag_ap = {out_tags[j]: round(a, 4) for j, a in zip(cols, aps_after)
+                                 if out_tags[j] in new_tags}
+            gain = report.new_domain_after - report.new_domain_before
+            if not gain > min_improvement:
+                ok = False
+                reasons.append(f"held-out new-domain mAP did not improve ({report.new_domain_before:.4f}"
+                               f" -> {report.new_domain_after:.4f}, {len(x_val)} frames)")
+            else:
+                reasons.append(f"held-out new-domain mAP {report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f}")
+        else:
+            report.new_domain_metric = "loss"
+            report.new_domain_before = _masked_loss(before[:, :before.shape[1]], y_val)
+            report.new_domain_after = _masked_loss(after, y_val)
+            if not report.new_domain_after < report.new_domain_before:
+                ok = False
+                reasons.append(f"held-out new-domain loss did not fall "
+                               f"({report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f}; no tag has both classes held out)")
+            else:
+                reasons.append(f"held-out new-domain loss {report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f} (no tag has both classes held out)")
+    else:
+        ok = False
+        reasons.append(f"no held-out labeled frames to validate on ({len(x_all)} labeled; need "
+                       "at least 4)")
+    if syn_val is not None and len(syn_val[0]):
+        vy = _remap(syn_val[1], syn_val[2], out_tags, absent_negative=False)
+        cols = [j for j in _scorable(vy) if out_tags[j] in tagger.tags]
+        if original_before is None or not math.isfinite(original_before):
+            original_before = _map(vy, _scores(parent_net, syn_val[0]), cols)
+        report.original_before = float(original_before)
+        report.original_after = _map(vy, _scores(net, syn_val[0]), cols)
+        drop = report.original_before - report.original_after
+        if not drop <= max_forgetting:
+            ok = False
+            reasons.append(f"original-domain mAP fell {100 * drop:.2f} points "
+                           f"({report.original_before:.4f} -> {report.original_after:.4f}; "
+                           f"allowed {100 * max_forgetting:.2f})")
+        else:
+            reasons.append(f"original-domain mAP {report.original_before:.4f} -> "
+                           f"{report.original_after:.4f}")
+    else:
+        reasons.append("original domain not checked (no synthetic validation set)")
+    report.passed = ok
+    report.reason = "; ".join(reasons)
+
+    thresholds = base.thresholds.copy()
+    for j, t in enumerate(out_tags):
+        if t in new_tags and len(x_val) and j in _scorable(y_val):
+            from .metrics import best_f1_threshold
+
+            thresholds[j] = best_f1_threshold(y_val[:, j], _scores(net, x_val)[:, j])[0]
+    metadata = {k: v for k, v in tagger.metadata.items()
+                if k not in ("checkpoint_id", "finetune", "untrained")}
+    metadata["parent_id"] = tagger.checkpoint_id
+    report.seconds = round(time.perf_counter() - t0, 3)
+    metadata["finetune"] = report.to_dict()
+    new = Tagger(net, out_tags, thresholds=thresholds, preprocess=tagger.preprocess_config,
+                 metadata=metadata, device=tagger.device, precision=tagger.precision)
+    report.checkpoint_id = new.checkpoint_id
+    new.report = report
+    return new, report
