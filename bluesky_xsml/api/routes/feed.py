@@ -1,0 +1,80 @@
+"""``/api/feed``: the live feed of tag results and decisions (Server-Sent Events).
+
+Events: ``frames`` (``{"run_uid", "frames": [FrameOut, ...]}``, with the last
+result id as the SSE id) and ``decision`` (``{"decision": Decision, "after":
+the newest frame it accounts for}``). A reconnecting client sends
+``Last-Event-ID`` (browsers do) and gets the results it missed that the
+service still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from ..state import ServiceState, frames_json
+from .deps import ERRORS, get_state
+
+router = APIRouter(prefix="/api", tags=["feed"], responses=ERRORS)
+
+
+def _sse(event: str, rid: int | None, data: str) -> str:
+    head = f"id: {rid}\n" if rid is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n"
+
+
+@router.get("/feed", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-Sent Events: frames, decision"}})
+async def feed(request: Request,
+               after: Annotated[int | None, Query(ge=-1, le=2**62,
+                                                  description="replay results after this id")]
+               = None,
+               max_s: Annotated[float | None, Query(gt=0, le=86400,
+                                                    description="end the stream after this")]
+               = None,
+               last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+               state: ServiceState = Depends(get_state)):
+    """Tag results and decisions as they happen."""
+    start = after
+    if start is None and last_event_id is not None and last_event_id.strip().isdigit():
+        start = int(last_event_id.strip())
+    loop = asyncio.get_running_loop()
+    client = state.subscribe(loop)
+    heartbeat = state.settings.feed_heartbeat_s
+    deadline = None if max_s is None else loop.time() + max_s
+
+    async def stream():
+        try:
+            yield "retry: 2000\n\n"
+            if start is not None:
+                by_run: dict[str, list] = {}
+                for rec in state.latest(state.settings.latest_frames, after=start):
+                    by_run.setdefault(rec["run_uid"], []).append(rec)
+                for run_uid, recs in by_run.items():
+                    yield _sse("frames", recs[-1]["id"], frames_json(run_uid, recs))
+            yield _sse("decision", None, json.dumps(
+                {"decision": json.loads(state.engine.current.model_dump_json()), "after": None}))
+            while True:
+                wait = heartbeat if deadline is None else min(heartbeat, deadline - loop.time())
+                if wait <= 0:
+                    break
+                try:
+                    message = await asyncio.wait_for(client.queue.get(), wait)
+                except (TimeoutError, asyncio.TimeoutError):
+                    if await request.is_disconnected():
+                        break
+                    yield ": keep-alive\n\n"
+                    continue
+                if message is None:
+                    break
+                yield _sse(*message)
+        finally:
+            state.unsubscribe(client)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,228 @@
+"""Pydantic models of every request and response of the steering service.
+
+The policy and decision models are the steering package's own
+(:class:`~bluesky_xsml.steering.policy.Policy`,
+:class:`~bluesky_xsml.steering.policy.Decision`), re-exported here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from ..steering.policy import Decision, FrameRef, Policy
+
+__all__ = [
+    "Health", "Problem", "FrameOut", "FramesOut", "RunSummary", "RunsOut", "RunFramesOut",
+    "StatusOut", "ThresholdsOut", "ThresholdsIn", "LabelIn", "LabelReceipt", "LabelsOut",
+    "Suggestion", "SuggestionsOut", "CheckpointOut", "CheckpointsOut", "FinetuneOut",
+    "DecisionsOut", "Decision", "FrameRef", "Policy", "RESERVED_LABEL_NAMES", "finite",
+]
+
+#: Names that cannot be tags in a label (they are the frame's address).
+RESERVED_LABEL_NAMES = frozenset({"run_uid", "seq_num", "stream", "key", "frame_index", "self"})
+
+Uid = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+TagName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively.
+
+    >>> finite({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"})
+    {'a': None, 'b': [1.0, None], 'c': 'x'}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar
+        return finite(value.item())
+    return value
+
+
+class Problem(BaseModel):
+    """An error: ``detail`` says what is wrong (and how to fix it where it can)."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    version: str
+    callback: bool = Field(description="a tagging callback is attached")
+
+
+class FrameOut(BaseModel):
+    """One source frame's tag result."""
+
+    id: int = Field(description="position in the service's result sequence (feed cursor)")
+    run_uid: str
+    stream: str
+    seq_num: int
+    key: str
+    frame_index: int
+    event_uid: str = ""
+    tags: list[str] = Field(default_factory=list, description="tags at or above threshold")
+    probs: dict[str, float | None] | None = Field(
+        default=None, description="probability per tag; null when skipped")
+    skip_reason: str = ""
+    checkpoint: str = ""
+    latency_s: float | None = None
+    time: float
+
+
+class FramesOut(BaseModel):
+    frames: list[FrameOut]
+    last_id: int = Field(description="id of the newest result the service holds (-1: none)")
+
+
+class RunSummary(BaseModel):
+    run_uid: str
+    frames: int
+    tagged: int
+    skipped: int
+    dropped: int = Field(0, description="frames beyond the per-run cap, not kept")
+    tag_counts: dict[str, int]
+    first_time: float
+    last_time: float
+
+
+class RunsOut(BaseModel):
+    runs: list[RunSummary]
+
+
+class RunFramesOut(BaseModel):
+    run_uid: str
+    total: int
+    offset: int
+    frames: list[FrameOut]
+
+
+class StatusOut(BaseModel):
+    """What the live tagger is doing."""
+
+    checkpoint_id: str
+    device: str
+    queue_jobs: int = Field(description="frames submitted and not yet tagged")
+    frames_per_s: float = Field(description="tag results per second over the last 10 s")
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    frames_submitted: int
+    frames_tagged: int
+    frames_skipped: int
+    skipped_by_reason: dict[str, int]
+    overflow: int
+    open_runs: int
+    labels_ignored: int = 0
+    finetune: dict[str, Any] | None = Field(
+        None, description="fine-tuning state; null when fine-tuning is not enabled")
+    decision: Decision | None = None
+    feed_clients: int
+    feed_dropped: int
+    uptime_s: float
+
+
+class ThresholdsOut(BaseModel):
+    tags: list[str]
+    thresholds: dict[str, float]
+
+
+class ThresholdsIn(BaseModel):
+    """New thresholds for some tags (others keep theirs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds: dict[TagName, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        min_length=1, max_length=512)
+
+
+class LabelIn(BaseModel):
+    """A correction of one frame: ``tags`` maps tag names to True/False/None (unknown)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_uid: Uid
+    seq_num: int = Field(ge=0, le=2**53)
+    stream: Name = "primary"
+    key: Name | None = None
+    frame_index: int = Field(0, ge=0, le=2**31)
+    tags: dict[TagName, bool | None] = Field(min_length=1, max_length=512)
+
+    @field_validator("tags")
+    @classmethod
+    def _not_reserved(cls, v: dict) -> dict:
+        bad = sorted(set(v) & RESERVED_LABEL_NAMES)
+        if bad:
+            raise ValueError(f"{bad} cannot be tag names (they address the frame)")
+        return v
+
+
+class LabelReceipt(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    run_uid: str
+    stream: str
+    seq_num: int
+    key: str
+    frame_index: int
+    labels: dict[str, bool | None]
+    new_tags: list[str] = Field(default_factory=list)
+    stored: bool = True
+
+
+class LabelsOut(BaseModel):
+    receipts: list[LabelReceipt]
+
+
+class Suggestion(BaseModel):
+    run_uid: str
+    stream: str
+    seq_num: int
+    key: str
+    frame_index: int
+    score: float
+    checkpoint: str = ""
+
+
+class SuggestionsOut(BaseModel):
+    suggestions: list[Suggestion]
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    checkpoint_id: str
+    parent_id: str | None = None
+    step: int = 0
+    tags: list[str] = Field(default_factory=list)
+    created: float | None = None
+    promoted: bool = False
+    reason: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointsOut(BaseModel):
+    active_id: str | None
+    live_checkpoint: str
+    checkpoints: list[CheckpointOut]
+
+
+class FinetuneOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    state: str
+    active_id: str | None = None
+    labels: int = 0
+    labels_pending: int = 0
+
+
+class DecisionsOut(BaseModel):
+    current: Decision
+    history: list[Decision]

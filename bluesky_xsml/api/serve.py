@@ -1,0 +1,207 @@
+"""Run the service: from IPython next to the RunEngine, or as ``xsml serve``.
+
+From IPython (the service shares the live callback's state)::
+
+    xsml = TaggingCallback(Tagger.load(), downstream=[writer])
+    RE.subscribe(xsml)
+    service = xsml.serve(port=8765)     # prints the page URL and the API key
+    ...
+    service.stop()
+
+From a shell, ``xsml serve`` loads the model, tags the documents of a 0MQ
+bus (``--zmq 127.0.0.1:5578``, the output port of ``bluesky-0MQ-proxy``) and
+serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+__all__ = ["ServiceHandle", "serve", "serve_app", "add_arguments", "main"]
+
+log = logging.getLogger(__name__)
+
+
+class ServiceHandle:
+    """A service running in a background thread.
+
+    Attributes
+    ----------
+    url : str
+        Base URL (``http://127.0.0.1:8765``); the page is at ``url + "/page/"``.
+    api_key : str
+        The key for state-changing requests (``X-API-Key`` header).
+    app : FastAPI
+    page_url : str
+        The page with the key in the URL fragment (the fragment never leaves
+        the browser).
+    """
+
+    def __init__(self, app, server, thread, sock, url):
+        self.app = app
+        self._server = server
+        self._thread = thread
+        self._sock = sock
+        self.url = url
+        self.api_key = app.state.api_key
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.url}/page/#key={self.api_key}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End live feeds, stop the server and wait for its thread (idempotent)."""
+        self.app.state.service.end_feeds()
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        try:
+            self._sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def __enter__(self) -> "ServiceHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<xsml service {self.url} {'running' if self.running else 'stopped'}>"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(callback=None, *, host: str | None = None, port: int | None = None, settings=None,
+          policy_engine=None, log_level: str = "warning", announce: bool = True,
+          start_timeout: float = 30.0) -> ServiceHandle:
+    """Start the service in a background thread and return its handle.
+
+    Parameters
+    ----------
+    callback : TaggingCallback, optional
+    host, port : str, int, optional
+        Override the settings (default 127.0.0.1:8765; port 0 picks a free port).
+    settings : ServiceSettings, optional
+    policy_engine : PolicyEngine, optional
+    log_level : str
+        uvicorn's log level.
+    announce : bool
+        Print the page URL and the API key.
+    start_timeout : float
+        Longest wait for the server to accept connections.
+    """
+    from .app import create_app
+    from .settings import ServiceSettings
+
+    settings = settings if settings is not None else ServiceSettings()
+    updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if updates:
+        settings = settings.model_copy(update=updates)
+    app = create_app(callback, settings=settings, policy_engine=policy_engine)
+    return serve_app(app, host=settings.host, port=settings.port, log_level=log_level,
+                     announce=announce, start_timeout=start_timeout)
+
+
+def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+              announce: bool = True, start_timeout: float = 30.0) -> ServiceHandle:
+    """Run an app made by :func:`~bluesky_xsml.api.app.create_app` in a background thread."""
+    import uvicorn
+
+    sock = _bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    url = f"http://{shown}:{bound_port}"
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                            access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # not the main thread; IPython keeps Ctrl-C
+    nice = int(getattr(getattr(app.state, "settings", None), "nice", 0))
+
+    def run() -> None:
+        if nice and hasattr(os, "setpriority"):
+            try:  # Linux: per thread; the RunEngine and the tagger keep their priority
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError:  # pragma: no cover - not permitted here
+                log.debug("could not renice the service thread")
+        server.run(sockets=[sock])
+
+    thread = threading.Thread(target=run, name="xsml-service", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"the xsml service did not start on {url}")
+        time.sleep(0.02)
+    handle = ServiceHandle(app, server, thread, sock, url)
+    if announce:
+        print(f"xsml service: {handle.page_url}\n  API key (X-API-Key header): {handle.api_key}",
+              flush=True)
+    return handle
+
+
+# ------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="interface (default 127.0.0.1; XSML_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8765; XSML_PORT)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint file (default: the packaged model)")
+    parser.add_argument("--zmq", default=None, metavar="HOST:PORT",
+                        help="tag the documents of this 0MQ proxy output "
+                             "(e.g. 127.0.0.1:5578)")
+    parser.add_argument("--finetune-dir", default=None, metavar="DIR",
+                        help="enable live fine-tuning (labels, checkpoints) in DIR")
+    parser.add_argument("--log-level", default="info")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..documents.callback import TaggingCallback
+    from ..inference.tagger import Tagger
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    callback = TaggingCallback(Tagger.load(args.model))
+    if args.finetune_dir:
+        callback.enable_finetuning(args.finetune_dir)
+    source = None
+    if args.zmq:
+        from ..scaleout.transport import ZMQSource
+
+        source = ZMQSource(args.zmq).start()
+
+        def pump():
+            while not source.closed:
+                item = source.get(timeout=0.5)
+                if item is not None:
+                    callback(*item)
+
+        threading.Thread(target=pump, name="xsml-zmq", daemon=True).start()
+    handle = serve(callback, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        while handle.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        handle.stop()
+        if source is not None:
+            source.close()
+        callback.close()
+    return 0

@@ -1,0 +1,92 @@
+"""Settings of the steering service (environment prefix ``XSML_``).
+
+Every option can come from the environment (``XSML_PORT=8770``,
+``XSML_API_KEY=...``) or be given in code::
+
+    from bluesky_xsml.api.settings import ServiceSettings
+    settings = ServiceSettings(port=8770, api_key="a-long-secret")
+
+Examples
+--------
+>>> s = ServiceSettings(api_key="k" * 20)
+>>> s.host, s.max_body_bytes
+('127.0.0.1', 1048576)
+>>> s.resolved_api_key()
+'kkkkkkkkkkkkkkkkkkkk'
+>>> len(ServiceSettings().resolved_api_key()) >= 32   # generated when not set
+True
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings", "API_KEY_HEADER"]
+
+#: The request header that carries the API key (``Authorization: Bearer <key>`` works too).
+API_KEY_HEADER = "X-API-Key"
+
+
+class ServiceSettings(BaseSettings):
+    """Options of the steering service.
+
+    Parameters
+    ----------
+    host : str
+        Interface to bind; loopback by default. Binding another interface
+        exposes the service to the network: use a strong ``api_key`` then.
+    port : int
+        TCP port (0: any free port).
+    api_key : str, optional
+        Key that every state-changing request must carry in the ``X-API-Key``
+        header. When not set, a random key is generated at start and printed.
+    max_body_bytes : int
+        Largest request body accepted (413 above it).
+    latest_frames : int
+        Recent frame results kept for ``/api/frames/latest`` and feed replay.
+    max_runs : int
+        Runs whose per-frame tags are kept for ``/api/runs/{uid}/frames``.
+    max_frames_per_run : int
+        Frames kept per run (later ones are counted, not kept). A kept frame
+        costs about 3 KiB, so the defaults hold at most about 150 MiB.
+    thumbnails : int
+        Recent frames whose thumbnails are kept (about 16 KiB each).
+    feed_queue : int
+        Messages buffered per live-feed client before it starts missing some.
+    feed_heartbeat_s : float
+        Seconds between keep-alive comments on an idle live feed.
+    nice : int
+        Niceness of the server thread when it runs next to the RunEngine
+        (Linux, per thread; 0 leaves it): tagging gets the CPU first.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="XSML_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    latest_frames: int = Field(default=2000, ge=1)
+    max_runs: int = Field(default=10, ge=1)
+    max_frames_per_run: int = Field(default=5000, ge=1)
+    thumbnails: int = Field(default=500, ge=0)
+    feed_queue: int = Field(default=1000, ge=1)
+    feed_heartbeat_s: float = Field(default=15.0, gt=0)
+    nice: int = Field(default=10, ge=0, le=19)
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("api_key must be at least 16 characters (or leave it unset to "
+                             "have one generated)")
+        return v
+
+    def resolved_api_key(self) -> str:
+        """The configured key, or a newly generated one (stored for later calls)."""
+        if self.api_key is None:
+            self.api_key = SecretStr(secrets.token_urlsafe(32))
+        return self.api_key.get_secret_value()
