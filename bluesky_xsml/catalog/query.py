@@ -1,0 +1,386 @@
+"""Finding runs and frames by tag in a Tiled catalog of Bluesky runs.
+
+Two levels:
+
+* :func:`find_runs` searches the run summaries in the stop documents (on the
+  server, one query): every run with at least ``min_frames`` frames carrying
+  a tag, optionally within a time window and with start metadata equal to
+  given values. It returns the searched Tiled node, which can be searched
+  further, iterated, or passed to :func:`find_frames`.
+* :func:`find_frames` reads the tag streams of those runs and returns one row
+  per frame whose probability for the tag reaches ``min_prob``, with the run's
+  uid and scan_id, the source stream, seq_num, data key and frame index, the
+  sample metadata of the run and the motor positions of that event: enough to
+  plot where on a sample a feature appears.
+
+Both need a Tiled SQL catalog (SQLite or PostgreSQL) written by
+bluesky-tiled-plugins' ``TiledWriter``. ``databroker.v2.temp()`` (mongomock)
+returns no run for queries on ``stop.*`` keys, and its streams have another
+layout: read its tag streams with ``run["xsml_tags"].read()``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..tags import TAG_NAMES, TAGS
+
+__all__ = ["FRAME_COLUMNS", "find_frames", "find_runs", "run_summaries", "to_timestamp"]
+
+log = logging.getLogger(__name__)
+
+#: The first columns of :func:`find_frames`' table (sample and motor columns follow).
+FRAME_COLUMNS = ("uid", "scan_id", "stream", "seq_num", "key", "frame_index", "tag",
+                 "probability", "tags", "model", "tag_stream", "time")
+
+_THRESHOLD = {t.name: t.threshold for t in TAGS}
+
+
+def _check_tag(tag: str, strict: bool) -> str:
+    if not isinstance(tag, str) or not tag or "." in tag or "/" in tag:
+        raise ValueError(f"a tag name is a non-empty string without '.' or '/', got {tag!r}")
+    if strict and tag not in TAG_NAMES:
+        close = difflib.get_close_matches(tag, TAG_NAMES, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown tag {tag!r}{hint} (known tags: see bluesky_xsml.tags."
+                         "TAG_NAMES; pass strict=False for a custom vocabulary)")
+    return tag
+
+
+def to_timestamp(value: Any, *, name: str = "time") -> float:
+    """A POSIX timestamp from a number, ``datetime``, ``date`` or ISO 8601 string.
+
+    Naive dates and times are local time, as the RunEngine's ``start.time``
+    is a POSIX timestamp taken on the acquisition machine's clock.
+
+    >>> to_timestamp(1_700_000_000)
+    1700000000.0
+    >>> to_timestamp("2026-11-01T00:00:00+00:00")
+    1793491200.0
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a time, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = _dt.datetime.fromisoformat(value.strip())
+        except ValueError as err:
+            raise ValueError(f"{name} {value!r} is not an ISO 8601 date or time "
+                             "(e.g. 2026-11-01 or 2026-11-01T08:30)") from err
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, _dt.date):
+        return _dt.datetime(value.year, value.month, value.day).timestamp()
+    raise TypeError(f"{name} must be a number, datetime, date or ISO string, got "
+                    f"{type(value).__name__}")
+
+
+def find_runs(catalog, tag: str, *, min_frames: int = 1, since: Any = None, until: Any = None,
+              model: str | None = None, strict: bool = True, **start_metadata_filters: Any):
+    """Runs with at least ``min_frames`` frames tagged ``tag``.
+
+    Parameters
+    ----------
+    catalog : CatalogOfBlueskyRuns
+        A Tiled node of runs (possibly already searched).
+    tag : str
+        A tag name (:data:`bluesky_xsml.tags.TAG_NAMES`).
+    min_frames : int
+        Least number of frames at or above the tag's threshold, as counted
+        in the run's current tag summary (``stop.xsml_tag_counts``).
+    since, until : float, datetime, date or str, optional
+        Run start time window: ``since <= start.time < until``.
+    model : str, optional
+        Only runs whose current tagging is by this checkpoint id
+        (``stop.xsml_model``).
+    strict : bool
+        Refuse tag names outside the packaged vocabulary.
+    **start_metadata_filters
+        ``key=value``: only runs whose start document has exactly that value
+        (e.g. ``sample="PS-b-PMMA"``, ``plan_name="grid_scan"``).
+
+    Returns
+    -------
+    Tiled node
+        The searched catalog: ``list(result)`` gives run uids,
+        ``result[uid]`` a run, ``len(result)`` the count.
+
+    Notes
+    -----
+    The query is ``Key("stop.xsml_tag_counts.<tag>") >= min_frames`` (exact
+    key; ``Contains("stop.xsml_tags", tag)`` would also match other tags that
+    contain the name as a substring, since the SQL catalogs implement it with
+    ``LIKE``).
+
+    Examples
+    --------
+    >>> find_runs(None, "ring_orientd")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown tag 'ring_orientd'; did you mean ring_oriented? (known tags: see bluesky_xsml.tags.TAG_NAMES; pass strict=False for a custom vocabulary)
+    """
+    _check_tag(tag, strict)
+    if isinstance(min_frames, bool) or not isinstance(min_frames, int) or min_frames < 1:
+        raise ValueError(f"min_frames must be an integer >= 1, got {min_frames!r}")
+    from tiled.queries import Key
+
+    queries = [Key(f"stop.xsml_tag_counts.{tag}") >= min_frames]
+    if since is not None:
+        queries.append(Key("start.time") >= to_timestamp(since, name="since"))
+    if until is not None:
+        queries.append(Key("start.time") < to_timestamp(until, name="until"))
+    if since is not None and until is not None and \
+            to_timestamp(since) >= to_timestamp(until):
+        raise ValueError(f"since ({since!r}) must be before until ({until!r})")
+    if model is not None:
+        queries.append(Key("stop.xsml_model") == str(model))
+    for key, value in start_metadata_filters.items():
+        if isinstance(value, (dict, list)):
+            raise TypeError(f"start metadata filter {key}= must be a number, string or bool")
+        queries.append(Key(f"start.{key}") == value)
+    node = catalog
+    for q in queries:
+        node = node.search(q)
+    return node
+
+
+def run_summaries(runs, tag: str | None = None) -> Any:
+    """A pandas DataFrame with one row per run: uid, scan_id, start time, counts.
+
+    ``runs`` is a Tiled node (e.g. :func:`find_runs`' result) or an iterable
+    of runs. With ``tag``, a ``frames_with_tag`` column holds its count.
+    """
+    import pandas as pd
+
+    rows = []
+    for run in _iter_runs(runs):
+        md = run.metadata
+        start, stop = md.get("start") or {}, md.get("stop") or {}
+        row = {"uid": start.get("uid"), "scan_id": start.get("scan_id"),
+               "start_time": _dt.datetime.fromtimestamp(start["time"]).isoformat(
+                   sep=" ", timespec="seconds") if "time" in start else None,
+               "plan_name": start.get("plan_name"),
+               "frames": stop.get("xsml_frames")}
+        if tag is not None:
+            row["frames_with_tag"] = (stop.get("xsml_tag_counts") or {}).get(tag, 0)
+        row["tags"] = ",".join(stop.get("xsml_tags") or [])
+        row["model"] = stop.get("xsml_model")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------- frames
+def _iter_runs(catalog_or_runs) -> Iterable:
+    if hasattr(catalog_or_runs, "search") and hasattr(catalog_or_runs, "values") and \
+            "BlueskyRun" not in _spec_names(catalog_or_runs):
+        return catalog_or_runs.values()
+    if "BlueskyRun" in _spec_names(catalog_or_runs):
+        return [catalog_or_runs]
+    return list(catalog_or_runs)
+
+
+def _spec_names(node) -> set[str]:
+    try:
+        return {s.name for s in node.specs}
+    except Exception:
+        return set()
+
+
+def _tag_stream_of(stop: Mapping, run_keys: Sequence[str], stream: str | None,
+                   model: str | None) -> str | None:
+    if stream is not None:
+        return stream if stream in run_keys else None
+    if model is not None:
+        entry = (stop.get("xsml_by_model") or {}).get(model)
+        if entry and entry.get("stream") in run_keys:
+            return entry["stream"]
+        if stop.get("xsml_model") == model and stop.get("xsml_stream") in run_keys:
+            return stop["xsml_stream"]
+        return None
+    name = stop.get("xsml_stream") or "xsml_tags"
+    return name if name in run_keys else None
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = ",".join(map(str, value))
+    else:
+        out[prefix] = value
+
+
+def _sample_metadata(start: Mapping, sample_keys: Sequence[str] | None) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in start.items():
+        wanted = (key in sample_keys) if sample_keys is not None else \
+            (key == "sample" or key.startswith("sample_"))
+        if wanted:
+            _flatten(key, value, out)
+    return out
+
+
+def _motor_columns(stream_node, start: Mapping, fields: Sequence[str]) -> list[str]:
+    """Data keys of the source stream holding positions of the run's motors (+ ``fields``)."""
+    data_keys = stream_node.metadata.get("data_keys") or {}
+    motors = set(start.get("motors") or [])
+    cols = [k for k, dk in data_keys.items()
+            if (dk.get("object_name") in motors or k in motors) and not dk.get("shape")
+            and "external" not in dk]
+    cols += [f for f in fields if f in data_keys and f not in cols]
+    return cols
+
+
+def _table(stream_node, columns: Sequence[str]):
+    """Columns of a stream's internal table (one request)."""
+    base = stream_node.base if hasattr(stream_node, "base") else stream_node
+    return base["internal"].read(columns=list(columns))
+
+
+def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: str | None,
+                   sample_keys, fields) -> list[dict]:
+    import numpy as np
+
+    md = run.metadata
+    start, stop = md.get("start") or {}, md.get("stop") or {}
+    run_keys = list(run)
+    name = _tag_stream_of(stop, run_keys, stream, model)
+    if name is None:
+        return []
+    tag_node = run[name]
+    cols = [tag, "source_stream", "source_seq_num", "source_key", "frame_index", "tags",
+            "checkpoint", "time"]
+    available = set(tag_node.base["internal"].columns) if hasattr(tag_node, "base") else None
+    if available is not None and tag not in available:
+        return []
+    df = _table(tag_node, [c for c in cols if available is None or c in available])
+    probs = df[tag].to_numpy(dtype=np.float64)
+    keep = np.flatnonzero(np.nan_to_num(probs, nan=-1.0) >= min_prob)
+    if not len(keep):
+        return []
+    df = df.iloc[keep]
+    sample = _sample_metadata(start, sample_keys)
+    positions: dict[str, dict[int, dict]] = {}
+    for source in sorted(set(df["source_stream"])):
+        if source not in run_keys:
+            continue
+        src_node = run[source]
+        motor_cols = _motor_columns(src_node, start, fields)
+        if not motor_cols:
+            continue
+        src = _table(src_node, ["seq_num", *motor_cols])
+        positions[source] = {int(s): {c: _scalar(src[c].iloc[i]) for c in motor_cols}
+                             for i, s in enumerate(src["seq_num"])}
+    rows = []
+    for _, r in df.iterrows():
+        seq = int(r["source_seq_num"])
+        row = {"uid": start.get("uid"), "scan_id": start.get("scan_id"),
+               "stream": str(r["source_stream"]), "seq_num": seq,
+               "key": str(r["source_key"]), "frame_index": int(r["frame_index"]),
+               "tag": tag, "probability": float(r[tag]), "tags": str(r.get("tags", "")),
+               "model": str(r.get("checkpoint", "")), "tag_stream": name,
+               "time": float(r["time"]) if "time" in r else math.nan}
+        row.update(sample)
+        row.update(positions.get(row["stream"], {}).get(seq, {}))
+        rows.append(row)
+    rows.sort(key=lambda r: (r["stream"], r["seq_num"], r["key"], r["frame_index"]))
+    return rows
+
+
+def _scalar(value):
+    try:
+        return value.item()
+    except AttributeError:
+        return value
+
+
+def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str | None = None,
+                model: str | None = None, sample_keys: Sequence[str] | None = None,
+                fields: Sequence[str] = (), narrow: bool | None = None, strict: bool = True,
+                threads: int = 4):
+    """Frames whose probability for ``tag`` is at least ``min_prob``, as a table.
+
+    Parameters
+    ----------
+    catalog_or_runs : CatalogOfBlueskyRuns, BlueskyRun or iterable of runs
+        Where to look. A catalog node is first narrowed with
+        :func:`find_runs` (see ``narrow``).
+    tag : str
+    min_prob : float
+        Least probability, in [0, 1]. Skipped frames (NaN) never match.
+    stream : str, optional
+        Tag stream to read; default each run's current one
+        (``stop.xsml_stream``), or the stream of ``model``.
+    model : str, optional
+        Read the tag stream written by this checkpoint (live or re-tag).
+    sample_keys : sequence of str, optional
+        Start-document keys copied into every row; default ``sample`` and
+        every ``sample_*`` key (dicts are flattened to ``sample.name``...).
+    fields : sequence of str
+        Extra scalar data keys of the source stream to add, besides the
+        positions of the start document's ``motors``.
+    narrow : bool, optional
+        Search a catalog node with :func:`find_runs` first (one server query,
+        runs whose summary counts the tag). Default: when ``min_prob`` is at
+        or above the tag's default threshold, where a frame that reaches
+        ``min_prob`` is counted in the summary. Never with ``model`` (older
+        taggings are not in the searchable current summary).
+    strict : bool
+        Refuse tag names outside the packaged vocabulary.
+    threads : int
+        Runs read concurrently.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per matching frame: :data:`FRAME_COLUMNS`, then the sample
+        metadata and motor position columns (NaN where a run lacks one),
+        sorted by run start order, then seq_num, key and frame index.
+    """
+    import pandas as pd
+
+    _check_tag(tag, strict)
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or \
+            not 0.0 <= float(min_prob) <= 1.0:
+        raise ValueError(f"min_prob must be a number in [0, 1], got {min_prob!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    source = catalog_or_runs
+    is_catalog = hasattr(source, "search") and "BlueskyRun" not in _spec_names(source)
+    if is_catalog:
+        if narrow is None:
+            narrow = model is None and float(min_prob) >= _THRESHOLD.get(tag, 1.0)
+        if narrow and model is None:  # older taggings are not in the current summary
+            source = find_runs(source, tag, strict=strict)
+    runs = list(_iter_runs(source))
+
+    def one(run):
+        try:
+            return _frames_of_run(run, tag, float(min_prob), stream, model, sample_keys, fields)
+        except KeyError as err:
+            log.warning("run %s: cannot read its tag stream (%s); skipped",
+                        run.metadata.get("start", {}).get("uid"), err)
+            return []
+
+    if threads == 1 or len(runs) <= 1:
+        per_run = [one(r) for r in runs]
+    else:
+        with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="xsml-query") as ex:
+            per_run = list(ex.map(one, runs))
+    rows = [row for rs in per_run for row in rs]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=list(FRAME_COLUMNS))
+    extra = [c for c in df.columns if c not in FRAME_COLUMNS]
+    df = df[list(FRAME_COLUMNS) + extra]
+    return df.reset_index(drop=True)
