@@ -13,10 +13,16 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("bluesky_xsml.demo", "tag a simulated scattering scan live (embedded defaults)"),
+    "demo": ("bluesky_xsml.demo", "map a simulated sample with live tagging (embedded defaults)"),
+    "plot": ("bluesky_xsml.plots", "save a stored run's tag heatmap, frame montage and map"),
     "synth": ("bluesky_xsml.sim.dataset", "write a synthetic labeled dataset (zarr)"),
     "train": ("bluesky_xsml.training.train", "train the tagger on a synthetic dataset"),
     "evaluate": ("bluesky_xsml.training.evaluate", "per-tag AP/ROC-AUC, mAP and thresholds"),
+    "worker": ("bluesky_xsml.scaleout.worker", "tag the runs of one partition from a 0MQ bus"),
+    "retag": ("bluesky_xsml.scaleout.retag", "re-tag stored runs with a model on a Dask cluster"),
+    "serve": ("bluesky_xsml.api.serve", "serve the steering API and live page (uvicorn)"),
+    "query": ("bluesky_xsml.catalog.query_cli", "list runs or frames carrying a tag"),
+    "export-xml": ("bluesky_xsml.catalog.xml_cli", "write a run's tags as CFN XML files"),
 }
 
 

@@ -8,6 +8,7 @@ heavy):
 ``generator``  scene sampling, rendering and labels (:class:`SceneGenerator`)
 ``dataset``    zarr datasets and the ``xsml synth`` command
 ``detectors``  ophyd / ophyd-async simulated detectors
+``sample``     a combinatorial sample and detectors whose frames follow the motors
 
 The generator's main names are available lazily from here, e.g.
 ``from bluesky_xsml.sim import SceneGenerator``.
@@ -27,6 +28,11 @@ _LAZY = {
     "open_dataset": "bluesky_xsml.sim.dataset",
     "write_dataset": "bluesky_xsml.sim.dataset",
     "DETECTORS": "bluesky_xsml.sim.geometry",
+    "CombinatorialSample": "bluesky_xsml.sim.sample",
+    "SampleStageDetector": "bluesky_xsml.sim.sample",
+    "hdf5_stage_detector": "bluesky_xsml.sim.sample",
+    "stream_stage_detector": "bluesky_xsml.sim.sample",
+    "make_beamline": "bluesky_xsml.sim.sample",
 }
 
 __all__ = sorted(_LAZY)
@@ -36,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .generator import (SceneGenerator, complete_scene, render_scene, sample_scene,
                             scene_labels)
     from .geometry import DETECTORS
+    from .sample import (CombinatorialSample, SampleStageDetector, hdf5_stage_detector,
+                         make_beamline, stream_stage_detector)
 
 
 def __getattr__(name: str):

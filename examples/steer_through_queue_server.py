@@ -1,0 +1,175 @@
+"""Steer through the bluesky queue server: stored tags -> policy -> a plan added to the queue.
+
+    python examples/steer_through_queue_server.py [--points 5] [--size 256]
+
+Needs Debian's ``redis-server`` and ``bluesky-queueserver``. The example
+
+1. starts an embedded Tiled catalog here, ``redis-server`` and an RE Manager
+   whose worker runs the project's IPython profile
+   (``profiles/profile_xsml/startup``: RunEngine, the simulated beamline, the
+   tagging callback writing to this catalog through ``XSML_TILED_URI``);
+2. queues a coarse line scan across the sample and waits for it;
+3. reads the run's tags back from the catalog and gives them to a
+   ``PolicyEngine`` whose rule asks to ``refine`` where the structure changes;
+4. lets ``QueueSteering`` turn that decision into a finer scan, added at the
+   front of the queue and started, with the decision in its metadata.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bluesky_queueserver_api import BPlan
+from bluesky_queueserver_api.zmq import REManagerAPI
+
+from bluesky_xsml.catalog.embedded import EmbeddedCatalog
+from bluesky_xsml.plots import STRUCTURE_TAGS, load_run_tags
+from bluesky_xsml.steering.policy import FrameRef, Policy, PolicyEngine, Rule
+from bluesky_xsml.steering.queue import QueueSteering
+
+STARTUP = Path(__file__).resolve().parents[1] / "profiles" / "profile_xsml" / "startup"
+PERMISSIONS = """\
+user_groups:
+  root:
+    allowed_plans: [null]
+    forbidden_plans: [":^_"]
+    allowed_devices: [null]
+    forbidden_devices: [":^_:?.*"]
+    allowed_functions: [null]
+    forbidden_functions: [":^_"]
+  primary:
+    allowed_plans: [":.*"]
+    forbidden_plans: [null]
+    allowed_devices: [":?.*:depth=5"]
+    forbidden_devices: [null]
+    allowed_functions: [null]
+    forbidden_functions: [null]
+"""
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--points", type=int, default=5)
+parser.add_argument("--size", type=int, default=256)
+args = parser.parse_args()
+for exe in ("redis-server", "start-re-manager"):
+    if shutil.which(exe) is None:
+        sys.exit(f"{exe} is not installed (Debian: redis-server; pip: bluesky-queueserver)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+work = Path(tempfile.mkdtemp())
+(work / "permissions.yaml").write_text(PERMISSIONS)
+catalog = EmbeddedCatalog(work / "catalog")
+redis_port, control, info = free_port(), free_port(), free_port()
+env = {**os.environ, "XSML_TILED_URI": catalog.uri, "XSML_SIM_SIZE": str(args.size)}
+redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", str(work)],
+                         stdout=subprocess.DEVNULL, start_new_session=True)
+manager = subprocess.Popen(
+    ["start-re-manager", "--startup-dir", str(STARTUP), "--use-ipython-kernel", "OFF",
+     "--zmq-control-addr", f"tcp://127.0.0.1:{control}",
+     "--zmq-info-addr", f"tcp://127.0.0.1:{info}",
+     "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", "xsml_example",
+     "--existing-plans-devices", str(work / "existing_plans_and_devices.yaml"),
+     "--user-group-permissions", str(work / "permissions.yaml"), "--console-output", "OFF"],
+    stdout=open(work / "manager.log", "w"), stderr=subprocess.STDOUT, env=env,
+    start_new_session=True)
+api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{control}",
+                   zmq_info_addr=f"tcp://127.0.0.1:{info}", timeout_recv=30.0)
+try:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            api.status()
+            break
+        except Exception:
+            if time.monotonic() > deadline or manager.poll() is not None:
+                sys.exit("the RE Manager did not start:\n"
+                         + (work / "manager.log").read_text()[-2000:])
+            time.sleep(0.3)
+    api.environment_open()
+    api.wait_for_idle(timeout=300)
+    if not api.status()["worker_environment_exists"]:
+        sys.exit("the worker environment did not open:\n"
+                 + (work / "manager.log").read_text()[-3000:])
+    print("RE Manager ready; worker environment from", STARTUP)
+
+    # 2. a coarse line scan through the queue
+    api.item_add(BPlan("scan", ["det"], "sample_x", 1.0, 9.6, args.points,
+                       md={"purpose": "coarse line"}))
+    api.queue_start()
+    api.wait_for_idle(timeout=300)
+    uid = api.history_get()["items"][-1]["result"]["run_uids"][0]
+    # the worker's callback stores the tags, then the stop: wait for the stop
+    deadline = time.monotonic() + 120
+    while "xsml_frames" not in ((catalog.catalog[uid].metadata.get("stop") or {})
+                                if uid in catalog.catalog else {}):
+        if time.monotonic() > deadline:
+            sys.exit(f"run {uid} was not stored with its tags within 120 s")
+        time.sleep(0.5)
+    run = catalog.catalog[uid]
+    tags = load_run_tags(run)
+    xs = tags.positions["sample_x"]
+    for x, t in zip(xs, tags.tags):
+        print(f"  sample_x = {x:5.2f}: {', '.join(t) or '(no tag)'}")
+
+    # 3. the policy decides from the stored tags
+    policy = Policy(rules=[Rule(name="boundary", kind="changes", tags=list(STRUCTURE_TAGS),
+                                action="refine")])
+    engine = PolicyEngine(policy)
+    position = dict(zip(tags.seq_nums.tolist(), xs.tolist()))
+
+    def finer_scan(decision):
+        """Five points between the two frames whose structure differs."""
+        seqs = sorted(ref.seq_num for ref in decision.evidence)
+        lo, hi = position[seqs[0] - 1 if seqs[0] > 1 else seqs[0]], position[seqs[-1]]
+        return BPlan("scan", ["det"], "sample_x", lo, hi, 5, md={"purpose": "refine"})
+
+    # 4. decisions become queue items
+    steering = QueueSteering(api, plans={"refine": finer_scan}, start_queue=True)
+    steering.attach(engine)
+    refs = [FrameRef(run_uid=uid, seq_num=int(s), key=k, tags=t)
+            for s, k, t in zip(tags.seq_nums, tags.source_key, tags.tags)]
+    for ref in refs:                    # one frame at a time, as live results would arrive
+        decision = engine.update(uid, [ref])
+        if decision.action == "refine":
+            print(f"decision: {decision.action} ({decision.reason})")
+            break
+    steering.flush(60)
+    time.sleep(1.0)
+    api.wait_for_idle(timeout=300)
+    for action in steering.actions:
+        print(f"queue action: {action.kind} {action.status} {action.detail or ''}")
+    history = api.history_get()["items"]
+    print(f"queue history: {[(h['name'], h['kwargs'].get('md', {}).get('purpose')) for h in history]}")
+    steering.close()
+finally:
+    try:
+        api.environment_close()
+        api.wait_for_idle(timeout=60)
+    except Exception:
+        pass
+    api.close()
+    stop(manager)
+    stop(redis)
+    catalog.close()
