@@ -264,3 +264,18 @@ def test_run_without_stop_is_refused(stored, tagger):
     with pytest.raises(XsmlError, match="has no stop document"):
         append_tag_stream(run, composer.descriptor, [page], summary)
     assert list(stored.catalog[bundle.start_doc["uid"]]) == ["primary"]
+
+
+def test_a_script_that_never_closes_its_catalog_still_exits(tmp_path):
+    """tiled serves from a non-daemon thread; the catalog closes itself before it is joined."""
+    import subprocess
+    import sys
+
+    script = ("from bluesky_xsml.catalog.embedded import EmbeddedCatalog\n"
+              f"cat = EmbeddedCatalog({str(tmp_path / 'cat')!r})\n"
+              "print('runs', len(cat.catalog))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "runs 0" in res.stdout
+    assert (tmp_path / "cat").is_dir()

@@ -74,6 +74,32 @@ def _open_container(client, container: str | None, *, create: bool):
     return client.create_container(container, specs=["CatalogOfBlueskyRuns"])
 
 
+def _close_before_thread_join(catalog: EmbeddedCatalog) -> None:
+    """Close ``catalog`` when the interpreter exits, before it joins non-daemon threads.
+
+    tiled serves from a non-daemon thread, so a script that ends without
+    closing the catalog would wait for it forever: ``atexit`` handlers run only
+    after that join. ``threading._register_atexit`` (CPython >= 3.9) runs first;
+    a weak reference leaves garbage collection as it was.
+    """
+    import threading
+    import weakref
+
+    ref = weakref.ref(catalog)
+
+    def close() -> None:
+        obj = ref()
+        if obj is not None:
+            obj.close()
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(close)
+        except RuntimeError:  # already shutting down
+            pass
+
+
 class EmbeddedCatalog:
     """A local Tiled server over ``directory`` with a ``CatalogOfBlueskyRuns`` container.
 
@@ -126,6 +152,7 @@ class EmbeddedCatalog:
         self.directory = Path(self.server.directory)
         self.uri = self.server.uri
         self._closed = False
+        _close_before_thread_join(self)
 
     def writer(self, *, batch_size: int = 1, max_array_size: int = 0):
         """A new ``TiledWriter`` into :attr:`catalog` (see :func:`make_writer`)."""
