@@ -16,102 +16,35 @@ Needs Debian's ``redis-server`` and ``bluesky-queueserver``. The example
 """
 
 import argparse
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bluesky_queueserver_api import BPlan
-from bluesky_queueserver_api.zmq import REManagerAPI
 
 from bluesky_xsml.catalog.embedded import EmbeddedCatalog
 from bluesky_xsml.plots import STRUCTURE_TAGS, load_run_tags
+from bluesky_xsml.steering.local_server import LocalQueueServer, QueueServerStartError
 from bluesky_xsml.steering.policy import FrameRef, Policy, PolicyEngine, Rule
 from bluesky_xsml.steering.queue import QueueSteering
 
 STARTUP = Path(__file__).resolve().parents[1] / "profiles" / "profile_xsml" / "startup"
-PERMISSIONS = """\
-user_groups:
-  root:
-    allowed_plans: [null]
-    forbidden_plans: [":^_"]
-    allowed_devices: [null]
-    forbidden_devices: [":^_:?.*"]
-    allowed_functions: [null]
-    forbidden_functions: [":^_"]
-  primary:
-    allowed_plans: [":.*"]
-    forbidden_plans: [null]
-    allowed_devices: [":?.*:depth=5"]
-    forbidden_devices: [null]
-    allowed_functions: [null]
-    forbidden_functions: [null]
-"""
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--points", type=int, default=5)
 parser.add_argument("--size", type=int, default=256)
 args = parser.parse_args()
-for exe in ("redis-server", "start-re-manager"):
-    if shutil.which(exe) is None:
-        sys.exit(f"{exe} is not installed (Debian: redis-server; pip: bluesky-queueserver)")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-work = Path(tempfile.mkdtemp())
-(work / "permissions.yaml").write_text(PERMISSIONS)
-catalog = EmbeddedCatalog(work / "catalog")
-redis_port, control, info = free_port(), free_port(), free_port()
-env = {**os.environ, "XSML_TILED_URI": catalog.uri, "XSML_SIM_SIZE": str(args.size)}
-redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no", "--dir", str(work)],
-                         stdout=subprocess.DEVNULL, start_new_session=True)
-manager = subprocess.Popen(
-    ["start-re-manager", "--startup-dir", str(STARTUP), "--use-ipython-kernel", "OFF",
-     "--zmq-control-addr", f"tcp://127.0.0.1:{control}",
-     "--zmq-info-addr", f"tcp://127.0.0.1:{info}",
-     "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", "xsml_example",
-     "--existing-plans-devices", str(work / "existing_plans_and_devices.yaml"),
-     "--user-group-permissions", str(work / "permissions.yaml"), "--console-output", "OFF"],
-    stdout=open(work / "manager.log", "w"), stderr=subprocess.STDOUT, env=env,
-    start_new_session=True)
-api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{control}",
-                   zmq_info_addr=f"tcp://127.0.0.1:{info}", timeout_recv=30.0)
+# 1. a catalog, and a queue server whose worker runs the profile and writes there
+catalog = EmbeddedCatalog()
+server = LocalQueueServer(STARTUP, name_prefix="xsml_example",
+                          env={"XSML_TILED_URI": catalog.uri, "XSML_SIM_SIZE": str(args.size)})
 try:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            api.status()
-            break
-        except Exception:
-            if time.monotonic() > deadline or manager.poll() is not None:
-                sys.exit("the RE Manager did not start:\n"
-                         + (work / "manager.log").read_text()[-2000:])
-            time.sleep(0.3)
-    api.environment_open()
-    api.wait_for_idle(timeout=300)
-    if not api.status()["worker_environment_exists"]:
-        sys.exit("the worker environment did not open:\n"
-                 + (work / "manager.log").read_text()[-3000:])
+    try:
+        server.start()
+    except QueueServerStartError as err:
+        sys.exit(str(err))
+    api = server.api
     print("RE Manager ready; worker environment from", STARTUP)
 
     # 2. a coarse line scan through the queue
@@ -161,15 +94,9 @@ try:
     for action in steering.actions:
         print(f"queue action: {action.kind} {action.status} {action.detail or ''}")
     history = api.history_get()["items"]
-    print(f"queue history: {[(h['name'], h['kwargs'].get('md', {}).get('purpose')) for h in history]}")
+    purposes = [(h["name"], h["kwargs"].get("md", {}).get("purpose")) for h in history]
+    print(f"queue history: {purposes}")
     steering.close()
 finally:
-    try:
-        api.environment_close()
-        api.wait_for_idle(timeout=60)
-    except Exception:
-        pass
-    api.close()
-    stop(manager)
-    stop(redis)
+    server.close()
     catalog.close()

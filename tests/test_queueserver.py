@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 
 import pytest
@@ -22,30 +19,13 @@ pytest.importorskip("bluesky_queueserver_api")
 
 from bluesky_xsml.documents.compose import FrameResult  # noqa: E402
 from bluesky_xsml.errors import ConfigurationError  # noqa: E402
+from bluesky_xsml.steering.local_server import LocalQueueServer, free_port  # noqa: E402
 from bluesky_xsml.steering.policy import Decision, FrameRef, PolicyEngine  # noqa: E402
 from bluesky_xsml.steering.queue import (  # noqa: E402
     PlanTemplate,
     QueueSteering,
     QueueSteeringError,
 )
-
-PERMISSIONS = """\
-user_groups:
-  root:
-    allowed_plans: [null]
-    forbidden_plans: [":^_"]
-    allowed_devices: [null]
-    forbidden_devices: [":^_:?.*"]
-    allowed_functions: [null]
-    forbidden_functions: [":^_"]
-  primary:
-    allowed_plans: [":.*"]
-    forbidden_plans: [null]
-    allowed_devices: [":?.*:depth=5"]
-    forbidden_devices: [null]
-    allowed_functions: [null]
-    forbidden_functions: [null]
-"""
 
 STARTUP = """\
 import json
@@ -66,26 +46,6 @@ def _write_start(name, doc):
 
 RE.subscribe(_write_start)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
 
 
 class QueueServer:
@@ -124,56 +84,14 @@ def qserver(tmp_path_factory):
         if shutil.which(exe) is None:
             pytest.skip(f"{exe} is not installed (Debian package redis-server; pip "
                         "bluesky-queueserver); the queue-server tests need it")
-    from bluesky_queueserver_api.zmq import REManagerAPI
-
     tmp = tmp_path_factory.mktemp("qserver")
     startup = tmp / "startup"
     startup.mkdir()
     starts_path = str(tmp / "starts.jsonl")
     (startup / "00-beamline.py").write_text(STARTUP.format(path=starts_path))
-    (tmp / "permissions.yaml").write_text(PERMISSIONS)
-    redis_port, control, info = _free_port(), _free_port(), _free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = open(tmp / "manager.log", "w")
-    manager = subprocess.Popen(
-        ["start-re-manager", "--startup-dir", str(startup), "--use-ipython-kernel", "OFF",
-         "--zmq-control-addr", f"tcp://127.0.0.1:{control}",
-         "--zmq-info-addr", f"tcp://127.0.0.1:{info}",
-         "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", "xsml_test",
-         "--existing-plans-devices", str(tmp / "existing_plans_and_devices.yaml"),
-         "--user-group-permissions", str(tmp / "permissions.yaml"),
-         "--console-output", "OFF"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{control}",
-                       zmq_info_addr=f"tcp://127.0.0.1:{info}")
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api.status()
-                break
-            except Exception:
-                if time.monotonic() > deadline or manager.poll() is not None:
-                    raise RuntimeError("RE Manager did not start: "
-                                       + (tmp / "manager.log").read_text()[-2000:])
-                time.sleep(0.2)
-        api.environment_open()
-        api.wait_for_idle(timeout=120)
-        assert api.status()["worker_environment_exists"], (tmp / "manager.log").read_text()
-        yield QueueServer(api, starts_path)
-    finally:
-        try:
-            api.environment_close()
-            api.wait_for_idle(timeout=30)
-        except Exception:
-            pass
-        api.close()
-        _stop(manager)
-        _stop(redis)
-        log.close()
+    with LocalQueueServer(startup, tmp, name_prefix="xsml_test", start_timeout=60,
+                          timeout_recv=5.0) as server:
+        yield QueueServer(server.api, starts_path)
 
 
 @pytest.fixture
@@ -302,7 +220,7 @@ def test_unreachable_manager_fails_the_action_without_blocking_tagging():
     """The RE Manager address has nothing listening: requests time out in the steering thread."""
     from bluesky_queueserver_api.zmq import REManagerAPI
 
-    api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{_free_port()}", timeout_recv=0.3,
+    api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{free_port()}", timeout_recv=0.3,
                        timeout_send=0.3)
     engine = PolicyEngine()
     steering = QueueSteering(api)
