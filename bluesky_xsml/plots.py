@@ -383,14 +383,11 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
     KeyError
         The run has no such tag stream (the message lists its streams).
     """
+    from .catalog.query import tag_stream_node
+
     md = run.metadata
-    start, stop = md.get("start") or {}, md.get("stop") or {}
-    name = stream or stop.get("xsml_stream") or "xsml_tags"
-    streams = list(run)
-    if name not in streams:
-        raise KeyError(f"run {start.get('uid', '?')[:8]} has no tag stream {name!r}; its "
-                       f"streams are {streams} (was it tagged? see docs/live-tagging.md)")
-    node = run[name]
+    start = md.get("start") or {}
+    name, node = tag_stream_node(run, stream)
     ds = node.read()
     data_keys = (node.metadata.get("data_keys") or {})
     tag_names = [t for t in data_keys if data_keys[t].get("dtype") == "number"
@@ -415,7 +412,7 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
     motors += [f for f in fields if f not in motors]
     sources = sorted(set(out.source_stream))
     for source in sources:
-        if source not in streams:
+        if source not in run:
             continue
         src = run[source]
         cols = [m for m in motors if m in src]

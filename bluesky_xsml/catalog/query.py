@@ -31,7 +31,8 @@ from typing import Any
 
 from ..tags import TAG_NAMES, TAGS
 
-__all__ = ["FRAME_COLUMNS", "find_frames", "find_runs", "run_summaries", "to_timestamp"]
+__all__ = ["FRAME_COLUMNS", "find_frames", "find_runs", "run_summaries", "tag_stream_node",
+           "to_timestamp"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,36 @@ def _tag_stream_of(stop: Mapping, run_keys: Sequence[str], stream: str | None,
         return None
     name = stop.get("xsml_stream") or "xsml_tags"
     return name if name in run_keys else None
+
+
+def tag_stream_node(run, stream: str | None = None):
+    """The tag stream of a stored run: ``stream``, else the one its stop names, else ``xsml_tags``.
+
+    Parameters
+    ----------
+    run : BlueskyRun
+        A Tiled client node of one run.
+    stream : str, optional
+        A tag stream's name (e.g. a re-tag's ``xsml_tags_<checkpoint>``).
+
+    Returns
+    -------
+    tuple of (str, node)
+        The stream's name and its Tiled node.
+
+    Raises
+    ------
+    KeyError
+        The run has no such stream; the message lists the streams it has.
+    """
+    md = run.metadata
+    start, stop = md.get("start") or {}, md.get("stop") or {}
+    name = stream or stop.get("xsml_stream") or "xsml_tags"
+    streams = list(run)
+    if name not in streams:
+        raise KeyError(f"run {str(start.get('uid', '?'))[:8]} has no tag stream {name!r}; its "
+                       f"streams are {streams} (was it tagged? see docs/live-tagging.md)")
+    return name, run[name]
 
 
 def _flatten(prefix: str, value: Any, out: dict) -> None:

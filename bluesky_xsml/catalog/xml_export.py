@@ -128,14 +128,11 @@ def run_to_xml(run, *, stream: str | None = None) -> dict[str, bytes]:
     KeyError
         If the run has no such tag stream; the message lists its streams.
     """
+    from .query import tag_stream_node
+
     md = run.metadata
-    start, stop = md.get("start") or {}, md.get("stop") or {}
-    name = stream or stop.get("xsml_stream") or "xsml_tags"
-    streams = list(run)
-    if name not in streams:
-        raise KeyError(f"run {start.get('uid')} has no tag stream {name!r}; its streams are "
-                       f"{streams!r}")
-    node = run[name]
+    start = md.get("start") or {}
+    name, node = tag_stream_node(run, stream)
     data_keys = node.metadata.get("data_keys") or {}
     tags = [k for k, dk in data_keys.items() if dk.get("units") == "probability"]
     thresholds = {k: data_keys[k]["threshold"] for k in tags if "threshold" in data_keys[k]}
