@@ -170,14 +170,19 @@ class InferenceWorker:
             batch, self._current = self._current, []
         if not batch:
             return
+        self._deliver(batch, [(job, [self._skip(job, 0, reason)]) for job in batch])
+
+    def _deliver(self, batch: Sequence[FrameJob], out: list) -> None:
+        """Free ``batch``'s memory, hand ``out`` to ``on_results``, count the batch as done."""
         self._release(batch)
-        out = [(job, [self._skip(job, 0, reason)]) for job in batch]
         try:
             self.on_results(out)
         except Exception:
             log.exception("xsml result handler failed")
         finally:
             with self._idle:
+                if self._current is batch:
+                    self._current = []
                 self._outstanding -= len(batch)
                 self._idle.notify_all()
 
@@ -250,16 +255,7 @@ class InferenceWorker:
                 log.exception("xsml inference batch failed")
                 out = [(job, [self._skip(job, 0, f"internal_error: {type(err).__name__}")])
                        for job in batch]
-            self._release(batch)
-            try:
-                self.on_results(out)
-            except Exception:
-                log.exception("xsml result handler failed")
-            finally:
-                with self._idle:
-                    self._current = []
-                    self._outstanding -= len(batch)
-                    self._idle.notify_all()
+            self._deliver(batch, out)
 
     def _release(self, batch: Sequence[FrameJob]) -> None:
         freed = sum(job.nbytes for job in batch)
