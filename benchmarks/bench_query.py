@@ -1,6 +1,7 @@
 """Tag query benchmark: a catalog of 1,000 runs x 100 frames, queried by tag.
 
     python benchmarks/bench_query.py [--runs 1000] [--frames 100] [--size 8] [--dir DIR]
+    python benchmarks/bench_query.py --dir DIR --reuse     # query the catalogs kept in DIR again
 
 Writing. Every run goes through the real writer (bluesky-tiled-plugins'
 ``TiledWriter`` into an embedded ``SimpleTiledServer``, SQLite catalog), as
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
                         help="runs in the catalog without tag streams (default runs/10)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="keep the catalogs here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="query the catalogs a run with the same --dir, --runs and --frames "
+                             "wrote, without writing them again")
     args = parser.parse_args(argv)
 
     from bluesky_xsml.catalog.embedded import EmbeddedCatalog
@@ -137,11 +141,21 @@ def main(argv=None) -> int:
     print(f"# {args.runs} runs x {args.frames} frames ({args.size}x{args.size} uint16) in "
           f"{root}", file=sys.stderr)
 
-    with EmbeddedCatalog(root / "plain") as cat:
-        t_plain = write_runs(cat.catalog, n_base, args.frames, args.size, tags=False, seed=1)
+    reuse = args.reuse and (root / "plain").is_dir() and (root / "tagged").is_dir()
+    if args.reuse and not reuse:
+        parser.error(f"--reuse: no catalogs in {root} (run once with --dir {root} first)")
+    t_plain = t_write = float("nan")
+    if not reuse:
+        with EmbeddedCatalog(root / "plain") as cat:
+            t_plain = write_runs(cat.catalog, n_base, args.frames, args.size, tags=False, seed=1)
     plain_bytes = dir_bytes(root / "plain")
     with EmbeddedCatalog(root / "tagged") as cat:
-        t_write = write_runs(cat.catalog, args.runs, args.frames, args.size, tags=True)
+        if reuse:
+            if len(cat.catalog) != args.runs:
+                parser.error(f"--reuse: {root / 'tagged'} holds {len(cat.catalog)} runs, "
+                             f"not --runs {args.runs}")
+        else:
+            t_write = write_runs(cat.catalog, args.runs, args.frames, args.size, tags=True)
         catalog = cat.catalog
         expected = {t: len(range(0, args.runs, e)) for t, e in TAG_EVERY.items()}
 
@@ -184,9 +198,12 @@ def main(argv=None) -> int:
     per_run_plain = plain_bytes / n_base
     tag_bytes_per_frame = (per_run_tagged - per_run_plain) / args.frames
 
-    print(f"write: {args.runs} tagged runs in {t_write:.1f} s "
-          f"({args.runs * args.frames / t_write:.0f} frames/s); {n_base} plain runs in "
-          f"{t_plain:.1f} s")
+    if reuse:
+        print(f"write: reused the catalogs in {root}")
+    else:
+        print(f"write: {args.runs} tagged runs in {t_write:.1f} s "
+              f"({args.runs * args.frames / t_write:.0f} frames/s); {n_base} plain runs in "
+              f"{t_plain:.1f} s")
     print(f"run level: find_runs ring_oriented -> {len(uids)} runs in {t_runs * 1e3:.0f} ms; "
           f"beam_off min_frames={k} -> {len(uids_k)} runs in {t_runs_k * 1e3:.0f} ms; "
           f"client-side scan of {args.runs} runs {t_scan:.2f} s "

@@ -278,23 +278,56 @@ def _table(stream_node, columns: Sequence[str]):
     return base["internal"].read(columns=list(columns))
 
 
+def _run_table(run, stream: str, columns: Sequence[str]):
+    """Columns of ``run/stream/internal`` in one HTTP request, or ``None`` if they are not there.
+
+    Tiled's REST route ``GET /api/v1/table/full/{path}?column=...`` (what
+    ``DataFrameClient.read`` ends in) asked for directly: no metadata request
+    per node on the way down, no dask graph. ``None`` (any HTTP error: no such
+    stream or column, or a server failure) sends the caller to the
+    node-by-node path, which reports real errors.
+    """
+    from tiled.serialization.table import deserialize_arrow
+    from tiled.utils import APACHE_ARROW_FILE_MIME_TYPE
+
+    self_link = run.item["links"]["self"]
+    if "/metadata/" not in self_link:
+        return None
+    url = self_link.replace("/metadata/", "/table/full/", 1).split("?")[0] + \
+        f"/{stream}/internal"
+    response = run.context.http_client.get(url, params={"column": list(columns)},
+                                           headers={"Accept": APACHE_ARROW_FILE_MIME_TYPE})
+    if response.is_error:  # e.g. a column the table lacks (some storages answer 500)
+        return None
+    return deserialize_arrow(response.read())
+
+
 def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: str | None,
                    sample_keys, fields) -> list[dict]:
     import numpy as np
 
     md = run.metadata
     start, stop = md.get("start") or {}, md.get("stop") or {}
-    run_keys = list(run)
-    name = _tag_stream_of(stop, run_keys, stream, model)
-    if name is None:
-        return []
-    tag_node = run[name]
     cols = [tag, "source_stream", "source_seq_num", "source_key", "frame_index", "tags",
             "checkpoint", "time"]
-    available = set(tag_node.base["internal"].columns) if hasattr(tag_node, "base") else None
-    if available is not None and tag not in available:
-        return []
-    df = _table(tag_node, [c for c in cols if available is None or c in available])
+    df = None
+    run_keys: list[str] | None = None
+    name = stream if stream is not None else (
+        stop.get("xsml_stream") if model is None else None)
+    if name is not None:  # fast path: one request for the columns
+        df = _run_table(run, name, cols)
+        if df is not None and not set(cols) <= set(df.columns):
+            df = None  # a column is missing: find out which below
+    if df is None:  # the stream, its columns or the model's stream must be looked up
+        run_keys = list(run)
+        name = _tag_stream_of(stop, run_keys, stream, model)
+        if name is None:
+            return []
+        tag_node = run[name]
+        available = set(tag_node.base["internal"].columns) if hasattr(tag_node, "base") else None
+        if available is not None and tag not in available:
+            return []
+        df = _table(tag_node, [c for c in cols if available is None or c in available])
     probs = df[tag].to_numpy(dtype=np.float64)
     keep = np.flatnonzero(np.nan_to_num(probs, nan=-1.0) >= min_prob)
     if not len(keep):
@@ -303,13 +336,22 @@ def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: st
     sample = _sample_metadata(start, sample_keys)
     positions: dict[str, dict[int, dict]] = {}
     for source in sorted(set(df["source_stream"])):
-        if source not in run_keys:
-            continue
-        src_node = run[source]
-        motor_cols = _motor_columns(src_node, start, fields)
-        if not motor_cols:
-            continue
-        src = _table(src_node, ["seq_num", *motor_cols])
+        # fast path: the start document's motors are the source stream's position columns
+        guess = list(dict.fromkeys([*(start.get("motors") or []), *fields]))
+        src = _run_table(run, source, ["seq_num", *guess]) if guess else None
+        motor_cols = guess
+        if src is not None and not {"seq_num", *guess} <= set(src.columns):
+            src = None  # a motor is stored under another key, or a field is absent
+        if src is None:
+            if run_keys is None:
+                run_keys = list(run)
+            if source not in run_keys:
+                continue
+            src_node = run[source]
+            motor_cols = _motor_columns(src_node, start, fields)
+            if not motor_cols:
+                continue
+            src = _table(src_node, ["seq_num", *motor_cols])
         positions[source] = {int(s): {c: _scalar(src[c].iloc[i]) for c in motor_cols}
                              for i, s in enumerate(src["seq_num"])}
     rows = []
@@ -338,7 +380,7 @@ def _scalar(value):
 def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str | None = None,
                 model: str | None = None, sample_keys: Sequence[str] | None = None,
                 fields: Sequence[str] = (), narrow: bool | None = None, strict: bool = True,
-                threads: int = 4):
+                threads: int = 1):
     """Frames whose probability for ``tag`` is at least ``min_prob``, as a table.
 
     Parameters
@@ -369,7 +411,10 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     strict : bool
         Refuse tag names outside the packaged vocabulary.
     threads : int
-        Runs read concurrently.
+        Runs read concurrently. Keep 1 with the embedded catalog: its DuckDB
+        table storage fails concurrent reads (HTTP 500) and concurrency made
+        it slower, not faster (``benchmarks/bench_query.py``); a server on
+        PostgreSQL may gain from a few.
 
     Returns
     -------
