@@ -71,8 +71,13 @@ def main(argv=None) -> int:
         source = "poisson"
     tagger.warmup(shape=(args.size, args.size), dtypes=sorted({f.dtype.str for f in frames}))
 
+    from bluesky_xsml.inference.device import cpu_supports_bf16
+
     peak = matmul_peak_gflops()
-    peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16)
+    # Without native bf16 (AVX512-BF16/AMX) a bf16 matmul is emulated, minutes for this size,
+    # and the tagger runs fp32 anyway ("auto" precision).
+    native_bf16 = cpu_supports_bf16()
+    peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16) if native_bf16 else float("nan")
     same_peak = peak_bf16 if tagger.precision == "bf16" else peak
     flops = network_flops(tagger)
     inputs, ok, _ = tagger.preprocess(frames)
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}")
     print(f"matmul fp32 peak        {peak:8.1f} GFLOP/s")
-    print(f"matmul bf16 peak        {peak_bf16:8.1f} GFLOP/s")
+    print(f"matmul bf16 peak        {peak_bf16:8.1f} GFLOP/s" if native_bf16 else
+          "matmul bf16 peak        skipped: this CPU has no native bf16")
     print(f"network                 {flops / 1e6:8.1f} MFLOP per frame")
     print(f"network {tagger.precision:5s}           {net_rate:8.1f} frames/s  "
           f"{gflops:6.1f} GFLOP/s  ({gflops / same_peak:.2f} of {tagger.precision} matmul peak)")
