@@ -105,8 +105,11 @@ def main(argv=None) -> int:
     print(f"network fp32            {fp32_rate:8.1f} frames/s  "
           f"{fp32_rate * flops / 1e9:6.1f} GFLOP/s  ({fp32_rate * flops / 1e9 / peak:.2f} of fp32 "
           "matmul peak)")
-    print(f"|p({tagger.precision}) - p(fp32)|  max {diff:.3f}  mean {mean_diff:.4f}  "
-          f"tag decisions changed {flips:.2%}")
+    if tagger.precision == "fp32":
+        print("|p(bf16) - p(fp32)|      not measured: the tagger runs fp32 here")
+    else:
+        print(f"|p({tagger.precision}) - p(fp32)|  max {diff:.3f}  mean {mean_diff:.4f}  "
+              f"tag decisions changed {flips:.2%}")
     print(f"preprocessing           {prep_rate:8.1f} frames/s")
     print(f"predict (end to end)    {e2e_rate:8.1f} frames/s")
     print(f"frames_per_s {e2e_rate:.1f} batch {args.batch} size {args.size} "
