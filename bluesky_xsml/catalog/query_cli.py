@@ -63,22 +63,31 @@ def _filters(args) -> dict:
     return filters
 
 
+def open_cli_catalog(args: argparse.Namespace, prog: str):
+    """``(catalog, close)`` for a command's ``--catalog/--api-key/--container``, or ``None``
+    after saying on standard error why it cannot be opened (the caller exits with 2)."""
+    from .embedded import open_catalog
+
+    if not args.catalog:
+        print(f"{prog}: give --catalog DIR|URI or set ${DEFAULT_CATALOG_ENV}", file=sys.stderr)
+        return None
+    try:
+        return open_catalog(args.catalog, api_key=args.api_key, container=args.container)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml query``; returns the exit code (0 found, 1 nothing found, 2 bad input)."""
     import pandas as pd
 
-    from .embedded import open_catalog
     from .query import find_frames, find_runs, run_summaries
 
-    if not args.catalog:
-        print(f"xsml query: give --catalog DIR|URI or set ${DEFAULT_CATALOG_ENV}", file=sys.stderr)
+    opened = open_cli_catalog(args, "xsml query")
+    if opened is None:
         return 2
-    try:
-        catalog, close = open_catalog(args.catalog, api_key=args.api_key,
-                                      container=args.container)
-    except (FileNotFoundError, KeyError) as err:
-        print(f"xsml query: {err}", file=sys.stderr)
-        return 2
+    catalog, close = opened
     try:
         try:
             filters = _filters(args)

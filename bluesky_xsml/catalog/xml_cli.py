@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .query_cli import DEFAULT_CATALOG_ENV
+from .query_cli import DEFAULT_CATALOG_ENV, open_cli_catalog
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,19 +54,12 @@ def find_run(catalog, ref: str):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml export-xml``; returns the exit code."""
-    from .embedded import open_catalog
     from .xml_export import export_run_xml
 
-    if not args.catalog:
-        print(f"xsml export-xml: give --catalog DIR|URI or set ${DEFAULT_CATALOG_ENV}",
-              file=sys.stderr)
+    opened = open_cli_catalog(args, "xsml export-xml")
+    if opened is None:
         return 2
-    try:
-        catalog, close = open_catalog(args.catalog, api_key=args.api_key,
-                                      container=args.container)
-    except (FileNotFoundError, KeyError) as err:
-        print(f"xsml export-xml: {err}", file=sys.stderr)
-        return 2
+    catalog, close = opened
     try:
         run = find_run(catalog, args.run)
         paths = export_run_xml(run, args.out, stream=args.stream, overwrite=args.overwrite)
