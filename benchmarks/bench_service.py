@@ -13,8 +13,9 @@ fixed rate over keep-alive connections.
    with the HTTP load. Reported: tag latency (frame reached the callback ->
    tagged) and decision latency (the RunEngine emitted the event -> the
    listener received a decision that accounts for that frame) p50/p99.
-2. ``burst``: an unpaced scan of ``--burst`` frames (tagging as fast as it
-   goes), without and with the load; tagging frames/s of each.
+2. ``burst``: unpaced scans of ``--burst`` frames (tagging as fast as it
+   goes): one warm-up, then ``--pairs`` interleaved pairs without and with the
+   load; the medians of tagging frames/s are compared.
 
 The last line reads ``throughput_ratio <burst frames/s with load / without>
 paced_tag_p50_ratio <with / without> decision_p50_ms <..> decision_p99_ms <..>
@@ -175,7 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="paced scan frames/s")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each paced scan")
     p.add_argument("--load", type=float, default=200.0, help="HTTP requests/s of the load")
-    p.add_argument("--burst", type=int, default=300, help="frames of each unpaced scan")
+    p.add_argument("--burst", type=int, default=600, help="frames of each unpaced scan")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="burst pairs (no load, load), interleaved; medians are compared")
     p.add_argument("--size", type=int, default=512, help="frame side (pixels)")
     p.add_argument("--role", choices=["sse", "load"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -297,10 +300,16 @@ def main(argv=None) -> int:
 
     paced("paced_no_load", False)
     paced("paced_load", True)
-    base = burst("burst_no_load", False)
-    loaded = burst("burst_load", True)
-    base2 = burst("burst_no_load_again", False)
-    base = max(base, base2)  # noise on a shared machine only slows a run down
+    # Interleaved pairs, so that drift (warm caches, another process) falls on both sides
+    # alike; the medians are compared. A warm-up burst first, not counted.
+    burst("burst_warmup", False)
+    no_load, with_load = [], []
+    for i in range(args.pairs):
+        no_load.append(burst(f"burst_no_load_{i}", False))
+        with_load.append(burst(f"burst_load_{i}", True))
+    base, loaded = float(np.median(no_load)), float(np.median(with_load))
+    print(f"burst frames/s without load {[round(v, 1) for v in no_load]} median {base:.1f}; "
+          f"with load {[round(v, 1) for v in with_load]} median {loaded:.1f}", flush=True)
     service.stop()
     xsml.close()
     a, b = results["paced_no_load"], results["paced_load"]
