@@ -21,8 +21,11 @@ Measured (median of ``--repeats``):
   against a client-side baseline that pages through every run's metadata and
   filters in Python (what one does without server-side queries);
 * frame level: ``find_frames(catalog, "ring_oriented", min_prob=0.8)`` over the
-  runs carrying the tag (100 of 1,000), against reading each of those runs' whole
-  tag stream as an xarray Dataset (``run["xsml_tags"].read()``) and filtering;
+  runs carrying the tag (100 of 1,000), answered from the stop documents' frame
+  index (``xsml_index``, built by the same ``FrameIndex`` the callback uses);
+  against the same query reading the tag and primary streams
+  (``use_index=False``, which must give the same table) and reading each of
+  those runs' whole tag stream as an xarray Dataset and filtering;
 * storage: bytes on disk per frame of a catalog with tag streams minus one
   without (same runs, ``--baseline-runs`` of them), divided by frames.
 
@@ -54,6 +57,7 @@ def write_runs(catalog, n_runs: int, n_frames: int, size: int, *, tags: bool, se
 
     from bluesky_xsml.catalog.embedded import make_writer
     from bluesky_xsml.documents.compose import FrameResult, TagStreamComposer
+    from bluesky_xsml.documents.frame_index import INDEX_KEY, FrameIndex
     from bluesky_xsml.tags import TAG_NAMES
 
     rng = np.random.default_rng(seed)
@@ -89,12 +93,15 @@ def write_runs(catalog, n_runs: int, n_frames: int, size: int, *, tags: bool, se
                     hit = rng.choice(n_frames, size=max(1, n_frames // 10), replace=False)
                     probs[hit, TAG_NAMES.index(tag)] = rng.uniform(0.85, 1.0, len(hit))
             results = []
+            index = FrameIndex(TAG_NAMES, "xsml_tags")  # what TaggingCallback builds
+            xs = page["data"]["x"]
             for s in range(n_frames):
                 row = probs[s]
                 results.append(FrameResult(
                     stream="primary", seq_num=s + 1, event_uid="", key="img", frame_index=0,
                     probs=row.tolist(), checkpoint="bench", latency=0.01,
                     tags=tuple(t for t, p in zip(TAG_NAMES, row) if p >= 0.5)))
+                index.add(results[-1], {"x": xs[s]})
             writer("event_page", composer.page(results))
             hits = probs >= 0.5
             counts = {t: int(hits[:, j].sum()) for j, t in enumerate(TAG_NAMES)
@@ -102,7 +109,7 @@ def write_runs(catalog, n_runs: int, n_frames: int, size: int, *, tags: bool, se
             stop = composer.stop(stop, {
                 "xsml_stream": "xsml_tags", "xsml_tags": sorted(counts),
                 "xsml_tag_counts": counts, "xsml_model": "bench", "xsml_models": ["bench"],
-                "xsml_frames": n_frames, "xsml_skipped": {}})
+                "xsml_frames": n_frames, "xsml_skipped": {}, INDEX_KEY: index.summary()})
         writer("stop", stop)
         if (i + 1) % 100 == 0:
             print(f"  wrote {i + 1}/{n_runs} runs ({time.perf_counter() - t0:.0f} s)",
@@ -183,6 +190,13 @@ def main(argv=None) -> int:
         assert len(df) == n_runs_read * max(1, args.frames // 10)
         assert (df["probability"] >= 0.8).all() and df["x"].notna().all()
 
+        # the same query reading the streams instead of the stop documents' index
+        t_streams, df_streams = timed(
+            lambda: find_frames(catalog, "ring_oriented", min_prob=0.8, use_index=False), 1)
+        import pandas as pd
+
+        pd.testing.assert_frame_equal(df, df_streams)
+
         def whole_streams():
             rows = 0
             for uid in uids:
@@ -192,6 +206,17 @@ def main(argv=None) -> int:
 
         t_whole, rows = timed(whole_streams, 1)
         assert rows == len(df)
+
+        # the stop index's size: JSON bytes per indexed frame, over the runs found
+        import json
+
+        from bluesky_xsml.documents.frame_index import INDEX_KEY
+
+        index_bytes = index_frames = 0
+        for run in find_runs(catalog, "ring_oriented").values():
+            idx = run.metadata["stop"].get(INDEX_KEY) or {}
+            index_bytes += len(json.dumps(idx))
+            index_frames += len((idx.get("frames") or {}).get("seq_num", []))
     tagged_bytes = dir_bytes(root / "tagged")
 
     per_run_tagged = tagged_bytes / args.runs
@@ -209,11 +234,15 @@ def main(argv=None) -> int:
           f"client-side scan of {args.runs} runs {t_scan:.2f} s "
           f"(speedup {t_scan / t_runs:.0f}x)")
     print(f"frame level: find_frames ring_oriented min_prob=0.8 over {n_runs_read} runs -> "
-          f"{len(df)} frames in {t_frames:.2f} s; reading whole tag streams {t_whole:.2f} s "
-          f"(ratio {t_whole / t_frames:.2f})")
+          f"{len(df)} frames in {t_frames:.2f} s from the stops' xsml_index; the same rows "
+          f"reading the tag and primary streams (use_index=False) {t_streams:.2f} s "
+          f"(ratio {t_streams / t_frames:.1f}); reading whole tag streams {t_whole:.2f} s "
+          f"(ratio {t_whole / t_frames:.1f})")
     print(f"storage: {per_run_tagged / 1e3:.1f} kB/run with tags, {per_run_plain / 1e3:.1f} "
           f"kB/run without; tag stream {tag_bytes_per_frame:.0f} bytes/frame "
           f"({len(__import__('bluesky_xsml.tags', fromlist=['TAG_NAMES']).TAG_NAMES)} tags)")
+    print(f"stop index: {index_bytes / max(1, index_frames):.0f} bytes of JSON per indexed "
+          f"frame ({index_frames} frames in {n_runs_read} runs)")
     print(f"run_level_s {t_runs:.3f} (target 1) frame_level_s {t_frames:.3f} (target 5) "
           f"tag_bytes_per_frame {tag_bytes_per_frame:.0f}")
     ok = t_runs < 1.0 and t_frames < 5.0

@@ -319,3 +319,59 @@ def test_databroker_temp_stores_the_tag_stream(RE, tagger):
     assert stop["xsml_tag_counts"] == rec.of("stop")[0]["xsml_tag_counts"]
     assert stop["xsml_frames"] == 3 and stop["num_events"]["xsml_tags"] == 3
     assert uid in set(catalog.search(Key("start.uid") == uid))  # start keys are searchable
+
+
+def _table_requests(run):
+    """A list that fills with the URL of every table read through ``run``'s HTTP client."""
+    seen: list[str] = []
+    hooks = run.context.http_client.event_hooks["request"]
+    hooks.append(lambda request: seen.append(str(request.url)) if "/table/" in
+                 str(request.url) else None)
+    return seen
+
+
+def test_frame_queries_answer_from_the_stop_index_with_the_same_rows(RE, tagger,
+                                                                     tiled_catalog):
+    """The live callback's ``xsml_index`` gives find_frames the rows the streams give."""
+    import pandas as pd
+
+    from bluesky_xsml.query import find_frames
+
+    img = make_image_detector(seed=5)
+    run, rec = run_into_tiled(RE, tagger, tiled_catalog.catalog,
+                              scan([img, det], motor, -1, 1, 5), index_min_prob=0.0)
+    stop = assert_stop_matches_emitted(run, rec)
+    idx = stop["xsml_index"]
+    assert idx == rec.of("stop")[-1]["xsml_index"]
+    assert idx["complete"] and idx["positions_known"] and idx["min_prob"] == 0.0
+    assert sorted(idx["frames"]["seq_num"]) == [1, 2, 3, 4, 5]  # min_prob 0: every frame
+    assert idx["positions"]["motor"] == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
+
+    seen = _table_requests(run)
+    for tag in TAG_NAMES[:6]:
+        for min_prob in (0.0, 0.3, 0.5, 0.9):
+            del seen[:]
+            fast = find_frames([run], tag, min_prob=min_prob)
+            assert seen == [], "the index should answer without reading a stream"
+            slow = find_frames([run], tag, min_prob=min_prob, use_index=False)
+            assert seen, "use_index=False reads the streams"
+            pd.testing.assert_frame_equal(fast, slow)
+    assert len(find_frames([run], TAG_NAMES[0], min_prob=0.0)) == 5
+    assert sorted(find_frames([run], TAG_NAMES[0], min_prob=0.0)["motor"]) == \
+        pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
+
+
+def test_a_run_past_the_index_limit_is_read_from_its_streams(RE, tagger, tiled_catalog):
+    from bluesky_xsml.query import find_frames
+
+    img = make_image_detector(seed=6)
+    run, rec = run_into_tiled(RE, tagger, tiled_catalog.catalog,
+                              scan([img, det], motor, 0, 1, 4), index_min_prob=0.0,
+                              index_limit=2)
+    stop = assert_stop_matches_emitted(run, rec)
+    assert stop["xsml_index"]["complete"] is False
+    seen = _table_requests(run)
+    df = find_frames([run], TAG_NAMES[0], min_prob=0.0)
+    assert seen, "an incomplete index cannot answer; the streams are read"
+    assert sorted(df["seq_num"]) == [1, 2, 3, 4]
+    assert df["motor"].notna().all()

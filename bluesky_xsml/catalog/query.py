@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..documents.frame_index import INDEX_KEY, INDEX_VERSION
 from ..tags import TAG_NAMES, TAGS
 
 __all__ = ["FRAME_COLUMNS", "find_frames", "find_runs", "run_summaries", "tag_stream_node",
@@ -302,12 +303,68 @@ def _run_table(run, stream: str, columns: Sequence[str]):
     return deserialize_arrow(response.read())
 
 
+def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
+                       stream: str | None, model: str | None, sample_keys,
+                       fields: Sequence[str]) -> list[dict] | None:
+    """The matching frames from the stop's ``xsml_index``, or ``None`` if it cannot answer.
+
+    It answers only for the stream it describes (the run's current tag stream),
+    at or above its ``min_prob``, when it is complete and holds the positions
+    asked for; otherwise the caller reads the streams.
+    """
+    idx = stop.get(INDEX_KEY)
+    if model is not None or not isinstance(idx, Mapping) or idx.get("version") != INDEX_VERSION \
+            or not idx.get("complete") or not idx.get("positions_known"):
+        return None
+    current = stop.get("xsml_stream") or "xsml_tags"
+    if idx.get("stream") != current or (stream is not None and stream != current):
+        return None
+    try:
+        if min_prob < float(idx["min_prob"]):
+            return None
+        frames, positions = idx["frames"], idx["positions"]
+        hits = (idx.get("hits") or {}).get(tag) or {"row": [], "prob": []}
+        motors = list(dict.fromkeys([*(start.get("motors") or []), *fields]))
+        if not set(fields) <= set(positions):
+            return None
+        # the same columns the stream path reports: the start's motors when each is a key,
+        # else every motor key found in the descriptor
+        columns = motors if motors and set(motors) <= set(positions) else \
+            [*[k for k in positions if k not in fields], *fields]
+        sample = _sample_metadata(start, sample_keys)
+        rows = []
+        for i, p in zip(hits["row"], hits["prob"]):
+            if not p >= min_prob:
+                continue
+            row = {"uid": start.get("uid"), "scan_id": start.get("scan_id"),
+                   "stream": str(frames["stream"][i]), "seq_num": int(frames["seq_num"][i]),
+                   "key": str(frames["key"][i]), "frame_index": int(frames["frame_index"][i]),
+                   "tag": tag, "probability": float(p), "tags": str(frames["tags"][i]),
+                   "model": str(frames["checkpoint"][i]), "tag_stream": current,
+                   "time": float(frames["time"][i])}
+            row.update(sample)
+            for c in columns:
+                value = positions[c][i]
+                row[c] = math.nan if value is None else value
+            rows.append(row)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        log.warning("run %s: its xsml_index is malformed (%r); reading its streams",
+                    start.get("uid"), err)
+        return None
+    rows.sort(key=lambda r: (r["stream"], r["seq_num"], r["key"], r["frame_index"]))
+    return rows
+
+
 def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: str | None,
-                   sample_keys, fields) -> list[dict]:
+                   sample_keys, fields, use_index: bool = True) -> list[dict]:
     import numpy as np
 
     md = run.metadata
     start, stop = md.get("start") or {}, md.get("stop") or {}
+    if use_index:
+        rows = _frames_from_index(start, stop, tag, min_prob, stream, model, sample_keys, fields)
+        if rows is not None:
+            return rows
     cols = [tag, "source_stream", "source_seq_num", "source_key", "frame_index", "tags",
             "checkpoint", "time"]
     df = None
@@ -380,7 +437,7 @@ def _scalar(value):
 def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str | None = None,
                 model: str | None = None, sample_keys: Sequence[str] | None = None,
                 fields: Sequence[str] = (), narrow: bool | None = None, strict: bool = True,
-                threads: int = 1):
+                threads: int = 1, use_index: bool = True):
     """Frames whose probability for ``tag`` is at least ``min_prob``, as a table.
 
     Parameters
@@ -415,6 +472,11 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
         table storage fails concurrent reads (HTTP 500) and concurrency made
         it slower, not faster (``benchmarks/bench_query.py``); a server on
         PostgreSQL may gain from a few.
+    use_index : bool
+        Answer from each run's stop-document index (``xsml_index``, written by
+        :class:`~bluesky_xsml.TaggingCallback`) where it can: no stream is read
+        for that run. ``False`` reads every run's streams (the same rows; for
+        checking, or for positions the index lacks).
 
     Returns
     -------
@@ -442,7 +504,8 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
 
     def one(run):
         try:
-            return _frames_of_run(run, tag, float(min_prob), stream, model, sample_keys, fields)
+            return _frames_of_run(run, tag, float(min_prob), stream, model, sample_keys, fields,
+                                  use_index)
         except KeyError as err:
             log.warning("run %s: cannot read its tag stream (%s); skipped",
                         run.metadata.get("start", {}).get("uid"), err)

@@ -14,7 +14,8 @@ per frame (as event pages), tagged off the RunEngine thread in micro-batches.
 The run's ``stop`` is held until every frame of that run is tagged or recorded
 as skipped, then emitted with the tag stream counted in ``num_events`` and a
 run summary (``xsml_tags``, ``xsml_tag_counts``, ``xsml_model``,
-``xsml_frames``, ``xsml_skipped``) that catalogs can search.
+``xsml_frames``, ``xsml_skipped``) that catalogs can search, and a bounded
+index of the tagged frames (``xsml_index``) that frame-level queries read.
 
 The callback never raises into the RunEngine: problems are logged, counted in
 :meth:`TaggingCallback.status`, and recorded as skipped frames.
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..inference.worker import FrameJob, InferenceWorker
 from .compose import FrameResult, TagStreamComposer
+from .frame_index import INDEX_KEY, FrameIndex, motor_keys
 from .frames import find_image_keys, is_image_value, split_frames
 from .outbox import Outbox, RetryPolicy
 
@@ -59,6 +61,9 @@ class RunTagState:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     checkpoints: list = field(default_factory=list)
     event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
+    motor_keys: dict = field(default_factory=dict)       # descriptor uid -> motor data keys
+    positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
+    index: Any = None                                     # FrameIndex, with the tag stream
 
     @property
     def uid(self) -> str:
@@ -117,6 +122,12 @@ class TaggingCallback:
         Recent frames whose preprocessed inputs are kept so they can be
         labeled after the fact (:meth:`label`, :meth:`suggest_labels`); about
         192 KiB each. 0 keeps none.
+    index_min_prob, index_limit : float, int
+        The stop document carries an index (``xsml_index``, see
+        :mod:`bluesky_xsml.documents.frame_index`) of up to ``index_limit``
+        frames whose probability for some tag is at least ``index_min_prob``,
+        with their motor positions; frame-level queries answer from it without
+        reading the run's streams. A run with more such frames gets no index.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
@@ -129,7 +140,8 @@ class TaggingCallback:
                  root_map: Mapping | None = None, read_retries: int = 5,
                  read_retry_delay: float = 0.1, threads: int | None = None,
                  validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
-                 label_cache_size: int = 2000):
+                 label_cache_size: int = 2000, index_min_prob: float = 0.5,
+                 index_limit: int = 1000):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -142,6 +154,12 @@ class TaggingCallback:
         self.read_retries = int(read_retries)
         self.read_retry_delay = float(read_retry_delay)
         self.validate_pages = bool(validate_pages)
+        if not 0.0 <= float(index_min_prob) <= 1.0:
+            raise ValueError(f"index_min_prob must be in [0, 1], got {index_min_prob!r}")
+        if int(index_limit) < 0:
+            raise ValueError(f"index_limit must be >= 0, got {index_limit!r}")
+        self.index_min_prob = float(index_min_prob)
+        self.index_limit = int(index_limit)
         self._closed = False
         self._set_threads(threads)
         self._lock = threading.RLock()
@@ -426,6 +444,8 @@ class TaggingCallback:
             if name != self.stream_name and (self.streams is None or name in self.streams):
                 keys = find_image_keys(doc, self.image_keys)
             run.descriptors[doc["uid"]] = (name, keys)
+            if keys:
+                run.motor_keys[doc["uid"]] = motor_keys(doc, run.start)
             self._by_descriptor[doc["uid"]] = run
             if any(kind in ("datum", "stream") for kind in keys.values()):
                 self._external(run).register("descriptor", doc)
@@ -437,6 +457,8 @@ class TaggingCallback:
             run.composer = TagStreamComposer(run.start, self.tagger.tags, self.tagger.thresholds,
                                              self.tagger.describe(), self.stream_name,
                                              validate_pages=self.validate_pages)
+            run.index = FrameIndex(run.composer.tags, self.stream_name,
+                                   min_prob=self.index_min_prob, limit=self.index_limit)
             self.outbox.put("descriptor", run.composer.descriptor)
 
     def _external(self, run: RunTagState):
@@ -477,6 +499,7 @@ class TaggingCallback:
                     if keys[key] == "inline":
                         self._ensure_tag_stream(run)
             jobs = []
+            motors = run.motor_keys.get(descriptor_uid) or []
             declared = data.get("xsml_labels")  # per-event labels (dicts or JSON strings)
             for i, (seq, uid) in enumerate(zip(seq_nums, uids)):
                 run.event_uids[(descriptor_uid, seq)] = uid
@@ -506,6 +529,16 @@ class TaggingCallback:
                         job = self._datum_job(run, stream, seq, uid, key, datum_id)
                     else:  # "stream": frames come with stream_datum; "none": not an image
                         continue
+                    if not job.skip_reason:  # kept until the frame's results are recorded
+                        entry = run.positions.get((stream, seq))
+                        if entry is None:
+                            where = {}
+                            for m in motors:
+                                values = data.get(m)
+                                if values is not None and i < len(values):
+                                    where[m] = values[i]
+                            entry = run.positions[(stream, seq)] = [0, where]
+                        entry[0] += 1
                     jobs.append(job)
                     run.pending[id(job)] = job
         for job in jobs:
@@ -608,6 +641,7 @@ class TaggingCallback:
                     if not r.event_uid:
                         r.event_uid = run.event_uids.get(self._desc_uid(run, r), "")
                 self._record(run, results)
+                self._index(run, results)
                 n_tags = len(run.composer.tags)  # tags may have grown/shrunk by a hot swap
                 for r in results:
                     if r.probs is not None and len(r.probs) != n_tags:
@@ -615,6 +649,11 @@ class TaggingCallback:
                 self.outbox.put("event_page", run.composer.page(results))
                 for job in done[run_uid]:
                     run.pending.pop(id(job), None)
+                    entry = run.positions.get((job.stream, job.seq_num))
+                    if entry is not None and not job.skip_reason:
+                        entry[0] -= 1
+                        if entry[0] <= 0:
+                            del run.positions[(job.stream, job.seq_num)]
             self.frame_cache.put_probs(run_uid, results, self.tagger.thresholds)
             for listener in list(self._listeners):
                 try:
@@ -639,6 +678,14 @@ class TaggingCallback:
                 run.tag_counts.update(r.tags)
                 if r.checkpoint and r.checkpoint not in run.checkpoints:
                     run.checkpoints.append(r.checkpoint)
+
+    @staticmethod
+    def _index(run: RunTagState, results: list[FrameResult]) -> None:
+        if run.index is None or not run.index.complete:
+            return
+        for r in results:
+            entry = run.positions.get((r.stream, r.seq_num))
+            run.index.add(r, entry[1] if entry is not None else None)
 
     def _maybe_finalize(self, run: RunTagState) -> None:
         with self._lock:
@@ -671,7 +718,7 @@ class TaggingCallback:
                 self._by_descriptor.pop(uid, None)
             for uid in [u for u, r in self._by_resource.items() if r is run]:
                 del self._by_resource[uid]
-            self._finished_runs.append({"uid": run.uid, **self._summary(run)})
+            self._finished_runs.append({"uid": run.uid, **self._search_summary(run)})
         if run.external is not None:
             try:
                 run.external.forget()
@@ -679,6 +726,12 @@ class TaggingCallback:
                 log.exception("xsml could not release file handles of run %s", run.uid)
 
     def _summary(self, run: RunTagState) -> dict[str, Any]:
+        out = self._search_summary(run)
+        if run.index is not None:
+            out[INDEX_KEY] = run.index.summary()
+        return out
+
+    def _search_summary(self, run: RunTagState) -> dict[str, Any]:
         return {
             "xsml_stream": self.stream_name,
             "xsml_tags": sorted(run.tag_counts),
