@@ -306,3 +306,22 @@ def test_find_run_by_uid_prefix_scan_id_and_index(scenario):
         find_run(cat, "zzzzzzzz")
     with pytest.raises(KeyError, match="run 0 does not exist"):
         find_run(cat, "0")
+
+
+def test_an_all_digit_uid_prefix_that_is_no_scan_id_finds_its_run(scenario):
+    """uids may begin with eight digits; such a prefix first reads as a scan_id."""
+    import event_model
+
+    from bluesky_xsml.catalog.embedded import make_writer
+    from bluesky_xsml.catalog.xml_cli import find_run
+
+    cat = scenario.catalog
+    uid = "31415926-0000-4000-8000-000000000001"
+    writer = make_writer(cat)
+    bundle = event_model.compose_run(uid=uid, metadata={"scan_id": 7})
+    writer("start", bundle.start_doc)
+    writer("stop", bundle.compose_stop(exit_status="success"))
+    assert find_run(cat, "31415926").metadata["start"]["uid"] == uid  # no scan_id 31415926
+    assert find_run(cat, "7").metadata["start"]["scan_id"] == 7         # a scan_id still is one
+    with pytest.raises(KeyError, match="no uid starts with it"):
+        find_run(cat, "99999999")  # no such scan_id, no such uid prefix

@@ -29,8 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
+def _by_uid_prefix(catalog, prefix: str) -> str:
+    from tiled.queries import Like
+
+    matches = list(catalog.search(Like("start.uid", f"{prefix}%")).keys().head(2))
+    if len(matches) != 1:
+        raise KeyError(f"uid prefix {prefix!r} matches {len(matches) or 'no'} runs"
+                       if matches else "no uid starts with it")
+    return matches[0]
+
+
 def find_run(catalog, ref: str):
-    """The run named by a uid, a uid prefix (5+ characters), a scan_id, or -N (N-th latest)."""
+    """The run named by a uid, a uid prefix (5+ characters), a scan_id, or -N (N-th latest).
+
+    A number is a scan_id first; an all-digit string of 5+ characters that is no
+    scan_id is then tried as a uid prefix (uids can start with digits only).
+    """
     try:
         key: int | str = int(ref)
     except ValueError:
@@ -39,14 +53,13 @@ def find_run(catalog, ref: str):
         raise KeyError("run 0 does not exist: give a uid, a scan_id or -1 for the latest run")
     try:
         if isinstance(key, str) and len(key) != 36:  # a uid prefix: one Like query
-            from tiled.queries import Like
-
-            matches = list(catalog.search(Like("start.uid", f"{key}%")).keys().head(2))
-            if len(matches) != 1:
-                raise KeyError(f"uid prefix {key!r} matches {len(matches) or 'no'} runs"
-                               if matches else "no uid starts with it")
-            key = matches[0]
-        return catalog[key]
+            key = _by_uid_prefix(catalog, key)
+        try:
+            return catalog[key]
+        except KeyError:
+            if isinstance(key, int) and key > 0 and len(ref) >= 5:
+                return catalog[_by_uid_prefix(catalog, ref)]
+            raise
     except (KeyError, ValueError, IndexError) as err:
         raise KeyError(f"no run {ref!r} in the catalog ({err}); give a uid, a unique uid "
                        "prefix of 5+ characters, a scan_id, or -1 for the latest run") from err
