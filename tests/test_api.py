@@ -465,12 +465,18 @@ def test_live_feed_streams_frames_and_decisions(server, live):
             assert r.headers["content-type"].startswith("text/event-stream")
             connected.set()
             ev = {}
+            saw_last_frame = decided_last_frame = False
             for line in r.iter_lines():
                 if not line:
                     if ev.get("event"):
                         events.append((ev["event"], ev.get("id", ""), ev.get("data", "")))
-                        if ev["event"] == "frames" and json.loads(ev["data"])["frames"][-1][
-                                "seq_num"] == 5:
+                        data = json.loads(ev["data"])
+                        if ev["event"] == "frames" and data["frames"][-1]["seq_num"] == 5:
+                            saw_last_frame = True
+                        if ev["event"] == "decision" and (data.get("after") or {}).get(
+                                "seq_num") == 5:
+                            decided_last_frame = True  # may come just after the frames
+                        if saw_last_frame and decided_last_frame:
                             return
                     ev = {}
                     continue
