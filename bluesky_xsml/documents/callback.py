@@ -529,16 +529,16 @@ class TaggingCallback:
                         job = self._datum_job(run, stream, seq, uid, key, datum_id)
                     else:  # "stream": frames come with stream_datum; "none": not an image
                         continue
-                    if not job.skip_reason:  # kept until the frame's results are recorded
-                        entry = run.positions.get((stream, seq))
-                        if entry is None:
-                            where = {}
-                            for m in motors:
-                                values = data.get(m)
-                                if values is not None and i < len(values):
-                                    where[m] = values[i]
-                            entry = run.positions[(stream, seq)] = [0, where]
-                        entry[0] += 1
+                    # the event's motor positions, kept until all its jobs come back
+                    entry = run.positions.get((stream, seq))
+                    if entry is None:
+                        where = {}
+                        for m in motors:
+                            values = data.get(m)
+                            if values is not None and i < len(values):
+                                where[m] = values[i]
+                        entry = run.positions[(stream, seq)] = [0, where]
+                    entry[0] += 1
                     jobs.append(job)
                     run.pending[id(job)] = job
         for job in jobs:
@@ -650,7 +650,7 @@ class TaggingCallback:
                 for job in done[run_uid]:
                     run.pending.pop(id(job), None)
                     entry = run.positions.get((job.stream, job.seq_num))
-                    if entry is not None and not job.skip_reason:
+                    if entry is not None:
                         entry[0] -= 1
                         if entry[0] <= 0:
                             del run.positions[(job.stream, job.seq_num)]
