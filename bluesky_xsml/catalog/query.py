@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..documents.frame_index import INDEX_KEY, INDEX_VERSION
+from ..documents.frame_index import INDEX_KEY, INDEX_VERSION, motor_keys
 from ..tags import TAG_NAMES, TAGS
 
 __all__ = ["FRAME_COLUMNS", "find_frames", "find_runs", "run_summaries", "tag_stream_node",
@@ -265,10 +265,7 @@ def _sample_metadata(start: Mapping, sample_keys: Sequence[str] | None) -> dict:
 def _motor_columns(stream_node, start: Mapping, fields: Sequence[str]) -> list[str]:
     """Data keys of the source stream holding positions of the run's motors (+ ``fields``)."""
     data_keys = stream_node.metadata.get("data_keys") or {}
-    motors = set(start.get("motors") or [])
-    cols = [k for k, dk in data_keys.items()
-            if (dk.get("object_name") in motors or k in motors) and not dk.get("shape")
-            and "external" not in dk]
+    cols = motor_keys({"data_keys": data_keys}, start)  # the rule the live index uses
     cols += [f for f in fields if f in data_keys and f not in cols]
     return cols
 
