@@ -13,6 +13,7 @@ databroker[server]); skipped cleanly when it is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -321,13 +322,24 @@ def test_databroker_temp_stores_the_tag_stream(RE, tagger):
     assert uid in set(catalog.search(Key("start.uid") == uid))  # start keys are searchable
 
 
+@contextlib.contextmanager
 def _table_requests(run):
     """A list that fills with the URL of every table read through ``run``'s HTTP client."""
     seen: list[str] = []
-    hooks = run.context.http_client.event_hooks["request"]
-    hooks.append(lambda request: seen.append(str(request.url)) if "/table/" in
-                 str(request.url) else None)
-    return seen
+
+    def hook(request):
+        if "/table/" in str(request.url):
+            seen.append(str(request.url))
+
+    client = run.context.http_client
+    client.event_hooks = {**client.event_hooks,
+                          "request": [*client.event_hooks["request"], hook]}
+    try:
+        yield seen
+    finally:
+        client.event_hooks = {**client.event_hooks,
+                              "request": [h for h in client.event_hooks["request"]
+                                          if h is not hook]}
 
 
 def test_frame_queries_answer_from_the_stop_index_with_the_same_rows(RE, tagger,
@@ -347,15 +359,15 @@ def test_frame_queries_answer_from_the_stop_index_with_the_same_rows(RE, tagger,
     assert sorted(idx["frames"]["seq_num"]) == [1, 2, 3, 4, 5]  # min_prob 0: every frame
     assert idx["positions"]["motor"] == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
 
-    seen = _table_requests(run)
-    for tag in TAG_NAMES[:6]:
-        for min_prob in (0.0, 0.3, 0.5, 0.9):
-            del seen[:]
-            fast = find_frames([run], tag, min_prob=min_prob)
-            assert seen == [], "the index should answer without reading a stream"
-            slow = find_frames([run], tag, min_prob=min_prob, use_index=False)
-            assert seen, "use_index=False reads the streams"
-            pd.testing.assert_frame_equal(fast, slow)
+    with _table_requests(run) as seen:
+        for tag in TAG_NAMES[:6]:
+            for min_prob in (0.0, 0.3, 0.5, 0.9):
+                del seen[:]
+                fast = find_frames([run], tag, min_prob=min_prob)
+                assert seen == [], "the index should answer without reading a stream"
+                slow = find_frames([run], tag, min_prob=min_prob, use_index=False)
+                assert seen, "use_index=False reads the streams"
+                pd.testing.assert_frame_equal(fast, slow)
     assert len(find_frames([run], TAG_NAMES[0], min_prob=0.0)) == 5
     assert sorted(find_frames([run], TAG_NAMES[0], min_prob=0.0)["motor"]) == \
         pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
@@ -370,8 +382,8 @@ def test_a_run_past_the_index_limit_is_read_from_its_streams(RE, tagger, tiled_c
                               index_limit=2)
     stop = assert_stop_matches_emitted(run, rec)
     assert stop["xsml_index"]["complete"] is False
-    seen = _table_requests(run)
-    df = find_frames([run], TAG_NAMES[0], min_prob=0.0)
+    with _table_requests(run) as seen:
+        df = find_frames([run], TAG_NAMES[0], min_prob=0.0)
     assert seen, "an incomplete index cannot answer; the streams are read"
     assert sorted(df["seq_num"]) == [1, 2, 3, 4]
     assert df["motor"].notna().all()
