@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import event_model
 import numpy as np
@@ -82,3 +83,68 @@ def make_image_detector(name="img", shape=(128, 160), dtype=np.uint32, stack=Non
         return rng.poisson(4, full).astype(dtype)
 
     return SynSignal(func=frame, name=name, labels={"detectors"})
+
+
+# ------------------------------------------------------------ leak guard
+# A child process or a non-daemon thread that outlives its test module can hold
+# the pytest worker open at exit (multiprocessing and dask join their children),
+# which hangs the whole run. Each module must leave none behind; what it leaves
+# is stopped and reported as an error on that module.
+_LONG_LIVED = ("resource_tracker", "forkserver")
+
+
+def _child_processes() -> dict:
+    import psutil
+
+    out = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(proc.cmdline())[:200]
+        except psutil.Error:
+            continue
+        if not any(s in cmd for s in _LONG_LIVED):
+            out[proc.pid] = (proc, cmd)
+    return out
+
+
+def _blocking_threads() -> set:
+    from concurrent.futures.thread import _worker
+
+    # idle executor workers are released at exit; other non-daemon threads are joined
+    return {t for t in threading.enumerate() if not t.daemon
+            and t is not threading.main_thread() and getattr(t, "_target", None) is not _worker}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_no_processes_or_threads():
+    import psutil
+
+    procs_before, threads_before = set(_child_processes()), _blocking_threads()
+    yield
+    deadline = time.monotonic() + 20
+    while True:
+        procs = {pid: v for pid, v in _child_processes().items() if pid not in procs_before}
+        threads = _blocking_threads() - threads_before
+        if (not procs and not threads) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for proc, _ in procs.values():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    assert not procs and not threads, (
+        "the module left running: "
+        + "; ".join([f"process {pid}: {cmd}" for pid, (_, cmd) in procs.items()]
+                    + [f"thread {t.name}" for t in threads]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """If this process is still alive 5 minutes after its tests, print every thread's stack
+    and exit, so that a hang at exit shows its cause instead of stalling CI."""
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)

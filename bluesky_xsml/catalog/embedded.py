@@ -74,6 +74,32 @@ def _open_container(client, container: str | None, *, create: bool):
     return client.create_container(container, specs=["CatalogOfBlueskyRuns"])
 
 
+def _one_request_at_a_time(directory: Path) -> None:
+    """Give each request of an embedded server sole use of its DuckDB table connection.
+
+    tiled 0.2's ``SimpleTiledServer`` keeps its tables in DuckDB and hands one
+    connection to every request thread at once (``StaticPool``). Concurrent
+    clients (two writers, a writer and a reader) then run their transactions
+    interleaved on it: appends fail with HTTP 500 ("no active transaction",
+    retried by the writer and possibly duplicated) and the server process can
+    crash inside DuckDB (a segfault, seen with two re-tag workers). A pool of
+    that one connection, checked out by one request at a time, makes the
+    requests queue for it instead; the tables are small and local, so the
+    wait is short.
+    """
+    import sqlalchemy.pool
+    from tiled.storage import get_storage
+    from tiled.utils import ensure_uri
+
+    storage = get_storage(ensure_uri(f"duckdb:///{directory / 'storage.duckdb'}"))
+    shared = storage.__dict__.pop("_connection_pool", None)
+    if shared is not None:
+        shared.dispose()
+    # tiled's SQLStorage reads its pool from this cached attribute and disposes of it on close
+    storage.__dict__["_connection_pool"] = sqlalchemy.pool.QueuePool(
+        storage._adbc_connection.adbc_clone, pool_size=1, max_overflow=0, timeout=600)
+
+
 def _close_before_thread_join(catalog: EmbeddedCatalog) -> None:
     """Close ``catalog`` when the interpreter exits, before it joins non-daemon threads.
 
@@ -144,6 +170,7 @@ class EmbeddedCatalog:
         self.server = SimpleTiledServer(directory, api_key=api_key or process_api_key(), port=port,
                                         readable_storage=readable)
         try:
+            _one_request_at_a_time(Path(self.server.directory))
             self.client = from_uri(self.server.uri)
             self.catalog = _open_container(self.client, container, create=True)
         except BaseException:
