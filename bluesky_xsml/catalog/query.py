@@ -465,10 +465,10 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     strict : bool
         Refuse tag names outside the packaged vocabulary.
     threads : int
-        Runs read concurrently. Keep 1 with the embedded catalog: its DuckDB
-        table storage fails concurrent reads (HTTP 500) and concurrency made
-        it slower, not faster (``benchmarks/bench_query.py``); a server on
-        PostgreSQL may gain from a few.
+        Runs read concurrently. Keep 1 with the embedded catalog: its
+        requests take turns on one DuckDB connection, so concurrency gains
+        nothing there (``benchmarks/bench_query.py``); a server on PostgreSQL
+        may gain from a few.
     use_index : bool
         Answer from each run's stop-document index (``xsml_index``, written by
         :class:`~bluesky_xsml.TaggingCallback`) where it can: no stream is read
