@@ -313,6 +313,30 @@ def test_memory_bounds_hold_and_are_reported(tmp_path):
         lv.close()
 
 
+@pytest.mark.parametrize("query", [{"n": 3}, {"n": 100, "tag": "beam_off"}, {"n": 0},
+                                   {"after": 2}, {}])
+def test_polled_reads_answer_as_the_routes_do(client, live, query):
+    """The fast path for the polled reads (bluesky_xsml.api.hot_reads) sends what the FastAPI
+    routes send. An extra query parameter that the route ignores takes the request past the
+    fast path to the route, so each request below is answered once by each."""
+    fast = client.get("/api/frames/latest", params=query)
+    routed = client.get("/api/frames/latest", params={**query, "via": "route"})
+    assert fast.status_code == routed.status_code == 200
+    assert fast.content == routed.content
+    assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    assert fast.headers["x-content-type-options"] == "nosniff"  # the guard still wraps it
+    s_fast = client.get("/api/status").json()
+    s_routed = client.get("/api/status", params={"via": "route"}).json()
+    assert s_fast.keys() == s_routed.keys()
+    assert s_fast["checkpoint_id"] == s_routed["checkpoint_id"] == live.tagger.checkpoint_id
+    # what the fast path does not plainly accept, the route validates
+    for bad in ({"n": 2001}, {"n": "x"}, {"after": -2}, {"tag": ""}, {"n": 1, "n2": 1}):
+        r = client.get("/api/frames/latest", params=bad)
+        assert r.status_code in (200, 422), (bad, r.status_code)
+        if "n2" not in bad:
+            assert r.status_code == 422 and "detail" in r.json(), bad
+
+
 def test_no_callback_serves_policy_only():
     app = create_app(settings=ServiceSettings(api_key=KEY))
     c = ASGIClient(app)

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .hot_reads import HotReads
 from .schemas import Health
 from .security import GuardMiddleware
 from .settings import ServiceSettings
@@ -163,6 +164,8 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
     for module in (status, frames, steering, model, feed):
         app.include_router(module.router)
     app.mount("/page", StaticFiles(directory=PAGE_DIR, html=True), name="page")
+    # the polled reads skip FastAPI's routing (inner to the guard, which adds its headers)
+    app.add_middleware(HotReads, state=state, status_max_age=status.STATUS_MAX_AGE)
     app.add_middleware(GuardMiddleware, api_key=api_key,
                        max_body_bytes=settings.max_body_bytes)
     return app
