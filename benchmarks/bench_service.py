@@ -171,6 +171,60 @@ def paced_count(det, n: int, rate: float):
     return (yield from inner())
 
 
+def frame_detector(size: int):
+    """An ophyd ``SynSignal`` serving 64 synthetic scattering frames of ``size`` in turn."""
+    from ophyd.sim import SynSignal
+
+    frames = make_frames(64, size)
+    k = [0]
+
+    def next_frame():
+        k[0] += 1
+        return frames[k[0] % len(frames)]
+
+    return SynSignal(func=next_frame, name="det", labels={"detectors"})
+
+
+def result_counter(xsml) -> dict:
+    """Counts ``xsml``'s results; ``done`` is set once ``n`` reaches a set ``target``."""
+    counter = {"n": 0, "target": None, "done": threading.Event()}
+
+    def count_results(uid, rs):
+        counter["n"] += len(rs)
+        if counter["target"] is not None and counter["n"] >= counter["target"]:
+            counter["done"].set()
+
+    xsml.add_result_listener(count_results)
+    return counter
+
+
+def run_burst(RE, det, counter: dict, n: int, label: str, *, load_url: str | None = None,
+              load_rate: float = 0.0, out_dir: str = ".") -> float:
+    """One unpaced scan of ``n`` frames, under the HTTP load on ``load_url`` if given.
+
+    Returns the tagging rate: ``n`` over the time from the scan's start to its last result.
+    """
+    from bluesky.plans import count
+
+    loader = None
+    if load_url is not None:
+        loader = spawn("load", load_url, f"{out_dir}/{label}.load", 600, load_rate)
+        time.sleep(1.5)  # the load is running before the scan starts
+    counter["n"], counter["target"] = 0, n
+    counter["done"].clear()
+    t0 = time.perf_counter()
+    RE(count([det], n))
+    counter["done"].wait(120)
+    elapsed = time.perf_counter() - t0
+    counter["target"] = None
+    if loader is not None:
+        loader.terminate()
+        loader.wait(10)
+    fps = n / elapsed
+    print(f"{label} frames/s {fps:.1f} (scan+tag {elapsed:.2f} s)", flush=True)
+    return fps
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=20.0, help="paced scan frames/s")
@@ -195,32 +249,17 @@ def main(argv=None) -> int:
 
     from bluesky import RunEngine
     from bluesky.plans import count
-    from ophyd.sim import SynSignal
 
     from bluesky_xsml import Tagger, TaggingCallback
 
-    frames = make_frames(64, args.size)
-    k = [0]
-
-    def next_frame():
-        k[0] += 1
-        return frames[k[0] % len(frames)]
-
-    det = SynSignal(func=next_frame, name="det", labels={"detectors"})
+    det = frame_detector(args.size)
     xsml = TaggingCallback(Tagger.load(), max_wait=0.02)
     xsml.wait_ready(120)
     tag_lat: list[float] = []
     xsml.add_result_listener(lambda uid, rs: tag_lat.extend(r.latency for r in rs
                                                             if not r.skip_reason))
     emitted: dict = {}
-    counter = {"n": 0, "target": None, "done": threading.Event()}
-
-    def count_results(uid, rs):
-        counter["n"] += len(rs)
-        if counter["target"] is not None and counter["n"] >= counter["target"]:
-            counter["done"].set()
-
-    xsml.add_result_listener(count_results)
+    counter = result_counter(xsml)
 
     def on_doc(name, doc):
         if name == "event":
@@ -278,25 +317,9 @@ def main(argv=None) -> int:
         print(label, json.dumps(res, default=float), flush=True)
 
     def burst(label: str, load: bool) -> float:
-        load_out = f"{tmp}/{label}.load"
-        loader = None
-        if load:
-            loader = spawn("load", service.url, load_out, 600, args.load)
-            time.sleep(1.5)
-        tag_lat.clear()
-        counter["n"], counter["target"] = 0, args.burst
-        counter["done"].clear()
-        t0 = time.perf_counter()
-        RE(count([det], args.burst))
-        counter["done"].wait(120)
-        elapsed = time.perf_counter() - t0
-        counter["target"] = None
-        if loader is not None:
-            loader.terminate()
-            loader.wait(10)
-        fps = args.burst / elapsed
-        print(f"{label} frames/s {fps:.1f} (scan+tag {elapsed:.2f} s)", flush=True)
-        return fps
+        return run_burst(RE, det, counter, args.burst, label,
+                         load_url=service.url if load else None, load_rate=args.load,
+                         out_dir=tmp)
 
     paced("paced_no_load", False)
     paced("paced_load", True)

@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -93,28 +92,13 @@ def main(argv=None) -> int:
     import httpx
     from bluesky import RunEngine
     from bluesky.plans import count
-    from ophyd.sim import SynSignal
 
     from bluesky_xsml import Tagger, TaggingCallback
 
-    frames = bench_service.make_frames(64, args.size)
-    k = [0]
-
-    def next_frame():
-        k[0] += 1
-        return frames[k[0] % len(frames)]
-
-    det = SynSignal(func=next_frame, name="det", labels={"detectors"})
+    det = bench_service.frame_detector(args.size)
     xsml = TaggingCallback(Tagger.load(), max_wait=0.02)
     xsml.wait_ready(120)
-    counter = {"n": 0, "target": None, "done": threading.Event()}
-
-    def count_results(uid, rs):
-        counter["n"] += len(rs)
-        if counter["target"] is not None and counter["n"] >= counter["target"]:
-            counter["done"].set()
-
-    xsml.add_result_listener(count_results)
+    counter = bench_service.result_counter(xsml)
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)
     service = xsml.serve(port=0, announce=False)
@@ -135,24 +119,8 @@ def main(argv=None) -> int:
               f"{(tmp / 'latest.json').stat().st_size}", flush=True)
 
         def burst(label: str, url: str | None) -> float:
-            loader = None
-            if url is not None:
-                loader = bench_service.spawn("load", url, str(tmp / f"{label}.load"), 600,
-                                             args.load)
-                time.sleep(1.5)
-            counter["n"], counter["target"] = 0, args.burst
-            counter["done"].clear()
-            t0 = time.perf_counter()
-            RE(count([det], args.burst))
-            counter["done"].wait(120)
-            elapsed = time.perf_counter() - t0
-            counter["target"] = None
-            if loader is not None:
-                loader.terminate()
-                loader.wait(10)
-            fps = args.burst / elapsed
-            print(f"{label} frames/s {fps:.1f}", flush=True)
-            return fps
+            return bench_service.run_burst(RE, det, counter, args.burst, label, load_url=url,
+                                           load_rate=args.load, out_dir=str(tmp))
 
         burst("warmup", None)
         fps: dict[str, list[float]] = {"none": [], "in_process": [], "own_process": []}
