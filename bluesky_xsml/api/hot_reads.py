@@ -17,11 +17,14 @@ Examples
 (20, None, 'ring_isotropic')
 >>> parse_latest_query(b"n=5000") is None        # out of range: FastAPI answers 422
 True
+>>> parse_latest_query(b"n=--5") is None
+True
 """
 
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import parse_qsl
 
 __all__ = ["HotReads", "parse_latest_query"]
@@ -29,9 +32,12 @@ __all__ = ["HotReads", "parse_latest_query"]
 _LATEST_KEYS = {"n", "after", "tag"}
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
 def _int(text: str, lo: int, hi: int) -> int | None:
-    text = text.strip()
-    if not text or not text.lstrip("-").isdigit() or len(text) > 20:
+    # plain ASCII digits only: anything fancier is left to the route's validation
+    if _INTEGER.fullmatch(text) is None:
         return None
     value = int(text)
     return value if lo <= value <= hi else None

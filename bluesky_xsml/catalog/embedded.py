@@ -26,6 +26,7 @@ CatalogOfBlueskyRuns 0
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +39,8 @@ __all__ = [
     "open_catalog",
     "process_api_key",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Name of the ``CatalogOfBlueskyRuns`` container opened or created by default.
 DEFAULT_CONTAINER = "raw"
@@ -91,13 +94,19 @@ def _one_request_at_a_time(directory: Path) -> None:
     from tiled.storage import get_storage
     from tiled.utils import ensure_uri
 
-    storage = get_storage(ensure_uri(f"duckdb:///{directory / 'storage.duckdb'}"))
+    try:
+        storage = get_storage(ensure_uri(f"duckdb:///{directory / 'storage.duckdb'}"))
+        template = storage._adbc_connection
+    except (KeyError, AttributeError) as err:  # another tiled: its storage is not ours to mend
+        log.warning("could not make the embedded catalog's table requests take turns (%r); "
+                    "concurrent writers may fail with HTTP 500", err)
+        return
     shared = storage.__dict__.pop("_connection_pool", None)
     if shared is not None:
         shared.dispose()
     # tiled's SQLStorage reads its pool from this cached attribute and disposes of it on close
     storage.__dict__["_connection_pool"] = sqlalchemy.pool.QueuePool(
-        storage._adbc_connection.adbc_clone, pool_size=1, max_overflow=0, timeout=600)
+        template.adbc_clone, pool_size=1, max_overflow=0, timeout=600)
 
 
 def _close_before_thread_join(catalog: EmbeddedCatalog) -> None:
