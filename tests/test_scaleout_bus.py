@@ -326,6 +326,8 @@ def test_two_workers_tag_every_frame_exactly_once(bus):
         assert collector.ready.wait(30)
         time.sleep(1.0)  # let the subscriptions reach the proxies (0MQ slow joiner)
         uids = bus.publish(4, partitions=2)
+        # the publisher goes on (up to 10 runs) until each partition owns a run
+        assert {partition_of(u, 2) for u in uids} == {0, 1}, uids
 
         def done():
             return {r["run"] for p in reports for r in read_report(p)
@@ -336,8 +338,8 @@ def test_two_workers_tag_every_frame_exactly_once(bus):
         for i, path in enumerate(reports):
             finished = [r for r in read_report(path) if r["event"] == "run_done"]
             assert sorted(r["run"] for r in finished) == \
-                sorted(u for u in uids if partition_of(u, 2) == i)
-            assert finished, f"worker {i}/2 tagged no run"
+                sorted(u for u in uids if partition_of(u, 2) == i), (i, uids, read_report(path))
+            assert finished, (f"worker {i}/2 tagged no run", uids, read_report(path))
             for r in finished:
                 assert (r["frames"], r["live"], r["recovered"], r["written"]) == \
                     (FRAMES, FRAMES, 0, "xsml_tags"), r
