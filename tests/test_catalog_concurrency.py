@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def test_concurrent_writers_store_every_event_once(tmp_path, caplog):
                 if shape != (EVENTS, 3):
                     errors.append(f"reader {k}, run {uid[:8]}: shape {shape}")
             if not done:
-                writing.wait(0.05)
+                time.sleep(0.05)  # no run finished yet
 
     with EmbeddedCatalog(tmp_path / "cat") as cat:
         writing.set()
