@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bluesky_xsml.inference.device import cpu_supports_bf16
 from bluesky_xsml.model import TaggerNet, TaggerNetConfig, masked_bce_loss
 from bluesky_xsml.preprocess import CHANNELS, PreprocessConfig
 from bluesky_xsml.tags import TAG_NAMES
@@ -97,7 +98,8 @@ def call(model, kind, x, f, y=None):
 def scores(model, kind, data, feats, *, batch: int = 128) -> np.ndarray:
     model.eval()
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                enabled=cpu_supports_bf16()):
         for a in range(0, len(data.labels), batch):
             x = torch.from_numpy(np.asarray(data.inputs[a:a + batch], np.float32))
             x = x.contiguous(memory_format=torch.channels_last)
@@ -119,12 +121,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/two-view")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    use_bf16 = cpu_supports_bf16()  # emulated bf16 is several times slower than fp32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     pcfg = PreprocessConfig()
-    train_all = load_arrays(TRAIN, config=pcfg, progress=False)
-    train = train_all.subset(np.arange(args.n_train))
+    # the first n_train frames of the training set (frame i depends on (seed, i) only)
+    train_spec = TRAIN.replace("n=24000", f"n={args.n_train}")
+    train = load_arrays(train_spec, config=pcfg, progress=True)
     test = load_arrays(TEST, config=pcfg, progress=False)
     unseen = load_arrays(UNSEEN, config=pcfg, progress=False)
     mu = train.features.mean(0)
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
     steps_per_epoch = len(train.labels) // args.batch_size
     total = steps_per_epoch * args.epochs
     results: dict = {"n_train": len(train.labels), "epochs": args.epochs,
-                     "train": TRAIN + f"[:{args.n_train}]", "test": TEST, "unseen": UNSEEN,
+                     "train": train_spec, "bf16": use_bf16, "test": TEST, "unseen": UNSEEN,
                      "models": {}}
     print(f"{len(train.labels)} training frames, {n_feat} profile coefficients, "
           f"{args.epochs} epochs of {steps_per_epoch} steps, {torch.get_num_threads()} threads",
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total=total, warmup=steps_per_epoch // 2,
                                     peak=args.lr)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     _, loss = call(model, kind, x, f, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
