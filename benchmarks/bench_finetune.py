@@ -141,14 +141,19 @@ def shifted_data(n: int, workers: int, shift: dict = SHIFT):
     return inputs, labels, frames
 
 
-def mean_ap(tagger, inputs, labels) -> float:
-    """mAP of ``tagger`` over the tags of ``labels`` (the first columns of a grown head)."""
+def scores(tagger, inputs, labels):
+    """Per-tag metrics of ``tagger`` over the tags of ``labels`` (first columns of a grown head)."""
     from bluesky_xsml.training.metrics import evaluate_scores
 
     t = labels.shape[1]
     probs = np.concatenate([tagger.predict_inputs(np.asarray(inputs[a:a + 64], np.float32))
                             for a in range(0, len(inputs), 64)])
-    return float(evaluate_scores(labels, probs[:, :t], tagger.tags[:t]).mean_ap)
+    return evaluate_scores(labels, probs[:, :t], tagger.tags[:t])
+
+
+def mean_ap(tagger, inputs, labels) -> float:
+    """mAP of ``tagger`` over the tags of ``labels`` (the first columns of a grown head)."""
+    return float(scores(tagger, inputs, labels).mean_ap)
 
 
 def throughput(tagger, frames, seconds: float) -> float:
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
     x_orig = np.asarray(orig.inputs[:args.orig_test_n])
     y_orig = orig.labels[:args.orig_test_n]
 
-    shift_before = mean_ap(tagger, x_test, y_test)
+    before_tags = scores(tagger, x_test, y_test)
+    shift_before = float(before_tags.mean_ap)
     orig_before = mean_ap(tagger, x_orig, y_orig)
     print(f"default model {tagger.checkpoint_id}: shifted-domain test mAP {shift_before:.4f} "
           f"({args.test_n} frames), original-domain test mAP {orig_before:.4f} "
@@ -240,12 +246,15 @@ def main(argv=None) -> int:
                             synthetic_val=gate_val, steps=st, batch_size=args.batch_size,
                             lr=args.lr, freeze=args.freeze, distill=args.distill,
                             val_fraction=0.25)
-        s_after = mean_ap(new, x_test, y_test)
+        after_tags = scores(new, x_test, y_test)
+        s_after = float(after_tags.mean_ap)
         o_after = mean_ap(new, x_orig, y_orig)
         run = {"labels": n, "steps": rep.steps, "seconds": rep.seconds,
                "shifted_after": s_after, "gain_points": 100 * (s_after - shift_before),
                "original_after": o_after, "original_change_points": 100 * (o_after - orig_before),
                "gate_passed": rep.passed, "gate_reason": rep.reason}
+        run["shifted_ap_by_tag"] = {t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
+                                    zip(before_tags.tags, before_tags.ap, after_tags.ap)}
         results["runs"].append(run)
         print(f"{n:>6} {rep.steps:>5} {shift_before:.4f} -> {s_after:.4f} "
               f"{run['gain_points']:>+6.1f} {orig_before:.4f} -> {o_after:.4f} "
@@ -278,6 +287,12 @@ def main(argv=None) -> int:
           f"threads): idle {idle:.1f} frames/s, while fine-tuning {busy:.1f} frames/s "
           f"({steps_done} fine-tuning steps in those {args.throughput_seconds:.0f} s)")
 
+    if results["runs"]:
+        print("\nshifted-domain AP per tag, before -> after (" +
+              ", ".join(f"{r['labels']} labels" for r in results["runs"]) + "):")
+        for t in before_tags.tags:
+            print(f"  {t:18s} {results['runs'][0]['shifted_ap_by_tag'][t][0]:.3f} -> " +
+                  "  ".join(f"{r['shifted_ap_by_tag'][t][1]:.3f}" for r in results["runs"]))
     print("\nratios against the default model, measured in this run:")
     for run in results["runs"]:
         print(f"  {run['labels']:>4} labels: shifted mAP x{run['shifted_after'] / shift_before:.3f}"
