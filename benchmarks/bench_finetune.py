@@ -62,7 +62,6 @@ SHIFTS = {
     "integrating": {"seed": 5, "size": 512, "detectors": "heldout", "gain": (4.0, 40.0),
                     "offset": (100.0, 1000.0), "read_sigma": (3.0, 30.0), "version": 1},
 }
-SHIFT = SHIFTS["exposure"]
 
 
 def shift_scene(scene: dict, rng: np.random.Generator, *, k_lo: float, k_hi: float) -> dict:
@@ -118,7 +117,7 @@ def _render(args):
     return a, inputs.astype(np.float16), np.stack(labels).astype(np.float32), frames[:4]
 
 
-def shifted_data(n: int, workers: int, shift: dict = SHIFT):
+def shifted_data(n: int, workers: int, shift: dict):
     """``(inputs, labels, sample raw frames)`` of the first ``n`` shifted frames (cached)."""
     from bluesky_xsml.training.data import default_cache_dir, generator_fingerprint
 
