@@ -10,7 +10,8 @@ the benchmark's *untagged* scan (same frames, same plan, its own process)
 
 - ``alone``: nothing else running;
 - ``beside``: while another process runs ``Tagger.predict`` on the same kind
-  of frames in batches of 32 on one thread, as the callback's worker does;
+  of frames in batches of 32 on one thread, as the callback's worker does
+  (its rate alone, measured for 3 s before each scan, is printed too);
 - ``beside_idle``: the same load process under ``SCHED_IDLE`` (it gets a core
   only when no normal thread wants it).
 
@@ -28,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_callback.py"
@@ -45,11 +45,18 @@ tagger.set_num_threads(1)
 frames, _ = bench_callback.make_frames(16, int(sys.argv[2]))
 batch = (frames * 2)[:32]
 tagger.predict(batch)
-print("ready", flush=True)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 3.0:  # the load's own rate, alone, before the scan starts
+    tagger.predict(batch)
+    n += len(batch)
+print(f"ready {n / (time.perf_counter() - t0):.1f}", flush=True)
 t0 = time.perf_counter()
 while time.perf_counter() - t0 < float(sys.argv[1]):  # a safety limit; normally terminated
     tagger.predict(batch)
 """
+
+
+LOAD_RATES: list[float] = []  # frames/s of each load process on its own, before its scan
 
 
 def untagged_scan(frames: int, size: int) -> float:
@@ -65,8 +72,9 @@ def with_load(frames: int, size: int, idle: bool) -> float:
     try:
         if idle:
             os.sched_setscheduler(load.pid, os.SCHED_IDLE, os.sched_param(0))
-        assert load.stdout.readline().strip() == "ready"
-        time.sleep(1.0)  # the load is in its steady state before the scan starts
+        word, rate = load.stdout.readline().split()
+        assert word == "ready"
+        LOAD_RATES.append(float(rate))
         return untagged_scan(frames, size)
     finally:
         load.terminate()
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:12s} scan s: min {min(v):.2f}  median {med[k]:.2f}  max {max(v):.2f}")
+    print(f"the load alone tags {statistics.median(LOAD_RATES):.1f} frames/s on one thread "
+          f"(median of {len(LOAD_RATES)}); the scan emits {args.frames / med['alone']:.1f}")
     print(f"beside_ratio {med['beside'] / med['alone']:.3f} "
           f"beside_idle_ratio {med['beside_idle'] / med['alone']:.3f}")
     return 0
