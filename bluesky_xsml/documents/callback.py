@@ -144,6 +144,11 @@ class TaggingCallback:
                  index_limit: int = 1000):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
+        # checked here as well as in the worker, so that no thread is started for a bad call
+        if overflow not in ("skip", "wait"):
+            raise ValueError(f"overflow must be 'skip' or 'wait', got {overflow!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.tagger = tagger
         self.stream_name = stream_name
         self.image_keys = list(image_keys) if image_keys is not None else None
