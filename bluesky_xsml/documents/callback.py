@@ -144,11 +144,6 @@ class TaggingCallback:
                  index_limit: int = 1000):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
-        # checked here as well as in the worker, so that no thread is started for a bad call
-        if overflow not in ("skip", "wait"):
-            raise ValueError(f"overflow must be 'skip' or 'wait', got {overflow!r}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.tagger = tagger
         self.stream_name = stream_name
         self.image_keys = list(image_keys) if image_keys is not None else None
@@ -173,12 +168,14 @@ class TaggingCallback:
         self._by_resource: dict[str, RunTagState] = {}
         self._errors: collections.Counter = collections.Counter()
         self._finished_runs: collections.deque = collections.deque(maxlen=100)
-        self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
-                             on_idle=self._check_held_stops, retry=delivery_retry)
+        # The worker first: it checks its settings before it starts a thread, so a bad setting
+        # raises before any thread of this callback runs (the outbox's thread would be left).
         self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
                                       max_wait=max_wait, max_pending_bytes=max_pending_bytes,
                                       overflow=overflow, hand_off_timeout=hand_off_timeout,
                                       on_inputs=self._on_inputs)
+        self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
+                             on_idle=self._check_held_stops, retry=delivery_retry)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
         self._input_listeners: list[Callable[[list], None]] = []
         from ..training.live import FrameCache
