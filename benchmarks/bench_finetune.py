@@ -169,6 +169,8 @@ def throughput(tagger, frames, seconds: float) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="checkpoint to start from (default: the packaged default model)")
     p.add_argument("--shift", choices=sorted(SHIFTS), default="integrating",
                    help="the shifted domain (see SHIFTS; default: integrating)")
     p.add_argument("--labels", default="32,128,512",
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     steps = [int(v) for v in args.steps.split(",")][:len(label_ns)]
     if len(steps) != len(label_ns):
         raise SystemExit("--steps needs one value per --labels value")
-    tagger = Tagger.load()
+    tagger = Tagger.load(args.model)
     cfg = tagger.preprocess_config
     n_shift = max(label_ns + [512]) + args.test_n
     shift = SHIFTS[args.shift]
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
     # tagging throughput, idle vs while a live fine-tuner trains in the background, with the
     # torch threads TaggingCallback sets by default (one less than the cores)
     torch.set_num_threads(args.tag_threads or max(1, (os.cpu_count() or 2) - 1))
-    live = Tagger.load()
+    live = Tagger.load(args.model)
     idle_a = throughput(live, raw, args.throughput_seconds / 2)
     with tempfile.TemporaryDirectory() as tmp:
         ft = LiveFineTuner(live, tmp, auto=False, steps=100000, batch_size=args.batch_size,
