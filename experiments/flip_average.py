@@ -21,28 +21,13 @@ TEST_SETS = ("synth:seed=2,n=2000,sizes=256+512+768+1024,detectors=train",
              "synth:seed=3,n=400,sizes=native,detectors=heldout")
 
 
-def scores(net, inputs: np.ndarray, *, flip: bool, batch: int = 128) -> np.ndarray:
-    """Sigmoid outputs of ``net`` for preprocessed ``inputs``, optionally of their mirror."""
-    import torch
-
+def scores(tagger, inputs, *, flip: bool, batch: int = 128) -> np.ndarray:
+    """``tagger``'s probabilities for preprocessed ``inputs``, optionally of their mirror."""
     out = []
-    with torch.no_grad():
-        for i in range(0, len(inputs), batch):
-            x = torch.from_numpy(np.asarray(inputs[i:i + batch], np.float32))
-            if flip:
-                x = torch.flip(x, dims=[3])
-            out.append(torch.sigmoid(net(x)[0].float()).numpy())
+    for i in range(0, len(inputs), batch):
+        x = np.asarray(inputs[i:i + batch], np.float32)
+        out.append(tagger.predict_inputs(np.ascontiguousarray(x[..., ::-1]) if flip else x))
     return np.concatenate(out)
-
-
-def summary(labels: np.ndarray, probs: np.ndarray, tags) -> tuple[float, str, float]:
-    """mAP over the tags with a positive, and the weakest tag with its AP."""
-    from bluesky_xsml.training.metrics import average_precision
-
-    aps = {t: average_precision(labels[:, j], probs[:, j]) for j, t in enumerate(tags)}
-    aps = {t: v for t, v in aps.items() if np.isfinite(v)}
-    worst = min(aps, key=aps.get)
-    return float(np.mean(list(aps.values()))), worst, aps[worst]
 
 
 def main(argv=None) -> int:
@@ -55,19 +40,20 @@ def main(argv=None) -> int:
 
     from bluesky_xsml import Tagger
     from bluesky_xsml.training.data import load_arrays
+    from bluesky_xsml.training.metrics import evaluate_scores
 
     torch.set_num_threads(args.threads)
     tagger = Tagger.load(args.model)
-    net = tagger.net.float().eval()
     print(f"model {tagger.checkpoint_id}")
     for spec in TEST_SETS:
         data = load_arrays(spec, config=tagger.preprocess_config, progress=False)
         labels = np.asarray(data.labels)
-        plain = scores(net, data.inputs, flip=False)
-        mirror = scores(net, data.inputs, flip=True)
+        plain = scores(tagger, data.inputs, flip=False)
+        mirror = scores(tagger, data.inputs, flip=True)
         for name, probs in (("plain", plain), ("flip average", (plain + mirror) / 2)):
-            m, worst, ap = summary(labels, probs, tagger.tags)
-            print(f"{spec}  {name:12s}  mAP {m:.4f}  lowest {worst} {ap:.3f}")
+            metrics = evaluate_scores(labels, probs, tagger.tags)
+            (worst, ap), = metrics.worst(1)
+            print(f"{spec}  {name:12s}  mAP {metrics.mean_ap:.4f}  lowest {worst} {ap:.3f}")
     return 0
 
 
