@@ -227,6 +227,22 @@ def test_train_learns_toy_problem_and_resumes(toy, tmp_path, capsys):
     text = run_cli([*base, "--epochs", "3", "--out", str(out_a)], capsys)
     assert "already trained" in text
 
+    # --init: a new run starts from those weights (lr 0 keeps them; the shape comes along)
+    out_c = tmp_path / "c"
+    text = run_cli(["train", "--data", train, "--val-data", val, *TINY, "--widths", "4",
+                    "--depths", "1", "--lr", "0", "--epochs", "1", "--init",
+                    str(out_a / "model.pt"), "--out", str(out_c)], capsys)
+    assert f"starting from the weights of {out_a / 'model.pt'}" in text
+    started = Tagger.load(out_c / "model.pt")
+    assert started.net.config.widths == (8, 16)
+    assert started.metadata["init_checkpoint"] == tagger.checkpoint_id
+    for k, v in tagger.net.state_dict().items():
+        if v.ndim >= 2:  # conv and head weights; batch-norm statistics follow the data
+            assert torch.allclose(v, started.net.state_dict()[k], rtol=0, atol=1e-6), k
+    with pytest.raises(SystemExit, match="--init: checkpoint file"):
+        cli.main(["train", "--data", train, "--val-data", val, *TINY, "--init",
+                  str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d")])
+
     # evaluate: table, outputs, baseline, and the exact last line
     ev = tmp_path / "ev"
     text = run_cli(["evaluate", "--model", str(out_a), "--data", val, "--out", str(ev),

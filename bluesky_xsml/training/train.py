@@ -9,6 +9,13 @@ thresholds are the max-F1 thresholds on the validation set). Running the same
 command again continues from the last finished epoch; ``--epochs`` may be
 raised to train longer.
 
+``--init CHECKPOINT`` starts from the weights of an earlier model (a
+:class:`Tagger` checkpoint, such as another run's ``OUT/model.pt``) instead
+of random ones, with a fresh optimiser and learning-rate schedule: the way to
+go on training a model on more frames. The network shape and preprocessing
+then come from that checkpoint, and its content id is recorded as
+``metadata["init_checkpoint"]`` of every model the run writes.
+
 Loss: masked BCE (``NaN`` labels are unknown and ignored) with a per-tag
 ``pos_weight = clip(sqrt(neg/pos), 1, 10)`` from the training label
 frequencies, stored in ``net.pos_weight``.
@@ -90,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="residual blocks per stage (default 1,1,2,1)")
     g.add_argument("--stem-width", type=int, default=24)
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this tagger checkpoint's weights (its network shape and "
+                        "preprocessing replace --widths/--depths/--stem-width/--input-size)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="runs/tagger", help="output directory (default runs/tagger)")
     g.add_argument("--export", default=None,
@@ -115,6 +125,21 @@ def _with_n(source: str, n: int | None) -> str:
     from dataclasses import replace
 
     return str(replace(SynthSpec.parse(source), n=int(n)))
+
+
+def _init_tagger(path: str, tags):
+    """The tagger whose weights a run starts from; its tags must be the vocabulary's."""
+    from ..errors import CheckpointError
+    from ..inference.tagger import Tagger
+
+    try:
+        init = Tagger.load(path, device="cpu")
+    except CheckpointError as err:
+        raise SystemExit(f"--init: {err}") from err
+    if list(init.tags) != list(tags):
+        raise SystemExit(f"--init: {path} has tags {list(init.tags)}; training needs the "
+                         f"{len(tags)} tags of the vocabulary in order")
+    return init
 
 
 def pos_weights(labels: np.ndarray, *, max_weight: float = 10.0) -> np.ndarray:
@@ -265,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
     train_src = _with_n(args.data, args.n)
     pcfg = PreprocessConfig(size=args.input_size)
     state = None
+    init = None
     if (out / "last.pt").exists() and not args.restart:
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
@@ -272,6 +298,10 @@ def main(args: argparse.Namespace) -> int:
         train_src, pcfg = state["train_data"], PreprocessConfig.from_dict(state["preprocess"])
         print(f"resuming from {out / 'last.pt'} after epoch {state['epoch']} "
               f"(training data {train_src})")
+    elif args.init:
+        init = _init_tagger(args.init, TAG_NAMES)
+        pcfg = init.preprocess_config
+        print(f"starting from the weights of {args.init} ({init.checkpoint_id})")
 
     t0 = time.perf_counter()
     train = load_arrays(train_src, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
@@ -284,7 +314,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"data ready in {data_seconds:.0f} s: {len(train)} training, {len(val)} validation "
           f"frames")
 
-    if state is None:
+    if init is not None:
+        config = init.net.config
+    elif state is None:
         config = TaggerNetConfig(n_tags=len(TAG_NAMES), in_channels=len(CHANNELS),
                                  stem_width=args.stem_width, widths=tuple(args.widths),
                                  depths=tuple(args.depths), dropout=args.dropout)
@@ -292,6 +324,8 @@ def main(args: argparse.Namespace) -> int:
         config = TaggerNetConfig.from_dict(state["model_config"])
     torch.manual_seed(args.seed)
     net = TaggerNet(config)
+    if init is not None:
+        net.load_state_dict(init.net.state_dict())
     net.pos_weight.copy_(torch.from_numpy(pos_weights(train.labels)))
     net = net.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
@@ -381,6 +415,10 @@ def main(args: argparse.Namespace) -> int:
             "thresholds_from": "max F1 on the validation data",
             "train_seconds": round(train_seconds, 1),
         }
+        init_id = init.checkpoint_id if init is not None else \
+            (state or {}).get("init_checkpoint")
+        if init_id:
+            metadata["init_checkpoint"] = init_id
         tagger, vm = validated(eval_net(), metadata)
         rec = {"epoch": epoch + 1, "step": step, "train_loss": round(run_loss / n_seen, 5),
                "val_mAP": round(vm.mean_ap, 4), "val_worst": vm.worst(3),
@@ -400,6 +438,7 @@ def main(args: argparse.Namespace) -> int:
             "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
             "ema": ema, "optimizer": opt.state_dict(), "history": history,
             "torch_rng": torch.get_rng_state(), "train_seconds": train_seconds,
+            "init_checkpoint": init_id,
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                      if not k.startswith("_")},
         }, out / "last.pt")
