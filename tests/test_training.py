@@ -246,7 +246,8 @@ def test_train_learns_toy_problem_and_resumes(toy, tmp_path, capsys):
     # evaluate: table, outputs, baseline, and the exact last line
     ev = tmp_path / "ev"
     text = run_cli(["evaluate", "--model", str(out_a), "--data", val, "--out", str(ev),
-                    "--baseline", "--baseline-train", train, "--by-detector", "--no-progress",
+                    "--baseline", "--baseline-train", train, "--by-detector", "--by-size",
+                    "--no-progress",
                     "--summary", str(tmp_path / "summary.json")], capsys)
     last = text.strip().splitlines()[-1]
     assert re.fullmatch(r"mAP \d\.\d{4} over 2 tags", last), last
@@ -254,6 +255,9 @@ def test_train_learns_toy_problem_and_resumes(toy, tmp_path, capsys):
     result = json.loads((ev / "metrics.json").read_text())
     assert result["n_tags_scored"] == 2 and result["baseline"]["mAP"] is not None
     assert (ev / "pr_curves.png").stat().st_size > 1000
+    assert "per longest frame side" in text
+    assert list(result["per_size"]) == ["32"] and result["per_size"]["32"]["n"] == 96
+    assert result["per_size"]["32"]["mAP"] == pytest.approx(float(last.split()[1]), abs=1e-4)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["test"]["mAP"] == pytest.approx(float(last.split()[1]), abs=1e-4)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "main", "last_line", "plot_pr_curves"]
+__all__ = ["add_arguments", "main", "last_line", "plot_pr_curves", "size_groups"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-train", default=None,
                         help="baseline training frames (default: the model's training data)")
     parser.add_argument("--by-detector", action="store_true", help="mAP per detector too")
+    parser.add_argument("--by-size", action="store_true",
+                        help="mAP and per-tag AP per longest frame side too")
     parser.add_argument("--summary", default=None,
                         help="merge a compact summary into this JSON file ...")
     parser.add_argument("--summary-key", default="test", help="... under this key")
@@ -121,6 +123,28 @@ def _predict(tagger, inputs, batch_size: int, progress: bool = False) -> np.ndar
             out.append(tagger.predict_inputs(np.asarray(inputs[a:a + batch_size], np.float32)))
             bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, len(tagger.tags)), np.float32)
+
+
+def size_groups(shapes, max_groups: int = 8):
+    """Frames grouped by their longest side: ``[(label, mask), ...]``, smallest first.
+
+    Each distinct longest side is a group when there are at most ``max_groups`` of
+    them (the ``sizes=`` of a synthetic spec); otherwise four ranges of equal count.
+
+    >>> [(label, mask.tolist()) for label, mask in size_groups([[64, 32], [16, 32], [64, 64]])]
+    [('32', [False, True, False]), ('64', [True, False, True])]
+    """
+    side = np.asarray(shapes, dtype=np.int64).reshape(len(shapes), -1).max(axis=1)
+    values = np.unique(side)
+    if len(values) <= max_groups:
+        return [(str(int(v)), side == v) for v in values]
+    edges = np.unique(np.quantile(side, [0, 0.25, 0.5, 0.75, 1.0]).astype(np.int64))
+    groups = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        last = i == len(edges) - 2
+        sel = (side >= lo) & ((side <= hi) if last else (side < hi))
+        groups.append((f"{lo}-{hi}" if last else f"{lo}-{hi - 1}", sel))
+    return groups
 
 
 def main(args: argparse.Namespace) -> int:
@@ -195,6 +219,18 @@ def main(args: argparse.Namespace) -> int:
                   f"{md.n_scored} tags; worst {', '.join(f'{t} {a:.3f}' for t, a in md.worst(2))}")
         result["per_detector"] = per
 
+    if args.by_size:
+        per = {}
+        print("per longest frame side (pixels): mAP over tags with positives")
+        for label, sel in size_groups(test.shapes):
+            ms = evaluate_scores(y[sel], scores[sel], tags)
+            per[label] = {"n": int(sel.sum()), "mAP": round(ms.mean_ap, 4),
+                          "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
+                                 for t, a in zip(tags, ms.ap)}}
+            print(f"  {label:>10} n={int(sel.sum()):<5} mAP {ms.mean_ap:.4f}; worst "
+                  f"{', '.join(f'{t} {a:.3f}' for t, a in ms.worst(3))}")
+        result["per_size"] = per
+
     curves = {"CNN": scores}
     if args.baseline:
         from .baseline import ProfileBaseline
@@ -236,6 +272,8 @@ def main(args: argparse.Namespace) -> int:
         if "baseline" in result:
             entry["baseline_mAP"] = result["baseline"]["mAP"]
             entry["baseline_ap"] = {t: v["ap"] for t, v in result["baseline"]["per_tag"].items()}
+        if "per_size" in result:
+            entry["per_size"] = result["per_size"]
         if "per_detector" in result:
             entry["per_detector"] = {k: {"mAP": v["mAP"], "n": v["n"], "shape": v["shape_example"]}
                                      for k, v in result["per_detector"].items()}
