@@ -42,8 +42,8 @@ import json
 import logging
 import math
 import os
-import threading
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -121,8 +121,9 @@ def _with_n(source: str, n: int | None) -> str:
         return source
     if not source.startswith("synth:"):
         raise SystemExit("--n applies only to a 'synth:...' data source")
-    from .data import SynthSpec
     from dataclasses import replace
+
+    from .data import SynthSpec
 
     return str(replace(SynthSpec.parse(source), n=int(n)))
 
