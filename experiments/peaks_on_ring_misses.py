@@ -12,7 +12,7 @@ scenes of the frames that carry the tag, and reports the model's recall at proba
   and how many other tags those frames carry.
 
 With ``--figure PATH`` it also draws eight of the bright misses with their tags and the
-model's four highest probabilities. Run (about a minute)::
+model's four highest probabilities. Run (under a minute)::
 
     python experiments/peaks_on_ring_misses.py --figure runs/peaks_on_ring_misses.png
 """
