@@ -133,6 +133,8 @@ def size_groups(shapes, max_groups: int = 8):
 
     >>> [(label, mask.tolist()) for label, mask in size_groups([[64, 32], [16, 32], [64, 64]])]
     [('32', [False, True, False]), ('64', [True, False, True])]
+    >>> [label for label, _ in size_groups([[s, 50] for s in range(100, 1000, 100)])]
+    ['100-299', '300-499', '500-699', '700-900']
     """
     side = np.asarray(shapes, dtype=np.int64).reshape(len(shapes), -1).max(axis=1)
     values = np.unique(side)
