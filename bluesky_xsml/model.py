@@ -15,13 +15,15 @@ Examples
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TaggerNetConfig", "TaggerNet", "masked_bce_loss", "fuse_for_inference",
+__all__ = ["TaggerNetConfig", "TaggerNet", "RelationBlock", "masked_bce_loss",
+           "fuse_for_inference", "position_code",
            "Probabilities"]
 
 
@@ -41,6 +43,11 @@ class TaggerNetConfig:
         Channels and residual blocks per stage; each stage halves the resolution.
     dropout : float
         Dropout before the classifier.
+    relation_stage : int or None
+        Index of the stage after which a :class:`RelationBlock` (self-attention
+        over the positions of the feature map) runs; ``None``: no such block.
+    relation_heads : int
+        Attention heads of that block.
     """
 
     n_tags: int = 23
@@ -49,10 +56,14 @@ class TaggerNetConfig:
     widths: tuple[int, ...] = (32, 64, 128, 192)
     depths: tuple[int, ...] = (1, 1, 2, 1)
     dropout: float = 0.1
+    relation_stage: int | None = None
+    relation_heads: int = 4
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"], d["depths"] = list(self.widths), list(self.depths)
+        if self.relation_stage is None:  # networks without the block keep their old form (and ids)
+            del d["relation_stage"], d["relation_heads"]
         return d
 
     @classmethod
@@ -87,6 +98,65 @@ class ResidualBlock(nn.Module):
         return F.relu(y + s, inplace=True)
 
 
+def position_code(h: int, w: int, channels: int) -> torch.Tensor:
+    """Fixed 2-D sinusoidal position code, ``(h * w, channels)``, rows first.
+
+    Half the channels encode the row and half the column, each as sines and
+    cosines of geometrically spaced frequencies (1 to 1/100 radian per cell), so
+    the dot product of two codes depends on the offset between the positions.
+    """
+    n = channels // 4
+    freq = torch.exp(-math.log(100.0) * torch.arange(n, dtype=torch.float32) / max(n, 1))
+    y = torch.arange(h, dtype=torch.float32)[:, None] * freq[None, :]
+    x = torch.arange(w, dtype=torch.float32)[:, None] * freq[None, :]
+    code = torch.zeros(h, w, channels)
+    code[:, :, 0 * n:1 * n] = torch.sin(y)[:, None, :]
+    code[:, :, 1 * n:2 * n] = torch.cos(y)[:, None, :]
+    code[:, :, 2 * n:3 * n] = torch.sin(x)[None, :, :]
+    code[:, :, 3 * n:4 * n] = torch.cos(x)[None, :, :]
+    return code.reshape(h * w, channels)
+
+
+class RelationBlock(nn.Module):
+    """Self-attention over the positions of a feature map (residual).
+
+    Convolutions see a neighbourhood; this block lets every position look at
+    every other, with a position code on queries and keys, so that relations
+    across the frame (spots sharing one radius, arcs facing each other) can be
+    read. Its output projection starts at zero: inserted into a trained
+    network, the block changes nothing until it is trained.
+    """
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads or channels % 4:
+            raise ValueError(f"relation block: {channels} channels do not split into {heads} "
+                             "heads (and must be a multiple of 4)")
+        self.heads, self.channels = heads, channels
+        self.norm = nn.LayerNorm(channels)
+        self.qk = nn.Linear(channels, 2 * channels)
+        self.v = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        c = self.channels
+        n, d = h * w, c // self.heads
+        t = self.norm(x.flatten(2).transpose(1, 2))                   # (B, N, C)
+        pos = position_code(h, w, c).to(device=t.device, dtype=t.dtype)
+        q, k = self.qk(t + pos).chunk(2, dim=-1)
+        v = self.v(t)
+
+        def split(z):
+            return z.reshape(-1, n, self.heads, d).transpose(1, 2)    # (B, heads, N, d)
+
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        a = self.out(a.transpose(1, 2).reshape(-1, n, c))
+        return x + a.transpose(1, 2).reshape(-1, c, h, w)
+
+
 def masked_bce_loss(logits: torch.Tensor, targets: torch.Tensor,
                     pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy over known labels only.
@@ -104,7 +174,7 @@ def masked_bce_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 class TaggerNet(nn.Module):
-    """Residual CNN: stem, stages, global average + max pooling, linear head."""
+    """Residual CNN: stem, stages, optional relation block, pooling, linear head."""
 
     def __init__(self, config: TaggerNetConfig):
         super().__init__()
@@ -123,13 +193,27 @@ class TaggerNet(nn.Module):
                 blocks.append(ResidualBlock(c, width, 2 if d == 0 else 1))
                 c = width
         self.stages = nn.Sequential(*blocks)
+        # the relation block runs after the last residual block of stage `relation_stage`
+        self.relation = None
+        self._relation_after = -1
+        if config.relation_stage is not None:
+            k = int(config.relation_stage)
+            if not 0 <= k < len(config.widths):
+                raise ValueError(f"relation_stage {k} is not a stage index (0 to "
+                                 f"{len(config.widths) - 1})")
+            self.relation = RelationBlock(config.widths[k], config.relation_heads)
+            self._relation_after = sum(config.depths[:k + 1]) - 1
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(2 * c, config.n_tags)
         self.register_buffer("pos_weight", torch.ones(config.n_tags), persistent=True)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
         """Return ``(logits, loss)``; ``loss`` is ``None`` without targets."""
-        h = self.stages(self.stem(x))
+        h = self.stem(x)
+        for i, block in enumerate(self.stages):
+            h = block(h)
+            if i == self._relation_after:
+                h = self.relation(h)
         pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         logits = self.head(self.dropout(pooled))
         loss = None

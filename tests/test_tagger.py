@@ -11,6 +11,7 @@ import torch
 
 from bluesky_xsml import Tagger
 from bluesky_xsml.errors import CheckpointError, FrameError
+from bluesky_xsml.model import TaggerNet, TaggerNetConfig
 from bluesky_xsml.preprocess import CHANNELS, PreprocessConfig, preprocess_frame
 from bluesky_xsml.tags import TAG_NAMES
 
@@ -123,3 +124,40 @@ def test_import_stays_light():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_relation_block_starts_as_a_no_op_then_traces_and_round_trips(tmp_path):
+    small = TaggerNetConfig(n_tags=len(TAG_NAMES), in_channels=len(CHANNELS), widths=(8, 16),
+                            depths=(1, 1))
+    base = Tagger.untrained(seed=2, config=small)
+    assert "relation_stage" not in small.to_dict()  # old networks keep their header and ids
+    frames = np.random.default_rng(4).poisson(20, (3, 90, 120)).astype(np.uint32)
+
+    # added to a trained network, the block changes nothing until it is trained
+    cfg = TaggerNetConfig.from_dict({**small.to_dict(), "relation_stage": 1, "relation_heads": 2})
+    net = TaggerNet(cfg)
+    missing = net.load_state_dict(base.net.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("relation.") for k in missing)
+    np.testing.assert_allclose(Tagger(net, base.tags).predict(frames), base.predict(frames),
+                               atol=1e-6)
+
+    # with weights, it changes the outputs; the traced inference form matches eager mode
+    torch.manual_seed(0)
+    torch.nn.init.normal_(net.relation.out.weight, std=0.5)
+    tagger = Tagger(net, base.tags)
+    x = np.stack([preprocess_frame(f, tagger.preprocess_config) for f in frames])
+    with torch.no_grad():
+        eager = torch.sigmoid(net.eval()(torch.from_numpy(x))[0]).numpy()
+    got = tagger.predict(frames)
+    np.testing.assert_allclose(got, eager, atol=1e-5)
+    assert np.abs(got - base.predict(frames)).max() > 1e-3
+
+    back = Tagger.load(tagger.save(tmp_path / "relation.pt"))
+    assert back.net.config.relation_stage == 1 and back.net.config.relation_heads == 2
+    np.testing.assert_allclose(back.predict(frames), got, atol=1e-6)
+
+    with pytest.raises(ValueError, match="relation_stage 2 is not a stage index"):
+        TaggerNet(TaggerNetConfig.from_dict({**small.to_dict(), "relation_stage": 2}))
+    with pytest.raises(ValueError, match="do not split into 3 heads"):
+        TaggerNet(TaggerNetConfig.from_dict({**small.to_dict(), "relation_stage": 1,
+                                             "relation_heads": 3}))

@@ -239,6 +239,17 @@ def test_train_learns_toy_problem_and_resumes(toy, tmp_path, capsys):
     for k, v in tagger.net.state_dict().items():
         if v.ndim >= 2:  # conv and head weights; batch-norm statistics follow the data
             assert torch.allclose(v, started.net.state_dict()[k], rtol=0, atol=1e-6), k
+    # --relation with --init: the block is added to that network and starts as a no-op
+    out_r = tmp_path / "r"
+    run_cli(["train", "--data", train, "--val-data", val, *TINY, "--relation", "1",
+             "--relation-heads", "2", "--lr", "0", "--epochs", "1", "--init",
+             str(out_a / "model.pt"), "--out", str(out_r)], capsys)
+    related = Tagger.load(out_r / "model.pt")
+    assert related.net.config.relation_stage == 1 and related.net.config.widths == (8, 16)
+    assert int(torch.count_nonzero(related.net.relation.out.weight)) == 0
+    with pytest.raises(SystemExit, match="--relation: relation_stage 5 is not a stage index"):
+        cli.main(["train", "--data", train, "--val-data", val, *TINY, "--relation", "5",
+                  "--init", str(out_a / "model.pt"), "--out", str(tmp_path / "r5")])
     with pytest.raises(SystemExit, match="--init: checkpoint file"):
         cli.main(["train", "--data", train, "--val-data", val, *TINY, "--init",
                   str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d")])

@@ -279,6 +279,9 @@ class Tagger:
             # cost (docs/decisions/0002-torchscript-inference.md).
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # shapes read in forward (the relation block's position code) are fixed by
+                # the input size, so the trace is valid for every batch of that size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
                 for _ in range(3):  # the profiling executor optimises after a few runs
                     traced(example)

@@ -16,6 +16,11 @@ go on training a model on more frames. The network shape and preprocessing
 then come from that checkpoint, and its content id is recorded as
 ``metadata["init_checkpoint"]`` of every model the run writes.
 
+``--relation STAGE`` adds a :class:`~bluesky_xsml.model.RelationBlock`
+(self-attention over the positions of the feature map) after that stage.
+Added with ``--init`` to a checkpoint that has none, it starts as a no-op
+(zero output projection), so training begins from the checkpoint's outputs.
+
 Loss: masked BCE (``NaN`` labels are unknown and ignored) with a per-tag
 ``pos_weight = clip(sqrt(neg/pos), 1, 10)`` from the training label
 frequencies, stored in ``net.pos_weight``.
@@ -97,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="residual blocks per stage (default 1,1,2,1)")
     g.add_argument("--stem-width", type=int, default=24)
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--relation", type=int, default=None, metavar="STAGE",
+                   help="add a relation block (self-attention over positions) after this stage "
+                        "(0-based); with --init it is added to the checkpoint's network, "
+                        "starting as a no-op")
+    g.add_argument("--relation-heads", type=int, default=4)
     g.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this tagger checkpoint's weights (its network shape and "
                         "preprocessing replace --widths/--depths/--stem-width/--input-size)")
@@ -315,18 +325,27 @@ def main(args: argparse.Namespace) -> int:
     print(f"data ready in {data_seconds:.0f} s: {len(train)} training, {len(val)} validation "
           f"frames")
 
+    relation = {} if args.relation is None else {
+        "relation_stage": args.relation, "relation_heads": args.relation_heads}
     if init is not None:
-        config = init.net.config
+        config = TaggerNetConfig.from_dict({**init.net.config.to_dict(), **relation})
     elif state is None:
         config = TaggerNetConfig(n_tags=len(TAG_NAMES), in_channels=len(CHANNELS),
                                  stem_width=args.stem_width, widths=tuple(args.widths),
-                                 depths=tuple(args.depths), dropout=args.dropout)
+                                 depths=tuple(args.depths), dropout=args.dropout, **relation)
     else:
         config = TaggerNetConfig.from_dict(state["model_config"])
     torch.manual_seed(args.seed)
-    net = TaggerNet(config)
+    try:
+        net = TaggerNet(config)
+    except ValueError as err:
+        raise SystemExit(f"--relation: {err}") from err
     if init is not None:
-        net.load_state_dict(init.net.state_dict())
+        # a relation block added to a checkpoint that has none starts as a no-op
+        missing, unexpected = net.load_state_dict(init.net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("relation.") for k in missing):
+            raise SystemExit(f"--init: {args.init} does not fit the network: missing "
+                             f"{missing}, unexpected {unexpected}")
     net.pos_weight.copy_(torch.from_numpy(pos_weights(train.labels)))
     net = net.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
