@@ -55,7 +55,7 @@ __all__ = ["CACHE_VERSION", "SynthSpec", "CachedArrays", "load_arrays", "save_ar
 log = logging.getLogger(__name__)
 
 #: Bump when what is cached changes meaning (features, layout).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _CHUNK = 32
 #: Frames per cached shard of a synthetic spec.
 SHARD = 2000
@@ -136,6 +136,9 @@ class CachedArrays:
     detectors, shapes : numpy.ndarray
         Per frame: detector name and ``(H, W)`` of the raw frame.
     source : str
+    centers : numpy.ndarray or None
+        ``(N, 2)`` float64 beam centre ``(x, y)`` in raw-frame pixels, ``NaN``
+        where unknown (``None`` for data saved without them).
     """
 
     inputs: np.ndarray
@@ -146,6 +149,7 @@ class CachedArrays:
     source: str
     tags: tuple[str, ...] = TAG_NAMES
     preprocess: dict | None = None
+    centers: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -160,7 +164,8 @@ class CachedArrays:
                             None if self.features is None else self.features[index],
                             self.detectors[index], self.shapes[index],
                             f"{self.source}[subset of {len(index)}]", self.tags,
-                            self.preprocess)
+                            self.preprocess,
+                            None if self.centers is None else self.centers[index])
 
 
 def label_frequencies(labels: np.ndarray) -> np.ndarray:
@@ -205,7 +210,7 @@ def _synth_chunk(args):
         dets.append(str(params["detector"].get("name", "?")))
         shapes.append(frame.shape)
     inputs, feats = _frames_features(frames, centers, config)
-    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes
+    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes, centers
 
 
 def _zarr_source(path: Path):
@@ -232,7 +237,7 @@ def _zarr_chunk(ds, a, b, config):
         dets.append(str((params.get("detector") or {}).get("name", "?")))
         shapes.append(frame.shape)
     inputs, feats = _frames_features(frames, centers, config)
-    return a, inputs, labels, feats, dets, shapes
+    return a, inputs, labels, feats, dets, shapes, centers
 
 
 def generator_fingerprint() -> str:
@@ -309,7 +314,9 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
             else np.concatenate([o.features for o in opened]),
             np.concatenate([o.detectors for o in opened]),
             np.concatenate([o.shapes for o in opened]),
-            source, opened[0].tags, opened[0].preprocess)
+            source, opened[0].tags, opened[0].preprocess,
+            None if any(o.centers is None for o in opened)
+            else np.concatenate([o.centers for o in opened]))
     out.source = str(spec) if spec is not None else source
     return out
 
@@ -356,6 +363,7 @@ class ConcatRows:
 def _open(path: Path) -> CachedArrays:
     meta = json.loads((path / "meta.json").read_text())
     feats = path / "features.npy"
+    centers = meta.get("centers")
     return CachedArrays(
         inputs=np.load(path / "inputs.npy", mmap_mode="r"),
         labels=np.load(path / "labels.npy"),
@@ -365,11 +373,22 @@ def _open(path: Path) -> CachedArrays:
         source=meta["source"],
         tags=tuple(meta["tags"]),
         preprocess=meta.get("preprocess"),
+        centers=None if centers is None else _centers_array(centers),
     )
 
 
+def _centers_array(centers) -> np.ndarray:
+    """Per-frame beam centres (``[x, y]`` or ``None``) -> ``(N, 2)`` float64, NaN if unknown."""
+    out = np.full((len(centers), 2), np.nan)
+    for i, c in enumerate(centers):
+        if c is not None and len(c) == 2:
+            out[i] = [float(c[0]), float(c[1])]
+    return out
+
+
 def save_arrays(path, inputs, labels, *, features=None, detectors=None, shapes=None,
-                preprocess: PreprocessConfig | None = None, source: str | None = None) -> Path:
+                preprocess: PreprocessConfig | None = None, source: str | None = None,
+                centers=None) -> Path:
     """Write preprocessed arrays as a directory usable as a data source.
 
     Parameters
@@ -385,6 +404,8 @@ def save_arrays(path, inputs, labels, *, features=None, detectors=None, shapes=N
     detectors : sequence of str, optional
     shapes : array_like, optional
         ``(N, 2)`` raw frame shapes.
+    centers : array_like, optional
+        ``(N, 2)`` beam centres ``(x, y)`` in raw-frame pixels, ``NaN`` if unknown.
     preprocess : PreprocessConfig, optional
         Default: ``PreprocessConfig(size=S)``.
     """
@@ -403,6 +424,9 @@ def save_arrays(path, inputs, labels, *, features=None, detectors=None, shapes=N
             "detectors": list(detectors) if detectors is not None else ["?"] * n,
             "shapes": np.asarray(shapes).tolist() if shapes is not None else [[0, 0]] * n,
             "cache_version": CACHE_VERSION}
+    if centers is not None:
+        meta["centers"] = [None if not np.all(np.isfinite(c)) else [float(v) for v in c]
+                           for c in np.asarray(centers, np.float64).reshape(n, 2)]
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -428,12 +452,13 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     feats = None
     dets: list = [None] * n
     shapes: list = [None] * n
+    centers: list = [None] * n
     chunks = [(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]
     bar = tqdm(total=n, desc=f"building {final.name}", unit="frame", disable=not progress)
 
     def store(res):
         nonlocal feats
-        a, x, y, f, d, s = res
+        a, x, y, f, d, s, c = res
         b = a + len(y)
         inputs[a:b] = x
         labels[a:b] = y
@@ -442,6 +467,7 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
         feats[a:b] = f
         dets[a:b] = d
         shapes[a:b] = [list(v) for v in s]
+        centers[a:b] = [None if v is None else [float(t) for t in v] for v in c]
         bar.update(b - a)
 
     try:
@@ -466,7 +492,8 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     np.save(tmp / "features.npy", feats)
     meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),
             "generator": generator_fingerprint() if ds is None else None,
-            "detectors": dets, "shapes": shapes, "cache_version": CACHE_VERSION,
+            "detectors": dets, "shapes": shapes, "centers": centers,
+            "cache_version": CACHE_VERSION,
             "build_seconds": round(time.perf_counter() - t0, 1)}
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
