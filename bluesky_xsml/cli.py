@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("bluesky_xsml.sim.dataset", "write a synthetic labeled dataset (zarr)"),
     "train": ("bluesky_xsml.training.train", "train the tagger on a synthetic dataset"),
     "evaluate": ("bluesky_xsml.training.evaluate", "per-tag AP/ROC-AUC, mAP and thresholds"),
+    "polar-head": ("bluesky_xsml.training.polar_head",
+                   "add a head that reads the beam centre to a trained tagger"),
     "worker": ("bluesky_xsml.scaleout.worker", "tag the runs of one partition from a 0MQ bus"),
     "retag": ("bluesky_xsml.scaleout.retag", "re-tag stored runs with a model on a Dask cluster"),
     "serve": ("bluesky_xsml.api.serve", "serve the steering API and live page (uvicorn)"),

@@ -48,6 +48,10 @@ class TaggerNetConfig:
         over the positions of the feature map) runs; ``None``: no such block.
     relation_heads : int
         Attention heads of that block.
+    polar : dict or None
+        A :class:`bluesky_xsml.polar.PolarConfig` (as a dict): the network
+        gets a :class:`bluesky_xsml.polar.PolarHead`, which corrects the
+        logits of frames whose beam centre is given. ``None``: no such head.
     """
 
     n_tags: int = 23
@@ -58,12 +62,19 @@ class TaggerNetConfig:
     dropout: float = 0.1
     relation_stage: int | None = None
     relation_heads: int = 4
+    polar: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"], d["depths"] = list(self.widths), list(self.depths)
         if self.relation_stage is None:  # networks without the block keep their old form (and ids)
             del d["relation_stage"], d["relation_heads"]
+        if self.polar is None:
+            del d["polar"]
+        else:
+            from .polar import PolarConfig
+
+            d["polar"] = PolarConfig.from_dict(self.polar).to_dict()
         return d
 
     @classmethod
@@ -174,7 +185,11 @@ def masked_bce_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 class TaggerNet(nn.Module):
-    """Residual CNN: stem, stages, optional relation block, pooling, linear head."""
+    """Residual CNN: stem, stages, optional relation block, pooling, linear head.
+
+    With ``config.polar`` set it also has a :class:`~bluesky_xsml.polar.PolarHead`
+    (``self.polar``), used for the rows of a batch whose beam centre is given.
+    """
 
     def __init__(self, config: TaggerNetConfig):
         super().__init__()
@@ -205,17 +220,38 @@ class TaggerNet(nn.Module):
             self._relation_after = sum(config.depths[:k + 1]) - 1
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(2 * c, config.n_tags)
+        self.polar = None
+        if config.polar is not None:
+            from .polar import PolarConfig, PolarHead
+
+            self.polar = PolarHead(PolarConfig.from_dict(config.polar), 2 * c, config.n_tags)
         self.register_buffer("pos_weight", torch.ones(config.n_tags), persistent=True)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
-        """Return ``(logits, loss)``; ``loss`` is ``None`` without targets."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, 2 * widths[-1])``: mean and max of the last feature map."""
         h = self.stem(x)
         for i, block in enumerate(self.stages):
             h = block(h)
             if i == self._relation_after:
                 h = self.relation(h)
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                centers: torch.Tensor | None = None):
+        """Return ``(logits, loss)``; ``loss`` is ``None`` without targets.
+
+        ``centers`` (``(N, 2)``, the beam centre of each row on the input, see
+        :func:`bluesky_xsml.polar.input_centers`; non-finite rows are unknown)
+        feeds the polar head, when the network has one.
+        """
+        pooled = self.features(x)
         logits = self.head(self.dropout(pooled))
+        if self.polar is not None and centers is not None:
+            from .polar import polar_features
+
+            known = torch.isfinite(centers).all(1)
+            feats = polar_features(x, centers, self.polar.config)
+            logits = logits + self.polar(feats, pooled, known).to(logits.dtype)
         loss = None
         if targets is not None:
             loss = masked_bce_loss(logits, targets, self.pos_weight)
@@ -251,6 +287,6 @@ class Probabilities(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.net(x)
+    def forward(self, x: torch.Tensor, centers: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.net(x, None, centers)
         return torch.sigmoid(logits.float())

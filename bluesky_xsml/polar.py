@@ -6,9 +6,9 @@ whose intensity sits in arcs" and "a ring made of grains" become direct
 questions about the azimuthal profile at one radius, which a convolution over
 the image can only answer by relating positions far apart.
 
-:func:`polar_features` remaps two channels of the preprocessed input (block
-maxima, dilated so that small spots are not missed between samples, and the
-relative mean intensity) onto ``radial_bins`` radii by ``angles`` azimuths
+:func:`polar_features` remaps channels of the preprocessed input (by default
+the block maxima, dilated so that small spots are not missed between samples,
+and the relative mean intensity) onto ``radial_bins`` radii by ``angles`` azimuths
 around the beam centre. Each radius is described by the magnitudes of the
 low azimuthal harmonics of its profile (invariant to rotations and
 reflections about the beam) and its maximum. :class:`PolarHead` reads them,
@@ -56,6 +56,10 @@ class PolarConfig:
         Largest radius, as a multiple of the input side.
     dilate : int
         Side of the max filter applied to the block maxima before sampling.
+    views : tuple of str
+        What is sampled: ``"peaks"`` (block maxima, dilated), ``"relative"``
+        (the relative mean) and ``"sharpness"`` (block maximum minus block
+        mean, dilated: high for spots narrower than a block).
     width : int
         Channels of the head's radial convolutions and hidden layer.
     """
@@ -65,10 +69,19 @@ class PolarConfig:
     harmonics: int = 16
     reach: float = 1.5
     dilate: int = 5
+    views: tuple[str, ...] = ("peaks", "relative")
     width: int = 64
 
+    def __post_init__(self):
+        object.__setattr__(self, "views", tuple(self.views))
+        unknown = set(self.views) - set(_VIEWS)
+        if unknown or not self.views:
+            raise ValueError(f"polar views must be some of {_VIEWS}, got {self.views!r}")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["views"] = list(self.views)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PolarConfig":
@@ -76,8 +89,11 @@ class PolarConfig:
 
     @property
     def channels(self) -> int:
-        """Features per radius: 2 views x (harmonics + 1 magnitudes + the maximum)."""
-        return 2 * (self.harmonics + 2)
+        """Features per radius: views x (harmonics + 1 magnitudes, and the maximum)."""
+        return len(self.views) * (self.harmonics + 2)
+
+
+_VIEWS = ("peaks", "relative", "sharpness")
 
 
 def input_centers(shapes, centers, size: int) -> np.ndarray:
@@ -149,15 +165,23 @@ def polar_features(x: torch.Tensor, centers: torch.Tensor,
     x = x.float()
     known = torch.isfinite(centers).all(1)
     c = torch.where(known[:, None], centers.float(), torch.zeros_like(centers, dtype=torch.float32))
-    peaks = F.max_pool2d(x[:, 1:2], config.dilate, 1, config.dilate // 2)
-    views = torch.cat([peaks, x[:, 2:3]], 1)                              # (N, 2, S, S)
+    maps = []
+    for view in config.views:
+        if view == "peaks":
+            maps.append(F.max_pool2d(x[:, 1:2], config.dilate, 1, config.dilate // 2))
+        elif view == "relative":
+            maps.append(x[:, 2:3])
+        else:  # sharpness
+            maps.append(F.max_pool2d(x[:, 1:2] - x[:, 0:1], config.dilate, 1,
+                                     config.dilate // 2))
+    views = torch.cat(maps, 1)                                            # (N, V, S, S)
     grid = _sampling_grid(c, S, config)
     polar = F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros",
                           align_corners=False)                            # (N, 2, R, A)
     spectrum = torch.fft.rfft(polar, dim=-1).abs()[..., : config.harmonics + 1]
     spectrum = spectrum / config.angles
     top = polar.amax(-1, keepdim=True)
-    feats = torch.cat([spectrum, top], -1)                                # (N, 2, R, H + 2)
+    feats = torch.cat([spectrum, top], -1)                                # (N, V, R, H + 2)
     feats = feats.permute(0, 1, 3, 2).reshape(x.shape[0], config.channels,
                                               config.radial_bins)
     return feats * known[:, None, None].to(feats.dtype)
@@ -192,6 +216,7 @@ class PolarHead(nn.Module):
         ``feats`` is :func:`polar_features` output, ``pooled`` the CNN's pooled
         features and ``known`` a ``(N,)`` boolean mask of frames with a centre.
         """
-        h = self.radial(torch.log1p(feats.clamp(min=0) * 16))
-        z = torch.cat([h.mean(-1), h.amax(-1), pooled.float()], 1)
-        return self.out(self.hidden(z)) * known[:, None].to(pooled.dtype)
+        dtype = self.out.weight.dtype
+        h = self.radial(torch.log1p(feats.float().clamp(min=0) * 16).to(dtype))
+        z = torch.cat([h.mean(-1), h.amax(-1), pooled.to(dtype)], 1)
+        return self.out(self.hidden(z)) * known[:, None].to(dtype)

@@ -14,6 +14,7 @@ head's weights and the results to ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,20 +31,32 @@ from bluesky_xsml.training.metrics import average_precision
 SIZES = "sizes=256+512+768+1024,detectors=train"
 
 
-def cnn_and_polar(net, arrays, config: PolarConfig, batch: int = 256):
-    """Pooled CNN features, CNN logits and polar features of every frame."""
+def cnn_and_polar(net, arrays, config: PolarConfig, cache: Path, batch: int = 256):
+    """Pooled CNN features, CNN logits and polar features of every frame.
+
+    The CNN's outputs are cached in ``cache`` (they do not depend on the polar
+    settings).
+    """
     S = arrays.inputs.shape[-1]
     centers = torch.as_tensor(input_centers(arrays.shapes, arrays.centers, S))
+    have = cache.exists()
     pooled, logits, feats = [], [], []
     with torch.inference_mode():
         for a in range(0, len(arrays), batch):
             x = torch.as_tensor(np.asarray(arrays.inputs[a:a + batch], np.float32))
-            h = net.stages(net.stem(x.contiguous(memory_format=torch.channels_last)))
-            p = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
-            pooled.append(p)
-            logits.append(net.head(p))
+            if not have:
+                h = net.stages(net.stem(x.contiguous(memory_format=torch.channels_last)))
+                p = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
+                pooled.append(p)
+                logits.append(net.head(p))
             feats.append(polar_features(x, centers[a:a + batch], config))
-    return torch.cat(pooled), torch.cat(logits), torch.cat(feats), torch.isfinite(centers).all(1)
+    if have:
+        saved = torch.load(cache)
+        pooled, logits = saved["pooled"], saved["logits"]
+    else:
+        pooled, logits = torch.cat(pooled), torch.cat(logits)
+        torch.save({"pooled": pooled, "logits": logits}, cache)
+    return pooled, logits, torch.cat(feats), torch.isfinite(centers).all(1)
 
 
 def per_tag_ap(labels, scores):
@@ -63,6 +76,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/polar-head")
+    ap.add_argument("--views", default="peaks,relative")
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--radial-bins", type=int, default=96)
+    ap.add_argument("--harmonics", type=int, default=16)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -71,18 +89,23 @@ def main(argv=None):
     tagger = Tagger.load(args.model)
     net = tagger.net.eval()
     tags = list(tagger.tags)
-    config = PolarConfig()
+    config = PolarConfig(views=tuple(args.views.split(",")), width=args.width,
+                         radial_bins=args.radial_bins, harmonics=args.harmonics)
+    cache_dir = Path("runs/cnn-features")
+    cache_dir.mkdir(parents=True, exist_ok=True)
     sets = {}
     for name in ("train", "val", "test", "unseen"):
         t0 = time.perf_counter()
         arrays = load_arrays(getattr(args, name), config=tagger.preprocess_config,
                              workers=args.workers, progress=False)
-        sets[name] = (*cnn_and_polar(net, arrays, config), np.asarray(arrays.labels))
+        key = hashlib.sha1(f"{tagger.checkpoint_id}{arrays.source}".encode()).hexdigest()[:16]
+        sets[name] = (*cnn_and_polar(net, arrays, config, cache_dir / f"{key}.pt"),
+                      np.asarray(arrays.labels))
         print(f"{name}: {len(arrays)} frames, features in {time.perf_counter() - t0:.0f} s",
               flush=True)
 
     head = PolarHead(config, sets["train"][0].shape[1], len(tags))
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     pooled, logits, feats, known, labels = sets["train"]
     y = torch.as_tensor(labels)
     n = len(y)
@@ -120,7 +143,8 @@ def main(argv=None):
               f"peaks_on_ring {aps[iot]:.3f}, peaks_isolated {aps[iop]:.3f} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    results = {"history": history, "model": tagger.checkpoint_id, "sets": {}}
+    results = {"history": history, "model": tagger.checkpoint_id, "sets": {},
+               "config": config.to_dict(), "args": vars(args)}
     for name in ("val", "test", "unseen"):
         cnn, both, lab = scores(name)
         a0, a1 = per_tag_ap(lab, cnn), per_tag_ap(lab, both)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import math
 import threading
 import time
 import weakref
@@ -38,7 +39,7 @@ from .frame_index import INDEX_KEY, FrameIndex, motor_keys
 from .frames import find_image_keys, is_image_value, split_frames
 from .outbox import Outbox, RetryPolicy
 
-__all__ = ["TaggingCallback", "RunTagState"]
+__all__ = ["TaggingCallback", "RunTagState", "parse_beam_center"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,50 @@ class RunTagState:
     motor_keys: dict = field(default_factory=dict)       # descriptor uid -> motor data keys
     positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
     index: Any = None                                     # FrameIndex, with the tag stream
+    beam_centers: dict = field(default_factory=dict)     # image key (or "*") -> (x, y)
 
     @property
     def uid(self) -> str:
         return self.start["uid"]
+
+    def beam_center_for(self, key: str):
+        """The beam centre ``(x, y)`` of frames under data key ``key``, or None."""
+        return self.beam_centers.get(key, self.beam_centers.get("*"))
+
+
+def parse_beam_center(value, what: str = "xsml_beam_center") -> dict:
+    """Read a beam centre setting: ``[x, y]`` for every image key, or ``{key: [x, y]}``.
+
+    Returns a dict of image key (``"*"``: any) to an ``(x, y)`` pair of floats
+    (detector pixels, column then row; off the detector is allowed). ``None``
+    gives an empty dict.
+
+    Raises
+    ------
+    ValueError
+        If the value is neither form or holds non-finite numbers.
+
+    Examples
+    --------
+    >>> parse_beam_center([512, 300.5])
+    {'*': (512.0, 300.5)}
+    >>> parse_beam_center({"pilatus_image": [10, -40]})
+    {'pilatus_image': (10.0, -40.0)}
+    """
+    if value is None:
+        return {}
+    items = value.items() if isinstance(value, Mapping) else [("*", value)]
+    out = {}
+    for key, pair in items:
+        try:
+            x, y = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be [x, y] in detector pixels or {{image key: [x, y]}}; "
+                             f"got {value!r}") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"{what} must hold finite numbers; got {value!r}")
+        out[str(key)] = (x, y)
+    return out
 
 
 class TaggingCallback:
@@ -128,6 +169,14 @@ class TaggingCallback:
         frames whose probability for some tag is at least ``index_min_prob``,
         with their motor positions; frame-level queries answer from it without
         reading the run's streams. A run with more such frames gets no index.
+    beam_center : [x, y] or dict, optional
+        Where the direct beam hits the detector, in pixels (column, row), for
+        every image key or ``{image key: [x, y]}``: the beamline's calibration.
+        A run's start document may set its own (``xsml_beam_center``, same
+        forms), which wins; a malformed one is counted in ``status()["document_errors"]``
+        and its run is tagged without a centre. A tagger with a polar head
+        (:attr:`~bluesky_xsml.inference.tagger.Tagger.uses_beam_center`) reads
+        it; frames without one are tagged by the CNN alone.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
@@ -141,7 +190,7 @@ class TaggingCallback:
                  read_retry_delay: float = 0.1, threads: int | None = None,
                  validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
                  label_cache_size: int = 2000, index_min_prob: float = 0.5,
-                 index_limit: int = 1000):
+                 index_limit: int = 1000, beam_center=None):
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -158,6 +207,7 @@ class TaggingCallback:
             raise ValueError(f"index_min_prob must be in [0, 1], got {index_min_prob!r}")
         if int(index_limit) < 0:
             raise ValueError(f"index_limit must be >= 0, got {index_limit!r}")
+        self.beam_centers = parse_beam_center(beam_center, "beam_center")
         self.index_min_prob = float(index_min_prob)
         self.index_limit = int(index_limit)
         self._closed = False
@@ -427,7 +477,15 @@ class TaggingCallback:
             if doc["uid"] in self._runs:
                 log.warning("xsml saw start %s twice; keeping the first", doc["uid"])
                 return
-            self._runs[doc["uid"]] = RunTagState(start=doc)
+            run = self._runs[doc["uid"]] = RunTagState(start=doc)
+            run.beam_centers = dict(self.beam_centers)
+            try:  # the run's own centre replaces the beamline's
+                run.beam_centers = (parse_beam_center(doc.get("xsml_beam_center"))
+                                    or run.beam_centers)
+            except ValueError as err:  # recorded; the run is tagged without a centre
+                run.beam_centers = {}
+                self._errors[f"bad xsml_beam_center: {err}"] += 1
+                log.warning("xsml: %s (run %s)", err, doc["uid"])
 
     def _run_for(self, uid: str | None, what: str) -> RunTagState | None:
         run = self._runs.get(uid) if uid else None
@@ -544,6 +602,7 @@ class TaggingCallback:
                     jobs.append(job)
                     run.pending[id(job)] = job
         for job in jobs:
+            job.beam_center = run.beam_center_for(job.key)
             self.worker.submit(job)
 
     def _datum_job(self, run, stream, seq, uid, key, datum_id) -> FrameJob:
@@ -607,6 +666,7 @@ class TaggingCallback:
                 jobs.append(job)
                 run.pending[id(job)] = job
         for job in jobs:
+            job.beam_center = run.beam_center_for(job.key)
             self.worker.submit(job)
 
     def _latest_open_run(self) -> RunTagState | None:

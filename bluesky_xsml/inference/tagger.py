@@ -273,6 +273,10 @@ class Tagger:
         S = self.preprocess_config.size
         example = torch.zeros(2, net.config.in_channels, S, S, device=self.device, dtype=dtype)
         example = example.contiguous(memory_format=memory_format)
+        takes_centers = getattr(net, "polar", None) is not None
+        args = (example,)
+        if takes_centers:  # the polar head reads the beam centre (NaN rows: unknown)
+            args = (example, torch.full((2, 2), S / 2, device=self.device))
         try:
             # TorchScript is deprecated in favour of torch.compile, but it is still the
             # way to run a whole forward pass in one GIL-free call with no cold-compile
@@ -282,13 +286,13 @@ class Tagger:
                 # shapes read in forward (the relation block's position code) are fixed by
                 # the input size, so the trace is valid for every batch of that size
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                traced = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+                traced = torch.jit.freeze(torch.jit.trace(module, args, check_trace=False))
                 for _ in range(3):  # the profiling executor optimises after a few runs
-                    traced(example)
-            return traced, dtype, memory_format
+                    traced(*args)
+            return traced, dtype, memory_format, takes_centers
         except Exception as err:  # pragma: no cover - depends on the torch build
             log.warning("TorchScript tracing failed (%s); inference runs eagerly", err)
-            return module, dtype, memory_format
+            return module, dtype, memory_format, takes_centers
 
     def _rebuild_inference_net(self) -> None:
         compiled = self._compiled(self.net)
@@ -328,21 +332,80 @@ class Tagger:
         """Preprocess frames; see :func:`bluesky_xsml.preprocess.preprocess_batch`."""
         return preprocess_batch(frames, self.preprocess_config, pool=self._executor())
 
-    def predict_inputs(self, inputs: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities for already preprocessed inputs ``(N, C, S, S)``."""
+    @property
+    def uses_beam_center(self) -> bool:
+        """Whether the network reads the beam centre (it has a polar head).
+
+        Such a tagger gives better spot and ring tags when :meth:`predict` is
+        told where the beam is; without it, it gives the CNN's outputs alone.
+        """
+        return getattr(self.net, "polar", None) is not None
+
+    def input_centers(self, shapes, beam_center) -> np.ndarray | None:
+        """Beam centres on the model input for raw frames of ``shapes``.
+
+        Parameters
+        ----------
+        shapes : sequence of (H, W)
+        beam_center : None, (x, y) or array_like of shape (N, 2)
+            Column and row of the direct beam in raw-frame pixels (it may lie
+            off the detector), one for all frames or one per frame; ``NaN``
+            where unknown.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            ``(N, 2)`` (see :func:`bluesky_xsml.polar.input_centers`), or
+            ``None`` when ``beam_center`` is ``None``.
+
+        Raises
+        ------
+        ValueError
+            If ``beam_center`` is neither one pair nor one pair per frame.
+        """
+        if beam_center is None:
+            return None
+        from ..polar import input_centers
+
+        shapes = np.asarray([tuple(s)[-2:] for s in shapes], np.float64).reshape(-1, 2)
+        try:
+            c = np.asarray(beam_center, np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"beam_center must be numbers (x, y): {err}") from None
+        if c.shape == (2,):
+            c = np.broadcast_to(c, (len(shapes), 2))
+        if c.shape != (len(shapes), 2):
+            raise ValueError(f"beam_center must be one (x, y) pair or one per frame "
+                             f"({len(shapes)}, 2); got shape {c.shape}")
+        return input_centers(shapes, c, self.preprocess_config.size)
+
+    def predict_inputs(self, inputs: np.ndarray | torch.Tensor,
+                       centers: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities for already preprocessed inputs ``(N, C, S, S)``.
+
+        ``centers`` (``(N, 2)``, from :meth:`input_centers`; ``NaN`` rows
+        unknown) is read by a network with a polar head and ignored otherwise.
+        """
         x = torch.as_tensor(inputs)
         if x.shape[0] == 0:
             return np.zeros((0, len(self.tags)), np.float32)
         with self._lock:
-            module, dtype, memory_format = self._infer
+            module, dtype, memory_format, takes_centers = self._infer
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.to(dtype=dtype).contiguous(memory_format=memory_format)
         with torch.inference_mode():
-            probs = module(x)
+            if takes_centers:
+                c = (torch.full((x.shape[0], 2), float("nan")) if centers is None
+                     else torch.as_tensor(np.asarray(centers, np.float32).reshape(-1, 2)))
+                if c.shape[0] != x.shape[0]:
+                    raise ValueError(f"{c.shape[0]} beam centres for {x.shape[0]} inputs")
+                probs = module(x, c.to(self.device))
+            else:
+                probs = module(x)
         return probs.cpu().numpy().astype(np.float32, copy=False)
 
-    def predict(self, frames, *, batch_size: int = 32) -> np.ndarray:
+    def predict(self, frames, *, batch_size: int = 32, beam_center=None) -> np.ndarray:
         """Per-tag probabilities for one frame, a stack or a list of frames.
 
         Parameters
@@ -352,6 +415,11 @@ class Tagger:
             different shapes and dtypes.
         batch_size : int
             Frames per network call.
+        beam_center : (x, y) or array_like of shape (N, 2), optional
+            Where the direct beam hits the detector, in pixels (column, row),
+            for all frames or per frame (``NaN``: unknown). A tagger whose
+            network has a polar head (:attr:`uses_beam_center`) reads it;
+            other taggers ignore it.
 
         Returns
         -------
@@ -362,8 +430,11 @@ class Tagger:
         ------
         FrameError
             If a frame cannot be used; the message names its index.
+        ValueError
+            If ``beam_center`` is neither one pair nor one pair per frame.
         """
         frame_list = _as_frame_list(frames)
+        centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
         out = np.empty((len(frame_list), len(self.tags)), np.float32)
         for start in range(0, len(frame_list), batch_size):
             chunk = frame_list[start:start + batch_size]
@@ -371,7 +442,8 @@ class Tagger:
             if errors:
                 i, err = min(errors.items())
                 raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err
-            out[start:start + len(chunk)] = self.predict_inputs(inputs)
+            c = None if centers is None else centers[start:start + len(chunk)]
+            out[start:start + len(chunk)] = self.predict_inputs(inputs, c)
         return out
 
     def decide(self, probs: np.ndarray) -> list[list[str]]:

@@ -56,6 +56,7 @@ class FrameJob:
     skip_reason: str = ""
     nbytes: int = 0
     t_in: float = field(default_factory=time.monotonic)
+    beam_center: tuple[float, float] | None = None  # (x, y) detector pixels, when known
 
 
 @dataclass
@@ -312,7 +313,8 @@ class InferenceWorker:
                 inputs, ok, errors = self.tagger.preprocess(frames)
                 for i, err in errors.items():
                     errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
-                probs, failed = self._predict_resilient(inputs)
+                centers = self._input_centers(batch, frames, owners, ok)
+                probs, failed = self._predict_resilient(inputs, centers)
                 for row, i in enumerate(ok):
                     if row in failed:
                         errors_by_frame[i] = failed[row]
@@ -349,7 +351,22 @@ class InferenceWorker:
         self.stats.batches += 1
         return list(zip(batch, per_job))
 
-    def _predict_resilient(self, inputs: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    def _input_centers(self, batch, frames, owners, ok) -> np.ndarray | None:
+        """Beam centres on the model input of the usable frames, when the model reads them."""
+        if not getattr(self.tagger, "uses_beam_center", False):
+            return None
+        raw = [batch[owners[i][0]].beam_center for i in ok]
+        if all(c is None for c in raw):
+            return None
+        pairs = [(np.nan, np.nan) if c is None else c for c in raw]
+        try:
+            return self.tagger.input_centers([np.shape(frames[i]) for i in ok], pairs)
+        except ValueError:  # validated where jobs are made; never fail a batch over it
+            log.exception("xsml: unusable beam centres; tagging without them")
+            return None
+
+    def _predict_resilient(self, inputs: np.ndarray,
+                           centers: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, str]]:
         """Predict, splitting the batch on failure; returns probs and failed rows."""
         n = len(inputs)
         probs = np.full((n, len(self.tagger.tags)), np.nan, np.float32)
@@ -360,7 +377,10 @@ class InferenceWorker:
             if hi <= lo:
                 continue
             try:
-                probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi])
+                if centers is None:
+                    probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi])
+                else:
+                    probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi], centers[lo:hi])
             except Exception as err:
                 _free_accelerator_memory()
                 if hi - lo > 1:

@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-beam-center", action="store_true",
+                        help="do not give a model with a polar head the frames' beam centres "
+                        "(it then tags as its CNN alone)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="inference precision (auto: bf16 on CPUs with native bf16)")
 
 
 def last_line(mean_ap: float, n_tags: int) -> str:
@@ -113,14 +118,28 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     return path
 
 
-def _predict(tagger, inputs, batch_size: int, progress: bool = False) -> np.ndarray:
+def _centers(tagger, arrays, use: bool):
+    """Beam centres on the input for a tagger that reads them, from the data; else None."""
+    if not (use and tagger.uses_beam_center and arrays.centers is not None):
+        return None
+    from ..polar import input_centers
+
+    return input_centers(arrays.shapes, arrays.centers, tagger.preprocess_config.size)
+
+
+def _predict(tagger, inputs, batch_size: int, progress: bool = False,
+             centers=None) -> np.ndarray:
     from tqdm.auto import tqdm
 
     out = []
     with tqdm(total=len(inputs), desc="xsml evaluate: tagging", unit="frame",
               disable=not progress, mininterval=1.0) as bar:
         for a in range(0, len(inputs), batch_size):
-            out.append(tagger.predict_inputs(np.asarray(inputs[a:a + batch_size], np.float32)))
+            x = np.asarray(inputs[a:a + batch_size], np.float32)
+            if centers is None:
+                out.append(tagger.predict_inputs(x))
+            else:
+                out.append(tagger.predict_inputs(x, centers[a:a + batch_size]))
             bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, len(tagger.tags)), np.float32)
 
@@ -158,14 +177,16 @@ def main(args: argparse.Namespace) -> int:
     model_path = args.model
     if model_path is not None and Path(model_path).is_dir():
         model_path = str(Path(model_path) / "model.pt")
-    tagger = Tagger.load(model_path)
+    tagger = Tagger.load(model_path, precision=args.precision)
     tags = list(tagger.tags)
     pcfg = tagger.preprocess_config
     progress = not args.no_progress
+    use_centers = not args.no_beam_center
     test = load_arrays(args.data, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
                        progress=progress)
     t0 = time.perf_counter()
-    scores = _predict(tagger, test.inputs, args.batch_size, progress)
+    scores = _predict(tagger, test.inputs, args.batch_size, progress,
+                      _centers(tagger, test, use_centers))
     infer_s = time.perf_counter() - t0
     y = test.labels
 
@@ -173,7 +194,8 @@ def main(args: argparse.Namespace) -> int:
     if args.threshold_data:
         val = load_arrays(args.threshold_data, config=pcfg, cache_dir=args.cache_dir,
                           workers=args.workers, progress=progress)
-        vy, vs = val.labels, _predict(tagger, val.inputs, args.batch_size)
+        vy, vs = val.labels, _predict(tagger, val.inputs, args.batch_size,
+                                      centers=_centers(tagger, val, use_centers))
         f1_rows = np.arange(len(y))
         thr_source = args.threshold_data
     else:
@@ -193,6 +215,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"model {tagger.checkpoint_id} ({model_path or 'packaged default'}) on {test.source}: "
           f"{len(test)} frames")
     print(f"thresholds chosen on: {thr_source}")
+    print(f"precision {tagger.precision}; beam centres: " + (
+        ("given to the polar head" if _centers(tagger, test, use_centers) is not None
+         else "not given (the polar head is unused)") if tagger.uses_beam_center
+        else "not read by this model"))
     print(m.table())
     print(f"mean ROC-AUC {m.mean_auc:.4f}; F1 at the suggested thresholds (mean) "
           f"{np.nanmean(m.f1):.4f}, at the checkpoint's thresholds {np.nanmean(ckpt_f1):.4f}")

@@ -1,0 +1,219 @@
+"""The polar view around the beam centre and the head that reads it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bluesky_xsml import Tagger  # noqa: E402
+from bluesky_xsml.model import TaggerNet, TaggerNetConfig  # noqa: E402
+from bluesky_xsml.polar import PolarConfig, input_centers, polar_features  # noqa: E402
+from bluesky_xsml.preprocess import CHANNELS, PreprocessConfig, preprocess_frame  # noqa: E402
+from bluesky_xsml.tags import TAG_NAMES  # noqa: E402
+
+SMALL = dict(n_tags=len(TAG_NAMES), in_channels=len(CHANNELS), widths=(8, 16), depths=(1, 1))
+
+
+@pytest.mark.parametrize("shape, center", [
+    ((1024, 1024), (300.0, 700.0)),
+    ((619, 1475), (1400.0, 20.0)),     # a strip, centre near a corner
+    ((40, 50), (7.0, 31.0)),           # enlarged by pixel repetition before reduction
+    ((2167, 2070), (1000.0, 1900.0)),  # 17x17 blocks
+    ((300, 120), (60.0, 150.0)),
+])
+def test_input_centers_follow_the_preprocessing(shape, center):
+    """A lone bright pixel at the beam centre lands in the input block the centre maps to."""
+    frame = np.zeros(shape, np.uint32)
+    frame[int(center[1]), int(center[0])] = 1000
+    x = preprocess_frame(frame, PreprocessConfig(size=128))
+    row, col = np.unravel_index(np.argmax(x[1]), x[1].shape)
+    cx, cy = input_centers([shape], [center], 128)[0]
+    assert (abs(col - cx) <= 0.5 + 1e-9) and (abs(row - cy) <= 0.5 + 1e-9), (row, col, cx, cy)
+
+
+def spots_on_ring(n_fold: int, phase: float, radius: float = 30.0, center=(60.0, 70.0)):
+    """A 6-channel input with ``n_fold`` bright spots at one radius around ``center``."""
+    x = np.zeros((6, 128, 128), np.float32)
+    for k in range(n_fold):
+        t = phase + 2 * math.pi * k / n_fold
+        c = int(round(center[0] + radius * math.cos(t)))
+        r = int(round(center[1] + radius * math.sin(t)))
+        x[1, r, c] = 1.0
+        x[0, r, c] = 0.2
+    x[2] = x[0] / max(x[0].max(), 1e-6)
+    return torch.from_numpy(x)
+
+
+def test_polar_features_see_the_symmetry_and_not_the_rotation():
+    cfg = PolarConfig()
+    center = torch.tensor([[60.0, 70.0]] * 3)
+    x = torch.stack([spots_on_ring(4, 0.1), spots_on_ring(4, 0.9), spots_on_ring(6, 0.3)])
+    f = polar_features(x, center, cfg)
+    assert f.shape == (3, cfg.channels, cfg.radial_bins)
+    peaks = f[:, : cfg.harmonics + 1]            # harmonics of the dilated block maxima
+    ring = int(peaks[0, 0].argmax())               # the radius bin of the spots
+    assert abs((ring + 0.5) * cfg.reach * 128 / cfg.radial_bins - 30.0) < 3
+    four, rotated, six = peaks[:, :, ring]
+    # turning the pattern about the beam changes little; four spots ring at harmonic 4, six at 6
+    assert torch.allclose(four, rotated, rtol=0.3, atol=0.02)
+    assert four[4] > 3 * four[3] and four[4] > 3 * four[6]
+    assert six[6] > 3 * six[5] and six[6] > 3 * six[4]
+    # a frame without a centre gives no features at all
+    unknown = polar_features(x[:1], torch.tensor([[float("nan"), 3.0]]), cfg)
+    assert torch.count_nonzero(unknown) == 0
+
+
+def polar_tagger(seed: int = 0, scale: float = 0.5, **kwargs) -> tuple[Tagger, Tagger]:
+    """An untrained CNN, and the same CNN with a polar head whose output layer is random."""
+    base = Tagger.untrained(seed=seed, config=TaggerNetConfig(**SMALL), **kwargs)
+    cfg = TaggerNetConfig(**SMALL, polar=PolarConfig(width=16).to_dict())
+    net = TaggerNet(cfg)
+    missing = net.load_state_dict(base.net.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("polar.") for k in missing)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(net.polar.out.weight, std=scale)
+    return base, Tagger(net, base.tags, **kwargs)
+
+
+def test_the_head_corrects_only_frames_with_a_centre(tmp_path):
+    base, tagger = polar_tagger(precision="fp32")
+    assert tagger.uses_beam_center and not base.uses_beam_center
+    assert "polar" not in base.net.config.to_dict()  # networks without it keep their ids
+    rng = np.random.default_rng(1)
+    frames = [rng.poisson(5, (96, 140)).astype(np.uint32) for _ in range(3)]
+    for f, (cx, cy) in zip(frames, [(20, 30), (70, 48), (130, 90)]):
+        f[cy - 1:cy + 2, cx - 1:cx + 2] += 5000  # something for the head to see
+
+    plain = base.predict(frames)
+    np.testing.assert_allclose(tagger.predict(frames), plain, atol=1e-6)  # no centre: the CNN
+    centers = np.array([[20.0, 30.0], [np.nan, np.nan], [130.0, 90.0]])
+    got = tagger.predict(frames, beam_center=centers)
+    np.testing.assert_allclose(got[1], plain[1], atol=1e-6)  # unknown row: the CNN
+    assert np.abs(got[[0, 2]] - plain[[0, 2]]).max() > 1e-3
+
+    # the traced inference form matches eager mode
+    x = np.stack([preprocess_frame(f, tagger.preprocess_config) for f in frames])
+    c = input_centers([f.shape for f in frames], centers, 128)
+    with torch.no_grad():
+        logits, _ = tagger.net.eval()(torch.from_numpy(x), None, torch.from_numpy(c).float())
+    np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)
+
+    # one centre for all frames; it survives a save and load
+    same = tagger.predict(frames, beam_center=(70.0, 48.0))
+    back = Tagger.load(tagger.save(tmp_path / "polar.pt"), precision="fp32")
+    assert back.uses_beam_center and back.checkpoint_id == tagger.checkpoint_id
+    np.testing.assert_allclose(back.predict(frames, beam_center=(70.0, 48.0)), same, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [(1.0, 2.0, 3.0), [[1.0, 2.0]] * 2, "middle"])
+def test_a_malformed_beam_center_is_refused(bad):
+    _, tagger = polar_tagger()
+    frames = np.zeros((3, 64, 64), np.uint16)
+    with pytest.raises(ValueError, match="beam_center"):
+        tagger.predict(frames, beam_center=bad)
+
+
+def test_bf16_inference_stays_close_to_fp32():
+    _, t32 = polar_tagger(precision="fp32")
+    try:
+        _, t16 = polar_tagger(precision="bf16")
+    except Exception as err:  # a CPU or torch build without bf16 autocast
+        pytest.skip(f"no bf16 here: {err}")
+    frames = np.random.default_rng(2).poisson(30, (4, 100, 100)).astype(np.int32)
+    a = t32.predict(frames, beam_center=(40, 60))
+    b = t16.predict(frames, beam_center=(40, 60))
+    assert np.isfinite(b).all() and np.abs(a - b).max() < 0.05
+
+
+def test_the_callback_gives_each_run_its_beam_centre(RE):
+    """Start metadata sets a run's centre, the callback's setting is the default, a bad one
+    is recorded and its run tagged by the CNN alone."""
+    from bluesky.plans import count
+
+    from bluesky_xsml import TaggingCallback
+
+    from .conftest import DocumentRecorder, make_image_detector, validate_all
+
+    base, tagger = polar_tagger(seed=3)
+    rng = np.random.default_rng(5)
+    frames = []
+
+    def frame():
+        f = rng.poisson(4, (128, 160)).astype(np.uint32)
+        f[40:43, 100:103] += 3000
+        frames.append(f)
+        return f
+
+    rec = DocumentRecorder()
+    xsml = TaggingCallback(tagger, downstream=[rec], beam_center=(80, 64), max_batch=4)
+    RE.subscribe(xsml)
+    img = make_image_detector(func=frame)
+    for md in ({"xsml_beam_center": {"img": [101, 41]}}, {}, {"xsml_beam_center": "left"}):
+        RE(count([img], 3, md=md))
+    assert xsml.flush(60)
+    validate_all(rec.docs)
+
+    starts = [d["uid"] for d in rec.of("start")]
+    run_of = {d["uid"]: d["run_start"] for d in rec.of("descriptor")}
+    tagged = {uid: [] for uid in starts}
+    for ev in rec.tag_events():
+        tagged[run_of[ev["descriptor"]]].append(
+            (ev["data"]["source_seq_num"], [ev["data"][t] for t in TAG_NAMES]))
+    got = [np.array([p for _, p in sorted(tagged[u])]) for u in starts]
+    expected = [tagger.predict(frames[0:3], beam_center=(101, 41)),
+                tagger.predict(frames[3:6], beam_center=(80, 64)),
+                base.predict(frames[6:9])]
+    for g, e in zip(got, expected):
+        assert g.shape == (3, len(TAG_NAMES))
+        np.testing.assert_allclose(g, e, atol=2e-2)  # bf16 on CPUs that have it
+    assert np.abs(got[0] - base.predict(frames[0:3])).max() > 0.05
+    errors = xsml.status()["document_errors"]
+    assert any(k.startswith("bad xsml_beam_center") for k in errors), errors
+    assert [s["xsml_frames"] for s in rec.of("stop")] == [3, 3, 3]
+    xsml.close()
+
+    with pytest.raises(ValueError, match="beam_center"):
+        TaggingCallback(tagger, beam_center=[1, 2, 3])
+
+
+def test_xsml_polar_head_trains_a_head_beside_a_frozen_cnn(tmp_path, capsys):
+    from bluesky_xsml import cli
+
+    base = Tagger.untrained(seed=0, config=TaggerNetConfig(**SMALL))
+    cnn = str(base.save(tmp_path / "cnn.pt"))
+    data = ["--data", "synth:seed=7,n=24,sizes=64+96", "--val-data",
+            "synth:seed=8,n=16,sizes=64+96", "--cache-dir", str(tmp_path / "cache"),
+            "--workers", "1", "--no-progress"]
+    out = str(tmp_path / "head")
+    assert cli.main(["polar-head", "--model", cnn, *data, "--epochs", "2", "--width", "8",
+                     "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^mAP\s+[0-9.]+\s+[0-9.]+$", printed, re.M)
+
+    new = Tagger.load(f"{out}/model.pt")
+    assert new.uses_beam_center and new.metadata["parent_id"] == base.checkpoint_id
+    assert new.metadata["polar_head"]["n_train"] == 24
+    state = new.net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.net.state_dict().items())  # CNN kept
+    assert any(torch.count_nonzero(v) for k, v in state.items() if k.startswith("polar.out"))
+    rows = [json.loads(line) for line in open(f"{out}/history.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+    with pytest.raises(SystemExit, match="already has a polar head"):
+        cli.main(["polar-head", "--model", f"{out}/model.pt", *data, "--out", out])
+    with pytest.raises(SystemExit, match="polar views"):
+        cli.main(["polar-head", "--model", cnn, *data, "--views", "peaks,sideways"])
+
+    evaluate = ["evaluate", "--model", f"{out}/model.pt", "--data", "synth:seed=8,n=16,sizes=64+96",
+                "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--no-progress",
+                "--precision", "fp32"]
+    assert cli.main(evaluate) == 0
+    assert "beam centres: given to the polar head" in capsys.readouterr().out
+    assert cli.main([*evaluate, "--no-beam-center"]) == 0
+    assert "beam centres: not given" in capsys.readouterr().out
