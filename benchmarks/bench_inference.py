@@ -37,13 +37,18 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype=torch.float32) ->
 
 
 def network_flops(tagger) -> float:
-    """FLOPs of one forward pass per frame (eager fp32 model)."""
+    """FLOPs of one forward pass per frame (eager fp32 model).
+
+    With a polar head, the head's convolutions and linear layers are counted
+    (with a beam centre given); its resampling and FFT are not.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     S = tagger.preprocess_config.size
     x = torch.zeros(1, tagger.net.config.in_channels, S, S)
+    centers = torch.full((1, 2), S / 2) if tagger.uses_beam_center else None
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        tagger.net.eval()(x)
+        tagger.net.eval()(x, None, centers)
     return float(counter.get_total_flops())
 
 
@@ -63,12 +68,18 @@ def main(argv=None) -> int:
         from bluesky_xsml.sim.generator import SceneGenerator
 
         gen = SceneGenerator(seed=7, size=args.size)
-        frames = [gen.one()[0] for _ in range(args.batch)]
+        scenes = [gen.one() for _ in range(args.batch)]
+        frames = [f for f, _, _ in scenes]
+        beam = np.array([params["geometry"]["beam_center"] for _, _, params in scenes])
         source = "generator"
     except Exception:
         frames = [rng.poisson(5, (args.size, args.size)).astype(np.uint32)
                   for _ in range(args.batch)]
+        beam = np.array([[args.size / 2, args.size / 2]] * args.batch)
         source = "poisson"
+    # a model with a polar head gets each frame's beam centre, as the live callback gives it
+    if not tagger.uses_beam_center:
+        beam = None
     tagger.warmup(shape=(args.size, args.size), dtypes=sorted({f.dtype.str for f in frames}))
 
     from bluesky_xsml.inference.device import cpu_supports_bf16
@@ -81,21 +92,23 @@ def main(argv=None) -> int:
     same_peak = peak_bf16 if tagger.precision == "bf16" else peak
     flops = network_flops(tagger)
     inputs, ok, _ = tagger.preprocess(frames)
-    net_rate = _rate(lambda: tagger.predict_inputs(inputs), len(inputs), args.batches)
+    centers = tagger.input_centers([f.shape for f in frames], beam)
+    net_rate = _rate(lambda: tagger.predict_inputs(inputs, centers), len(inputs), args.batches)
     fp32 = Tagger(tagger.net, tagger.tags, preprocess=tagger.preprocess_config,
                   precision="fp32", metadata=dict(tagger.metadata))
-    fp32_rate = _rate(lambda: fp32.predict_inputs(inputs), len(inputs), args.batches)
+    fp32_rate = _rate(lambda: fp32.predict_inputs(inputs, centers), len(inputs), args.batches)
     prep_rate = _rate(lambda: tagger.preprocess(frames), len(frames), args.batches)
-    e2e_rate = _rate(lambda: tagger.predict(frames, batch_size=args.batch), len(frames),
-                     args.batches)
+    e2e_rate = _rate(lambda: tagger.predict(frames, batch_size=args.batch, beam_center=beam),
+                     len(frames), args.batches)
     gflops = net_rate * flops / 1e9
-    p_fast, p_fp32 = tagger.predict_inputs(inputs), fp32.predict_inputs(inputs)
+    p_fast, p_fp32 = tagger.predict_inputs(inputs, centers), fp32.predict_inputs(inputs, centers)
     diff = float(np.abs(p_fast - p_fp32).max())
     mean_diff = float(np.abs(p_fast - p_fp32).mean())
     flips = float(((p_fast >= tagger.thresholds) != (p_fp32 >= tagger.thresholds)).mean())
     print(f"{len(frames)} frames ({source}), longest side {args.size}, batch {args.batch}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} threads "
-          f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}")
+          f"{torch.get_num_threads()}, device {tagger.device}, precision {tagger.precision}, "
+          f"beam centres {'given (polar head)' if beam is not None else 'not read by this model'}")
     print(f"matmul fp32 peak        {peak:8.1f} GFLOP/s")
     print(f"matmul bf16 peak        {peak_bf16:8.1f} GFLOP/s" if native_bf16 else
           "matmul bf16 peak        skipped: this CPU has no native bf16")

@@ -48,7 +48,8 @@ def stored(tmp_path_factory, tagger):
         small = make_image_detector(name="small", shape=(4, 4), seed=5)  # too small to tag
         token = RE.subscribe(writer)
         try:
-            (plain,) = RE(scan([img, small], motor, 0, 1, 3), sample="plain")
+            (plain,) = RE(scan([img, small], motor, 0, 1, 3), sample="plain",
+                          xsml_beam_center=[20.0, 12.0])
         finally:
             RE.unsubscribe(token)
         xsml = TaggingCallback(tagger, downstream=[cat.writer(batch_size=50)])
@@ -122,6 +123,30 @@ def test_retag_writes_a_readable_tag_stream_and_updates_the_stop(stored, tagger)
     # and the run is now found by tag
     present = sorted(counts)[0]
     assert stored.plain in set(find_runs(stored.catalog, present))
+
+
+def test_retag_gives_a_polar_head_the_runs_beam_centre(stored):
+    """A tagger that reads the beam centre gets the one in the run's start metadata."""
+    import torch
+
+    from bluesky_xsml import Tagger
+    from bluesky_xsml.catalog.append import retag_run
+    from bluesky_xsml.model import TaggerNet, TaggerNetConfig
+    from bluesky_xsml.polar import PolarConfig
+
+    net = TaggerNet(TaggerNetConfig(widths=(8, 16), depths=(1, 1),
+                                    polar=PolarConfig(width=8).to_dict()))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(net.polar.out.weight, std=1.0)
+    polar = Tagger(net, TAG_NAMES, precision="fp32")
+    run = stored.catalog[stored.plain]
+    result = retag_run(run, polar, image_keys=["img"], make_current=False)
+    assert (result.status, result.frames) == ("tagged", 3)
+    ds = stored.catalog[stored.plain][result.stream].read()
+    probs = np.stack([ds[t].values for t in TAG_NAMES], axis=1)[np.argsort(ds["source_seq_num"])]
+    frames = list(np.asarray(run["primary"]["img"].read()))
+    np.testing.assert_allclose(probs, polar.predict(frames, beam_center=(20.0, 12.0)), atol=1e-5)
+    assert np.abs(probs - polar.predict(frames)).max() > 1e-3  # not the CNN alone
 
 
 def test_retag_is_idempotent_per_checkpoint(stored, tagger):

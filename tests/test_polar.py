@@ -217,3 +217,16 @@ def test_xsml_polar_head_trains_a_head_beside_a_frozen_cnn(tmp_path, capsys):
     assert "beam centres: given to the polar head" in capsys.readouterr().out
     assert cli.main([*evaluate, "--no-beam-center"]) == 0
     assert "beam centres: not given" in capsys.readouterr().out
+
+
+def test_a_new_tag_grows_the_polar_head_too():
+    from bluesky_xsml.training.finetune import grow_head
+
+    _, tagger = polar_tagger(precision="fp32")
+    grown = grow_head(tagger, ["ring_doubling"])
+    assert grown.tags[-1] == "ring_doubling" and grown.uses_beam_center
+    frames = np.random.default_rng(0).poisson(9, (2, 80, 90)).astype(np.uint32)
+    before = tagger.predict(frames, beam_center=(30, 40))
+    after = grown.predict(frames, beam_center=(30, 40))
+    np.testing.assert_allclose(after[:, :-1], before, atol=1e-6)  # old tags unchanged
+    np.testing.assert_allclose(after[:, -1], 0.5, atol=1e-6)       # the new one starts at 0.5

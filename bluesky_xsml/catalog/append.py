@@ -417,7 +417,8 @@ def _read_rows(array, lo: int, hi: int):
     return out
 
 
-def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float):
+def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float,
+              beam_center=None):
     """FrameResults for the event values ``rows`` (arrays or read errors)."""
     from ..documents.compose import FrameResult
     from ..documents.frames import split_frames
@@ -439,7 +440,13 @@ def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float):
             frames.append(frame)
     if frames:
         inputs, ok, errors = tagger.preprocess(frames)
-        probs = tagger.predict_inputs(inputs) if len(ok) else np.zeros((0, len(tagger.tags)))
+        if not len(ok):
+            probs = np.zeros((0, len(tagger.tags)))
+        elif beam_center is not None and getattr(tagger, "uses_beam_center", False):
+            centers = tagger.input_centers([np.shape(frames[i]) for i in ok], beam_center)
+            probs = tagger.predict_inputs(inputs, centers)
+        else:
+            probs = tagger.predict_inputs(inputs)
         row_of = {int(i): r for r, i in enumerate(ok)}
         decided = tagger.decide(probs) if len(probs) else []
         now = time.time()
@@ -460,7 +467,7 @@ def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float):
 
 def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: int = 16,
               image_keys: Sequence[str] | None = None, streams: Sequence[str] | None = None,
-              make_current: bool = True) -> RetagResult:
+              make_current: bool = True, beam_center=None) -> RetagResult:
     """Tag a stored run's frames with ``tagger`` and append the tag stream to the run.
 
     Contract
@@ -498,11 +505,16 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
         Restrict the frames tagged.
     make_current : bool
         See :func:`append_tag_stream`.
+    beam_center : [x, y] or dict, optional
+        The detector's beam centre for a tagger with a polar head, as
+        :class:`~bluesky_xsml.documents.callback.TaggingCallback` takes it.
+        Default: the run's start metadata ``xsml_beam_center``, if any.
 
     Returns
     -------
     RetagResult
     """
+    from ..documents.callback import parse_beam_center
     from ..documents.compose import TagStreamComposer
 
     if batch_size < 1:
@@ -524,6 +536,12 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
             f"re-tag?); delete it with run.base.delete_contents({name!r}, recursive=True, "
             "external_only=False) and re-tag")
     _run_stop(md, uid)
+    try:
+        centers = parse_beam_center(beam_center if beam_center is not None
+                                    else md["start"].get("xsml_beam_center"))
+    except ValueError as err:  # a bad stored value: tag without a centre
+        log.warning("run %s: %s; re-tagging without a beam centre", uid, err)
+        centers = {}
 
     composer = TagStreamComposer(md["start"], tagger.tags, tagger.thresholds,
                                  tagger.describe(), name, validate_pages=True)
@@ -549,7 +567,8 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
                 hi = min(n, lo + batch_size)
                 t_read = time.time()
                 rows = _read_rows(array, lo, hi)
-                results = _tag_rows(tagger, stream, key, seq_all[lo:hi], rows, t_read)
+                results = _tag_rows(tagger, stream, key, seq_all[lo:hi], rows, t_read,
+                                    centers.get(key, centers.get("*")))
                 for r in results:
                     frames += 1
                     if r.skip_reason:

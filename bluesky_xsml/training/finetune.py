@@ -115,7 +115,8 @@ def grow_head(tagger, new_tags: Sequence[str]):
     """A copy of ``tagger`` with outputs appended for ``new_tags``.
 
     Old outputs keep their weights exactly; new ones start at zero weight and
-    bias (probability 0.5), threshold 0.5, positive weight 1.
+    bias (probability 0.5), threshold 0.5, positive weight 1. A polar head's
+    output layer grows the same way (the new tags get no correction at first).
     """
     import torch
 
@@ -131,16 +132,18 @@ def grow_head(tagger, new_tags: Sequence[str]):
     net = TaggerNet(config)
     old = tagger.net.state_dict()
     state = net.state_dict()
+    # one row per tag: the classifier, and the polar head's output layer when there is one
+    per_tag = [k for k in ("head.weight", "head.bias", "polar.out.weight", "polar.out.bias")
+               if k in state]
     for k, v in old.items():
-        if k in ("head.weight", "head.bias", "pos_weight"):
+        if k in per_tag or k == "pos_weight":
             continue
         state[k] = v.clone()
     n = len(tagger.tags)
     with torch.no_grad():
-        state["head.weight"] = torch.zeros_like(state["head.weight"])
-        state["head.weight"][:n] = old["head.weight"]
-        state["head.bias"] = torch.zeros_like(state["head.bias"])
-        state["head.bias"][:n] = old["head.bias"]
+        for k in per_tag:
+            state[k] = torch.zeros_like(state[k])
+            state[k][:n] = old[k]
         state["pos_weight"] = torch.ones_like(state["pos_weight"])
         state["pos_weight"][:n] = old["pos_weight"]
     net.load_state_dict(state)
