@@ -135,7 +135,9 @@ def run_demo(out: Path | None = None, *, size: int = 256, grid: int = 9, lines: 
     bl = make_beamline(seed=seed, size=size)
     catalog = EmbeddedCatalog(out / "catalog")
     tagger = Tagger.load()
-    xsml = TaggingCallback(tagger, downstream=[catalog.writer()])
+    # the beamline's calibration: where the direct beam hits the detector
+    xsml = TaggingCallback(tagger, downstream=[catalog.writer()],
+                           beam_center=bl.sample.beam_center)
     view = LiveTagView(positions=POSITIONS, console=console)
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)

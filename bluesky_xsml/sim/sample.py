@@ -139,6 +139,12 @@ class CombinatorialSample:
             "features": [],
         })
 
+    @property
+    def beam_center(self) -> tuple[float, float]:
+        """Where the direct beam hits the detector, ``(x, y)`` in pixels (all positions)."""
+        x, y = self._base["geometry"]["beam_center"]
+        return float(x), float(y)
+
     def __repr__(self) -> str:
         return (f"CombinatorialSample(seed={self.seed}, size={self.size}, "
                 f"detector={self.detector!r}, width={self.width:g}, height={self.height:g})")

@@ -295,6 +295,8 @@ def main(args: argparse.Namespace) -> int:
         entry = {"data": test.source, "n_frames": len(test), "mAP": round(m.mean_ap, 4),
                  "n_tags": m.n_scored, "mean_roc_auc": round(m.mean_auc, 4),
                  "worst": [[t, round(a, 4)] for t, a in m.worst(3)],
+                 "precision": tagger.precision,
+                 "beam_centers": _centers(tagger, test, use_centers) is not None,
                  "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
                         for t, a in zip(tags, m.ap)}}
         if "baseline" in result:
