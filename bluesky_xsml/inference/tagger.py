@@ -268,6 +268,10 @@ class Tagger:
         """
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         module = Probabilities(fuse_for_inference(net)).to(self.device, dtype=dtype).eval()
+        if getattr(module.net, "polar", None) is not None:
+            # the polar head is small (a few % of the cost) and its inputs span decades of
+            # counts: it stays fp32 whatever the network's precision
+            module.net.polar.float()
         memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         module = module.to(memory_format=memory_format)
         S = self.preprocess_config.size
