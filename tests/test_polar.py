@@ -207,6 +207,16 @@ def test_xsml_polar_head_trains_a_head_beside_a_frozen_cnn(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="already has a polar head"):
         cli.main(["polar-head", "--model", f"{out}/model.pt", *data, "--out", out])
+    # --replace-head trains a new head on the same CNN
+    again = str(tmp_path / "again")
+    assert cli.main(["polar-head", "--model", f"{out}/model.pt", *data, "--epochs", "1",
+                     "--width", "8", "--seed", "3", "--replace-head", "--out", again]) == 0
+    capsys.readouterr()
+    renewed = Tagger.load(f"{again}/model.pt")
+    assert renewed.metadata["parent_id"] == new.checkpoint_id
+    fresh = renewed.net.state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in base.net.state_dict().items())
+    assert not torch.equal(fresh["polar.out.weight"], state["polar.out.weight"])
     with pytest.raises(SystemExit, match="polar views"):
         cli.main(["polar-head", "--model", cnn, *data, "--views", "peaks,sideways"])
 

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harmonics", type=int, default=16)
     parser.add_argument("--views", default="peaks,relative",
                         help="comma-separated: peaks, relative, sharpness")
+    parser.add_argument("--replace-head", action="store_true",
+                        help="the model already has a polar head: train a new one in its place "
+                             "(e.g. after fine-tuning changed the CNN)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes rendering synthetic frames")
@@ -106,18 +109,20 @@ def _frame_features(net, arrays, config, *, batch: int = 256, progress: bool = F
 
 def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: float = 1e-3,
                    weight_decay: float = 0.05, batch_size: int = 256, seed: int = 0,
-                   progress: bool = False):
+                   replace: bool = False, progress: bool = False):
     """A copy of ``tagger`` with a trained polar head (its CNN unchanged).
 
     Parameters
     ----------
     tagger : Tagger
-        Its network must not have a polar head yet.
+        Its network must not have a polar head yet, unless ``replace``.
     train, val : CachedArrays
         Frames with beam centres (:func:`bluesky_xsml.training.data.load_arrays`).
     config : PolarConfig, optional
     epochs, lr, weight_decay, batch_size, seed
         One-cycle AdamW schedule over ``epochs`` passes of ``train``.
+    replace : bool
+        Train a new head in place of the one ``tagger`` has.
     progress : bool
         Progress bars.
 
@@ -133,12 +138,17 @@ def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: flo
     from ..polar import PolarConfig
     from .metrics import evaluate_scores
 
-    if tagger.uses_beam_center:
-        raise ValueError(f"tagger {tagger.checkpoint_id} already has a polar head")
+    if tagger.uses_beam_center and not replace:
+        raise ValueError(f"tagger {tagger.checkpoint_id} already has a polar head (pass "
+                         "replace=True, or --replace-head, to train a new one in its place)")
     config = config or PolarConfig()
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    cnn = tagger.net.float().eval()
+    cnn_config = {k: v for k, v in tagger.net.config.to_dict().items() if k != "polar"}
+    cnn = TaggerNet(TaggerNetConfig.from_dict(cnn_config))
+    cnn.load_state_dict({k: v for k, v in tagger.net.state_dict().items()
+                         if not k.startswith("polar.")})
+    cnn = cnn.float().eval()
     tr = _frame_features(cnn, train, config, progress=progress)
     va = _frame_features(cnn, val, config, progress=progress)
     if not bool(tr[3].any()):
@@ -220,8 +230,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"xsml polar-head: {err}") from None
     tagger = Tagger.load(args.model, precision="fp32")
-    if tagger.uses_beam_center:
-        raise SystemExit(f"xsml polar-head: {args.model} already has a polar head")
+    if tagger.uses_beam_center and not args.replace_head:
+        raise SystemExit(f"xsml polar-head: {args.model or 'the packaged model'} already has "
+                         "a polar head (--replace-head trains a new one in its place)")
     arrays = {}
     for name, spec in (("training", args.data), ("validation", args.val_data)):
         t0 = time.perf_counter()
@@ -235,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
                                      config=config, epochs=args.epochs, lr=args.lr,
                                      weight_decay=args.weight_decay,
                                      batch_size=args.batch_size, seed=args.seed,
-                                     progress=progress)
+                                     replace=args.replace_head, progress=progress)
     except ValueError as err:
         raise SystemExit(f"xsml polar-head: {err}") from None
     out = Path(args.out)
