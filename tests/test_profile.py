@@ -27,7 +27,10 @@ import json
 uid, = RE(scan([det], sample_x, 1.0, 9.6, 3))
 assert xsml.flush(120)
 stop = catalog[uid].metadata["stop"]
-print("XSML-RESULT", json.dumps({"uid": uid, "stop": stop, "time_is_module": hasattr(ttime, "monotonic")}))
+start = catalog[uid].metadata["start"]
+print("XSML-RESULT", json.dumps({"uid": uid, "stop": stop, "time_is_module": hasattr(ttime, "monotonic"),
+                                 "beam": start.get("xsml_beam_center"),
+                                 "errors": xsml.status()["document_errors"]}))
 """
 
 
@@ -46,6 +49,12 @@ def test_profile_starts_and_tags_a_scan_into_the_catalog(tmp_path):
     out = json.loads(lines[0].split(" ", 1)[1])
     stop = out["stop"]
     assert out["time_is_module"]                      # ttime survives the star imports
+    # the simulated detector's beam centre goes into every run, and the callback takes it
+    from bluesky_xsml.sim.sample import make_beamline
+
+    expected = list(make_beamline(size=128).sample.beam_center)
+    assert out["beam"] == {"saxs_image": pytest.approx(expected)}, out["beam"]
+    assert out["errors"] == {}
     assert stop["exit_status"] == "success"
     assert stop["num_events"] == {"primary": 3, "xsml_tags": 3}
     assert stop["xsml_frames"] == 3 and stop["xsml_skipped"] == {}

@@ -11,6 +11,9 @@
 #   XSML_CATALOG_DIR    without XSML_TILED_URI: the embedded catalog's folder
 #                       (default ~/.local/share/bluesky-xsml/catalog)
 #   XSML_MODEL          a checkpoint file (default: the packaged model)
+#   XSML_BEAM_CENTER    "x,y": where the direct beam hits the detector, in pixels
+#                       (the model's polar head reads it; a run's md["xsml_beam_center"]
+#                       overrides it, see 20-beamline.py)
 
 import atexit
 import os
@@ -29,8 +32,10 @@ else:
     catalog = _embedded.catalog
 
 tiled_writer = make_writer(catalog)
+_beam = os.environ.get("XSML_BEAM_CENTER")
 xsml = TaggingCallback(Tagger.load(os.environ.get("XSML_MODEL") or None),
-                       downstream=[tiled_writer])
+                       downstream=[tiled_writer],
+                       beam_center=[float(v) for v in _beam.split(",")] if _beam else None)
 RE.subscribe(xsml)  # noqa: F821  (RE comes from 00-base.py)
 
 

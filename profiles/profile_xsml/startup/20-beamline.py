@@ -15,3 +15,6 @@ beamline = make_beamline(size=int(os.environ.get("XSML_SIM_SIZE", "256")),
                          seed=int(os.environ.get("XSML_SIM_SEED", "0")))
 sample = beamline.sample
 sample_x, sample_y, det = beamline.sample_x, beamline.sample_y, beamline.det
+# The calibrated beam centre of the detector, in every run's start document, where the
+# tagging callback reads it (per image data key).
+RE.md["xsml_beam_center"] = {f"{det.name}_image": list(sample.beam_center)}  # noqa: F821
