@@ -131,7 +131,7 @@ def test_bf16_inference_stays_close_to_fp32():
     assert np.isfinite(b).all() and np.abs(a - b).max() < 0.05
 
 
-def test_the_callback_gives_each_run_its_beam_centre(RE):
+def test_the_callback_gives_each_run_its_beam_centre(RE, caplog):
     """Start metadata sets a run's centre, the callback's setting is the default, a bad one
     is recorded and its run tagged by the CNN alone."""
     from bluesky.plans import count
@@ -150,6 +150,7 @@ def test_the_callback_gives_each_run_its_beam_centre(RE):
         frames.append(f)
         return f
 
+    caplog.set_level("INFO", logger="bluesky_xsml.documents.callback")
     rec = DocumentRecorder()
     xsml = TaggingCallback(tagger, downstream=[rec], beam_center=(80, 64), max_batch=4)
     RE.subscribe(xsml)
@@ -176,6 +177,8 @@ def test_the_callback_gives_each_run_its_beam_centre(RE):
     errors = xsml.status()["document_errors"]
     assert any(k.startswith("bad xsml_beam_center") for k in errors), errors
     assert [s["xsml_frames"] for s in rec.of("stop")] == [3, 3, 3]
+    # the run left without a centre is reported once in the log
+    assert caplog.text.count("reads the beam centre but run") == 1
     xsml.close()
 
     with pytest.raises(ValueError, match="beam_center"):

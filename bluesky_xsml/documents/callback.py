@@ -208,6 +208,7 @@ class TaggingCallback:
         if int(index_limit) < 0:
             raise ValueError(f"index_limit must be >= 0, got {index_limit!r}")
         self.beam_centers = parse_beam_center(beam_center, "beam_center")
+        self._told_no_beam_center = False
         self.index_min_prob = float(index_min_prob)
         self.index_limit = int(index_limit)
         self._closed = False
@@ -486,6 +487,12 @@ class TaggingCallback:
                 run.beam_centers = {}
                 self._errors[f"bad xsml_beam_center: {err}"] += 1
                 log.warning("xsml: %s (run %s)", err, doc["uid"])
+            if (not run.beam_centers and getattr(self.tagger, "uses_beam_center", False)
+                    and not self._told_no_beam_center):
+                self._told_no_beam_center = True  # once per callback
+                log.info("xsml: the model reads the beam centre but run %s has none "
+                         "(TaggingCallback(beam_center=...) or md['xsml_beam_center']); "
+                         "its frames are tagged from the image alone", doc["uid"])
 
     def _run_for(self, uid: str | None, what: str) -> RunTagState | None:
         run = self._runs.get(uid) if uid else None
