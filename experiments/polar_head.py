@@ -31,14 +31,34 @@ from bluesky_xsml.training.metrics import average_precision
 SIZES = "sizes=256+512+768+1024,detectors=train"
 
 
-def cnn_and_polar(net, arrays, config: PolarConfig, cache: Path, batch: int = 256):
+def shifted(centers: torch.Tensor, distance: float, seed: int) -> torch.Tensor:
+    """``centers`` moved by ``distance`` input pixels, each in a random direction."""
+    angle = torch.as_tensor(np.random.default_rng(seed).uniform(0, 2 * np.pi, len(centers)))
+    return centers + distance * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+
+
+def polar_only(arrays, centers, config: PolarConfig, batch: int = 256) -> torch.Tensor:
+    """Polar features of every frame around ``centers``."""
+    with torch.inference_mode():
+        return torch.cat([polar_features(torch.as_tensor(np.asarray(arrays.inputs[a:a + batch],
+                                                                       np.float32)),
+                                         centers[a:a + batch], config)
+                          for a in range(0, len(arrays), batch)])
+
+
+def cnn_and_polar(net, arrays, config: PolarConfig, cache: Path, batch: int = 256,
+                  jitter: float = 0.0):
     """Pooled CNN features, CNN logits and polar features of every frame.
 
     The CNN's outputs are cached in ``cache`` (they do not depend on the polar
-    settings).
+    settings). ``jitter``: the centres are moved by a Gaussian error of that
+    standard deviation (input pixels, per axis; one draw per frame).
     """
     S = arrays.inputs.shape[-1]
     centers = torch.as_tensor(input_centers(arrays.shapes, arrays.centers, S))
+    if jitter:
+        noise = np.random.default_rng(1).normal(0, jitter, tuple(centers.shape))
+        centers = centers + torch.as_tensor(noise)
     have = cache.exists()
     pooled, logits, feats = [], [], []
     with torch.inference_mode():
@@ -81,6 +101,12 @@ def main(argv=None):
     ap.add_argument("--radial-bins", type=int, default=96)
     ap.add_argument("--harmonics", type=int, default=16)
     ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="train with each frame's centre moved by a Gaussian error of this "
+                         "standard deviation (input pixels per axis)")
+    ap.add_argument("--offsets", default="",
+                    help="also score the test frames with centres this many input pixels off, "
+                         "e.g. 1,2,4")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -99,8 +125,11 @@ def main(argv=None):
         arrays = load_arrays(getattr(args, name), config=tagger.preprocess_config,
                              workers=args.workers, progress=False)
         key = hashlib.sha1(f"{tagger.checkpoint_id}{arrays.source}".encode()).hexdigest()[:16]
-        sets[name] = (*cnn_and_polar(net, arrays, config, cache_dir / f"{key}.pt"),
+        sets[name] = (*cnn_and_polar(net, arrays, config, cache_dir / f"{key}.pt",
+                                     jitter=args.jitter if name == "train" else 0.0),
                       np.asarray(arrays.labels))
+        if name == "test":
+            test_arrays = arrays
         print(f"{name}: {len(arrays)} frames, features in {time.perf_counter() - t0:.0f} s",
               flush=True)
 
@@ -155,6 +184,20 @@ def main(argv=None):
         print(f"  {'tag':18s} {'CNN':>6s} {'+polar':>7s}")
         for t, u, v in zip(tags, a0, a1):
             print(f"  {t:18s} {u:6.3f} {v:7.3f}")
+    if args.offsets:
+        p, lg, _, k, lab = sets["test"]
+        exact = torch.as_tensor(input_centers(test_arrays.shapes, test_arrays.centers,
+                                              test_arrays.inputs.shape[-1]))
+        print("\ntest, centre off by (input px): mAP, peaks_on_ring, peaks_isolated")
+        results["offsets"] = {}
+        for d in (float(v) for v in args.offsets.split(",")):
+            f = polar_only(test_arrays, shifted(exact, d, seed=0), config)
+            head.eval()
+            with torch.inference_mode():
+                s_ = torch.sigmoid(lg + head(f, p, k)).numpy()
+            a = per_tag_ap(lab, s_)
+            results["offsets"][str(d)] = [float(np.nanmean(a)), float(a[iot]), float(a[iop])]
+            print(f"  {d:g}: {np.nanmean(a):.4f}, {a[iot]:.3f}, {a[iop]:.3f}", flush=True)
     torch.save(head.state_dict(), out / "polar_head.pt")
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
