@@ -243,3 +243,24 @@ def test_a_new_tag_grows_the_polar_head_too():
     after = grown.predict(frames, beam_center=(30, 40))
     np.testing.assert_allclose(after[:, :-1], before, atol=1e-6)  # old tags unchanged
     np.testing.assert_allclose(after[:, -1], 0.5, atol=1e-6)       # the new one starts at 0.5
+
+
+def test_finetuning_a_model_with_a_polar_head_trains_its_cnn_and_keeps_the_head():
+    from bluesky_xsml.training.finetune import finetune
+
+    _, tagger = polar_tagger(precision="fp32")
+    rng = np.random.default_rng(4)
+    x = rng.random((24, 6, 128, 128), dtype=np.float32) * 0.2
+    y = np.full((24, len(TAG_NAMES)), np.nan, np.float32)
+    x[::2, 0, 40:88, 40:88] += 1.0
+    y[:, 0] = (np.arange(24) % 2 == 0)
+    new, report = finetune(tagger, x[:16], y[:16], val_inputs=x[16:], val_labels=y[16:],
+                           synthetic=None, synthetic_val=None, steps=10, batch_size=8, lr=3e-3)
+    assert report.steps == 10 and new.uses_beam_center
+    old_state, new_state = tagger.net.state_dict(), new.net.state_dict()
+    polar = [k for k in old_state if k.startswith("polar.")]
+    cnn = [k for k in old_state if k.startswith("stages.")]
+    assert polar and all(torch.equal(old_state[k], new_state[k]) for k in polar)
+    assert any(not torch.equal(old_state[k], new_state[k]) for k in cnn)
+    frames = rng.poisson(6, (2, 90, 90)).astype(np.uint32)
+    assert np.isfinite(new.predict(frames, beam_center=(40, 50))).all()
