@@ -118,16 +118,18 @@ def input_centers(shapes, centers, size: int) -> np.ndarray:
     numpy.ndarray
         ``(N, 2)`` float64 ``(x, y)`` on the input, ``NaN`` where unknown.
     """
-    shapes = np.asarray(shapes, np.float64).reshape(-1, 2)
+    from .preprocess import _layout
+
+    shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
     c = np.asarray(centers, np.float64).reshape(-1, 2)
-    longest = shapes.max(1)
-    rep = np.where(longest < size, np.maximum(size // np.maximum(longest, 1), 1), 1)
-    h, w = shapes[:, 0] * rep, shapes[:, 1] * rep
-    k = np.maximum(1, np.ceil(np.maximum(h, w) / size))
-    oy, ox = (size * k - h) // 2, (size * k - w) // 2
-    x = ((c[:, 0] + 0.5) * rep - 0.5 + ox + 0.5) / k - 0.5
-    y = ((c[:, 1] + 0.5) * rep - 0.5 + oy + 0.5) / k - 0.5
-    return np.stack([x, y], 1)
+    out = np.empty_like(c)
+    for i, (h, w) in enumerate(shapes):
+        longest = max(h, w)
+        rep = max(size // longest, 1) if longest < size else 1  # as preprocess enlarges
+        k, oy, ox = _layout((h * rep, w * rep), size)
+        out[i, 0] = ((c[i, 0] + 0.5) * rep + ox) / k - 0.5  # pixel centres at integers
+        out[i, 1] = ((c[i, 1] + 0.5) * rep + oy) / k - 0.5
+    return out
 
 
 def _sampling_grid(centers: torch.Tensor, size: int, config: PolarConfig) -> torch.Tensor:
