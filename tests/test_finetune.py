@@ -118,6 +118,29 @@ def test_tagger_finetune_from_frames_returns_new_tagger_with_report():
         assert np.array_equal(v.numpy(), before[k].numpy())
 
 
+def test_distillation_holds_original_domain_frames_not_older_new_labels():
+    """Older labels of the new data (replay) are learned; only synthetic frames are distilled."""
+    tagger = tiny()
+    x, y = toy(32, 0)
+    vx, vy = toy(16, 1)
+    pos = vy[:, T0] == 1
+
+    def separation(**kw):
+        # no new labels this round: everything is learned from the replayed pool
+        new, _ = finetune(tagger, x[:4], np.full_like(y[:4], np.nan), val_inputs=vx,
+                          val_labels=vy, synthetic_val=None, steps=80, batch_size=8, lr=3e-3,
+                          new_fraction=0.25, distill=20.0, **kw)
+        p = new.predict_inputs(vx)[:, T0]
+        return float(p[pos].mean() - p[~pos].mean())
+
+    parent = tagger.predict_inputs(vx)[:, T0]
+    assert abs(float(parent[pos].mean() - parent[~pos].mean())) < 0.1
+    learned = separation(replay_inputs=x, replay_labels=y, synthetic=None)
+    held = separation(synthetic=(x, y))
+    assert learned > 0.5
+    assert held < learned - 0.3
+
+
 # --------------------------------------------------------------- live labeling
 @pytest.fixture
 def live(RE, recorder, tmp_path):

@@ -302,9 +302,11 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
         each residual block (0 trains everything; 3 freezes the stem and two
         blocks, which halves the CPU time of a step).
     distill : float
-        Weight of a distillation term on the replayed frames: binary
-        cross-entropy of the new outputs against the parent's probabilities for
-        the parent's tags (learning without forgetting); 0 turns it off.
+        Weight of a distillation term on the replayed original-domain
+        (``synthetic``) frames: binary cross-entropy of the new outputs against
+        the parent's probabilities for the parent's tags (learning without
+        forgetting); 0 turns it off. Replayed older labels of the new data are
+        not distilled: the parent's outputs there are what is being corrected.
     should_stop : callable, optional
         Polled every step; returning True ends training early (the gate still runs).
     on_step : callable, optional
@@ -353,16 +355,18 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
     else:
         hold = split_holdout(len(x_all), fraction=val_fraction, seed=seed)
         x_tr, y_tr, x_val, y_val = x_all[~hold], y_all[~hold], x_all[hold], y_all[hold]
-    pools: list[tuple[Any, np.ndarray]] = []
+    # (inputs, labels, distilled): older labels of the new data are not pulled back towards
+    # the parent's outputs, which are what fine-tuning corrects; original-domain frames are
+    pools: list[tuple[Any, np.ndarray, bool]] = []
     n_replay = 0
     if replay_inputs is not None and len(replay_inputs):
         ry = _remap(np.asarray(replay_labels, np.float32), names, out_tags, absent_negative=False)
-        pools.append((replay_inputs, ry))
+        pools.append((replay_inputs, ry, False))
         n_replay = len(replay_inputs)
     syn = load_synthetic(synthetic, tagger.preprocess_config)
     n_syn = 0
     if syn is not None and len(syn[0]):
-        pools.append((syn[0], _remap(syn[1], syn[2], out_tags, absent_negative=True)))
+        pools.append((syn[0], _remap(syn[1], syn[2], out_tags, absent_negative=True), True))
         n_syn = len(syn[0])
     syn_val = load_synthetic(synthetic_val, tagger.preprocess_config)
 
@@ -400,24 +404,27 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
             xs = [np.asarray(x_tr[idx], np.float32)]
             ys = [y_tr[idx]]
             rest = batch_size - n_new
-            for k, (px, py) in enumerate(pools):
+            n_kept = len(idx)  # rows before the distilled (original-domain) ones
+            for k, (px, py, distilled) in enumerate(pools):
                 share = rest // len(pools) + (1 if k < rest % len(pools) else 0)
                 if share <= 0:
                     continue
                 j = np.sort(rng.integers(0, len(px), share))
                 xs.append(np.asarray(px[j], np.float32))
                 ys.append(py[j])
+                if not distilled:
+                    n_kept += share
             x = torch.from_numpy(np.concatenate(xs))
             y = torch.from_numpy(np.concatenate(ys))
             if augment:
                 x = augment_fn(x, generator=gen)
             logits, loss = net(x, y)
-            if distill > 0 and len(x) > n_new:
+            if distill > 0 and len(x) > n_kept:
                 with torch.no_grad():
-                    soft = torch.sigmoid(teacher(x[n_new:])[0].float())
+                    soft = torch.sigmoid(teacher(x[n_kept:])[0].float())
                 k = soft.shape[1]
                 loss = loss + distill * torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits[n_new:, :k].float(), soft)
+                    logits[n_kept:, :k].float(), soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 2.0)
