@@ -543,17 +543,26 @@ def test_documents_stay_valid_with_the_service_attached(live):
 
 
 @pytest.mark.slow
-def test_xsml_serve_command_starts_and_stops(tmp_path):
-    """``xsml serve`` in a subprocess: prints the URL and key, serves, stops on SIGINT."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_xsml_serve_command_starts_and_stops(tmp_path, signame):
+    """``xsml serve`` in a subprocess: prints the URL and key, serves, stops cleanly on
+    Ctrl-C (SIGINT) or SIGTERM."""
     import os
     import signal
     import subprocess
     import sys
 
+    def as_from_a_terminal():
+        # a test runner started in the background inherits SIGINT ignored; a terminal's
+        # foreground command does not, and that is what Ctrl-C reaches
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     env = {**os.environ, "XSML_API_KEY": KEY, "XSML_NICE": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "bluesky_xsml.cli", "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bluesky_xsml.cli",
+                             "serve", "--port", "0",
                              "--finetune-dir", str(tmp_path / "ft"), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=as_from_a_terminal)
     try:
         url = None
         deadline = time.monotonic() + 120
@@ -568,8 +577,20 @@ def test_xsml_serve_command_starts_and_stops(tmp_path):
         assert httpx.get(url + "/api/finetune").json()["state"] == "idle"
         r = httpx.post(url + "/api/retrain", headers={"X-API-Key": "not-the-key-000000"})
         assert r.status_code == 403
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        proc.send_signal(getattr(signal, signame))
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack, then exit
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pytest.fail(f"xsml serve did not stop within 60 s of {signame}; its output:\n"
+                        + proc.communicate(timeout=30)[0][-20000:])
+        out = proc.communicate(timeout=30)[0]
+        assert code == 0, out
+        assert f"stopping ({signame})" in out
     finally:
         if proc.poll() is None:
             proc.kill()

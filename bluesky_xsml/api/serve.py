@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -194,11 +195,22 @@ def main(args: argparse.Namespace) -> int:
 
         threading.Thread(target=pump, name="xsml-zmq", daemon=True).start()
     handle = serve(callback, host=args.host, port=args.port, log_level=args.log_level)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt  # a second signal: do not wait for the clean stop
+        print(f"stopping ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+        stopping.set()
+
+    # SIGTERM (kill, systemd, a container stop) stops as cleanly as Ctrl-C; a SIGINT the
+    # shell told this process to ignore (a background job of a script) stays ignored
+    signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_signal)
     try:
-        while handle.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        while handle.running and not stopping.wait(0.5):
+            pass
     finally:
         handle.stop()
         if source is not None:
