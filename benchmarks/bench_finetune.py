@@ -64,6 +64,11 @@ SHIFTS = {
 }
 
 
+#: Original-domain frames replayed while fine-tuning, and those the gate checks forgetting on
+REPLAY = "synth:seed=0,n=2000,sizes=256+512+768+1024,detectors=train"
+GATE_VAL = "synth:seed=1,n=2000,sizes=256+512+768+1024,detectors=train"
+
+
 def shift_scene(scene: dict, rng: np.random.Generator, *, k_lo: float, k_hi: float) -> dict:
     """The scene with every intensity scaled by one exposure factor ``k ~ logU(k_lo, k_hi)``."""
     sc = copy.deepcopy(scene)
@@ -167,6 +172,31 @@ def throughput(tagger, frames, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def experiment_setup(model: str | None, shift: str, n: int, *, threads: int):
+    """What an experiment built on this benchmark starts from, with its default settings.
+
+    Returns ``(tagger, inputs, labels, settings)``: the checkpoint, the first ``n`` frames of
+    the shifted pool (the benchmark labels frames 0-511 and tests on 512-911) and the keyword
+    arguments of :func:`~bluesky_xsml.training.finetune.finetune` this benchmark uses at 128
+    labels (300 steps, batch 32, lr 5e-4, the stem frozen, distillation weight 2, 2,000
+    replayed and 500 gate frames of the original domain, a quarter of the labels held out).
+    """
+    import torch
+
+    from bluesky_xsml import Tagger
+    from bluesky_xsml.training.data import load_arrays
+
+    torch.set_num_threads(threads)
+    tagger = Tagger.load(model)
+    cfg = tagger.preprocess_config
+    x, y, _ = shifted_data(n, 2, SHIFTS[shift])
+    gate = load_arrays(GATE_VAL, config=cfg, progress=False)
+    settings = dict(synthetic=load_arrays(REPLAY, config=cfg, progress=False),
+                    synthetic_val=(np.asarray(gate.inputs[:500]), gate.labels[:500], gate.tags),
+                    steps=300, batch_size=32, lr=5e-4, freeze=1, distill=2.0, val_fraction=0.25)
+    return tagger, x, y, settings
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
@@ -183,11 +213,9 @@ def main(argv=None) -> int:
                    help="leading modules kept fixed (stem + blocks; see finetune)")
     p.add_argument("--distill", type=float, default=2.0,
                    help="weight of the distillation term on replayed frames (see finetune)")
-    p.add_argument("--replay", default="synth:seed=0,n=2000,sizes=256+512+768+1024,"
-                                       "detectors=train",
+    p.add_argument("--replay", default=REPLAY,
                    help="original-domain frames replayed while fine-tuning")
-    p.add_argument("--gate-val", default="synth:seed=1,n=2000,sizes=256+512+768+1024,"
-                                         "detectors=train",
+    p.add_argument("--gate-val", default=GATE_VAL,
                    help="original-domain frames the gate checks forgetting on")
     p.add_argument("--gate-val-n", type=int, default=500)
     p.add_argument("--orig-test", default="synth:seed=2,n=2000,sizes=256+512+768+1024,"

@@ -31,8 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPLAY = "synth:seed=0,n=2000,sizes=256+512+768+1024,detectors=train"
-GATE_VAL = "synth:seed=1,n=2000,sizes=256+512+768+1024,detectors=train"
 #: the benchmark's pool (labels 0-511, test 512-911), then 4,096 more frames, then 128 for the gate
 POOL = 912 + 4096 + 128
 
@@ -96,26 +94,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    import torch
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_finetune as bench
 
-    from bluesky_xsml import Tagger
-    from bluesky_xsml.training.data import load_arrays
     from bluesky_xsml.training.finetune import finetune
 
-    torch.set_num_threads(args.threads)
-    tagger = Tagger.load(args.model)
+    tagger, x, y, settings = bench.experiment_setup(args.model, args.shift, POOL,
+                                                    threads=args.threads)
     cfg = tagger.preprocess_config
-    x, y, _ = bench.shifted_data(POOL, 2, bench.SHIFTS[args.shift])
     x_test, y_test = x[512:912], y[512:912]
     extra_x, extra_y = x[912:912 + 4096], y[912:912 + 4096]
-    gate = load_arrays(GATE_VAL, config=cfg, progress=False)
-    settings = dict(synthetic=load_arrays(REPLAY, config=cfg, progress=False),
-                    synthetic_val=(np.asarray(gate.inputs[:500]), gate.labels[:500], gate.tags),
-                    val_inputs=x[-128:], val_labels=y[-128:], batch_size=32, lr=args.lr,
-                    freeze=args.freeze, distill=args.distill)
+    # every labeled frame is trained on; the gate checks the last 128 frames of the pool
+    settings.update(val_inputs=x[-128:], val_labels=y[-128:], lr=args.lr, freeze=args.freeze,
+                    distill=args.distill)
+    del settings["steps"]
     before = bench.mean_ap(tagger, x_test, y_test)
     print(f"model {tagger.checkpoint_id}, {args.shift} shift: held-out shifted mAP {before:.4f} "
           f"before (400 frames); lr {args.lr}, freeze {args.freeze}, distill {args.distill}")

@@ -21,9 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPLAY = "synth:seed=0,n=2000,sizes=256+512+768+1024,detectors=train"
-GATE_VAL = "synth:seed=1,n=2000,sizes=256+512+768+1024,detectors=train"
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,24 +29,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    import torch
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_finetune as bench
 
-    from bluesky_xsml import Tagger
-    from bluesky_xsml.training.data import load_arrays
     from bluesky_xsml.training.finetune import finetune
 
-    torch.set_num_threads(args.threads)
-    tagger = Tagger.load(args.model)
-    cfg = tagger.preprocess_config
-    x, y, _ = bench.shifted_data(912, 2, bench.SHIFTS[args.shift])
+    tagger, x, y, settings = bench.experiment_setup(args.model, args.shift, 912,
+                                                    threads=args.threads)
     x_test, y_test = x[-400:], y[-400:]
-    gate = load_arrays(GATE_VAL, config=cfg, progress=False)
-    settings = dict(synthetic=load_arrays(REPLAY, config=cfg, progress=False),
-                    synthetic_val=(np.asarray(gate.inputs[:500]), gate.labels[:500], gate.tags),
-                    steps=300, batch_size=32, lr=5e-4, freeze=1, distill=2.0, val_fraction=0.25)
     print(f"model {tagger.checkpoint_id}, {args.shift} shift: held-out shifted mAP "
           f"{bench.mean_ap(tagger, x_test, y_test):.4f} before")
     first, report = finetune(tagger, x[:128], y[:128], **settings)
