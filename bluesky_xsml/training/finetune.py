@@ -355,8 +355,8 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
     else:
         hold = split_holdout(len(x_all), fraction=val_fraction, seed=seed)
         x_tr, y_tr, x_val, y_val = x_all[~hold], y_all[~hold], x_all[hold], y_all[hold]
-    # (inputs, labels, distilled): older labels of the new data are not pulled back towards
-    # the parent's outputs, which are what fine-tuning corrects; original-domain frames are
+    # (inputs, labels, distilled): only original-domain frames are held to the parent's
+    # outputs; on older labels of the new data those outputs are what fine-tuning corrects
     pools: list[tuple[Any, np.ndarray, bool]] = []
     n_replay = 0
     if replay_inputs is not None and len(replay_inputs):
@@ -403,8 +403,8 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
             idx = np.sort(rng.integers(0, len(x_tr), n_new))
             xs = [np.asarray(x_tr[idx], np.float32)]
             ys = [y_tr[idx]]
+            held = [np.zeros(len(idx), bool)]  # rows distilled towards the parent
             rest = batch_size - n_new
-            n_kept = len(idx)  # rows before the distilled (original-domain) ones
             for k, (px, py, distilled) in enumerate(pools):
                 share = rest // len(pools) + (1 if k < rest % len(pools) else 0)
                 if share <= 0:
@@ -412,19 +412,19 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
                 j = np.sort(rng.integers(0, len(px), share))
                 xs.append(np.asarray(px[j], np.float32))
                 ys.append(py[j])
-                if not distilled:
-                    n_kept += share
+                held.append(np.full(share, distilled))
             x = torch.from_numpy(np.concatenate(xs))
             y = torch.from_numpy(np.concatenate(ys))
+            rows = torch.from_numpy(np.concatenate(held))
             if augment:
                 x = augment_fn(x, generator=gen)
             logits, loss = net(x, y)
-            if distill > 0 and len(x) > n_kept:
+            if distill > 0 and bool(rows.any()):
                 with torch.no_grad():
-                    soft = torch.sigmoid(teacher(x[n_kept:])[0].float())
+                    soft = torch.sigmoid(teacher(x[rows])[0].float())
                 k = soft.shape[1]
                 loss = loss + distill * torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits[n_kept:, :k].float(), soft)
+                    logits[rows, :k].float(), soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 2.0)
