@@ -172,6 +172,19 @@ def throughput(tagger, frames, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def pseudo_labels(tagger, inputs, *, confident: float = 0.9) -> np.ndarray:
+    """``tagger``'s labels for unlabeled inputs where it is confident (self-training).
+
+    Probability ``>= confident`` becomes 1, ``<= 1 - confident`` becomes 0, anything between
+    stays ``NaN`` (unknown). Columns are ``tagger.tags``.
+    """
+    x = np.asarray(inputs, np.float32)
+    probs = np.concatenate([tagger.predict_inputs(x[a:a + 64]) for a in range(0, len(x), 64)])
+    out = np.full(probs.shape, np.nan, np.float32)
+    out[probs >= confident], out[probs <= 1 - confident] = 1.0, 0.0
+    return out
+
+
 def experiment_setup(model: str | None, shift: str, n: int, *, threads: int):
     """What an experiment built on this benchmark starts from, with its default settings.
 

@@ -126,16 +126,15 @@ def main(argv=None) -> int:
         print(f"{name:>6} {steps:>5} {after:>11.4f} {100 * (after - before):>+6.1f} "
               f"{report.original_before:.4f} -> {report.original_after:.4f} "
               f"{report.seconds:>7.0f}", flush=True)
-        return new
 
     first = None
     for spec in args.runs.split(","):
         n, steps = (int(v) for v in spec.split(":"))
-        # the benchmark's first 128 labels, then the extra frames
+        # the benchmark's 512 pool frames first, then the extra ones
         lx = x[:n] if n <= 512 else np.concatenate([x[:512], extra_x[:n - 512]])
         ly = y[:n] if n <= 512 else np.concatenate([y[:512], extra_y[:n - 512]])
         new, report = finetune(tagger, lx, ly, steps=steps, **settings)
-        new = row(str(n), steps, new, report)
+        row(str(n), steps, new, report)
         if n == 128:
             first = new
     if args.self_train:
@@ -143,10 +142,7 @@ def main(argv=None) -> int:
             first, _ = finetune(tagger, x[:128], y[:128], steps=300, **settings)
         t0 = time.perf_counter()
         unlabeled = np.asarray(extra_x[:args.self_train], np.float32)
-        probs = np.concatenate([first.predict_inputs(unlabeled[a:a + 64])
-                                for a in range(0, len(unlabeled), 64)])[:, :y.shape[1]]
-        pseudo = np.full(probs.shape, np.nan, np.float32)
-        pseudo[probs >= 0.9], pseudo[probs <= 0.1] = 1.0, 0.0
+        pseudo = bench.pseudo_labels(first, unlabeled)[:, :y.shape[1]]
         known = ~np.isnan(pseudo)
         truth = extra_y[:args.self_train]
         print(f"self-training: pseudo-labels for {known.mean():.0%} of the "

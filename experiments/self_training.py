@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     print(f"  128 labels:                          {bench.mean_ap(first, x_test, y_test):.4f} "
           f"(gate {'passed' if report.passed else 'refused'}, {report.seconds:.0f} s)")
     unlabeled = np.asarray(x[128:512], np.float32)
-    probs = first.predict_inputs(unlabeled)[:, :y.shape[1]]
-    pseudo = np.full(probs.shape, np.nan, np.float32)
-    pseudo[probs >= 0.9], pseudo[probs <= 0.1] = 1.0, 0.0
+    pseudo = bench.pseudo_labels(first, unlabeled)[:, :y.shape[1]]
     known = ~np.isnan(pseudo)
     print(f"  pseudo-labels: {known.mean():.0%} of the 384 x {y.shape[1]} entries, "
           f"{(pseudo[known] == y[128:512][known]).mean():.1%} of them right")
