@@ -79,7 +79,9 @@ try:
         return BPlan("scan", ["det"], "sample_x", lo, hi, 5, md={"purpose": "refine"})
 
     # 4. decisions become queue items
-    steering = QueueSteering(api, plans={"refine": finer_scan}, start_queue=True)
+    # an unattended demo: act at once (the default waits for a person to approve)
+    steering = QueueSteering(api, plans={"refine": finer_scan}, start_queue=True,
+                             require_approval=False)
     steering.attach(engine)
     refs = [FrameRef(run_uid=uid, seq_num=int(s), key=k, tags=t)
             for s, k, t in zip(tags.seq_nums, tags.source_key, tags.tags)]

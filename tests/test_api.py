@@ -38,7 +38,7 @@ class ASGIClient:
     def request(self, method, url, **kw):
         async def go():
             transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
                 return await c.request(method, url, **kw)
 
         return asyncio.run(go())
@@ -113,7 +113,8 @@ def state_changing_operations(app):
     for path, item in app.openapi()["paths"].items():
         for method in item:
             if method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
-                ops.append((method.upper(), path.replace("{checkpoint_id}", "abc123")))
+                ops.append((method.upper(), path.replace("{checkpoint_id}", "abc123")
+                            .replace("{uid}", "d0")))
     return ops
 
 
@@ -146,7 +147,7 @@ def test_server_binds_loopback_and_announces_key(live, capsys):
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789"])
 def test_every_state_changing_endpoint_needs_the_key(client, live, key):
     ops = state_changing_operations(live.app)
-    assert len(ops) == 6, ops
+    assert len(ops) == 8, ops
     tagger_thresholds = live.tagger.thresholds.copy()
     labels_before = live.xsml.finetuner.status()["labels"]
     for method, path in ops:

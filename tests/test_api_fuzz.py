@@ -53,7 +53,8 @@ def fuzz_app(tmp_path_factory):
     RE.subscribe(xsml)
     RE(count([make_image_detector(shape=(32, 40))], 3))
     assert xsml.flush(60)
-    app = create_app(xsml, settings=ServiceSettings(api_key=KEY, max_body_bytes=64 * 1024))
+    app = create_app(xsml, settings=ServiceSettings(api_key=KEY, max_body_bytes=64 * 1024,
+                                                     trusted_hosts=["testserver"]))
     yield app
     xsml.close()
 

@@ -106,7 +106,7 @@ def saturated(seq):
 
 
 def test_decision_adds_a_plan_that_runs_with_the_decision_in_its_metadata(qs):
-    steering = QueueSteering(qs.api, plans={
+    steering = QueueSteering(qs.api, require_approval=False, plans={
         "remeasure": PlanTemplate(name="count", args=[["det"]], kwargs={"num": 2},
                                   params={"exposure_factor": "delay"})})
     decision = Decision(action="remeasure", reason="saturation: saturation at primary seq_num 7",
@@ -131,7 +131,7 @@ def test_decision_adds_a_plan_that_runs_with_the_decision_in_its_metadata(qs):
 
 
 def test_start_queue_runs_the_added_plan(qs):
-    steering = QueueSteering(qs.api, start_queue=True, plans={
+    steering = QueueSteering(qs.api, start_queue=True, require_approval=False, plans={
         "count_longer": PlanTemplate(name="count", args=[["det1"]], kwargs={"num": 3})})
     action = steering.submit(Decision(action="count_longer", reason="weak_only", rule="weak_only"))
     assert action.status == "done" and action.detail.endswith("; queue started")
@@ -185,7 +185,7 @@ def test_approval_holds_actions_until_a_person_decides(qs):
 
 
 def test_pause_decision_pauses_the_running_plan(qs):
-    steering = QueueSteering(qs.api)
+    steering = QueueSteering(qs.api, require_approval=False)
     idle = steering.submit(Decision(action="pause", reason="beam_off", rule="beam_off"))
     assert (idle.status, idle.detail) == ("done", "nothing to pause (manager idle)")
 
@@ -202,7 +202,7 @@ def test_pause_decision_pauses_the_running_plan(qs):
 
 
 def test_stop_decision_stops_the_queue_after_the_running_plan(qs):
-    steering = QueueSteering(qs.api)
+    steering = QueueSteering(qs.api, require_approval=False)
     for _ in range(2):
         qs.api.item_add({"item_type": "plan", "name": "count", "args": [["det"]],
                          "kwargs": {"num": 10, "delay": 0.1}})
@@ -223,7 +223,7 @@ def test_unreachable_manager_fails_the_action_without_blocking_tagging():
     api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{free_port()}", timeout_recv=0.3,
                        timeout_send=0.3)
     engine = PolicyEngine()
-    steering = QueueSteering(api)
+    steering = QueueSteering(api, require_approval=False)
     steering.attach(engine)
     frames = [FrameResult("primary", i, "", "img", 0, [0.0], tags=("beam_off",))
               for i in range(1, 4)]

@@ -8,9 +8,10 @@
 
 The app publishes its OpenAPI schema at ``/openapi.json`` (docs at ``/docs``),
 answers ``/healthz``, serves the live page at ``/page/`` and the JSON API under
-``/api``. State-changing requests need the API key in the ``X-API-Key``
-header; request bodies are capped; malformed requests get a 4xx whose
-``detail`` says what is wrong.
+``/api``. Requests must name a trusted host; state-changing requests (and,
+off loopback, every ``/api`` request) need the API key in the ``X-API-Key``
+header or as ``Authorization: Bearer <key>``; request bodies are capped;
+malformed requests get a 4xx whose ``detail`` says what is wrong.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _describe_errors(errors, body=None) -> tuple[str, list[dict]]:
 
 
 def create_app(callback=None, *, settings: ServiceSettings | None = None,
-               policy_engine=None) -> FastAPI:
+               policy_engine=None, queue_steering=None) -> FastAPI:
     """Build the service app around a live tagging callback.
 
     Parameters
@@ -89,6 +90,9 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
     policy_engine : PolicyEngine, optional
         The steering engine whose decisions are served and whose policy the
         API replaces (default: a new engine with the default policy).
+    queue_steering : QueueSteering, optional
+        Whose pending queue-server actions ``/api/queue/pending`` lists and
+        ``/api/queue/{uid}/approve`` / ``reject`` decide (key required).
 
     Returns
     -------
@@ -96,9 +100,10 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         ``app.state.service`` is the :class:`ServiceState`,
         ``app.state.api_key`` the key.
     """
-    from .routes import feed, frames, model, status, steering
+    from .routes import feed, frames, model, queue, status, steering
 
     settings = settings if settings is not None else ServiceSettings()
+    generated = settings.api_key is None
     api_key = settings.resolved_api_key()
     state = ServiceState(callback, settings=settings, policy_engine=policy_engine)
     state.attach()
@@ -115,12 +120,15 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         title="bluesky-xsml steering service",
         version=__version__,
         description="Live tags of x-ray scattering frames, steering decisions, labels and "
-                    "model control. State-changing requests need the `X-API-Key` header.",
+                    "model control. State-changing requests need the `X-API-Key` header "
+                    "(or `Authorization: Bearer <key>`).",
         lifespan=lifespan,
     )
     app.state.service = state
     app.state.settings = settings
     app.state.api_key = api_key
+    app.state.api_key_generated = generated
+    app.state.queue_steering = queue_steering
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -161,11 +169,13 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         return app.openapi_schema
 
     app.openapi = openapi
-    for module in (status, frames, steering, model, feed):
+    for module in (status, frames, steering, queue, model, feed):
         app.include_router(module.router)
     app.mount("/page", StaticFiles(directory=PAGE_DIR, html=True), name="page")
     # the polled reads skip FastAPI's routing (inner to the guard, which adds its headers)
     app.add_middleware(HotReads, state=state, status_max_age=status.STATUS_MAX_AGE)
     app.add_middleware(GuardMiddleware, api_key=api_key,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes,
+                       allowed_hosts=settings.allowed_hosts(),
+                       keyed_reads=settings.reads_need_key())
     return app

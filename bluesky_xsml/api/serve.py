@@ -37,7 +37,8 @@ class ServiceHandle:
     url : str
         Base URL (``http://127.0.0.1:8765``); the page is at ``url + "/page/"``.
     api_key : str
-        The key for state-changing requests (``X-API-Key`` header).
+        The key for state-changing requests (``X-API-Key`` header, or
+        ``Authorization: Bearer <key>``).
     app : FastAPI
     page_url : str
         The page with the key in the URL fragment (the fragment never leaves
@@ -91,7 +92,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(callback=None, *, host: str | None = None, port: int | None = None, settings=None,
-          policy_engine=None, log_level: str = "warning", announce: bool = True,
+          policy_engine=None, queue_steering=None, log_level: str = "warning",
+          announce: bool = True,
           start_timeout: float = 30.0) -> ServiceHandle:
     """Start the service in a background thread and return its handle.
 
@@ -102,10 +104,13 @@ def serve(callback=None, *, host: str | None = None, port: int | None = None, se
         Override the settings (default 127.0.0.1:8765; port 0 picks a free port).
     settings : ServiceSettings, optional
     policy_engine : PolicyEngine, optional
+    queue_steering : QueueSteering, optional
+        Its pending queue-server actions are listed and approved over the API.
     log_level : str
         uvicorn's log level.
     announce : bool
-        Print the page URL and the API key.
+        Print the page URL, and the API key when it was generated (a key the
+        operator set is never printed).
     start_timeout : float
         Longest wait for the server to accept connections.
     """
@@ -116,7 +121,8 @@ def serve(callback=None, *, host: str | None = None, port: int | None = None, se
     updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if updates:
         settings = settings.model_copy(update=updates)
-    app = create_app(callback, settings=settings, policy_engine=policy_engine)
+    app = create_app(callback, settings=settings, policy_engine=policy_engine,
+                     queue_steering=queue_steering)
     return serve_app(app, host=settings.host, port=settings.port, log_level=log_level,
                      announce=announce, start_timeout=start_timeout)
 
@@ -130,11 +136,18 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
+    from .protocol import header_deadline_protocol
+    from .settings import ServiceSettings
+
+    settings = getattr(app.state, "settings", None) or ServiceSettings()
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                            access_log=False, lifespan="on")
+                            access_log=False, lifespan="on",
+                            http=header_deadline_protocol(settings.header_timeout_s),
+                            limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_s)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # not the main thread; IPython keeps Ctrl-C
-    nice = int(getattr(getattr(app.state, "settings", None), "nice", 0))
+    nice = int(settings.nice)
 
     def run() -> None:
         if nice and hasattr(os, "setpriority"):
@@ -154,8 +167,12 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
         time.sleep(0.02)
     handle = ServiceHandle(app, server, thread, sock, url)
     if announce:
-        print(f"xsml service: {handle.page_url}\n  API key (X-API-Key header): {handle.api_key}",
-              flush=True)
+        if getattr(app.state, "api_key_generated", True):
+            print(f"xsml service: {handle.page_url}\n  API key (X-API-Key header): "
+                  f"{handle.api_key}", flush=True)
+        else:  # the operator's own key: never printed (it may be in a shared log)
+            print(f"xsml service: {handle.url}/page/ (API key: the one you configured; "
+                  "open the page with #key=<your key>)", flush=True)
     return handle
 
 

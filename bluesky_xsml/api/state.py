@@ -239,10 +239,13 @@ class ServiceState:
                     if c in self._clients:
                         self._clients.remove(c)
 
-    def subscribe(self, loop: asyncio.AbstractEventLoop) -> FeedClient:
-        """A new live-feed client whose queue lives on ``loop``."""
+    def subscribe(self, loop: asyncio.AbstractEventLoop, *,
+                  limit: int | None = None) -> FeedClient | None:
+        """A new live-feed client whose queue lives on ``loop`` (None: ``limit`` reached)."""
         client = FeedClient(loop, self.settings.feed_queue)
         with self._lock:
+            if limit is not None and len(self._clients) >= limit:
+                return None
             self._clients.append(client)
         return client
 

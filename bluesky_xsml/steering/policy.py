@@ -49,6 +49,8 @@ Examples
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 import time as _time
 import uuid
@@ -73,6 +75,8 @@ __all__ = [
     "decide",
     "default_rules",
     "STRUCTURE_TAGS",
+    "PARAM_BOUNDS",
+    "check_param",
 ]
 
 Action = Literal["continue", "pause", "remeasure", "refine", "count_longer", "stop"]
@@ -80,6 +84,56 @@ Action = Literal["continue", "pause", "remeasure", "refine", "count_longer", "st
 ACTIONS: tuple[str, ...] = ("continue", "pause", "remeasure", "refine", "count_longer", "stop")
 
 RuleKind = Literal["consecutive", "latest", "appears", "changes", "only", "skipped"]
+
+#: Closed ranges of the rule parameters the plans act on (a factor of 1e300 is refused).
+PARAM_BOUNDS: dict[str, tuple[float, float]] = {
+    "exposure_factor": (0.01, 100.0),   # multiplies the exposure (remeasure, count_longer)
+    "step_factor": (0.01, 1.0),         # fraction of the step for refine
+}
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_MAX_PARAMS = 16
+_MAX_ABS = 1e9
+_MAX_TEXT = 256
+
+
+def check_param(name: str, value: Any, bounds: tuple[float, float] | None = None) -> Any:
+    """``value`` if it is an acceptable value of rule/plan parameter ``name``, else ValueError.
+
+    Values are ``None``, booleans, short strings or finite numbers with
+    ``|x| <= 1e9``; a name in :data:`PARAM_BOUNDS` (or given ``bounds``) must
+    be a number within its range.
+
+    >>> check_param("exposure_factor", 0.5)
+    0.5
+    >>> check_param("exposure_factor", 1e300)
+    Traceback (most recent call last):
+    ...
+    ValueError: exposure_factor must be a number from 0.01 to 100, got 1e+300
+    """
+    if not isinstance(name, str) or _PARAM_NAME.fullmatch(name) is None:
+        raise ValueError(f"parameter name {name!r} must be 1-64 letters, digits or _, "
+                         "not starting with a digit")
+    bounds = bounds if bounds is not None else PARAM_BOUNDS.get(name)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if bounds is not None:
+        lo, hi = bounds
+        if not (is_number and math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
+        return value
+    if value is None or isinstance(value, bool):
+        return value
+    if is_number:
+        if not (math.isfinite(value) and abs(value) <= _MAX_ABS):
+            raise ValueError(f"{name} must be finite and at most {_MAX_ABS:g} in size, "
+                             f"got {value!r}")
+        return value
+    if isinstance(value, str):
+        if len(value) > _MAX_TEXT:
+            raise ValueError(f"{name} must be at most {_MAX_TEXT} characters long")
+        return value
+    raise ValueError(f"{name} must be a number, a boolean, a string or null, "
+                     f"not {type(value).__name__}")
+
 
 #: Tags whose appearance means the sample's structure changed (default ``new_feature`` rule).
 STRUCTURE_TAGS: tuple[str, ...] = tuple(t.name for t in TAGS if t.group == "scattering")
@@ -162,7 +216,9 @@ class Rule(BaseModel):
         Tagged frames that must precede the newest for ``appears``/``changes``
         to hold (a run's first frame is not a change).
     params : dict
-        Copied into the decision (e.g. ``{"exposure_factor": 0.5}``) for whoever acts on it.
+        Copied into the decision (e.g. ``{"exposure_factor": 0.5}``) for whoever acts on it:
+        at most 16, each a number, boolean, string or null; those in
+        :data:`PARAM_BOUNDS` within their range (see :func:`check_param`).
     enabled : bool
         Disabled rules are kept but never hold.
     description : str
@@ -186,6 +242,13 @@ class Rule(BaseModel):
     @classmethod
     def _known_tags(cls, v: list[str]) -> list[str]:
         return _check_tags(v, "rule tags")
+
+    @field_validator("params")
+    @classmethod
+    def _bounded_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > _MAX_PARAMS:
+            raise ValueError(f"at most {_MAX_PARAMS} params, got {len(v)}")
+        return {name: check_param(name, value) for name, value in v.items()}
 
     @model_validator(mode="after")
     def _tags_needed(self) -> "Rule":

@@ -11,9 +11,11 @@ bluesky-queueserver-api's 0MQ ``REManagerAPI``:
   (at the front by default), and optionally start the queue;
 - ``continue`` and actions with nothing configured: nothing (recorded as ``ignored``).
 
-With ``require_approval=True`` every action waits in :attr:`QueueSteering.pending`
-until a person calls :meth:`~QueueSteering.approve` (or
-:meth:`~QueueSteering.reject`); the switch can be flipped at run time.
+By default (``require_approval=True``) every action waits in
+:attr:`QueueSteering.pending` until a person calls :meth:`~QueueSteering.approve`
+(or :meth:`~QueueSteering.reject`), in code or over the service's keyed
+``/api/queue/{uid}/approve`` route; ``require_approval=False`` acts at once. The
+switch can be flipped at run time.
 
 Decisions arrive from a :class:`~bluesky_xsml.steering.policy.PolicyEngine`
 (:meth:`QueueSteering.attach`) on the tagging thread; they are handed to a
@@ -35,7 +37,7 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigurationError, XsmlError
-from .policy import ACTIONS, Decision
+from .policy import ACTIONS, PARAM_BOUNDS, Decision, check_param
 
 __all__ = ["PlanTemplate", "QueueAction", "QueueSteering", "QueueSteeringError"]
 
@@ -68,6 +70,11 @@ class PlanTemplate(BaseModel):
     params : dict
         Decision parameter -> plan keyword: ``{"exposure_factor": "exposure_factor"}``
         copies ``decision.params["exposure_factor"]`` into the plan's kwargs.
+    bounds : dict
+        Decision parameter -> ``(low, high)``: the closed range a copied value
+        must lie in (default: :data:`~bluesky_xsml.steering.policy.PARAM_BOUNDS`
+        for the names it knows). A value outside it, or not finite, makes
+        :meth:`item` raise ``ValueError``: nothing is queued.
 
     Examples
     --------
@@ -86,13 +93,21 @@ class PlanTemplate(BaseModel):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, str] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
     def item(self, decision: Decision) -> dict:
-        """The queue item (``item_type="plan"``) for ``decision``."""
+        """The queue item (``item_type="plan"``) for ``decision``.
+
+        Raises
+        ------
+        ValueError
+            A copied parameter is outside its bounds (or not a plain value).
+        """
         kwargs = dict(self.kwargs)
         for source, target in self.params.items():
             if source in decision.params:
-                kwargs[target] = decision.params[source]
+                bounds = self.bounds.get(source, PARAM_BOUNDS.get(source))
+                kwargs[target] = check_param(source, decision.params[source], bounds)
         md = dict(kwargs.get("md") or {})
         md["xsml_decision"] = decision.model_dump(mode="json")
         kwargs["md"] = md
@@ -132,7 +147,8 @@ class QueueSteering:
         ``decision -> item dict | PlanTemplate | None``) for actions that add a
         plan (``remeasure``, ``refine``, ``count_longer``, ...).
     require_approval : bool
-        Hold every action in :attr:`pending` until :meth:`approve`.
+        Hold every action in :attr:`pending` until :meth:`approve` (default:
+        a person approves what reaches the beamline's queue; ``False`` acts at once).
     pause_option : {"deferred", "immediate"}
         How ``pause`` pauses the running plan.
     add_position : {"front", "back"}
@@ -150,7 +166,7 @@ class QueueSteering:
     """
 
     def __init__(self, api: Any = None, *, zmq_control_addr: str | None = None,
-                 plans: Mapping[str, Any] | None = None, require_approval: bool = False,
+                 plans: Mapping[str, Any] | None = None, require_approval: bool = True,
                  pause_option: str = "deferred", add_position: str = "front",
                  start_queue: bool = False, pause_wait: float = 5.0, max_pending: int = 100,
                  history_size: int = 1000):
@@ -309,20 +325,19 @@ class QueueSteering:
             return QueueAction(uid=decision.uid, decision=decision, kind="stop")
         plan = self._plans.get(decision.action)
         item = None
-        if isinstance(plan, PlanTemplate):
-            item = plan.item(decision)
-        elif plan is not None:
-            made = plan(decision)
-            if isinstance(made, PlanTemplate):
-                item = made.item(decision)
-            elif made is not None:
-                item = dict(made.to_dict() if hasattr(made, "to_dict") else made)
-                kwargs = dict(item.get("kwargs") or {})
-                md = dict(kwargs.get("md") or {})
-                md.setdefault("xsml_decision", decision.model_dump(mode="json"))
-                kwargs["md"] = md
-                item["kwargs"] = kwargs
-                item.setdefault("item_type", "plan")
+        try:
+            if isinstance(plan, PlanTemplate):
+                item = plan.item(decision)
+            elif plan is not None:
+                made = plan(decision)
+                if isinstance(made, PlanTemplate):
+                    item = made.item(decision)
+                elif made is not None:
+                    item = self._item_of(made, decision)
+        except ValueError as err:
+            return QueueAction(uid=decision.uid, decision=decision, kind="none",
+                               status="failed", detail=f"not queued: {err}",
+                               finished=time.time())
         if item is None:
             detail = ("no queue action for 'continue'" if decision.action == "continue"
                       else f"no plan configured for {decision.action!r}")
@@ -330,10 +345,22 @@ class QueueSteering:
                                status="ignored", detail=detail, finished=time.time())
         return QueueAction(uid=decision.uid, decision=decision, kind="add_plan", item=item)
 
+    @staticmethod
+    def _item_of(made, decision: Decision) -> dict:
+        """A factory's item (a BPlan or a dict) with the decision in its ``md``."""
+        item = dict(made.to_dict() if hasattr(made, "to_dict") else made)
+        kwargs = dict(item.get("kwargs") or {})
+        md = dict(kwargs.get("md") or {})
+        md.setdefault("xsml_decision", decision.model_dump(mode="json"))
+        kwargs["md"] = md
+        item["kwargs"] = kwargs
+        item.setdefault("item_type", "plan")
+        return item
+
     def submit(self, decision: Decision) -> QueueAction:
         """Act on ``decision`` now, or hold it for approval; returns the action."""
         action = self.plan_for(decision)
-        if action.status == "ignored":
+        if action.status in ("ignored", "failed"):
             return self._finish(action)
         if self._require_approval:
             with self._lock:

@@ -11,7 +11,10 @@ parent id, fine-tuning step, label counts, validation metrics, whether it was
 promoted and, when it was kept but not promoted, the reason. Files are
 written before the registry that names them, both atomically (temporary file,
 ``fsync``, ``os.replace``), so a crash at any moment leaves the previous
-registry and the active checkpoint intact. Checkpoints are loaded with
+registry and the active checkpoint intact. Every change is built on a copy of
+the registry, saved, and only then made the registry's state, so a save that
+fails (a full disk) leaves memory and file agreeing on the previous state.
+Checkpoints are loaded with
 ``torch.load(weights_only=True)`` and their content id is verified.
 
 Examples
@@ -37,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -156,8 +160,9 @@ class CheckpointRegistry:
         """
         path = None
         with self._lock:
+            new = copy.deepcopy(self._state)
             cid = tagger.checkpoint_id
-            if cid not in self._state["checkpoints"]:
+            if cid not in new["checkpoints"]:
                 path = tagger.save(self.path_of(tagger.checkpoint_id))
                 cid = tagger.checkpoint_id  # save() recomputes the content id
                 if path != self.path_of(cid):  # pragma: no cover - ids agree by construction
@@ -175,11 +180,10 @@ class CheckpointRegistry:
                     "reason": str(reason),
                     "extra": _jsonable(extra or {}),
                 }
-                self._state["checkpoints"][cid] = rec
+                new["checkpoints"][cid] = rec
             if promote:
-                self._set_active(cid)
-            else:
-                self._save()
+                _set_active(new, cid)
+            self._commit(new)
             out = self.get(cid)
         if promote:
             self._notify(out)
@@ -192,7 +196,9 @@ class CheckpointRegistry:
             if not self.path_of(checkpoint_id).exists():
                 raise CheckpointError(f"checkpoint file {str(self.path_of(checkpoint_id))!r} "
                                       "is missing")
-            self._set_active(checkpoint_id)
+            new = copy.deepcopy(self._state)
+            _set_active(new, checkpoint_id)
+            self._commit(new)
             out = self.get(checkpoint_id)
         self._notify(out)
         return out
@@ -206,14 +212,14 @@ class CheckpointRegistry:
             Nothing to roll back to.
         """
         with self._lock:
-            history = self._state["history"]
-            if len(history) < 2:
+            if len(self._state["history"]) < 2:
                 raise CheckpointError("nothing to roll back to: only one checkpoint was ever "
                                       "active")
-            history.pop()
-            self._state["active"] = history[-1]
-            self._save()
-            out = self.get(history[-1])
+            new = copy.deepcopy(self._state)
+            new["history"].pop()
+            new["active"] = new["history"][-1]
+            self._commit(new)  # a failed save (OSError) leaves the old state everywhere
+            out = self.get(new["active"])
         self._notify(out)
         return out
 
@@ -222,15 +228,10 @@ class CheckpointRegistry:
         self._listeners.append(listener)
 
     # ---------------------------------------------------------------- helpers
-    def _set_active(self, cid: str) -> None:
-        self._state["active"] = cid
-        if not self._state["history"] or self._state["history"][-1] != cid:
-            self._state["history"].append(cid)
-        self._state["checkpoints"][cid]["activated"] = time.time()
-        self._save()
-
-    def _save(self) -> None:
-        atomic_write_json(self.directory / _REGISTRY, self._state)
+    def _commit(self, new: dict) -> None:
+        """Save ``new`` (atomically), then make it the state; on error nothing changes."""
+        atomic_write_json(self.directory / _REGISTRY, new)
+        self._state = new
 
     def _public(self, rec: dict) -> dict:
         out = json.loads(json.dumps(rec))
@@ -248,6 +249,14 @@ class CheckpointRegistry:
 
     def __repr__(self) -> str:
         return f"<CheckpointRegistry {str(self.directory)!r}: {len(self)}, active {self.active_id}>"
+
+
+def _set_active(state: dict, cid: str) -> None:
+    """Make ``cid`` active in ``state`` (a registry state being built)."""
+    state["active"] = cid
+    if not state["history"] or state["history"][-1] != cid:
+        state["history"].append(cid)
+    state["checkpoints"][cid]["activated"] = time.time()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -6,7 +6,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from ..schemas import Problem
-from ..security import check_key
+from ..security import check_key, key_from_headers
 from ..settings import API_KEY_HEADER
 from ..state import ServiceState
 
@@ -14,7 +14,8 @@ __all__ = ["get_state", "get_callback", "get_finetuner", "require_key", "NO_FINE
            "ERRORS", "KEYED"]
 
 _key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                           description="the service's API key (printed at start)")
+                           description="the service's API key (also accepted as "
+                                       "'Authorization: Bearer <key>')")
 
 def _problem(text: str) -> dict:
     return {"model": Problem, "description": text}
@@ -52,7 +53,13 @@ async def get_finetuner(callback=Depends(get_callback)):
 
 
 async def require_key(request: Request, key: str | None = Security(_key_header)) -> None:
-    """The API key (also enforced by the guard middleware before the body is read)."""
-    problem = check_key(key, request.app.state.api_key)
+    """The API key (also enforced by the guard middleware before the body is read).
+
+    The key comes from ``X-API-Key`` or ``Authorization: Bearer|ApiKey <key>``
+    (``key``, the documented header, is there for the OpenAPI schema).
+    """
+    problem = check_key(key_from_headers(request.headers.raw), request.app.state.api_key)
     if problem is not None:
-        raise HTTPException(problem[0], problem[1])
+        raise HTTPException(problem[0], problem[1],
+                            headers={"WWW-Authenticate": "Bearer"} if problem[0] == 401
+                            else None)

@@ -11,15 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ..state import ServiceState, frames_json
 from .deps import ERRORS, get_state
 
 router = APIRouter(prefix="/api", tags=["feed"], responses=ERRORS)
+
+#: A usable ``Last-Event-ID``: ASCII digits only (``str.isdigit`` also accepts "²", "١").
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+def last_event_id_start(value: str | None) -> int | None:
+    """The result id to replay after, from a ``Last-Event-ID`` header (None: ignore it).
+
+    >>> last_event_id_start(" 42 "), last_event_id_start("²"), last_event_id_start("-1")
+    (42, None, None)
+    """
+    if value is None or _EVENT_ID.fullmatch(value.strip()) is None:
+        return None
+    return int(value.strip())
 
 
 def _sse(event: str, rid: int | None, data: str) -> str:
@@ -39,12 +54,19 @@ async def feed(request: Request,
                = None,
                last_event_id: Annotated[str | None, Header(max_length=32)] = None,
                state: ServiceState = Depends(get_state)):
-    """Tag results and decisions as they happen."""
-    start = after
-    if start is None and last_event_id is not None and last_event_id.strip().isdigit():
-        start = int(last_event_id.strip())
+    """Tag results and decisions as they happen.
+
+    A ``Last-Event-ID`` that is not a result id is ignored. At most
+    ``max_feed_clients`` feeds run at once; one more gets 503.
+    """
+    start = after if after is not None else last_event_id_start(last_event_id)
     loop = asyncio.get_running_loop()
-    client = state.subscribe(loop)
+    limit = state.settings.max_feed_clients
+    client = state.subscribe(loop, limit=limit)
+    if client is None:
+        raise HTTPException(503, f"too many live-feed clients: {limit} are connected "
+                                 "(setting max_feed_clients); try again later",
+                            headers={"Retry-After": "5"})
     heartbeat = state.settings.feed_heartbeat_s
     deadline = None if max_s is None else loop.time() + max_s
 
