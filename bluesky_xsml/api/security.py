@@ -33,10 +33,14 @@ def key_from_headers(headers) -> str | None:
     ``headers`` are ASGI ``(name, value)`` byte pairs (names lower-case) or a
     mapping of them. Returns ``None`` when neither is there (or is empty).
 
-    >>> key_from_headers([(b"x-api-key", b"k1")]), key_from_headers([(b"authorization", b"Bearer k2")])
-    ('k1', 'k2')
-    >>> key_from_headers([(b"authorization", b"apikey k3")]), key_from_headers([(b"authorization", b"Basic a")])
-    ('k3', None)
+    >>> key_from_headers([(b"x-api-key", b"k1")])
+    'k1'
+    >>> key_from_headers([(b"authorization", b"Bearer k2")])
+    'k2'
+    >>> key_from_headers({b"authorization": b"apikey k3"})
+    'k3'
+    >>> key_from_headers([(b"authorization", b"Basic a")]) is None
+    True
     """
     pairs = headers.items() if hasattr(headers, "items") else headers
     direct = auth = None
