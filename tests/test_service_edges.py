@@ -567,3 +567,34 @@ def test_checkpoint_write_failing_midway_keeps_the_previous_file(tmp_path, monke
 def test_policy_bounds_do_not_touch_the_default_rules():
     policy = Policy()
     assert Policy.model_validate(json.loads(policy.dumps())).rules == policy.rules
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("flavour", ["httptools", "h11"])
+def test_endless_request_headers_are_refused(served, flavour, monkeypatch):
+    # httptools has no header-size cap and uvicorn keeps every header line it gets
+    from bluesky_xsml.api import protocol
+
+    monkeypatch.setattr(protocol, "header_deadline_protocol", functools.partial(
+        protocol.header_deadline_protocol, flavour=flavour))
+    handle = served()
+    s = socket.create_connection(address(handle))
+    s.settimeout(10)
+    answer = b""
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for i in range(200):  # 200 x 1 KiB header lines
+            s.sendall(b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused while still sending
+    try:
+        while chunk := s.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    expected = {"httptools": b"HTTP/1.1 431 Request Header Fields Too Large",
+                "h11": b"HTTP/1.1 400 Bad Request"}[flavour]
+    assert answer.split(b"\r\n", 1)[0] == expected, answer[:200]
+    assert httpx.get(handle.url + "/healthz").status_code == 200

@@ -10,6 +10,10 @@ connection opens, or a new request's first byte arrives, the client has
 ``header_timeout_s`` seconds to finish the headers; otherwise the connection
 is closed. The body is not covered (the app reads it, bounded in size).
 
+Request headers are also capped at :data:`MAX_HEADER_BYTES` (431 and close
+above it): h11 has such a cap (``h11_max_incomplete_event_size``), httptools
+none, and uvicorn keeps every header line it is sent in memory.
+
 Examples
 --------
 >>> cls = header_deadline_protocol(2.0)
@@ -22,9 +26,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-__all__ = ["header_deadline_protocol"]
+__all__ = ["header_deadline_protocol", "MAX_HEADER_BYTES"]
 
 log = logging.getLogger(__name__)
+
+#: Most bytes of request line and headers accepted for one request.
+MAX_HEADER_BYTES = 64 * 1024
+
+_TOO_LARGE_BODY = b"request headers are too large\n"
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+              b"content-type: text/plain; charset=utf-8\r\n"
+              b"content-length: " + str(len(_TOO_LARGE_BODY)).encode() + b"\r\n"
+              b"connection: close\r\n\r\n" + _TOO_LARGE_BODY)
 
 
 class _Deadline:
@@ -63,11 +76,24 @@ def _httptools_class():
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadlineHttpTools(_Deadline, HttpToolsProtocol):
+        _in_headers = False
+        _header_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_headers and not self.transport.is_closing():
+                self._header_bytes += len(data)  # all of it: the headers are still open
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self.transport.write(_TOO_LARGE)
+                    self.transport.close()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._in_headers, self._header_bytes = True, 0
             self._arm_header_timer()
 
         def on_headers_complete(self) -> None:
+            self._in_headers = False
             self._disarm_header_timer()
             super().on_headers_complete()
 

@@ -136,13 +136,14 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
-    from .protocol import header_deadline_protocol
+    from .protocol import MAX_HEADER_BYTES, header_deadline_protocol
     from .settings import ServiceSettings
 
     settings = getattr(app.state, "settings", None) or ServiceSettings()
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
                             access_log=False, lifespan="on",
                             http=header_deadline_protocol(settings.header_timeout_s),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             limit_concurrency=settings.max_connections,
                             timeout_keep_alive=settings.keep_alive_s)
     server = uvicorn.Server(config)
