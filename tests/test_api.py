@@ -592,6 +592,7 @@ def test_xsml_serve_command_starts_and_stops(tmp_path, signame):
         out = proc.communicate(timeout=30)[0]
         assert code == 0, out
         assert f"stopping ({signame})" in out
+        assert KEY not in out  # the operator's key (XSML_API_KEY) is never printed
     finally:
         if proc.poll() is None:
             proc.kill()
