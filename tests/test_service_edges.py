@@ -598,3 +598,11 @@ def test_endless_request_headers_are_refused(served, flavour, monkeypatch):
                 "h11": b"HTTP/1.1 400 Bad Request"}[flavour]
     assert answer.split(b"\r\n", 1)[0] == expected, answer[:200]
     assert httpx.get(handle.url + "/healthz").status_code == 200
+
+
+@pytest.mark.security
+def test_an_app_made_for_loopback_is_not_served_on_other_interfaces():
+    from bluesky_xsml.api.serve import serve_app
+
+    with pytest.raises(ValueError, match="would serve '0.0.0.0' with open reads"):
+        serve_app(bare_app(), host="0.0.0.0", port=0, announce=False)

@@ -132,14 +132,20 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
     """Run an app made by :func:`~bluesky_xsml.api.app.create_app` in a background thread."""
     import uvicorn
 
+    from .protocol import MAX_HEADER_BYTES, header_deadline_protocol
+    from .settings import ServiceSettings, is_loopback
+
+    own = getattr(app.state, "settings", None)
+    settings = own if own is not None else ServiceSettings()
+    if not is_loopback(host) and is_loopback(settings.host):
+        # the app's host check and keyed reads were set up for loopback
+        raise ValueError(f"the app was made for host {settings.host!r} and would serve "
+                         f"{host!r} with open reads: create it with "
+                         f"ServiceSettings(host={host!r}) (or use serve(host=...))")
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
-    from .protocol import MAX_HEADER_BYTES, header_deadline_protocol
-    from .settings import ServiceSettings
-
-    settings = getattr(app.state, "settings", None) or ServiceSettings()
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
                             access_log=False, lifespan="on",
                             http=header_deadline_protocol(settings.header_timeout_s),
@@ -148,7 +154,7 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
                             timeout_keep_alive=settings.keep_alive_s)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # not the main thread; IPython keeps Ctrl-C
-    nice = int(settings.nice)
+    nice = int(own.nice) if own is not None else 0
 
     def run() -> None:
         if nice and hasattr(os, "setpriority"):
