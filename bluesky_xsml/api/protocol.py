@@ -11,8 +11,8 @@ connection opens, or a new request's first byte arrives, the client has
 is closed. The body is not covered (the app reads it, bounded in size).
 
 Request headers are also capped at :data:`MAX_HEADER_BYTES` (431 and close
-above it): h11 has such a cap (``h11_max_incomplete_event_size``), httptools
-none, and uvicorn keeps every header line it is sent in memory.
+above it): h11 has such a cap (``h11_max_incomplete_event_size``); uvicorn's
+httptools protocol took 200 KiB of header lines and kept them in memory.
 
 Examples
 --------
