@@ -133,11 +133,13 @@ def test_page_shows_live_tags_and_sends_a_correction(browser, tmp_path):
 
         # decisions: the current one with its policy, rule, age and where; the earlier ones
         current = engine.current
+        page.wait_for_selector(f"#decision-box[data-uid='{current.uid}']", timeout=10_000)
         assert page.inner_text("#decision-action") == current.action == "refine"
         assert page.inner_text("#decision-policy") == "policy refine-everything · rule any_tag"
         assert re.search(r"made \d+ s ago \(\d\d:\d\d:\d\d\)", page.inner_text("#decision-age"))
         assert f"scan {scan_id}" in page.inner_text("#decision-where")
-        assert "sample_x 1.400" in page.inner_text("#decision-where")
+        x = 0.2 * (current.evidence[-1].seq_num - 1)  # the scan's points: 0, 0.2, ... 1.4
+        assert f"sample_x {x:.3f}" in page.inner_text("#decision-where")
         evidence = page.locator("#decision-evidence li").all_inner_texts()
         assert evidence and all(f"scan {scan_id}" in e and "sample_x" in e for e in evidence)
         past = page.locator("#decision-history li.past")

@@ -189,6 +189,7 @@ function setDecision(d, where, policy) {
 function drawDecision() {
   const d = state.decision;
   if (!d) return;
+  $("#decision-box").dataset.uid = d.uid;
   const a = $("#decision-action");
   a.textContent = d.action;
   a.className = "action " + d.action;
