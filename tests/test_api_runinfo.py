@@ -164,6 +164,7 @@ def test_position_keys_reads_motors_and_positioners_but_not_other_scalars():
         "m3": dk("string", object_name="m3")}}
     assert position_keys(desc, {"motors": ["m1", "m2", "m3"]}) == ["m1", "th"]
     assert position_keys(desc, {}) == ["m1", "th"]
+    assert position_keys(desc, {"motors": ["th"]}) == ["th", "m1"]  # scanned motors first
 
 
 def test_runbook_is_bounded_and_ignores_unknown_documents():
@@ -193,3 +194,25 @@ def test_count_without_motors_has_no_positions(beamline):
     frames = beamline["client"].get("/api/frames/latest", params={"n": 2}).json()["frames"]
     assert [f["plan_name"] for f in frames] == ["count", "count"]
     assert all(f["positions"] == {} for f in frames)
+
+
+def test_a_failing_document_listener_never_reaches_the_run_engine(caplog):
+    tagger = Tagger.untrained(seed=1, config=TINY)
+    xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
+    seen = []
+
+    def bad(name, doc):
+        seen.append(name)
+        raise RuntimeError("listener bug")
+
+    xsml.add_document_listener(bad)
+    RE = RunEngine({}, call_returns_result=False)
+    RE.subscribe(xsml)
+    try:
+        RE(count([make_image_detector(shape=(32, 32))], 2))
+        assert xsml.flush(60)
+        assert seen[:3] == ["start", "descriptor", "event"] and seen[-1] == "stop"
+        assert xsml.status()["frames_tagged"] == 2  # tagging went on
+        assert "document listener failed" in caplog.text
+    finally:
+        xsml.close()

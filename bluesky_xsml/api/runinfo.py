@@ -52,16 +52,22 @@ _NUMERIC = ("number", "integer")
 
 
 def position_keys(descriptor: Mapping, start: Mapping) -> list[str]:
-    """The data keys of ``descriptor`` that hold motor positions (see the module docstring)."""
+    """The data keys of ``descriptor`` that hold motor positions (see the module docstring).
+
+    The start document's motors come first, in the descriptor's order, then the
+    other positioners read.
+    """
     data_keys = descriptor.get("data_keys") or {}
-    found = set(motor_keys(descriptor, start))
+    motors = motor_keys(descriptor, start)
+    found = set(motors)
     for key in data_keys:
         if any(key + s in data_keys for s in _SETPOINTS):
             found.add(key)
     for key in list(found):  # a motor's setpoint is not a second position
         if any(key.endswith(s) and key[:-len(s)] in data_keys for s in _SETPOINTS):
             found.discard(key)
-    return [k for k in data_keys if k in found
+    scanned = [k for k in motors if k in found]  # the scanned motors first
+    return [k for k in scanned + [k for k in data_keys if k not in scanned] if k in found
             and data_keys[k].get("dtype") in _NUMERIC and not data_keys[k].get("shape")
             and "external" not in data_keys[k]]
 

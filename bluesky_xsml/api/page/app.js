@@ -221,10 +221,12 @@ function drawHistory() {
     const li = el("li", "past");
     li.dataset.time = String(h.time);
     const run = runOf(h.run_uid);
+    const ev = h.evidence || [];
+    const w = ev.length ? whereOf(ev[ev.length - 1], -1, null) : null;
     li.append(el("span", "action " + h.action, h.action), " ",
       el("span", "age", ""), " ",
       el("span", "scan", run ? scanLabel(run.scan_id, run.plan_name) : ""), " ",
-      el("span", "", h.reason));
+      el("span", "", h.reason + (w ? ` (${positionsText(run, w.positions)})` : "")));
     ol.append(li);
   }
 }
