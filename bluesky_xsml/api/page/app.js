@@ -176,10 +176,10 @@ function evidenceLine(ref, w) {
 
 function setDecision(d, where, policy) {
   if (policy !== undefined && policy !== null) state.policy = policy;
-  if (state.decision && state.decision.uid !== d.uid && state.decision.action !== "continue") {
-    if (!state.history.some((h) => h.uid === state.decision.uid)) state.history.push(state.decision);
-  }
-  if (d.action !== "continue" && !state.history.some((h) => h.uid === d.uid)) state.history.push(d);
+  // the service's rule for its history: every decision but a continue after a continue
+  const prev = state.decision;
+  const kept = d.action !== "continue" || (prev && prev.uid !== d.uid && prev.action !== "continue");
+  if (kept && !state.history.some((h) => h.uid === d.uid)) state.history.push(d);
   state.history = state.history.slice(-50);
   state.decision = d;
   state.decisionWhere = where || [];
@@ -461,7 +461,9 @@ function drawCurrent(f, img) {
 
 function drawCurrentText(f) {
   const run = runOf(f.run_uid);
-  $("#current-title").textContent = frameTitle(f) + (runStateText(run) ? ` · run ${runStateText(run)}` : "");
+  const rs = runStateText(run);
+  $("#current-title").textContent = frameTitle(f) +
+    (rs ? rs === "running" ? " · run still open" : ` · run ${rs}` : "");
   $("#current-where").textContent = positionsText(run, f.positions) +
     (run && run.sample ? ` · sample ${run.sample}` : "") + ` · tagged ${clock(f.time)}`;
 }
