@@ -9,6 +9,7 @@ its HTTP routes (ASGI transport) and its live-feed queue.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from bluesky import RunEngine
@@ -52,8 +53,8 @@ def beamline():
     messages = []
     while not feed.queue.empty():
         messages.append(feed.queue.get_nowait())
-    yield {"start": recorder.of("start")[-1], "xsml": xsml, "RE": RE, "client": ASGIClient(app), "state": state, "det": det,
-           "recorder": recorder, "messages": messages, "sx": sx}
+    yield {"start": recorder.of("start")[-1], "xsml": xsml, "RE": RE, "client": ASGIClient(app),
+           "state": state, "det": det, "recorder": recorder, "messages": messages}
     state.unsubscribe(feed)
     loop.close()
     xsml.close()
@@ -87,8 +88,6 @@ def test_run_summary_has_state_sample_baseline_positions_and_units(beamline):
 
 
 def test_feed_announces_run_start_and_stop_and_decisions_say_where(beamline):
-    import json
-
     start = beamline["start"]
     runs = [json.loads(m[2]) for m in beamline["messages"] if m and m[0] == "run"]
     assert [(r["run_uid"], r["state"]) for r in runs] == [(start["uid"], "open"),
