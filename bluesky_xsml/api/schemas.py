@@ -26,6 +26,8 @@ RESERVED_LABEL_NAMES = frozenset({"run_uid", "seq_num", "stream", "key", "frame_
 
 Uid = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+#: A position read from a document: a number, or what a non-numeric reading became.
+Position = float | int | bool | str | None
 TagName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 
 
@@ -76,6 +78,10 @@ class FrameOut(BaseModel):
     checkpoint: str = ""
     latency_s: float | None = None
     time: float
+    scan_id: int | None = Field(None, description="the run's scan_id (start document)")
+    plan_name: str = Field("", description="the run's plan_name (start document)")
+    positions: dict[str, Position] = Field(
+        default_factory=dict, description="motor positions read in the frame's event")
 
 
 class FramesOut(BaseModel):
@@ -92,6 +98,20 @@ class RunSummary(BaseModel):
     tag_counts: dict[str, int]
     first_time: float
     last_time: float
+    scan_id: int | None = None
+    plan_name: str = ""
+    sample: str = Field("", description="the start document's sample_name or sample")
+    motors: list[str] = Field(default_factory=list, description="the start document's motors")
+    state: str = Field("", description="'open' until the stop document arrives, then 'closed'")
+    exit_status: str = Field("", description="the stop document's exit_status")
+    reason: str = ""
+    start_time: float | None = None
+    stop_time: float | None = None
+    fixed_positions: dict[str, Position] = Field(
+        default_factory=dict, description="motor positions read in the baseline stream")
+    units: dict[str, str] = Field(default_factory=dict, description="units of positions")
+    precision: dict[str, int] = Field(
+        default_factory=dict, description="decimals of positions, where the data key says")
 
 
 class RunsOut(BaseModel):
@@ -124,6 +144,7 @@ class StatusOut(BaseModel):
     finetune: dict[str, Any] | None = Field(
         None, description="fine-tuning state; null when fine-tuning is not enabled")
     decision: Decision | None = None
+    policy: str = Field("", description="name of the policy in force")
     feed_clients: int
     feed_dropped: int
     uptime_s: float
@@ -132,6 +153,8 @@ class StatusOut(BaseModel):
 class ThresholdsOut(BaseModel):
     tags: list[str]
     thresholds: dict[str, float]
+    defaults: dict[str, float] = Field(
+        default_factory=dict, description="the thresholds the live checkpoint came with")
 
 
 class ThresholdsIn(BaseModel):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .runinfo import RunBook
 from .schemas import finite
 
 __all__ = ["ServiceState", "FeedClient", "Thumbnail"]
@@ -120,6 +121,9 @@ class ServiceState:
         self._feeds_engine = False
         self._attached = False
         self._status_cache: tuple[float, dict] | None = None
+        #: Scan ids, plans, run states and motor positions, from the documents.
+        self.runbook = RunBook(max_runs=max(settings.max_runs, 1),
+                               max_events=max(settings.max_frames_per_run, 1))
 
     # -------------------------------------------------------------- wiring
     def attach(self) -> None:
@@ -134,6 +138,8 @@ class ServiceState:
         listeners = getattr(cb, "_listeners", [])
         self._feeds_engine = not any(fn == self.engine.update for fn in listeners)
         cb.add_result_listener(self._on_results)
+        if hasattr(cb, "add_document_listener"):
+            cb.add_document_listener(self._on_document)
         if hasattr(cb, "add_input_listener"):
             cb.add_input_listener(self._on_inputs)
 
@@ -142,6 +148,17 @@ class ServiceState:
         self._closed = True
         self.engine.remove_listener(self._on_decision)
         self.end_feeds()
+
+    # ------------------------------------------------------ RunEngine side
+    def _on_document(self, name: str, doc: dict) -> None:
+        """Note scan ids, run states and positions; announce run starts and stops."""
+        if self._closed:
+            return
+        uid = self.runbook.document(name, doc)
+        if uid is not None:
+            run = self.run(uid)
+            if run is not None:
+                self._publish("run", None, json.dumps(finite(run)))
 
     # ------------------------------------------------- inference-thread side
     def _on_results(self, run_uid: str, results: list) -> None:
@@ -193,11 +210,12 @@ class ServiceState:
         if r.probs is not None:
             probs = {t: (round(float(p), 5) if p == p else None) for t, p in zip(tags, r.probs)}
         lat = float(r.latency)
+        where = self.runbook.where(run_uid, r.stream, int(r.seq_num))
         return {"id": rid, "run_uid": run_uid, "stream": r.stream, "seq_num": int(r.seq_num),
                 "key": r.key, "frame_index": int(r.frame_index), "event_uid": r.event_uid or "",
                 "tags": list(r.tags), "probs": probs, "skip_reason": r.skip_reason or "",
                 "checkpoint": r.checkpoint or "", "latency_s": lat if lat == lat else None,
-                "time": float(r.time)}
+                "time": float(r.time), **where}
 
     def _on_inputs(self, items: list) -> None:
         """Keep a small log-scaled preview of each tagged frame."""
@@ -225,8 +243,14 @@ class ServiceState:
             return
         with self._lock:
             after = dict(self._last_ref) if self._last_ref else None
-        payload = {"decision": json.loads(decision.model_dump_json()), "after": after}
+        payload = {"decision": json.loads(decision.model_dump_json()), "after": after,
+                   "policy": self.engine.policy.name, "where": self.where(decision)}
         self._publish("decision", None, json.dumps(payload))
+
+    def where(self, decision) -> list[dict]:
+        """Scan id, plan and motor positions of each evidence frame of ``decision``."""
+        return [finite(self.runbook.where(f.run_uid or decision.run_uid, f.stream, f.seq_num))
+                for f in decision.evidence]
 
     # --------------------------------------------------------------- feed
     def _publish(self, event: str, rid: int | None, data: str) -> None:
@@ -293,14 +317,27 @@ class ServiceState:
         return self._next_id - 1
 
     def runs(self) -> list[dict]:
+        """Every run with results or documents the service remembers, newest first."""
         with self._lock:
-            runs = list(self._runs.values())
-        return [self._summary(r) for r in reversed(runs)]
+            uids = list(self._runs)
+        seen = set(uids)
+        uids += [u for u in self.runbook.uids() if u not in seen]
+        out = [r for r in (self.run(u) for u in uids) if r is not None]
+        return sorted(out, key=lambda r: r["first_time"], reverse=True)
 
     def run(self, run_uid: str) -> dict | None:
+        """One run's counts and what its documents said (scan id, plan, state, positions)."""
         with self._lock:
             run = self._runs.get(run_uid)
-        return None if run is None else self._summary(run)
+        info = self.runbook.info(run_uid)
+        if run is None and info is None:
+            return None
+        out = self._summary(run if run is not None else _Run(uid=run_uid))
+        if info is not None:
+            start = info.pop("start_time")
+            out["first_time"] = out["first_time"] or start
+            out.update(info, start_time=start)
+        return out
 
     def run_frames(self, run_uid: str, offset: int, limit: int) -> tuple[int, list[dict]] | None:
         with self._lock:
@@ -389,6 +426,7 @@ class ServiceState:
             "labels_ignored": int(s.get("labels_ignored", 0)),
             "finetune": ft.status() if ft is not None else None,
             "decision": self.engine.current,
+            "policy": self.engine.policy.name,
             "feed_clients": self.feed_clients,
             "feed_dropped": self.feed_dropped,
             "uptime_s": time.time() - self.started,

@@ -229,6 +229,7 @@ class TaggingCallback:
                              on_idle=self._check_held_stops, retry=delivery_retry)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
         self._input_listeners: list[Callable[[list], None]] = []
+        self._document_listeners: list[Callable[[str, dict], None]] = []
         from ..training.live import FrameCache
 
         self.frame_cache = FrameCache(label_cache_size)
@@ -283,6 +284,16 @@ class TaggingCallback:
         """
         self._input_listeners.append(listener)
 
+    def add_document_listener(self, listener: Callable[[str, dict], None]) -> None:
+        """Call ``listener(name, doc)`` for each document received, before it is handled.
+
+        It runs on the caller's thread (the RunEngine's), before the event's
+        frames are queued for tagging, so what it records about an event is
+        there when that event's results arrive. It must be quick; its
+        exceptions are logged, never raised.
+        """
+        self._document_listeners.append(listener)
+
     def serve(self, *, port: int | None = None, **options):
         """Start the steering service for this callback in a background thread.
 
@@ -299,6 +310,11 @@ class TaggingCallback:
             self.outbox.put(name, doc) if name != "stop" else None
         except Exception:  # pragma: no cover - the outbox put does not raise
             log.exception("xsml could not queue a %s document", name)
+        for listener in self._document_listeners:
+            try:
+                listener(name, doc)
+            except Exception:
+                log.exception("xsml document listener failed on a %r document", name)
         try:
             handler = getattr(self, "_on_" + name, None)
             if handler is not None:

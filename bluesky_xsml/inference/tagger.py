@@ -138,6 +138,8 @@ class Tagger:
             raise ConfigurationError(
                 f"need one threshold per tag ({len(self.tags)}), got shape {self.thresholds.shape}"
             )
+        #: The thresholds this tagger was built or loaded with (what a reset restores).
+        self.default_thresholds = self.thresholds.copy()
         self.preprocess_config = preprocess or PreprocessConfig()
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.device = choose_device(device)
@@ -490,6 +492,8 @@ class Tagger:
                 self.net.load_state_dict(state)
             self._infer = compiled
             self.thresholds = other.thresholds.copy()
+            self.default_thresholds = getattr(other, "default_thresholds",
+                                              other.thresholds).copy()
             self.metadata = dict(other.metadata)
             self.preprocess_config = other.preprocess_config
 

@@ -1,8 +1,11 @@
 """``/api/feed``: the live feed of tag results and decisions (Server-Sent Events).
 
 Events: ``frames`` (``{"run_uid", "frames": [FrameOut, ...]}``, with the last
-result id as the SSE id) and ``decision`` (``{"decision": Decision, "after":
-the newest frame it accounts for}``). A reconnecting client sends
+result id as the SSE id), ``decision`` (``{"decision": Decision, "after": the
+newest frame it accounts for, "policy": the policy's name, "where": the scan id,
+plan and motor positions of each evidence frame}``) and ``run`` (a
+``RunSummary``, when a run starts and when its stop document arrives). A
+reconnecting client sends
 ``Last-Event-ID`` (browsers do) and gets the results it missed that the
 service still holds.
 """
@@ -44,7 +47,7 @@ def _sse(event: str, rid: int | None, data: str) -> str:
 
 @router.get("/feed", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "Server-Sent Events: frames, decision"}})
+                             "description": "Server-Sent Events: frames, decision, run"}})
 async def feed(request: Request,
                after: Annotated[int | None, Query(ge=-1, le=2**62,
                                                   description="replay results after this id")]

@@ -33,9 +33,11 @@ def _message(err: BaseException) -> str:
 
 # ------------------------------------------------------------------ thresholds
 def _thresholds(tagger) -> dict:
+    defaults = getattr(tagger, "default_thresholds", tagger.thresholds)
     return {"tags": list(tagger.tags),
             "thresholds": {t: round(float(v), 6)
-                           for t, v in zip(tagger.tags, tagger.thresholds)}}
+                           for t, v in zip(tagger.tags, tagger.thresholds)},
+            "defaults": {t: round(float(v), 6) for t, v in zip(tagger.tags, defaults)}}
 
 
 @router.get("/thresholds", response_model=ThresholdsOut)
