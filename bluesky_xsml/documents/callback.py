@@ -415,6 +415,8 @@ class TaggingCallback:
             "document_errors": dict(self._errors),
             "label_cache_frames": len(self.frame_cache),
             "labels_ignored": self._labels_ignored,
+            **({"tagger_process": self.worker.describe_process()}
+               if self.isolation == "process" else {}),
         }
 
     # ------------------------------------------------------------ fine-tuning

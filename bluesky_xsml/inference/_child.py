@@ -269,7 +269,11 @@ def _run_from_fd(fd: int) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
     import sys
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
 
     logging.basicConfig(level=logging.WARNING,
                         format="xsml tagging process %(process)d: %(levelname)s %(message)s")

@@ -211,6 +211,9 @@ class ProcessInferenceWorker:
         self._lock = threading.RLock()  # guards the link, the slots and _in_flight
         self._slots_free = threading.Condition(self._lock)
         self._free: collections.deque[int] = collections.deque(range(self.options.slots))
+        self._unsent: set[int] = set()  # slots written whose message is not sent yet
+        self._send_lock = threading.Lock()
+        self._control: queue.SimpleQueue = queue.SimpleQueue()  # messages the feeder sends
         self._restarts: collections.deque[float] = collections.deque()
         self._gave_up = False
         self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
@@ -274,7 +277,9 @@ class ProcessInferenceWorker:
         with self._lock:
             self._proc, self._conn = proc, parent_conn
             self._last_beat = self._last_progress = time.monotonic()
-            self._free = collections.deque(range(self.options.slots))
+            # slots the dead child held are free again; those holding unsent frames are not
+            self._free = collections.deque(s for s in range(self.options.slots)
+                                           if s not in self._unsent)
             self._slots_free.notify_all()
             self.process_starts += 1
         if self.tagger is None:
@@ -325,6 +330,7 @@ class ProcessInferenceWorker:
     def _feed(self) -> None:
         """Feeder thread: move queued jobs into the ring and over to the child."""
         while not self._stop.is_set():
+            self._send_control()
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
@@ -341,7 +347,18 @@ class ProcessInferenceWorker:
                 log.exception("xsml could not hand frames to the tagging process")
                 self._skip_jobs(jobs, f"internal_error: {type(err).__name__}")
 
-    def _message(self, job: FrameJob, jid: int) -> dict:
+    def _send_control(self) -> None:
+        while True:
+            try:
+                msg = self._control.get_nowait()
+            except queue.Empty:
+                return
+            conn = self._conn
+            if conn is not None:
+                self._send(conn, msg)
+
+    def _message(self, job: FrameJob, jid: int, *, wait: bool) -> dict | None:
+        """The job as a message; None if it needs a slot, none is free and ``wait`` is False."""
         msg = {"jid": jid, "run_uid": job.run_uid, "stream": job.stream,
                "seq_num": job.seq_num, "event_uid": job.event_uid, "key": job.key,
                "skip_reason": job.skip_reason, "t_in": job.t_in,
@@ -354,62 +371,89 @@ class ProcessInferenceWorker:
             return msg
         value = job.source
         if callable(value):  # a loader without a ref: run it here, off the RunEngine thread
-            value = value()
+            value = job.source = value()
         arr = np.asarray(value)
         if arr.dtype.hasobject or arr.nbytes > self.options.slot_bytes:
             msg.update(kind="array", array=arr)
             return msg
-        slot = self._take_slot()
+        slot = self._take_slot(wait)
         if slot is None:
-            msg.update(kind="array", array=arr)
-            return msg
+            if wait:  # stopping, or restarting was given up: the pipe takes it
+                msg.update(kind="array", array=arr)
+                return msg
+            return None
         view = np.ndarray(arr.shape, arr.dtype, buffer=self._shm.buf,
                           offset=slot * self.options.slot_bytes)
         np.copyto(view, arr)
+        del view
         msg.update(kind="slot", slot=slot, shape=arr.shape, dtype=arr.dtype.str)
         return msg
 
-    def _take_slot(self) -> int | None:
-        """A free slot; waits while the child drains; None if the link is down."""
+    def _take_slot(self, wait: bool) -> int | None:
+        """A free slot (kept in ``_unsent`` until its message is sent), or None."""
         with self._slots_free:
             while not self._free:
-                if self._stop.is_set() or self._gave_up:
+                if not wait or self._stop.is_set() or self._gave_up:
                     return None
                 self._slots_free.wait(0.1)
-            return self._free.popleft()
+            slot = self._free.popleft()
+            self._unsent.add(slot)
+            return slot
 
     def _send_jobs(self, jobs: list[FrameJob]) -> None:
         if self._gave_up:
             self._skip_jobs(jobs, "tagger_process_unavailable")
             return
-        messages = []
+        messages: list[tuple[int, FrameJob, dict]] = []
         for job in jobs:
             jid = next(self._ids)
             try:
-                msg = self._message(job, jid)
+                msg = self._message(job, jid, wait=False)
+                if msg is None:  # the ring is full: send what is ready, then wait for a slot
+                    self._transmit(messages)
+                    messages = []
+                    msg = self._message(job, jid, wait=True)
             except Exception as err:
                 self._skip_jobs([job], f"read_error: {type(err).__name__}: {err}")
                 continue
             if msg["kind"] in ("slot", "array"):
                 self._release(job)  # the frame lives in the ring or the message now
             messages.append((jid, job, msg))
+        self._transmit(messages)
+
+    def _send(self, conn, msg) -> bool:
+        """Send to the child; False if it is gone (the link thread then restarts it).
+
+        Only the feeder thread and callers outside the link thread send, so a
+        child blocked on writing to us is always read and cannot deadlock a send.
+        """
+        with self._send_lock:
+            try:
+                conn.send(msg)
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def _transmit(self, messages: list[tuple[int, FrameJob, dict]]) -> None:
+        """Send ``messages`` to the child, waiting out a restart."""
         if not messages:
             return
-        while not self._stop.is_set():
-            with self._lock:
+        slots = {m["slot"] for _, _, m in messages if m["kind"] == "slot"}
+        while True:
+            with self._lock:  # never held across a send: the link thread needs it to read
                 conn = self._conn
                 if conn is not None:
                     for jid, job, _ in messages:
                         self._in_flight[jid] = job
-                    try:
-                        conn.send(("jobs", [m for _, _, m in messages]))
-                        if len(self._in_flight) == len(messages):
-                            self._last_progress = time.monotonic()
-                        return
-                    except (OSError, ValueError, BrokenPipeError):
-                        # the child is gone: the reader thread accounts for these and restarts
-                        return
-            if self._gave_up:
+                    self._unsent -= slots
+                    if len(self._in_flight) == len(messages):
+                        self._last_progress = time.monotonic()
+            if conn is not None:
+                self._send(conn, ("jobs", [m for _, _, m in messages]))
+                return
+            if self._gave_up or self._stop.is_set():
+                with self._lock:
+                    self._unsent -= slots
                 self._skip_jobs([j for _, j, _ in messages], "tagger_process_unavailable")
                 return
             time.sleep(0.05)  # a restart is under way
@@ -571,6 +615,13 @@ class ProcessInferenceWorker:
                     self._gave_up = True
                     return
 
+    def describe_process(self) -> dict:
+        """The tagging process for ``status()``: pid, starts, faults by kind, priority."""
+        return {"pid": self.pid, "starts": self.process_starts,
+                "faults": dict(self.process_faults),
+                "priority": self.tagger.priority if self.tagger else "",
+                "restarting_stopped": self._gave_up}
+
     def ensure_alive(self) -> bool:
         """True if the link is up (faults are handled by the link thread)."""
         return self._conn is not None and not self._gave_up
@@ -583,10 +634,9 @@ class ProcessInferenceWorker:
         refuses it (the running model stays).
         """
         path = os.fspath(checkpoint)
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError("the tagging process is not running")
-            self._conn.send(("swap", path))
+        conn = self._conn
+        if conn is None or not self._send(conn, ("swap", path)):
+            raise RuntimeError("the tagging process is not running")
         try:
             what, payload = self._swap_reply.get(timeout=timeout)
         except queue.Empty:
@@ -598,16 +648,12 @@ class ProcessInferenceWorker:
         return self.tagger
 
     def forget_run(self, run_uid: str) -> None:
-        """Let the child close the files of a finished run."""
-        with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.send(("forget", run_uid))
+        """Let the child close the files of a finished run (sent by the feeder thread)."""
+        self._control.put(("forget", run_uid))
 
     def _inject(self, what: str, arg: Any = None) -> None:
         """For tests: make the child crash (``"crash"``) or hang (``"hang"``, seconds)."""
-        with self._lock:
-            self._conn.send((what, arg))
+        self._send(self._conn, (what, arg))
 
     # -------------------------------------------------------------- lifecycle
     def flush(self, timeout: float | None = None) -> bool:
@@ -625,8 +671,7 @@ class ProcessInferenceWorker:
             proc, conn = self._proc, self._conn
             self._conn = None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.send(("stop", None))
+            self._send(conn, ("stop", None))
         if proc is not None:
             proc.join(timeout)
             if proc.is_alive():
