@@ -217,8 +217,8 @@ def test_a_crash_loop_stops_restarting_and_still_accounts_for_every_frame(RE, re
                                                                            fp32_tagger):
     status, _ = _run_with_fault(RE, recorder, fp32_tagger,
                                 lambda xsml: xsml.worker._inject("crash"),
-                                n=30, max_restarts=0)
-    tags, stop = _check_accounting(recorder, 30)
+                                n=50, delay=0.1, after=2, max_restarts=0)
+    tags, stop = _check_accounting(recorder, 50)
     reasons = [t["data"]["skip_reason"].split(":")[0] for t in tags]
     assert set(reasons) <= {"", "tagger_process_died", "tagger_process_unavailable"}
     assert reasons[-1] == "tagger_process_unavailable"
@@ -235,8 +235,13 @@ def test_a_checkpoint_the_process_cannot_load_is_a_clear_error(tmp_path):
 def test_checkpoint_swap_reaches_the_tagging_process(RE, recorder, tmp_path, fp32_tagger):
     from bluesky_xsml import Tagger
 
-    other = Tagger.untrained(seed=5, precision="fp32")
+    import torch
+
+    other = Tagger.load(precision="fp32")  # the same network with other weights
+    with torch.no_grad():
+        next(other.net.parameters()).mul_(0.5)
     path = other.save(tmp_path / "other.pt")
+    assert other.checkpoint_id != fp32_tagger.checkpoint_id
     det = make_image_detector("saxs", shape=(64, 64))
     xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
                            process_options=FAST)

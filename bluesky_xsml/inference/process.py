@@ -595,9 +595,10 @@ class ProcessInferenceWorker:
         while self._restarts and now - self._restarts[0] > self.options.restart_window:
             self._restarts.popleft()
         if len(self._restarts) >= self.options.max_restarts:
-            log.critical("xsml tagging process failed %d times in %.0f s; not restarting it: "
-                         "later frames are skipped (tagger_process_unavailable)",
-                         len(self._restarts), self.options.restart_window)
+            log.critical("xsml tagging process: %d restarts in the last %.0f s reach "
+                         "max_restarts=%d; not restarting it: later frames are skipped "
+                         "(tagger_process_unavailable)", len(self._restarts),
+                         self.options.restart_window, self.options.max_restarts)
             self._gave_up = True
             with self._slots_free:
                 self._slots_free.notify_all()
