@@ -273,3 +273,31 @@ def test_fine_tuning_across_the_process_boundary_is_refused_clearly(tmp_path, fp
 def test_bad_isolation_value():
     with pytest.raises(ValueError, match="'thread' or 'process'"):
         TaggingCallback(None, isolation="fork")
+
+
+def test_thresholds_set_live_reach_the_tagging_process_and_survive_a_restart(RE, recorder,
+                                                                             fp32_tagger):
+    det = make_image_detector("saxs", shape=(64, 64))
+    xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
+                           process_options=FAST)
+    try:
+        RE.subscribe(xsml)
+        tags = list(xsml.tagger.tags)
+        with xsml.tagger.hold():  # as the service's PUT /api/thresholds does
+            xsml.tagger.thresholds = np.where(np.arange(len(tags)) == 0, 0.0, 1.01)
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+        first = xsml.worker.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while xsml.worker.pid in (first, None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        xsml.wait_ready(120)
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+    finally:
+        xsml.close()
+    events = recorder.tag_events()
+    assert len(events) == 4
+    # only the first tag, whose threshold is 0, is decided: before and after the restart
+    assert [e["data"]["tags"] for e in events] == [tags[0]] * 4

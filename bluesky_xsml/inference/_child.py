@@ -114,6 +114,8 @@ def describe(tagger) -> dict:
     return {
         "tags": list(tagger.tags),
         "thresholds": [float(t) for t in tagger.thresholds],
+        "default_thresholds": [float(t) for t in getattr(tagger, "default_thresholds",
+                                                         tagger.thresholds)],
         "checkpoint_id": tagger.checkpoint_id,
         "describe": tagger.describe(),
         "device": str(tagger.device),
@@ -144,6 +146,9 @@ def main(conn, spec: dict) -> None:
         finally:
             return
     info = describe(tagger)
+    if spec.get("thresholds") is not None:  # set live before a restart: keep them
+        tagger.thresholds = np.asarray(spec["thresholds"], np.float32)
+        info["thresholds"] = [float(t) for t in tagger.thresholds]
     info["priority"] = applied
     link.send(("hello", info))
     _Child(link, tagger, ring, spec).run()
@@ -226,6 +231,9 @@ class _Child:
                         self.link.send(("free", freed))
                     for job in jobs:
                         self.worker.submit(job)
+                elif what == "thresholds":
+                    with self.tagger.hold():  # between batches
+                        self.tagger.thresholds = np.asarray(msg[1], np.float32)
                 elif what == "forget":
                     self.readers.forget(msg[1])
                 elif what == "swap":

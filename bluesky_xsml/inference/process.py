@@ -123,26 +123,56 @@ class _Device:
 class RemoteTagger:
     """What the RunEngine's process knows of the model in the tagging process.
 
-    It answers what the callback asks a :class:`Tagger` (``tags``,
-    ``thresholds``, ``checkpoint_id``, ``describe()``, ``device``,
-    ``uses_beam_center``) from the child's last report; it runs nothing.
+    It answers what the callback and the service ask a :class:`Tagger`
+    (``tags``, ``thresholds``, ``checkpoint_id``, ``describe()``, ``device``,
+    ``uses_beam_center``, ``hold()``) from the child's last report; it runs
+    nothing. Setting ``thresholds`` sends them to the tagging process, where
+    they decide the tags from its next batch on.
     """
 
-    def __init__(self, info: dict) -> None:
+    def __init__(self, info: dict, on_thresholds: Callable[[list], None] | None = None) -> None:
+        self._on_thresholds = on_thresholds
+        self._lock = threading.RLock()
         self.update(info)
 
     def update(self, info: dict) -> None:
-        self.tags: tuple[str, ...] = tuple(info["tags"])
-        self.thresholds = np.asarray(info["thresholds"], np.float32)
-        self.checkpoint_id: str = str(info["checkpoint_id"])
-        self._describe = dict(info["describe"])
-        self.device = _Device(info["device"])
-        self.uses_beam_center = bool(info["uses_beam_center"])
-        self.pid = int(info["pid"])
-        self.priority = info.get("priority", "")
+        with self._lock:
+            self.tags: tuple[str, ...] = tuple(info["tags"])
+            self._thresholds = np.asarray(info["thresholds"], np.float32)
+            self.default_thresholds = np.asarray(
+                info.get("default_thresholds", info["thresholds"]), np.float32)
+            self.checkpoint_id: str = str(info["checkpoint_id"])
+            self._describe = dict(info["describe"])
+            self.device = _Device(info["device"])
+            self.precision = str(info["describe"].get("precision", ""))
+            self.uses_beam_center = bool(info["uses_beam_center"])
+            self.pid = int(info["pid"])
+            self.priority = info.get("priority", "")
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-tag decision thresholds (setting them reaches the tagging process)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values) -> None:
+        new = np.asarray(values, np.float32)
+        if new.shape != (len(self.tags),):
+            raise ValueError(f"need one threshold per tag ({len(self.tags)}), got shape "
+                             f"{new.shape}")
+        with self._lock:
+            self._thresholds = new
+        if self._on_thresholds is not None:
+            self._on_thresholds([float(v) for v in new])
+
+    def hold(self):
+        """A lock held while thresholds are changed (the child applies them between batches)."""
+        return self._lock
 
     def describe(self) -> dict:
-        return dict(self._describe)
+        out = dict(self._describe)
+        out["thresholds"] = [float(t) for t in self._thresholds]
+        return out
 
     def __repr__(self) -> str:
         return f"RemoteTagger({self.checkpoint_id}, pid {self.pid}, {self.device})"
@@ -223,6 +253,7 @@ class ProcessInferenceWorker:
         self._last_beat = 0.0
         self._last_progress = 0.0
         self.tagger: RemoteTagger | None = None
+        self._thresholds: list | None = None  # set through the RemoteTagger, kept for restarts
         try:
             self._start_child()
         except BaseException:
@@ -242,7 +273,8 @@ class ProcessInferenceWorker:
                 "max_wait": self.max_wait, "warmup": self.warmup,
                 "send_inputs": self.options.send_inputs and self.on_inputs is not None,
                 "external_options": self.external_options,
-                "heartbeat": min(0.5, self.options.heartbeat_timeout / 4)}
+                "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
+                "thresholds": self._thresholds}
 
     def _start_child(self) -> None:
         """Start a child, wait for its hello; raises TaggerProcessError if it fails."""
@@ -283,7 +315,7 @@ class ProcessInferenceWorker:
             self._slots_free.notify_all()
             self.process_starts += 1
         if self.tagger is None:
-            self.tagger = RemoteTagger(payload)
+            self.tagger = RemoteTagger(payload, on_thresholds=self._send_thresholds)
         else:
             self.tagger.update(payload)
         log.info("xsml tagging process %d started (%s, checkpoint %s, %s)", payload["pid"],
@@ -346,6 +378,10 @@ class ProcessInferenceWorker:
             except Exception as err:  # never lose the jobs: account for them
                 log.exception("xsml could not hand frames to the tagging process")
                 self._skip_jobs(jobs, f"internal_error: {type(err).__name__}")
+
+    def _send_thresholds(self, values: list) -> None:
+        self._thresholds = list(values)  # a restarted child gets them too
+        self._control.put(("thresholds", list(values)))
 
     def _send_control(self) -> None:
         while True:
@@ -578,6 +614,7 @@ class ProcessInferenceWorker:
             lost = list(self._in_flight.values())
             self._in_flight.clear()
         self.process_faults[reason] += 1
+        self.ready.clear()  # set again when the new child has warmed up
         log.error("xsml tagging process %s (%s); %d frames it held are skipped, restarting",
                   reason.replace("tagger_process_", ""), detail, len(lost))
         if proc is not None:
@@ -645,6 +682,7 @@ class ProcessInferenceWorker:
         if what != "swapped":
             raise RuntimeError(f"the tagging process refused {path}: {payload}")
         self.checkpoint = path
+        self._thresholds = None  # the new checkpoint's own thresholds apply
         self.tagger.update(payload)
         return self.tagger
 
