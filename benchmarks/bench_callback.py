@@ -1,20 +1,31 @@
-"""Live tagging benchmark: a RunEngine scan of 1024x1024 uint32 frames, three ways.
+"""Live tagging benchmark: what tagging costs a RunEngine scan, in-process and in a tagging process.
 
-    python benchmarks/bench_callback.py [--frames 500] [--size 1024]
+    python benchmarks/bench_callback.py [--frames 500] [--size 1024] [--repeats 3]
 
-1. ``untagged``: the scan alone (the baseline);
-2. ``naive``: a callback that calls ``tagger.predict(frame)`` on each event, on
-   the RunEngine thread, at batch size 1 (what a user writes first);
-3. ``xsml``: :class:`bluesky_xsml.TaggingCallback`.
+Four experiments, every mode of each run in its own subprocess and all of them
+interleaved ``--repeats`` times (drifting machine load hits every mode alike);
+medians are reported.
 
-Each run is its own subprocess (so peak RSS is per mode); modes are interleaved
-``--repeats`` times and each mode's best run reported (noise on a shared
-machine only adds time), with the spread of scan times. All runs use the same
-frames: a pool of synthetic scattering frames from the project's generator
-(or Poisson noise if the generator is unavailable), served by an ophyd
-``SynSignal`` so the detector itself costs almost nothing. The last line reads
-``scan_ratio <xsml/untagged scan time> throughput_ratio <xsml/naive frames per s>
-accounted <n>/<total>``.
+1. **stress**: ``scan([det], motor, 0, 10, N)`` as fast as the RunEngine goes, of
+   1024x1024 uint32 frames: ``untagged``, ``thread`` (``TaggingCallback``
+   in this process) and ``process`` (``isolation="process"``).
+2. **rates**: ``count([det], num, delay)`` at 20 and 50 frames/s: scan time
+   ratio to the untagged count and frame-to-tag latency (p50, p99).
+3. **files**: the stress scan with an ophyd area detector writing AD_HDF5
+   (frames by resource/datum): untagged, thread and process.
+4. **capacity**: a run's documents pushed into the callback as fast as it
+   accepts them (no RunEngine), so frames wait ahead of the tagger: frames
+   tagged per second, beside the naive per-frame ``Tagger.predict`` and the
+   batched ``Tagger.predict`` end to end (bench_inference's figure) on the same
+   frames in the same run.
+
+Frames come from a pool of synthetic scattering frames of the project's
+generator served by an ophyd ``SynSignal`` (the detector costs almost
+nothing). The last line reads ``scan_ratio S rate20_ratio A rate50_ratio B
+p99_20hz_ms P files_ratio F capacity_fps C accounted n/N``: S and F for the
+tagging process against the untagged scan, A and B likewise at 20 and 50 Hz,
+P the tagging process's p99 at 20 Hz, C its capacity, n/N the frames accounted
+for (tagged or skipped with a reason) over all tagged runs.
 """
 
 from __future__ import annotations
@@ -22,10 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -39,135 +50,235 @@ def make_frames(n_distinct: int, size: int):
         frames = []
         while len(frames) < n_distinct:
             f, _, _ = gen.one()
-            if f.shape == (size, size):
-                frames.append(f.astype(np.uint32) if f.dtype != np.uint32 else f)
-            elif len(frames) < n_distinct and f.ndim == 2:
-                out = np.zeros((size, size), np.uint32)
-                h, w = min(size, f.shape[0]), min(size, f.shape[1])
-                out[:h, :w] = np.clip(f[:h, :w], 0, None).astype(np.uint32)
-                frames.append(out)
+            if f.ndim != 2:
+                continue
+            out = np.zeros((size, size), np.uint32)
+            h, w = min(size, f.shape[0]), min(size, f.shape[1])
+            out[:h, :w] = np.clip(np.nan_to_num(f[:h, :w]), 0, 2**32 - 1).astype(np.uint32)
+            frames.append(out)
         return frames, "generator"
     except Exception:  # the generator module is optional for this benchmark
         rng = np.random.default_rng(0)
         return [rng.poisson(5, (size, size)).astype(np.uint32) for _ in range(n_distinct)], "poisson"
 
 
-def run_mode(mode: str, n: int, size: int) -> dict:
+def _callback(mode: str, sink, frames_shape):
+    from bluesky_xsml import Tagger, TaggingCallback
+
+    if mode == "thread":
+        tagger = Tagger.load()
+        tagger.warmup(shape=frames_shape, dtypes=("uint32",))
+        xsml = TaggingCallback(tagger, downstream=[sink])
+    else:
+        xsml = TaggingCallback(None, downstream=[sink], isolation="process")
+    xsml.wait_ready(300)
+    return xsml
+
+
+def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) -> dict:
+    """One run in this process; returns its figures."""
     import numpy as np
     from bluesky import RunEngine
-    from bluesky.plans import scan
+    from bluesky.plans import count, scan
     from ophyd.sim import SynAxis, SynSignal
-
-    from bluesky_xsml import Tagger, TaggingCallback
 
     frames, source = make_frames(16, size)
     counter = iter(range(10**9))
-    det = SynSignal(func=lambda: frames[next(counter) % len(frames)], name="saxs",
-                    labels={"detectors"})
-    motor = SynAxis(name="sample_x")
     RE = RunEngine({}, call_returns_result=False)
-    tagger = Tagger.load()
-    tagger.warmup(shape=(size, size), dtypes=("uint32",))
-    tagger.predict(frames[0])  # warm the batch-1 path too
-
-    tag_times: list[float] = []
     latencies: list[float] = []
+    tagged = [0]
+
+    def sink(name, doc):
+        if name == "event_page" and "latency" in doc["data"]:
+            latencies.extend(doc["data"]["latency"])
+            tagged[0] += len(doc["seq_num"])
+
     xsml = None
-    if mode == "naive":
-        def naive(name, doc):
-            if name == "event":
-                t0 = time.perf_counter()
-                tagger.predict(doc["data"]["saxs"])
-                t1 = time.perf_counter()
-                tag_times.append(t1)
-                latencies.append(t1 - t0)
-
-        RE.subscribe(naive)
-    elif mode == "xsml":
-        def sink(name, doc):
-            if name == "event_page":
-                now = time.perf_counter()
-                tag_times.extend([now] * len(doc["seq_num"]))
-                latencies.extend(doc["data"].get("latency", []))
-
-        xsml = TaggingCallback(tagger, downstream=[sink])
+    if mode != "untagged":
+        xsml = _callback(mode, sink, (size, size))
         RE.subscribe(xsml)
-        xsml.wait_ready(120)  # the worker compiles its kernels first
+    tmp = tempfile.TemporaryDirectory()
+    if experiment == "files":
+        from bluesky_xsml.sim.detectors import HDF5ResourceDetector
 
-    t_start = time.perf_counter()
-    RE(scan([det], motor, 0, 10, n))
-    t_scan = time.perf_counter() - t_start
+        det = HDF5ResourceDetector("ad", lambda: frames[next(counter) % len(frames)], tmp.name)
+    else:
+        det = SynSignal(func=lambda: frames[next(counter) % len(frames)], name="saxs",
+                        labels={"detectors"})
+    motor = SynAxis(name="sample_x")
+    t0 = time.perf_counter()
+    if experiment == "rate":
+        RE(count([det], num=n, delay=1.0 / rate))
+    else:
+        RE(scan([det], motor, 0, 10, n))
+    scan_s = time.perf_counter() - t0
     accounted = n
     if xsml is not None:
-        xsml.flush(600)
+        xsml.flush(900)
         st = xsml.status()
         accounted = st["frames_tagged"] + st["frames_skipped"]
         xsml.close()
-    t_last = (tag_times[-1] - t_start) if tag_times else t_scan
+    tmp.cleanup()
     lat = np.asarray(latencies, float)
-    return {
-        "mode": mode, "frames": n, "size": size, "frame_source": source,
-        "scan_s": t_scan, "last_tag_s": t_last,
-        "frames_per_s": (len(tag_times) / t_last) if tag_times else float("nan"),
-        "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
-        "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan"),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "accounted": accounted if mode != "untagged" else n,
-        "tagged": len(tag_times),
-    }
+    return {"experiment": experiment, "mode": mode, "rate": rate, "frames": n,
+            "source": source, "scan_s": scan_s, "accounted": accounted,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")}
+
+
+def run_capacity(mode: str, n: int, size: int) -> dict:
+    """Documents pushed as fast as accepted; frames/s to the last tag."""
+    import numpy as np
+    from event_model import compose_run
+
+    frames, source = make_frames(16, size)
+    if mode in ("naive", "batched"):
+        from bluesky_xsml import Tagger
+
+        tagger = Tagger.load()
+        tagger.warmup(shape=(size, size), dtypes=("uint32",))
+        tagger.predict(frames[:8])
+        t0 = time.perf_counter()
+        if mode == "naive":
+            for i in range(n):
+                tagger.predict(frames[i % len(frames)])
+        else:
+            for i in range(0, n, 32):
+                tagger.predict([frames[j % len(frames)] for j in range(i, min(n, i + 32))])
+        dt = time.perf_counter() - t0
+        return {"experiment": "capacity", "mode": mode, "frames": n, "fps": n / dt,
+                "accounted": n}
+    done = [0, 0.0]
+
+    def sink(name, doc):
+        if name == "event_page" and "latency" in doc["data"]:
+            done[0] += len(doc["seq_num"])
+            done[1] = time.perf_counter()
+
+    xsml = _callback(mode, sink, (size, size))
+    bundle = compose_run()
+    desc = bundle.compose_descriptor(
+        name="primary", data_keys={"saxs": {"source": "sim", "dtype": "array",
+                                            "shape": [size, size]}})
+    t0 = time.perf_counter()
+    xsml("start", bundle.start_doc)
+    xsml("descriptor", desc.descriptor_doc)
+    for i in range(n):
+        xsml("event", desc.compose_event(data={"saxs": frames[i % len(frames)]},
+                                         timestamps={"saxs": time.time()}))
+    xsml("stop", bundle.compose_stop())
+    xsml.flush(900)
+    st = xsml.status()
+    xsml.close()
+    dt = (done[1] or time.perf_counter()) - t0
+    return {"experiment": "capacity", "mode": mode, "frames": n, "fps": done[0] / dt,
+            "accounted": st["frames_tagged"] + st["frames_skipped"],
+            "source": source, "tagged": done[0], "np": np.__version__}
+
+
+def _sub(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env=os.environ.copy())
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"benchmark run {args} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=500)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=5,
-                   help="runs of each mode, interleaved; the best run of each is reported "
-                        "(default 5)")
-    p.add_argument("--mode", choices=["untagged", "naive", "xsml"], help=argparse.SUPPRESS)
+    p.add_argument("--frames", type=int, default=500, help="frames of the stress and files "
+                   "scans (default 500)")
+    p.add_argument("--rate-frames", type=int, default=200,
+                   help="frames of each detector-rate count (default 200)")
+    p.add_argument("--capacity-frames", type=int, default=300,
+                   help="frames pushed in the capacity runs (default 300)")
+    p.add_argument("--size", type=int, default=1024, help="frame side in pixels (default 1024)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of every run; medians are reported (default 3)")
+    p.add_argument("--only", choices=["stress", "rate", "files", "capacity"], action="append",
+                   help="run only these experiments (repeatable)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, args.frames, args.size)))
+    if args.one:
+        spec = json.loads(args.one)
+        if spec["experiment"] == "capacity":
+            print(json.dumps(run_capacity(spec["mode"], spec["n"], args.size)))
+        else:
+            print(json.dumps(run_one(spec["experiment"], spec["mode"], spec["n"], args.size,
+                                     spec.get("rate", 0.0))))
         return 0
-    runs: dict[str, list[dict]] = {"untagged": [], "naive": [], "xsml": []}
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits all modes
-        for mode in runs:
-            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--frames",
-                                  str(args.frames), "--size", str(args.size)],
-                                 capture_output=True, text=True, env=os.environ.copy())
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                return out.returncode
-            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    # Timing noise on a shared machine only ever adds time, so each mode's best run (shortest
-    # time to its last tag) is its most faithful figure, as with timeit. The spread is printed.
-    results = {}
-    for mode, rs in runs.items():
-        best = dict(min(rs, key=lambda r: r["last_tag_s"]))
-        best["accounted"] = min(r["accounted"] for r in rs)
-        best["spread"] = (min(r["scan_s"] for r in rs), statistics.median(r["scan_s"] for r in rs),
-                          max(r["scan_s"] for r in rs))
-        results[mode] = best
-    print(f"{args.frames} frames of {args.size}x{args.size} uint32 "
-          f"({results['xsml']['frame_source']} frames), {os.cpu_count()} CPU cores, "
-          f"best of {args.repeats} interleaved runs per mode")
-    print(f"{'mode':10s} {'scan s':>8s} {'last tag s':>10s} {'frames/s':>9s} "
-          f"{'p50 ms':>8s} {'p99 ms':>8s} {'peak RSS MB':>11s} {'accounted':>10s}")
-    for mode, r in results.items():
-        print(f"{mode:10s} {r['scan_s']:8.2f} {r['last_tag_s']:10.2f} {r['frames_per_s']:9.1f} "
-              f"{r['latency_p50_ms']:8.1f} {r['latency_p99_ms']:8.1f} {r['peak_rss_mb']:11.0f} "
-              f"{r['accounted']:>6d}/{r['frames']}")
-    for mode, r in results.items():
-        lo, med, hi = r["spread"]
-        print(f"  {mode:9s} scan s over the runs: min {lo:.2f}  median {med:.2f}  max {hi:.2f}")
-    # A frame cannot be tagged before the RunEngine emits it, so TaggingCallback's frames/s is at
-    # most the untagged scan's frames/s, and its ratio to the naive callback is at most this:
-    bound = results["naive"]["last_tag_s"] / results["untagged"]["scan_s"]
-    print(f"throughput_ratio can be at most naive scan / untagged scan = {bound:.2f} here")
-    scan_ratio = results["xsml"]["scan_s"] / results["untagged"]["scan_s"]
-    thr_ratio = results["xsml"]["frames_per_s"] / results["naive"]["frames_per_s"]
-    print(f"scan_ratio {scan_ratio:.3f} throughput_ratio {thr_ratio:.2f} "
-          f"accounted {results['xsml']['accounted']}/{args.frames}")
+    wanted = set(args.only or ["stress", "rate", "files", "capacity"])
+    plan = []
+    for mode in ("untagged", "thread", "process"):
+        if "stress" in wanted:
+            plan.append({"experiment": "stress", "mode": mode, "n": args.frames})
+        if "rate" in wanted:
+            for rate in (20.0, 50.0):
+                plan.append({"experiment": "rate", "mode": mode, "n": args.rate_frames,
+                             "rate": rate})
+        if "files" in wanted:
+            plan.append({"experiment": "files", "mode": mode, "n": args.frames})
+    if "capacity" in wanted:
+        for mode in ("naive", "batched", "thread", "process"):
+            plan.append({"experiment": "capacity", "mode": mode, "n": args.capacity_frames})
+    results: dict[tuple, list[dict]] = {}
+    t_all = time.perf_counter()
+    for rep in range(args.repeats):
+        for spec in plan:
+            key = (spec["experiment"], spec["mode"], spec.get("rate", 0.0))
+            r = _sub(["--one", json.dumps(spec), "--size", str(args.size)])
+            results.setdefault(key, []).append(r)
+            print(f"[{rep + 1}/{args.repeats}] {key[0]:8s} {key[1]:8s} "
+                  f"{(str(int(key[2])) + ' Hz') if key[2] else '':6s} "
+                  + (f"scan {r['scan_s']:.2f} s p99 {r['p99_ms']:.0f} ms" if "scan_s" in r
+                     else f"{r['fps']:.1f} frames/s"), flush=True)
+
+    def med(key, field):
+        return statistics.median(r[field] for r in results[key])
+
+    print(f"\n{args.size}x{args.size} uint32 frames, {os.cpu_count()} CPU cores, medians of "
+          f"{args.repeats} interleaved runs ({time.perf_counter() - t_all:.0f} s in all)")
+    figures = {}
+    accounted = total = 0
+    for exp, rate in (("stress", 0.0), ("rate", 20.0), ("rate", 50.0), ("files", 0.0)):
+        if (exp, "untagged", rate) not in results:
+            continue
+        base = med((exp, "untagged", rate), "scan_s")
+        label = f"{exp} {int(rate)} Hz" if rate else exp
+        print(f"{label:12s} untagged {base:7.2f} s")
+        for mode in ("thread", "process"):
+            key = (exp, mode, rate)
+            ratio = med(key, "scan_s") / base
+            figures[(exp, mode, rate)] = ratio
+            print(f"{'':12s} {mode:8s} {med(key, 'scan_s'):7.2f} s  ratio {ratio:.3f}  "
+                  f"latency p50 {med(key, 'p50_ms'):6.0f} ms  p99 {med(key, 'p99_ms'):6.0f} ms")
+            for r in results[key]:
+                accounted += r["accounted"]
+                total += r["frames"]
+    cap = {}
+    if ("capacity", "process", 0.0) in results:
+        for mode in ("naive", "batched", "thread", "process"):
+            cap[mode] = med(("capacity", mode, 0.0), "fps")
+        print(f"capacity     naive predict {cap['naive']:.1f}  batched predict "
+              f"{cap['batched']:.1f}  thread {cap['thread']:.1f}  process {cap['process']:.1f} "
+              f"frames/s (process = {cap['process'] / cap['batched']:.2f} of batched predict, "
+              f"{cap['process'] / cap['naive']:.1f}x naive)")
+        for mode in ("thread", "process"):
+            for r in results[("capacity", mode, 0.0)]:
+                accounted += r["accounted"]
+                total += r["frames"]
+
+    def fig(key, fmt="{:.3f}"):
+        return fmt.format(figures[key]) if key in figures else "nan"
+
+    p99 = (f"{med(('rate', 'process', 20.0), 'p99_ms'):.0f}"
+           if ("rate", "process", 20.0) in results else "nan")
+    print(f"scan_ratio {fig(('stress', 'process', 0.0))} "
+          f"rate20_ratio {fig(('rate', 'process', 20.0))} "
+          f"rate50_ratio {fig(('rate', 'process', 50.0))} p99_20hz_ms {p99} "
+          f"files_ratio {fig(('files', 'process', 0.0))} "
+          f"capacity_fps {cap.get('process', float('nan')):.1f} accounted {accounted}/{total}")
     return 0
 
 

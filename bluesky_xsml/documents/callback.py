@@ -33,6 +33,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from ..frame_cache import FrameCache
 from ..inference.worker import FrameJob, InferenceWorker
 from .compose import FrameResult, TagStreamComposer
 from .frame_index import INDEX_KEY, FrameIndex, motor_keys
@@ -190,7 +191,11 @@ class TaggingCallback:
                  read_retry_delay: float = 0.1, threads: int | None = None,
                  validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
                  label_cache_size: int = 2000, index_min_prob: float = 0.5,
-                 index_limit: int = 1000, beam_center=None):
+                 index_limit: int = 1000, beam_center=None, isolation: str = "thread",
+                 process_options=None):
+        if isolation not in ("thread", "process"):
+            raise ValueError(f"isolation must be 'thread' or 'process', got {isolation!r}")
+        self.isolation = isolation
         if "." in stream_name or "/" in stream_name or not stream_name:
             raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
         self.tagger = tagger
@@ -212,7 +217,8 @@ class TaggingCallback:
         self.index_min_prob = float(index_min_prob)
         self.index_limit = int(index_limit)
         self._closed = False
-        self._set_threads(threads)
+        if isolation == "thread":
+            self._set_threads(threads)
         self._lock = threading.RLock()
         self._runs: dict[str, RunTagState] = {}
         self._by_descriptor: dict[str, RunTagState] = {}
@@ -221,17 +227,22 @@ class TaggingCallback:
         self._finished_runs: collections.deque = collections.deque(maxlen=100)
         # The worker first: it checks its settings before it starts a thread, so a bad setting
         # raises before any thread of this callback runs (the outbox's thread would be left).
-        self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
-                                      max_wait=max_wait, max_pending_bytes=max_pending_bytes,
-                                      overflow=overflow, hand_off_timeout=hand_off_timeout,
-                                      on_inputs=self._on_inputs)
+        if isolation == "process":
+            self.worker = self._process_worker(
+                tagger, process_options, threads, max_batch=max_batch, max_wait=max_wait,
+                max_pending_bytes=max_pending_bytes, overflow=overflow,
+                hand_off_timeout=hand_off_timeout)
+            self.tagger = self.worker.tagger  # a RemoteTagger: what the child's model is
+        else:
+            self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
+                                          max_wait=max_wait, max_pending_bytes=max_pending_bytes,
+                                          overflow=overflow, hand_off_timeout=hand_off_timeout,
+                                          on_inputs=self._on_inputs)
         self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
                              on_idle=self._check_held_stops, retry=delivery_retry)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
         self._input_listeners: list[Callable[[list], None]] = []
         self._document_listeners: list[Callable[[str, dict], None]] = []
-        from ..training.live import FrameCache
-
         self.frame_cache = FrameCache(label_cache_size)
         #: The :class:`~bluesky_xsml.training.live.LiveFineTuner`; None until
         #: :meth:`enable_finetuning`.
@@ -239,6 +250,34 @@ class TaggingCallback:
         self._labels_ignored = 0
         # Finish and stop the threads before the interpreter tears down torch/numba under them.
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _process_worker(self, tagger, options, threads, **worker_options):
+        import dataclasses
+        import os
+
+        from ..inference.process import ProcessInferenceWorker, ProcessOptions
+
+        options = options or ProcessOptions()
+        if threads is not None and options.threads is None:
+            options = dataclasses.replace(options, threads=threads)
+        checkpoint = tagger
+        if tagger is not None and not isinstance(tagger, (str, os.PathLike)):
+            # a Tagger built here: the child loads the same weights from a private file
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="xsml-tagger-", suffix=".pt")
+            os.close(fd)
+            tagger.save(path)
+            self._tagger_file = checkpoint = path
+            device = getattr(tagger, "device", None)
+            options = dataclasses.replace(
+                options, device=options.device or (str(device) if device is not None else None),
+                precision=options.precision or getattr(tagger, "precision", None))
+        external = {"handler_registry": self.handler_registry, "root_map": self.root_map,
+                    "retries": self.read_retries, "retry_delay": self.read_retry_delay}
+        return ProcessInferenceWorker(checkpoint, self._on_results, on_inputs=self._on_inputs,
+                                      external_options=external, options=options,
+                                      **worker_options)
 
     def _set_threads(self, threads: int | None) -> None:
         import os
@@ -357,6 +396,13 @@ class TaggingCallback:
         self.outbox.close(timeout)
         if self.finetuner is not None:
             self.finetuner.close(timeout)
+        path = getattr(self, "_tagger_file", None)
+        if path is not None:
+            import contextlib
+            import os
+
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def status(self) -> dict[str, Any]:
         """Counters and latency figures (JSON-able)."""
@@ -385,6 +431,8 @@ class TaggingCallback:
             "document_errors": dict(self._errors),
             "label_cache_frames": len(self.frame_cache),
             "labels_ignored": self._labels_ignored,
+            **({"tagger_process": self.worker.describe_process()}
+               if self.isolation == "process" else {}),
         }
 
     # ------------------------------------------------------------ fine-tuning
@@ -396,6 +444,12 @@ class TaggingCallback:
         again returns the running fine-tuner.
         """
         if self.finetuner is None:
+            if self.isolation == "process":
+                from ..errors import ConfigurationError
+
+                raise ConfigurationError(
+                    "live fine-tuning needs the model in this process; it is not available "
+                    "with isolation='process' yet (use isolation='thread')")
             from ..training.live import LiveFineTuner
 
             self.finetuner = LiveFineTuner(self.tagger, directory, **options)
@@ -637,7 +691,8 @@ class TaggingCallback:
         except Exception as err:
             reason = getattr(err, "reason", "unknown_datum")
             return FrameJob(run.uid, stream, seq, uid, key, skip_reason=f"{reason}: {err}")
-        return FrameJob(run.uid, stream, seq, uid, key, source=lambda: ext.read(ref))
+        return FrameJob(run.uid, stream, seq, uid, key, source=lambda: ext.read(ref), ref=ref,
+                        ref_docs=ext.documents_for(ref))
 
     # external-data documents
     def _register_resource(self, name: str, doc: dict) -> None:
@@ -685,7 +740,8 @@ class TaggingCallback:
                     continue
                 uid = run.event_uids.get((doc["descriptor"], seq), "")
                 job = FrameJob(run.uid, stream, seq, uid, key,
-                               source=(lambda r=ref: ext.read(r)))
+                               source=(lambda r=ref: ext.read(r)), ref=ref,
+                               ref_docs=ext.documents_for(ref))
                 jobs.append(job)
                 run.pending[id(job)] = job
         for job in jobs:
@@ -804,6 +860,9 @@ class TaggingCallback:
             for uid in [u for u, r in self._by_resource.items() if r is run]:
                 del self._by_resource[uid]
             self._finished_runs.append({"uid": run.uid, **self._search_summary(run)})
+        forget_run = getattr(self.worker, "forget_run", None)
+        if forget_run is not None and run.external is not None:
+            forget_run(run.uid)  # the tagging process closes the run's files
         if run.external is not None:
             try:
                 run.external.forget()

@@ -463,6 +463,25 @@ class ExternalFrames:
             path=self._resource_path(resource),
         )
 
+    def documents_for(self, ref: FrameRef) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+        """The ``(name, document)`` pairs another :class:`ExternalFrames` needs to read ``ref``.
+
+        Lets a tagging process read a frame by reference: it registers these
+        documents in its own instance (with the same options) and calls
+        :meth:`read`. No file I/O.
+        """
+        if ref.kind == "datum":
+            docs: list[tuple[str, Mapping[str, Any]]] = []
+            resource = self._resources.get(ref.resource)
+            if resource is not None:
+                docs.append(("resource", resource))
+            datum = self._datums.get(ref.key)
+            if datum is not None:
+                docs.append(("datum", datum))
+            return tuple(docs)
+        sres = self._stream_resources.get(ref.resource)
+        return (("stream_resource", sres),) if sres is not None else ()
+
     def _frames_per_index(self, sres: Mapping[str, Any], descriptor_uid: str | None) -> int:
         multiplier = sres.get("parameters", {}).get("multiplier")
         if multiplier:

@@ -57,6 +57,11 @@ class FrameJob:
     nbytes: int = 0
     t_in: float = field(default_factory=time.monotonic)
     beam_center: tuple[float, float] | None = None  # (x, y) detector pixels, when known
+    #: For frames in files: the :class:`~bluesky_xsml.documents.external.FrameRef` and the
+    #: ``(name, document)`` pairs needed to read it elsewhere (a tagging process); ``source``
+    #: reads it here.
+    ref: Any = None
+    ref_docs: tuple = ()
 
 
 @dataclass

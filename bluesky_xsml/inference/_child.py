@@ -1,0 +1,288 @@
+"""The tagging process's side of :mod:`bluesky_xsml.inference.process`.
+
+Run by :class:`~bluesky_xsml.inference.process.ProcessInferenceWorker` in a
+spawned process: it loads the checkpoint, lowers its own priority, attaches to
+the parent's shared-memory frame ring and runs an ordinary in-process
+:class:`~bluesky_xsml.inference.worker.InferenceWorker`, whose results go back
+over the pipe. Three threads: the receiver (jobs in), the inference worker
+(results out) and a heartbeat.
+
+Messages are exchanged over a :func:`multiprocessing.Pipe` that only this
+process and its parent hold (no network), so they are plain pickles.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import mmap
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .worker import FrameJob, InferenceWorker
+
+log = logging.getLogger(__name__)
+
+#: Runs whose external-file readers the child keeps open at once.
+MAX_OPEN_RUNS = 8
+
+
+def set_priority(priority: str | int | None) -> str:
+    """Lower this process's CPU priority; returns what was applied.
+
+    ``"idle"`` asks for ``SCHED_IDLE`` (it only runs on a core nothing else
+    wants) and falls back to ``nice 19``; an int is a nice increment; ``None``
+    or ``"normal"`` leave it.
+    """
+    if priority in (None, "normal", 0):
+        return "normal"
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except (AttributeError, OSError):
+            priority = 19
+    try:
+        os.nice(int(priority))
+        return f"nice {int(priority)}"
+    except (OSError, ValueError):
+        return "normal"
+
+
+class _Link:
+    """The child's end of the pipe: one sender at a time."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: Any) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+class _ExternalReaders:
+    """Per-run :class:`ExternalFrames`, fed the documents each job carries."""
+
+    def __init__(self, options: dict) -> None:
+        self.options = dict(options)
+        self.runs: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def reader(self, run_uid: str, docs) -> Any:
+        from ..documents.external import ExternalFrames
+
+        with self.lock:
+            ext = self.runs.get(run_uid)
+            if ext is None:
+                ext = self.runs[run_uid] = ExternalFrames(**self.options)
+                while len(self.runs) > MAX_OPEN_RUNS:
+                    _, old = self.runs.popitem(last=False)
+                    _forget(old)
+            self.runs.move_to_end(run_uid)
+            for name, doc in docs:
+                ext.register(name, doc)
+            return ext
+
+    def forget(self, run_uid: str) -> None:
+        with self.lock:
+            ext = self.runs.pop(run_uid, None)
+        if ext is not None:
+            _forget(ext)
+
+
+def _forget(ext) -> None:
+    try:
+        ext.forget()
+    except Exception:  # pragma: no cover - best effort
+        log.exception("xsml tagging process could not close a run's files")
+
+
+def _build_tagger(spec: dict):
+    from .tagger import Tagger
+
+    kwargs = {k: spec[k] for k in ("device", "precision", "num_threads") if spec.get(k) is not None}
+    return Tagger.load(spec.get("checkpoint"), **kwargs)
+
+
+def describe(tagger) -> dict:
+    """What the RunEngine's side needs to know about the model (plain types)."""
+    return {
+        "tags": list(tagger.tags),
+        "thresholds": [float(t) for t in tagger.thresholds],
+        "default_thresholds": [float(t) for t in getattr(tagger, "default_thresholds",
+                                                         tagger.thresholds)],
+        "checkpoint_id": tagger.checkpoint_id,
+        "describe": tagger.describe(),
+        "device": str(tagger.device),
+        "uses_beam_center": bool(tagger.uses_beam_center),
+        "pid": os.getpid(),
+    }
+
+
+def main(conn, spec: dict) -> None:
+    """Entry point of the tagging process (``multiprocessing`` target)."""
+    link = _Link(conn)
+    try:
+        applied = set_priority(spec.get("priority", "idle"))
+        import torch
+
+        threads = int(spec.get("threads") or os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        tagger = _build_tagger(spec)
+        tagger.set_num_threads(threads)
+        fd = os.open(spec["shm_path"], os.O_RDWR)
+        try:
+            ring = mmap.mmap(fd, spec["slots"] * spec["slot_bytes"])
+        finally:
+            os.close(fd)
+    except BaseException as err:  # noqa: BLE001 - reported, then the process ends
+        try:
+            link.send(("error", f"{type(err).__name__}: {err}"))
+        finally:
+            return
+    info = describe(tagger)
+    if spec.get("thresholds") is not None:  # set live before a restart: keep them
+        tagger.thresholds = np.asarray(spec["thresholds"], np.float32)
+        info["thresholds"] = [float(t) for t in tagger.thresholds]
+    info["priority"] = applied
+    link.send(("hello", info))
+    _Child(link, tagger, ring, spec).run()
+
+
+class _Child:
+    def __init__(self, link: _Link, tagger, ring: mmap.mmap, spec: dict) -> None:
+        self.link = link
+        self.tagger = tagger
+        self.ring = ring
+        self.slot_bytes = int(spec["slot_bytes"])
+        self.send_inputs = bool(spec.get("send_inputs", True))
+        self.readers = _ExternalReaders(spec.get("external_options") or {})
+        self.heartbeat = float(spec.get("heartbeat", 0.5))
+        self.stop = threading.Event()
+        self.silent = False  # set by the "hang" test message: heartbeats stop too
+        self.worker = InferenceWorker(
+            tagger, self._on_results, max_batch=spec["max_batch"], max_wait=spec["max_wait"],
+            max_pending_bytes=2**62, warmup=bool(spec.get("warmup", True)),
+            on_inputs=self._on_inputs if self.send_inputs else None)
+
+    # results back to the parent
+    def _on_inputs(self, items: list) -> None:
+        self.link.send(("inputs", [(job.jid, int(idx), np.asarray(x, np.float16))
+                                   for job, idx, x in items]))
+
+    def _on_results(self, batch: list) -> None:
+        self.link.send(("results", [(job.jid, results) for job, results in batch]))
+
+    def _beat(self) -> None:
+        sent_ready = False
+        while not self.stop.wait(self.heartbeat):
+            if self.silent:
+                continue
+            if not sent_ready and self.worker.ready.is_set():
+                sent_ready = True
+                self.link.send(("ready", None))
+            self.link.send(("hb", time.monotonic()))
+
+    # jobs from the parent
+    def _job(self, msg: dict) -> FrameJob:
+        job = FrameJob(msg["run_uid"], msg["stream"], msg["seq_num"], msg["event_uid"],
+                       msg["key"], skip_reason=msg.get("skip_reason", ""), t_in=msg["t_in"],
+                       beam_center=msg.get("beam_center"))
+        job.jid = msg["jid"]
+        kind = msg["kind"]
+        if kind == "slot":
+            offset = msg["slot"] * self.slot_bytes
+            view = np.ndarray(msg["shape"], np.dtype(msg["dtype"]), buffer=self.ring,
+                              offset=offset)
+            job.source = np.array(view)  # copied out: the slot is free again
+            job.nbytes = 0
+        elif kind == "array":
+            job.source = msg["array"]
+        elif kind == "ref":
+            ext = self.readers.reader(msg["run_uid"], msg["ref_docs"])
+            ref = msg["ref"]
+            job.source = lambda: ext.read(ref)
+        return job
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._beat, name="xsml-heartbeat", daemon=True)
+        beat.start()
+        conn = self.link.conn
+        try:
+            while True:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    break  # the parent is gone
+                what = msg[0]
+                if what == "jobs":
+                    freed = []
+                    jobs = []
+                    for item in msg[1]:
+                        jobs.append(self._job(item))
+                        if item["kind"] == "slot":
+                            freed.append(item["slot"])
+                    if freed:
+                        self.link.send(("free", freed))
+                    for job in jobs:
+                        self.worker.submit(job)
+                elif what == "thresholds":
+                    with self.tagger.hold():  # between batches
+                        self.tagger.thresholds = np.asarray(msg[1], np.float32)
+                elif what == "forget":
+                    self.readers.forget(msg[1])
+                elif what == "swap":
+                    self._swap(msg[1])
+                elif what == "stop":
+                    break
+                elif what == "crash":  # for tests: die the way a segfault does
+                    os.kill(os.getpid(), 9)
+                elif what == "hang":  # for tests: stop answering, heartbeat included
+                    self.silent = True
+                    time.sleep(float(msg[1]))
+                    self.silent = False
+        finally:
+            self.stop.set()
+            self.worker.close(timeout=30.0)
+            try:
+                self.link.send(("bye", None))
+            except (OSError, ValueError):
+                pass
+
+    def _swap(self, checkpoint: str) -> None:
+        try:
+            from .tagger import Tagger
+
+            new = Tagger.load(checkpoint, device=str(self.tagger.device),
+                              precision=self.tagger.precision)
+            self.worker.flush(60.0)
+            self.tagger.swap_weights(new, allow_tag_change=True)
+            self.link.send(("swapped", describe(self.tagger)))
+        except Exception as err:
+            self.link.send(("swap_failed", f"{type(err).__name__}: {err}"))
+
+
+def _run_from_fd(fd: int) -> None:
+    import pickle
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    spec = pickle.loads(conn.recv_bytes())
+    main(conn, spec)
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import signal
+    import sys
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+
+    logging.basicConfig(level=logging.WARNING,
+                        format="xsml tagging process %(process)d: %(levelname)s %(message)s")
+    _run_from_fd(int(sys.argv[1]))

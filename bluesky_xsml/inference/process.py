@@ -1,0 +1,809 @@
+"""Tagging in a process of its own: the RunEngine's process never runs the model.
+
+:class:`ProcessInferenceWorker` has the interface of
+:class:`~bluesky_xsml.inference.worker.InferenceWorker` (``submit``, ``flush``,
+``close``, ``ensure_alive``, ``ready``, ``stats``), so
+:class:`~bluesky_xsml.TaggingCallback` uses either; ``TaggingCallback(...,
+isolation="process")`` picks this one. The model, the preprocessing, file
+reads and (on a GPU) the CUDA context live in a *spawned* child process at low
+CPU priority (``SCHED_IDLE`` by default); this module does not import torch.
+
+How frames cross
+    Inline arrays are copied once, by a feeder thread (numpy's copy releases
+    the GIL for large arrays), into a ring of shared-memory slots; the child
+    copies each out and frees its slot at once. A frame larger than a slot
+    crosses through the pipe instead. Frames in files cross *by reference*
+    (the :class:`~bluesky_xsml.documents.external.FrameRef` and the
+    resource/datum documents it needs): the child opens the files, the
+    RunEngine's process never does.
+
+Faults
+    If the child dies (SIGKILL, a segfault, the out-of-memory killer), stops
+    sending heartbeats for ``heartbeat_timeout`` seconds, or holds frames
+    without returning any result for ``progress_timeout`` seconds, it is killed
+    if need be; the frames it held are recorded as skipped (reason
+    ``tagger_process_died`` or ``tagger_process_hung``), a new child is
+    started on the same checkpoint, and the frames still waiting are tagged
+    by it. After ``max_restarts`` restarts within ``restart_window`` seconds
+    it stops restarting and every later frame is skipped with reason
+    ``tagger_process_unavailable``: every frame is still accounted for.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..documents.compose import FrameResult
+from .worker import FrameJob, WorkerStats
+
+__all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteTagger"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """How the tagging process is run.
+
+    Attributes
+    ----------
+    priority : {"idle", "normal"} or int
+        ``"idle"``: ``SCHED_IDLE`` (falls back to nice 19); an int: a nice
+        increment.
+    threads : int, optional
+        Torch and preprocessing threads in the child (default: all cores; at
+        idle priority they only use what the RunEngine leaves).
+    slots, slot_bytes : int
+        The shared-memory ring: ``slots`` buffers of ``slot_bytes`` each
+        (default 16 x 8 MiB, a 2048 x 1024 uint32 frame per slot).
+    heartbeat_timeout : float
+        Seconds without a heartbeat before the child counts as hung.
+    progress_timeout : float
+        Seconds the child may hold frames without returning any result.
+    start_timeout : float
+        Seconds to wait for a new child to load its model.
+    max_restarts, restart_window : int, float
+        Crash-loop guard: restarts allowed within the window.
+    device, precision : str, optional
+        Passed to :meth:`Tagger.load` in the child.
+    send_inputs : bool
+        Send each frame's preprocessed input back (float16) for the label
+        cache and the live view's thumbnails.
+    """
+
+    priority: str | int | None = "idle"
+    threads: int | None = None
+    slots: int = 16
+    slot_bytes: int = 8 * 1024**2
+    heartbeat_timeout: float = 10.0
+    progress_timeout: float = 120.0
+    start_timeout: float = 180.0
+    max_restarts: int = 5
+    restart_window: float = 300.0
+    device: str | None = None
+    precision: str | None = None
+    send_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.slot_bytes < 1024:
+            raise ValueError(f"need slots >= 1 and slot_bytes >= 1024; got {self.slots}, "
+                             f"{self.slot_bytes}")
+        for name in ("heartbeat_timeout", "progress_timeout", "start_timeout", "restart_window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+
+
+class _Device:
+    """``tagger.device`` for the RunEngine's side: its name and type."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.type = name.split(":")[0]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"device({self.name!r})"
+
+
+class RemoteTagger:
+    """What the RunEngine's process knows of the model in the tagging process.
+
+    It answers what the callback and the service ask a :class:`Tagger`
+    (``tags``, ``thresholds``, ``checkpoint_id``, ``describe()``, ``device``,
+    ``uses_beam_center``, ``hold()``) from the child's last report; it runs
+    nothing. Setting ``thresholds`` sends them to the tagging process, where
+    they decide the tags from its next batch on.
+    """
+
+    def __init__(self, info: dict, on_thresholds: Callable[[list], None] | None = None) -> None:
+        self._on_thresholds = on_thresholds
+        self._lock = threading.RLock()
+        self.update(info)
+
+    def update(self, info: dict) -> None:
+        with self._lock:
+            self.tags: tuple[str, ...] = tuple(info["tags"])
+            self._thresholds = np.asarray(info["thresholds"], np.float32)
+            self.default_thresholds = np.asarray(
+                info.get("default_thresholds", info["thresholds"]), np.float32)
+            self.checkpoint_id: str = str(info["checkpoint_id"])
+            self._describe = dict(info["describe"])
+            self.device = _Device(info["device"])
+            self.precision = str(info["describe"].get("precision", ""))
+            self.uses_beam_center = bool(info["uses_beam_center"])
+            self.pid = int(info["pid"])
+            self.priority = info.get("priority", "")
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-tag decision thresholds (setting them reaches the tagging process)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values) -> None:
+        new = np.asarray(values, np.float32)
+        if new.shape != (len(self.tags),):
+            raise ValueError(f"need one threshold per tag ({len(self.tags)}), got shape "
+                             f"{new.shape}")
+        with self._lock:
+            self._thresholds = new
+        if self._on_thresholds is not None:
+            self._on_thresholds([float(v) for v in new])
+
+    def hold(self):
+        """A lock held while thresholds are changed (the child applies them between batches)."""
+        return self._lock
+
+    def describe(self) -> dict:
+        out = dict(self._describe)
+        out["thresholds"] = [float(t) for t in self._thresholds]
+        return out
+
+    def __repr__(self) -> str:
+        return f"RemoteTagger({self.checkpoint_id}, pid {self.pid}, {self.device})"
+
+
+class TaggerProcessError(RuntimeError):
+    """The tagging process could not be started."""
+
+
+class ProcessInferenceWorker:
+    """Tags frame jobs in a spawned process; the interface of ``InferenceWorker``.
+
+    Parameters
+    ----------
+    checkpoint : str or path, optional
+        The checkpoint the child loads (``None``: the packaged default).
+    on_results : callable
+        Called from a link thread with a list of ``(job, [FrameResult, ...])``.
+    max_batch, max_wait : int, float
+        Micro-batching in the child.
+    max_pending_bytes, overflow, hand_off_timeout
+        The memory budget of inline frames waiting on this side, as for
+        :class:`InferenceWorker`.
+    warmup : bool
+        Compile the child's kernels before its first frame.
+    on_inputs : callable, optional
+        Called with ``[(job, frame_index, input)]`` (float16 inputs).
+    external_options : dict, optional
+        Keyword arguments of the child's
+        :class:`~bluesky_xsml.documents.external.ExternalFrames`.
+    options : ProcessOptions, optional
+    """
+
+    def __init__(self, checkpoint, on_results: Callable[[list], None], *, max_batch: int = 32,
+                 max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
+                 overflow: str = "skip", hand_off_timeout: float = 0.05, warmup: bool = True,
+                 on_inputs: Callable[[list], None] | None = None,
+                 external_options: dict | None = None,
+                 options: ProcessOptions | None = None):
+        if overflow not in ("skip", "wait"):
+            raise ValueError(f"overflow must be 'skip' or 'wait', got {overflow!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.options = options or ProcessOptions()
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.on_results = on_results
+        self.on_inputs = on_inputs
+        self.max_batch = int(max_batch)
+        self.max_wait = float(max_wait)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.overflow = overflow
+        self.hand_off_timeout = float(hand_off_timeout)
+        self.warmup = bool(warmup)
+        self.external_options = dict(external_options or {})
+        self.stats = WorkerStats()
+        self.ready = threading.Event()
+        self.process_starts = 0
+        self.process_faults: collections.Counter = collections.Counter()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._budget = threading.Condition()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._in_flight: dict[int, FrameJob] = {}
+        self._lock = threading.RLock()  # guards the link, the slots and _in_flight
+        self._slots_free = threading.Condition(self._lock)
+        self._free: collections.deque[int] = collections.deque(range(self.options.slots))
+        self._unsent: set[int] = set()  # slots written whose message is not sent yet
+        self._send_lock = threading.Lock()
+        self._control: queue.SimpleQueue = queue.SimpleQueue()  # messages the feeder sends
+        self._restarts: collections.deque[float] = collections.deque()
+        self._gave_up = False
+        self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
+        self._shm = _SharedRing(self.options.slots * self.options.slot_bytes)
+        self._proc = None
+        self._conn = None
+        self._last_beat = 0.0
+        self._last_progress = 0.0
+        self.tagger: RemoteTagger | None = None
+        self._thresholds: list | None = None  # set through the RemoteTagger, kept for restarts
+        try:
+            self._start_child()
+        except BaseException:
+            self._shm.close()
+            raise
+        self._feeder = threading.Thread(target=self._feed, name="xsml-tagger-feed", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="xsml-tagger-link", daemon=True)
+        self._feeder.start()
+        self._reader.start()
+
+    # -------------------------------------------------------------- the child
+    def _spec(self) -> dict:
+        o = self.options
+        return {"checkpoint": self.checkpoint, "priority": o.priority, "threads": o.threads,
+                "device": o.device, "precision": o.precision, "shm_path": self._shm.path,
+                "slots": o.slots, "slot_bytes": o.slot_bytes, "max_batch": self.max_batch,
+                "max_wait": self.max_wait, "warmup": self.warmup,
+                "send_inputs": self.options.send_inputs and self.on_inputs is not None,
+                "external_options": self.external_options,
+                "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
+                "thresholds": self._thresholds}
+
+    def _start_child(self) -> None:
+        """Start a child, wait for its hello; raises TaggerProcessError if it fails."""
+        proc, parent_conn = _ChildProcess.start(self._spec())
+        deadline = time.monotonic() + self.options.start_timeout
+        try:
+            while True:
+                if parent_conn.poll(0.2):
+                    what, payload = parent_conn.recv()
+                    if what == "hello":
+                        break
+                    if what == "error":
+                        raise TaggerProcessError(f"the tagging process could not start: "
+                                                 f"{payload}")
+                elif not proc.is_alive():
+                    raise TaggerProcessError(f"the tagging process exited during start "
+                                             f"(exit code {proc.exitcode})")
+                if time.monotonic() > deadline:
+                    raise TaggerProcessError(f"the tagging process did not load its model "
+                                             f"within {self.options.start_timeout} s")
+        except (EOFError, OSError) as err:
+            proc.kill()
+            proc.join(5)
+            parent_conn.close()
+            raise TaggerProcessError(f"the tagging process exited during start "
+                                     f"(exit code {proc.exitcode})") from err
+        except BaseException:
+            proc.kill()
+            proc.join(5)
+            parent_conn.close()
+            raise
+        with self._lock:
+            self._proc, self._conn = proc, parent_conn
+            self._last_beat = self._last_progress = time.monotonic()
+            # slots the dead child held are free again; those holding unsent frames are not
+            self._free = collections.deque(s for s in range(self.options.slots)
+                                           if s not in self._unsent)
+            self._slots_free.notify_all()
+            self.process_starts += 1
+        if self.tagger is None:
+            self.tagger = RemoteTagger(payload, on_thresholds=self._send_thresholds)
+        else:
+            self.tagger.update(payload)
+        log.info("xsml tagging process %d started (%s, checkpoint %s, %s)", payload["pid"],
+                 payload["device"], payload["checkpoint_id"], payload.get("priority"))
+
+    @property
+    def pid(self) -> int | None:
+        """The tagging process's pid (None when there is none)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    # ----------------------------------------------------------------- intake
+    def submit(self, job: FrameJob) -> None:
+        """Queue ``job``; the RunEngine's thread waits at most ``hand_off_timeout``."""
+        if job.source is not None and job.nbytes and getattr(job, "ref", None) is None:
+            with self._budget:
+                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
+                    if self.overflow == "wait":
+                        self._budget.wait_for(
+                            lambda: self.stats.pending_bytes + job.nbytes <= self.max_pending_bytes,
+                            timeout=self.hand_off_timeout)
+                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
+                    job.source, job.skip_reason, job.nbytes = None, "overflow", 0
+                    self.stats.overflow += 1
+                else:
+                    self.stats.pending_bytes += job.nbytes
+        with self._idle:
+            self._outstanding += 1
+        self.stats.submitted += 1
+        self._queue.put(job)
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted whose results were not yet handed back."""
+        return self._outstanding
+
+    def _release(self, job: FrameJob) -> None:
+        if job.nbytes:
+            with self._budget:
+                self.stats.pending_bytes -= job.nbytes
+                self._budget.notify_all()
+        job.source, job.nbytes = None, 0
+
+    def _feed(self) -> None:
+        """Feeder thread: move queued jobs into the ring and over to the child."""
+        while not self._stop.is_set():
+            self._send_control()
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            jobs = [first]
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._send_jobs(jobs)
+            except Exception as err:  # never lose the jobs: account for them
+                log.exception("xsml could not hand frames to the tagging process")
+                self._skip_jobs(jobs, f"internal_error: {type(err).__name__}")
+
+    def _send_thresholds(self, values: list) -> None:
+        self._thresholds = list(values)  # a restarted child gets them too
+        self._control.put(("thresholds", list(values)))
+
+    def _send_control(self) -> None:
+        while True:
+            try:
+                msg = self._control.get_nowait()
+            except queue.Empty:
+                return
+            conn = self._conn
+            if conn is not None:
+                self._send(conn, msg)
+
+    def _message(self, job: FrameJob, jid: int, *, wait: bool) -> dict | None:
+        """The job as a message; None if it needs a slot, none is free and ``wait`` is False."""
+        msg = {"jid": jid, "run_uid": job.run_uid, "stream": job.stream,
+               "seq_num": job.seq_num, "event_uid": job.event_uid, "key": job.key,
+               "skip_reason": job.skip_reason, "t_in": job.t_in,
+               "beam_center": job.beam_center, "kind": "none"}
+        ref = getattr(job, "ref", None)
+        if job.source is None:
+            return msg
+        if ref is not None:
+            msg.update(kind="ref", ref=ref, ref_docs=getattr(job, "ref_docs", ()))
+            return msg
+        value = job.source
+        if callable(value):  # a loader without a ref: run it here, off the RunEngine thread
+            value = job.source = value()
+        arr = np.asarray(value)
+        if arr.dtype.hasobject or arr.nbytes > self.options.slot_bytes:
+            msg.update(kind="array", array=arr)
+            return msg
+        slot = self._take_slot(wait)
+        if slot is None:
+            if wait:  # stopping, or restarting was given up: the pipe takes it
+                msg.update(kind="array", array=arr)
+                return msg
+            return None
+        view = np.ndarray(arr.shape, arr.dtype, buffer=self._shm.buf,
+                          offset=slot * self.options.slot_bytes)
+        np.copyto(view, arr)
+        del view
+        msg.update(kind="slot", slot=slot, shape=arr.shape, dtype=arr.dtype.str)
+        return msg
+
+    def _take_slot(self, wait: bool) -> int | None:
+        """A free slot (kept in ``_unsent`` until its message is sent), or None."""
+        with self._slots_free:
+            while not self._free:
+                if not wait or self._stop.is_set() or self._gave_up:
+                    return None
+                self._slots_free.wait(0.1)
+            slot = self._free.popleft()
+            self._unsent.add(slot)
+            return slot
+
+    def _send_jobs(self, jobs: list[FrameJob]) -> None:
+        if self._gave_up:
+            self._skip_jobs(jobs, "tagger_process_unavailable")
+            return
+        messages: list[tuple[int, FrameJob, dict]] = []
+        for job in jobs:
+            jid = next(self._ids)
+            try:
+                msg = self._message(job, jid, wait=False)
+                if msg is None:  # the ring is full: send what is ready, then wait for a slot
+                    self._transmit(messages)
+                    messages = []
+                    msg = self._message(job, jid, wait=True)
+            except Exception as err:
+                self._skip_jobs([job], f"read_error: {type(err).__name__}: {err}")
+                continue
+            if msg["kind"] in ("slot", "array"):
+                self._release(job)  # the frame lives in the ring or the message now
+            messages.append((jid, job, msg))
+        self._transmit(messages)
+
+    def _send(self, conn, msg) -> bool:
+        """Send to the child; False if it is gone (the link thread then restarts it).
+
+        Only the feeder thread and callers outside the link thread send, so a
+        child blocked on writing to us is always read and cannot deadlock a send.
+        """
+        with self._send_lock:
+            try:
+                conn.send(msg)
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def _transmit(self, messages: list[tuple[int, FrameJob, dict]]) -> None:
+        """Send ``messages`` to the child, waiting out a restart."""
+        if not messages:
+            return
+        slots = {m["slot"] for _, _, m in messages if m["kind"] == "slot"}
+        while True:
+            with self._lock:  # never held across a send: the link thread needs it to read
+                conn = self._conn
+                if conn is not None:
+                    for jid, job, _ in messages:
+                        self._in_flight[jid] = job
+                    self._unsent -= slots
+                    if len(self._in_flight) == len(messages):
+                        self._last_progress = time.monotonic()
+            if conn is not None:
+                self._send(conn, ("jobs", [m for _, _, m in messages]))
+                return
+            if self._gave_up or self._stop.is_set():
+                with self._lock:
+                    self._unsent -= slots
+                self._skip_jobs([j for _, j, _ in messages], "tagger_process_unavailable")
+                return
+            time.sleep(0.05)  # a restart is under way
+
+    # ---------------------------------------------------------------- results
+    def _read(self) -> None:
+        """Link thread: results, heartbeats; notices a dead or hung child."""
+        while not self._stop.is_set():
+            conn = self._conn
+            if conn is None:
+                if self._gave_up:
+                    return
+                time.sleep(0.1)
+                continue
+            try:
+                if conn.poll(0.1):
+                    self._handle(*conn.recv())
+                    continue
+            except (EOFError, OSError):
+                if self._stop.is_set():
+                    return
+                self._fault("tagger_process_died", self._exit_reason())
+                continue
+            except Exception:  # a message we cannot read: keep the link
+                log.exception("xsml could not read a message from the tagging process")
+                continue
+            now = time.monotonic()
+            proc = self._proc
+            if proc is not None and not proc.is_alive():
+                self._fault("tagger_process_died", self._exit_reason())
+            elif now - self._last_beat > self.options.heartbeat_timeout:
+                self._fault("tagger_process_hung",
+                            f"no heartbeat for {now - self._last_beat:.1f} s")
+            elif self._in_flight and now - self._last_progress > self.options.progress_timeout:
+                self._fault("tagger_process_hung",
+                            f"no result for {now - self._last_progress:.1f} s")
+
+    def _exit_reason(self) -> str:
+        proc = self._proc
+        if proc is None:
+            return "no process"
+        proc.join(1.0)
+        code = proc.exitcode
+        if code is None:
+            return "link lost"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def _handle(self, what: str, payload: Any) -> None:
+        if what == "hb":
+            self._last_beat = time.monotonic()
+        elif what == "free":
+            with self._slots_free:
+                self._free.extend(payload)
+                self._slots_free.notify_all()
+        elif what == "results":
+            self._last_progress = self._last_beat = time.monotonic()
+            out = []
+            with self._lock:
+                for jid, results in payload:
+                    job = self._in_flight.pop(jid, None)
+                    if job is not None:
+                        out.append((job, results))
+            self._count(out)
+            self._deliver(out)
+        elif what == "inputs":
+            if self.on_inputs is None:
+                return
+            with self._lock:
+                items = [(self._in_flight[jid], idx, x) for jid, idx, x in payload
+                         if jid in self._in_flight]
+            try:
+                self.on_inputs(items)
+            except Exception:
+                log.exception("xsml inputs handler failed")
+        elif what == "ready":
+            self.ready.set()
+        elif what in ("swapped", "swap_failed"):
+            self._swap_reply.put((what, payload))
+
+    def _count(self, out: list) -> None:
+        for _, results in out:
+            for r in results:
+                if r.skip_reason:
+                    self.stats.frames_skipped += 1
+                    self.stats.skipped_by_reason[r.skip_reason.split(":")[0]] += 1
+                else:
+                    self.stats.frames_tagged += 1
+                    self.stats.latencies.append(r.latency)
+        self.stats.batches += 1
+
+    def _deliver(self, out: list) -> None:
+        if not out:
+            return
+        for job, _ in out:
+            self._release(job)
+        try:
+            self.on_results(out)
+        except Exception:
+            log.exception("xsml result handler failed")
+        finally:
+            with self._idle:
+                self._outstanding -= len(out)
+                self._idle.notify_all()
+
+    def _skip(self, job: FrameJob, reason: str) -> FrameResult:
+        return FrameResult(stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid,
+                           key=job.key, frame_index=0, probs=None, skip_reason=reason,
+                           checkpoint=self.tagger.checkpoint_id if self.tagger else "",
+                           latency=time.monotonic() - job.t_in)
+
+    def _skip_jobs(self, jobs: list[FrameJob], reason: str) -> None:
+        out = [(job, [self._skip(job, reason)]) for job in jobs]
+        self._count(out)
+        self._deliver(out)
+
+    # ----------------------------------------------------------------- faults
+    def _fault(self, reason: str, detail: str) -> None:
+        """Kill what is left of the child, skip its frames, start a new one."""
+        with self._lock:
+            proc, conn = self._proc, self._conn
+            self._proc = self._conn = None
+            lost = list(self._in_flight.values())
+            self._in_flight.clear()
+        self.process_faults[reason] += 1
+        self.ready.clear()  # set again when the new child has warmed up
+        log.error("xsml tagging process %s (%s); %d frames it held are skipped, restarting",
+                  reason.replace("tagger_process_", ""), detail, len(lost))
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.join(5)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._skip_jobs(lost, f"{reason}: {detail}")
+        self._restart()
+
+    def _restart(self) -> None:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > self.options.restart_window:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.options.max_restarts:
+            log.critical("xsml tagging process: %d restarts in the last %.0f s reach "
+                         "max_restarts=%d; not restarting it: later frames are skipped "
+                         "(tagger_process_unavailable)", len(self._restarts),
+                         self.options.restart_window, self.options.max_restarts)
+            self._gave_up = True
+            with self._slots_free:
+                self._slots_free.notify_all()
+            return
+        self._restarts.append(now)
+        self.stats.restarts += 1
+        while not self._stop.is_set():
+            try:
+                self._start_child()
+                return
+            except TaggerProcessError as err:
+                log.error("xsml could not restart the tagging process: %s", err)
+                self._restarts.append(time.monotonic())
+                if len(self._restarts) > self.options.max_restarts:
+                    self._gave_up = True
+                    return
+
+    def describe_process(self) -> dict:
+        """The tagging process for ``status()``: pid, starts, faults by kind, priority."""
+        return {"pid": self.pid, "starts": self.process_starts,
+                "faults": dict(self.process_faults),
+                "priority": self.tagger.priority if self.tagger else "",
+                "restarting_stopped": self._gave_up}
+
+    def ensure_alive(self) -> bool:
+        """True if the link is up (faults are handled by the link thread)."""
+        return self._conn is not None and not self._gave_up
+
+    # ------------------------------------------------------------- model swap
+    def swap_checkpoint(self, checkpoint, timeout: float = 120.0) -> RemoteTagger:
+        """Load ``checkpoint`` in the tagging process between batches.
+
+        Later restarts use it too. Raises ``RuntimeError`` if the child
+        refuses it (the running model stays).
+        """
+        path = os.fspath(checkpoint)
+        conn = self._conn
+        if conn is None or not self._send(conn, ("swap", path)):
+            raise RuntimeError("the tagging process is not running")
+        try:
+            what, payload = self._swap_reply.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the tagging process did not swap within {timeout} s") from None
+        if what != "swapped":
+            raise RuntimeError(f"the tagging process refused {path}: {payload}")
+        self.checkpoint = path
+        self._thresholds = None  # the new checkpoint's own thresholds apply
+        self.tagger.update(payload)
+        return self.tagger
+
+    def forget_run(self, run_uid: str) -> None:
+        """Let the child close the files of a finished run (sent by the feeder thread)."""
+        self._control.put(("forget", run_uid))
+
+    def _inject(self, what: str, arg: Any = None) -> None:
+        """For tests: make the child crash (``"crash"``) or hang (``"hang"``, seconds)."""
+        self._send(self._conn, (what, arg))
+
+    # -------------------------------------------------------------- lifecycle
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job was handed back; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish outstanding work, stop the child and the threads, free the ring."""
+        if self._stop.is_set():
+            return
+        self.flush(timeout)
+        self._stop.set()
+        with self._lock:
+            proc, conn = self._proc, self._conn
+            self._conn = None
+        if conn is not None:
+            self._send(conn, ("stop", None))
+        if proc is not None:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for thread in (self._feeder, self._reader):
+            thread.join(2.0)
+        # anything still queued or in flight is accounted for, never silently lost
+        left = list(self._in_flight.values())
+        self._in_flight.clear()
+        while True:
+            try:
+                left.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._skip_jobs(left, "closed")
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._shm.close()
+
+
+class _ChildProcess:
+    """A fresh interpreter running :mod:`bluesky_xsml.inference._child`.
+
+    Started with :mod:`subprocess` (``python -m``), not ``multiprocessing``:
+    a spawned ``multiprocessing`` child re-runs the parent's ``__main__``
+    script, which breaks beamline scripts without an ``if __name__ ==
+    "__main__"`` guard. The link is one end of a Unix socket pair.
+    """
+
+    def __init__(self, popen) -> None:
+        self._popen = popen
+
+    @classmethod
+    def start(cls, spec: dict):
+        import pickle
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "bluesky_xsml.inference._child", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        conn.send_bytes(pickle.dumps(spec))
+        return cls(popen), conn
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(Exception):
+            self._popen.wait(timeout)
+
+
+class _SharedRing:
+    """A file in ``/dev/shm`` mapped here and, by path, in the child."""
+
+    def __init__(self, size: int) -> None:
+        from multiprocessing import shared_memory
+
+        self._shm = shared_memory.SharedMemory(create=True, size=size)
+        self.path = f"/dev/shm/{self._shm.name.lstrip('/')}"
+        self.buf = self._shm.buf
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.buf = None
+        with contextlib.suppress(Exception):
+            self._shm.close()
+        with contextlib.suppress(Exception):
+            self._shm.unlink()

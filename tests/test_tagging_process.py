@@ -1,0 +1,303 @@
+"""TaggingCallback(isolation="process"): the model in its own process, faults contained.
+
+Every test runs a real RunEngine with ophyd devices and a real spawned tagging
+process; faults are real signals (SIGKILL) or a real stop of the child's
+heartbeat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from bluesky.plans import count, scan
+from ophyd.sim import motor
+
+from bluesky_xsml import TaggingCallback
+from bluesky_xsml.inference.process import ProcessOptions, TaggerProcessError
+from bluesky_xsml.sim.detectors import HDF5ResourceDetector
+
+from .conftest import make_image_detector, validate_all
+
+# normal priority: the tests share two cores with other test processes
+FAST = ProcessOptions(priority="normal", threads=1)
+
+
+@pytest.fixture(scope="module")
+def fp32_tagger():
+    from bluesky_xsml import Tagger
+
+    return Tagger.load(precision="fp32", num_threads=1)
+
+
+def _probs(events, tags):
+    return np.array([[e["data"][t] for t in tags] for e in events])
+
+
+def test_process_mode_tags_frames_as_the_model_does(RE, recorder, fp32_tagger):
+    rng = np.random.default_rng(7)
+    frames = [rng.poisson(3 + i, (256, 300)).astype(np.uint32) for i in range(6)]
+    frames += [rng.poisson(5, (200, 200)).astype(np.uint16) for _ in range(3)]
+    nan_frame = rng.gamma(2.0, 10.0, (240, 240)).astype(np.float32)
+    nan_frame[100:120] = np.nan
+    frames.append(nan_frame)
+    it = itertools.cycle(frames)  # ophyd reads the signal beyond the events too
+    det = make_image_detector("saxs", func=lambda: next(it))
+    xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
+                           process_options=FAST)
+    try:
+        assert xsml.worker.pid not in (None, os.getpid())
+        assert xsml.tagger.checkpoint_id == fp32_tagger.checkpoint_id
+        RE.subscribe(xsml)
+        RE(count([det], num=len(frames)))
+        assert xsml.flush(120)
+    finally:
+        xsml.close()
+    validate_all(recorder.docs)
+    tags = sorted(recorder.tag_events(), key=lambda e: e["data"]["source_seq_num"])
+    assert [t["data"]["skip_reason"] for t in tags] == [""] * len(frames)
+    got = _probs(tags, fp32_tagger.tags)
+    events = sorted(recorder.of("event"), key=lambda e: e["seq_num"])
+    assert len({e["data"]["saxs"].shape + (str(e["data"]["saxs"].dtype),) for e in events}) >= 3
+    expected = fp32_tagger.predict([e["data"]["saxs"] for e in events])
+    # the tags' probabilities are far apart, so a swapped or shifted column cannot pass
+    assert np.ptp(expected, axis=1).min() > 0.2
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    stop = recorder.of("stop")[0]
+    assert stop["xsml_frames"] == len(frames) and stop["num_events"]["xsml_tags"] == len(frames)
+    assert all(t["data"]["checkpoint"] == fp32_tagger.checkpoint_id for t in tags)
+
+
+def test_external_frames_are_read_by_the_tagging_process_only(RE, recorder, tmp_path,
+                                                              fp32_tagger, monkeypatch):
+    from bluesky_xsml.documents import external
+
+    def refuse(self, ref):  # this process must never read a frame file
+        raise AssertionError("the RunEngine's process read a frame file")
+
+    monkeypatch.setattr(external.ExternalFrames, "read", refuse)
+    rng = np.random.default_rng(3)
+    drawn = []
+
+    def draw():
+        drawn.append(rng.poisson(6, (96, 120)).astype(np.uint32))
+        return drawn[-1]
+
+    ad = HDF5ResourceDetector("ad", draw, tmp_path)
+    xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
+                           process_options=FAST)
+    try:
+        RE.subscribe(xsml)
+        RE(scan([ad], motor, 0, 1, 5))
+        assert xsml.flush(120)
+    finally:
+        xsml.close()
+    tags = sorted(recorder.tag_events(), key=lambda e: e["data"]["source_seq_num"])
+    assert [t["data"]["skip_reason"] for t in tags] == [""] * 5
+    np.testing.assert_allclose(_probs(tags, fp32_tagger.tags), fp32_tagger.predict(drawn[:5]),
+                               atol=1e-4)
+
+
+def test_the_runengine_process_does_not_import_torch(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from bluesky import RunEngine
+        from bluesky.plans import count
+        import numpy as np
+        from ophyd.sim import SynSignal
+        from bluesky_xsml import TaggingCallback
+        from bluesky_xsml.inference.process import ProcessOptions
+
+        det = SynSignal(func=lambda: np.ones((64, 64), np.uint16), name="d",
+                        labels={"detectors"})
+        docs = []
+        xsml = TaggingCallback(None, downstream=[lambda n, d: docs.append(n)],
+                               isolation="process",
+                               process_options=ProcessOptions(priority="normal", threads=1))
+        RE = RunEngine({})
+        RE.subscribe(xsml)
+        RE(count([det], num=3))
+        assert xsml.flush(120)
+        st = xsml.status()
+        xsml.close()
+        print("tagged", st["frames_tagged"], "torch", "torch" in sys.modules)
+    """)
+    path = tmp_path / "scan.py"  # no __main__ guard: the child must not re-run it
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "tagged 3 torch False"
+
+
+def _run_with_fault(RE, recorder, tagger, inject, *, n=40, delay=0.05, after=8, **options):
+    """A count of ``n`` frames; ``inject(xsml)`` once ``after`` frames are tagged."""
+    det = make_image_detector("saxs", shape=(128, 128))
+    xsml = TaggingCallback(tagger, downstream=[recorder], isolation="process",
+                           process_options=ProcessOptions(priority="normal", threads=1,
+                                                          **options))
+    fired = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if xsml.status()["frames_tagged"] >= after:
+                inject(xsml)
+                fired.set()
+                return
+            time.sleep(0.01)
+
+    try:
+        xsml.wait_ready(120)
+        RE.subscribe(xsml)
+        threading.Thread(target=watch, daemon=True).start()
+        t0 = time.monotonic()
+        RE(count([det], num=n, delay=delay))
+        scan_s = time.monotonic() - t0
+        assert xsml.flush(180)
+        status = xsml.status()
+    finally:
+        xsml.close()
+    assert fired.is_set()
+    return status, scan_s
+
+
+def _check_accounting(recorder, n):
+    validate_all(recorder.docs)
+    tags = sorted(recorder.tag_events(), key=lambda e: e["data"]["source_seq_num"])
+    assert [t["data"]["source_seq_num"] for t in tags] == list(range(1, n + 1))
+    stop = recorder.of("stop")[0]
+    assert stop["xsml_frames"] == n and stop["num_events"]["xsml_tags"] == n
+    return tags, stop
+
+
+@pytest.mark.reliability
+def test_kill_9_of_the_tagging_process_mid_scan_costs_no_run(RE, recorder, fp32_tagger):
+    pids = []
+
+    def kill(xsml):
+        pids.append(xsml.worker.pid)
+        os.kill(xsml.worker.pid, signal.SIGKILL)
+
+    status, _ = _run_with_fault(RE, recorder, fp32_tagger, kill, n=40)
+    tags, stop = _check_accounting(recorder, 40)
+    reasons = [t["data"]["skip_reason"].split(":")[0] for t in tags]
+    assert set(reasons) <= {"", "tagger_process_died"}
+    assert status["worker_restarts"] == 1 and status["tagger_process"]["starts"] == 2
+    assert status["tagger_process"]["pid"] != pids[0]
+    assert status["tagger_process"]["faults"] == {"tagger_process_died": 1}
+    # the restarted process tags the frames that came after
+    assert reasons[-10:] == [""] * 10
+    assert stop["xsml_skipped"].get("tagger_process_died", 0) == reasons.count(
+        "tagger_process_died")
+
+
+@pytest.mark.reliability
+def test_a_hung_tagging_process_is_replaced(RE, recorder, fp32_tagger):
+    status, _ = _run_with_fault(RE, recorder, fp32_tagger,
+                                lambda xsml: xsml.worker._inject("hang", 600.0),
+                                n=60, heartbeat_timeout=1.5)
+    tags, _ = _check_accounting(recorder, 60)
+    reasons = [t["data"]["skip_reason"].split(":")[0] for t in tags]
+    assert set(reasons) <= {"", "tagger_process_hung"}
+    assert status["tagger_process"]["faults"] == {"tagger_process_hung": 1}
+    assert reasons[-5:] == [""] * 5
+
+
+@pytest.mark.reliability
+def test_a_crash_loop_stops_restarting_and_still_accounts_for_every_frame(RE, recorder,
+                                                                           fp32_tagger):
+    status, _ = _run_with_fault(RE, recorder, fp32_tagger,
+                                lambda xsml: xsml.worker._inject("crash"),
+                                n=50, delay=0.1, after=2, max_restarts=0)
+    tags, stop = _check_accounting(recorder, 50)
+    reasons = [t["data"]["skip_reason"].split(":")[0] for t in tags]
+    assert set(reasons) <= {"", "tagger_process_died", "tagger_process_unavailable"}
+    assert reasons[-1] == "tagger_process_unavailable"
+    assert status["worker_restarts"] == 0
+    assert stop["xsml_skipped"]["tagger_process_unavailable"] >= 1
+
+
+def test_a_checkpoint_the_process_cannot_load_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(TaggerProcessError, match="nope.pt.*does not exist"):
+        TaggingCallback(str(missing), isolation="process", process_options=FAST)
+
+
+def test_checkpoint_swap_reaches_the_tagging_process(RE, recorder, tmp_path, fp32_tagger):
+    from bluesky_xsml import Tagger
+
+    import torch
+
+    other = Tagger.load(precision="fp32")  # the same network with other weights
+    with torch.no_grad():
+        next(other.net.parameters()).mul_(0.5)
+    path = other.save(tmp_path / "other.pt")
+    assert other.checkpoint_id != fp32_tagger.checkpoint_id
+    det = make_image_detector("saxs", shape=(64, 64))
+    xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
+                           process_options=FAST)
+    try:
+        RE.subscribe(xsml)
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+        xsml.worker.swap_checkpoint(path)
+        assert xsml.tagger.checkpoint_id == other.checkpoint_id
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+    finally:
+        xsml.close()
+    checkpoints = [t["data"]["checkpoint"] for t in recorder.tag_events()]
+    assert checkpoints == [fp32_tagger.checkpoint_id] * 2 + [other.checkpoint_id] * 2
+
+
+def test_fine_tuning_across_the_process_boundary_is_refused_clearly(tmp_path, fp32_tagger):
+    from bluesky_xsml.errors import ConfigurationError
+
+    xsml = TaggingCallback(fp32_tagger, isolation="process", process_options=FAST)
+    try:
+        with pytest.raises(ConfigurationError, match="isolation='thread'"):
+            xsml.enable_finetuning(tmp_path / "ft")
+    finally:
+        xsml.close()
+
+
+def test_bad_isolation_value():
+    with pytest.raises(ValueError, match="'thread' or 'process'"):
+        TaggingCallback(None, isolation="fork")
+
+
+def test_thresholds_set_live_reach_the_tagging_process_and_survive_a_restart(RE, recorder,
+                                                                             fp32_tagger):
+    det = make_image_detector("saxs", shape=(64, 64))
+    xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
+                           process_options=FAST)
+    try:
+        RE.subscribe(xsml)
+        tags = list(xsml.tagger.tags)
+        with xsml.tagger.hold():  # as the service's PUT /api/thresholds does
+            xsml.tagger.thresholds = np.where(np.arange(len(tags)) == 0, 0.0, 1.01)
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+        first = xsml.worker.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while xsml.worker.pid in (first, None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        xsml.wait_ready(120)
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+    finally:
+        xsml.close()
+    events = recorder.tag_events()
+    assert len(events) == 4
+    # only the first tag, whose threshold is 0, is decided: before and after the restart
+    assert [e["data"]["tags"] for e in events] == [tags[0]] * 4
