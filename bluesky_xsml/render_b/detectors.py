@@ -204,25 +204,23 @@ def read_out(rng: np.random.Generator, photons: np.ndarray, det: DetectorModel,
     if gaps is not None:
         sat &= ~gaps
     n_sat = int(sat.sum())
-    # gaps, dead and hot pixels
-    fill = conv.get("gap_fill")
-    if gaps is not None:
-        if fill == "interpolate":
-            sig = sig.astype(np.float32)
-            _interpolate_gaps(sig, det)
-            if kind != "float":
-                sig = np.rint(sig)
-        elif fill == "nan":
-            sig[gaps] = np.nan
-        else:
-            sig[gaps] = float(fill)
-    for (r, c) in conv.get("dead", ()):
-        sig[r, c] = np.nan if conv["masked"] == "nan" else float(conv["masked"])
     for (r, c, v) in conv.get("hot", ()):
-        if not (gaps is not None and gaps[r, c]):
-            sig[r, c] = min(float(v), level)
+        sig[r, c] = min(float(v) + sig[r, c], level)
+    fill = conv.get("gap_fill")
+    if gaps is not None and fill == "interpolate":
+        sig = sig.astype(np.float32)
+        _interpolate_gaps(sig, det)
+        if kind != "float":
+            sig = np.rint(sig)
     dtype = np.dtype(conv["dtype"])
     if dtype.kind == "f":
-        return sig.astype(dtype), n_sat
-    info = np.iinfo(dtype)
-    return np.clip(sig, info.min, info.max).astype(dtype), n_sat
+        out = sig.astype(dtype)
+    else:  # counts stay below the dtype's maximum, which may be a sentinel
+        info = np.iinfo(dtype)
+        out = np.clip(sig.astype(np.float64), info.min, float(info.max) - 1.0).astype(dtype)
+    masked = np.nan if conv["masked"] == "nan" else conv["masked"]
+    for (r, c) in conv.get("dead", ()):
+        out[r, c] = masked
+    if gaps is not None and fill != "interpolate":
+        out[gaps] = np.nan if fill == "nan" else fill
+    return out, n_sat

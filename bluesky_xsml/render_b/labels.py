@@ -58,7 +58,9 @@ def frame_labels(scene: dict, records: list, beamstop: dict, frame: np.ndarray, 
     scattering = any(r.get("visible") and not r.get("skipped") and r["kind"] != "horizon"
                      for r in records)
     ex = scene["exposure"]
-    y["beam_off"] = bool(scene["beam_off"])
+    # nothing of the sample can be seen over a dark, low background: as good as beam off
+    dark = not scattering and not ex.get("high_background") and ex.get("background", 0) < 0.5
+    y["beam_off"] = bool(scene["beam_off"] or dark)
     y["weak_scattering"] = bool(ex.get("weak") and scattering)
     y["high_background"] = bool(ex.get("high_background") and not scene["beam_off"])
     y["beamstop_circular"] = bool(beamstop.get("circular"))
