@@ -215,12 +215,14 @@ def read_out(rng: np.random.Generator, photons: np.ndarray, det: DetectorModel,
     dtype = np.dtype(conv["dtype"])
     if dtype.kind == "f":
         out = sig.astype(dtype)
-    else:  # counts stay below the dtype's maximum, which may be a sentinel
+    else:  # counts stay below the dtype's maximum where that is the masked sentinel
         info = np.iinfo(dtype)
-        out = np.clip(sig.astype(np.float64), info.min, float(info.max) - 1.0).astype(dtype)
+        top = float(info.max) - (1.0 if conv["masked"] == info.max else 0.0)
+        out = np.clip(sig.astype(np.float64), info.min, top).astype(dtype)
     masked = np.nan if conv["masked"] == "nan" else conv["masked"]
     for (r, c) in conv.get("dead", ()):
-        out[r, c] = masked
+        if gaps is None or not gaps[r, c]:
+            out[r, c] = masked
     if gaps is not None and fill != "interpolate":
         out[gaps] = np.nan if fill == "nan" else fill
     return out, n_sat
