@@ -415,8 +415,7 @@ def _grazing_part(ctx, c, img, scene, radial) -> dict:
         vis = n >= 10
         if not vis and n > 0:
             return {"kind": k, "visible": False, "skipped": True}
-        across = g.dx[None, :] * np.ones((H, 1), np.float32)
-        prof = S.line_profile(across, c["width"])
+        prof = S.line_profile(g.dx[None, :], c["width"])
         dd = np.clip(np.float32(yh) - rows, 0, None)[:, None]
         above = (rows < yh).astype(np.float32)[:, None]
         img += np.float32(c["amp"]) * prof * above * (
