@@ -273,3 +273,18 @@ def test_rendering_does_not_load_the_project_generator():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_zero_gap_stripes_are_labelled_only_where_they_cut_through_counts():
+    from bluesky_xsml.render_b.labels import gaps_visible
+
+    det = detector("b_timepix_quad")
+    gaps = gap_mask(det)
+    conv = {"gap_fill": 0}
+    frame = np.zeros(det.shape, np.uint16)
+    assert not gaps_visible(frame, gaps, conv)  # a dark frame: nothing to tell the gaps by
+    frame[200:320, 200:320] = 7  # counts across the gap cross
+    frame[gaps] = 0
+    assert gaps_visible(frame, gaps, conv)
+    assert not gaps_visible(frame, gaps, {"gap_fill": "interpolate"})
+    assert gaps_visible(np.zeros(det.shape, np.uint16), gaps, {"gap_fill": 65535})

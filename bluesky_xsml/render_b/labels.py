@@ -23,14 +23,26 @@ def _visible(records, kind, **match):
 
 
 def gaps_visible(frame: np.ndarray, gaps, conv: dict) -> bool:
-    """Whether unfilled gap stripes differ from the active pixels around them."""
+    """Whether unfilled gap stripes differ from the active pixels beside them.
+
+    NaN, negative or other non-zero sentinels always do; a 0 stripe does
+    where at least 50 pixels (and 5%) of the 3 px beside the gaps hold counts.
+    """
     if gaps is None or conv.get("gap_fill") == "interpolate":
         return False
     fill = conv.get("gap_fill")
     if fill == "nan" or (isinstance(fill, (int, float)) and fill != 0):
         return True
-    active = frame[~gaps]
-    return bool(np.count_nonzero(active) >= 0.3 * active.size)
+    # a 0 stripe shows where it cuts through counts: look at the 3 px beside the gaps
+    near = np.zeros_like(gaps)
+    for k in range(1, 4):
+        near[k:] |= gaps[:-k]
+        near[:-k] |= gaps[k:]
+        near[:, k:] |= gaps[:, :-k]
+        near[:, :-k] |= gaps[:, k:]
+    near &= ~gaps
+    lit = np.count_nonzero(frame[near])
+    return bool(lit >= max(50, 0.05 * np.count_nonzero(near)))
 
 
 def frame_labels(scene: dict, records: list, beamstop: dict, frame: np.ndarray, gaps,
