@@ -23,23 +23,25 @@ pytest.importorskip("IPython", reason="the profile runs in IPython")
 pytest.importorskip("tiled.server", reason="the profile stores runs in a Tiled catalog")
 
 COMMAND = """
-import json
+import json, sys
 uid, = RE(scan([det], sample_x, 1.0, 9.6, 3))
 assert xsml.flush(120)
 stop = catalog[uid].metadata["stop"]
 start = catalog[uid].metadata["start"]
 print("XSML-RESULT", json.dumps({"uid": uid, "stop": stop, "time_is_module": hasattr(ttime, "monotonic"),
                                  "beam": start.get("xsml_beam_center"),
-                                 "errors": xsml.status()["document_errors"]}))
+                                 "errors": xsml.status()["document_errors"],
+                                 "torch": "torch" in sys.modules}))
 """
 
 
-def test_profile_starts_and_tags_a_scan_into_the_catalog(tmp_path):
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_profile_starts_and_tags_a_scan_into_the_catalog(tmp_path, isolation):
     profile = tmp_path / "profile_xsml"
     shutil.copytree(PROFILE, profile, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"),
            "XSML_CATALOG_DIR": str(tmp_path / "catalog"), "XSML_SIM_SIZE": "128",
-           "XSML_TILED_URI": ""}
+           "XSML_TILED_URI": "", "XSML_ISOLATION": isolation}
     res = subprocess.run(
         [sys.executable, "-m", "IPython", f"--profile-dir={profile}", "--no-banner",
          "--colors=NoColor", "-c", COMMAND],
@@ -55,6 +57,8 @@ def test_profile_starts_and_tags_a_scan_into_the_catalog(tmp_path):
     expected = list(make_beamline(size=128).sample.beam_center)
     assert out["beam"] == {"saxs_image": pytest.approx(expected)}, out["beam"]
     assert out["errors"] == {}
+    # with a tagging process, the IPython session (the RunEngine's process) never loads torch
+    assert out["torch"] is (isolation == "thread")
     assert stop["exit_status"] == "success"
     assert stop["num_events"] == {"primary": 3, "xsml_tags": 3}
     assert stop["xsml_frames"] == 3 and stop["xsml_skipped"] == {}

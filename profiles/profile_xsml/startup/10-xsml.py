@@ -14,12 +14,14 @@
 #   XSML_BEAM_CENTER    "x,y": where the direct beam hits the detector, in pixels
 #                       (the model's polar head reads it; a run's md["xsml_beam_center"]
 #                       overrides it, see 20-beamline.py)
+#   XSML_ISOLATION      "process": tag in a tagging process of its own (this session then
+#                       never imports torch; see docs/live-tagging.md); default "thread"
 
 import atexit
 import os
 from pathlib import Path
 
-from bluesky_xsml import Tagger, TaggingCallback
+from bluesky_xsml import TaggingCallback
 from bluesky_xsml.catalog.embedded import EmbeddedCatalog, connect, make_writer
 
 if os.environ.get("XSML_TILED_URI"):
@@ -33,8 +35,13 @@ else:
 
 tiled_writer = make_writer(catalog)
 _beam = os.environ.get("XSML_BEAM_CENTER")
-xsml = TaggingCallback(Tagger.load(os.environ.get("XSML_MODEL") or None),
-                       downstream=[tiled_writer],
+_isolation = os.environ.get("XSML_ISOLATION", "thread")
+_model = os.environ.get("XSML_MODEL") or None
+if _isolation != "process":  # the model in this process
+    from bluesky_xsml import Tagger
+
+    _model = Tagger.load(_model)
+xsml = TaggingCallback(_model, downstream=[tiled_writer], isolation=_isolation,
                        beam_center=[float(v) for v in _beam.split(",")] if _beam else None)
 RE.subscribe(xsml)  # noqa: F821  (RE comes from 00-base.py)
 
