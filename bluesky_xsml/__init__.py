@@ -9,7 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+try:  # written by setuptools-scm when the package is built or installed (also editable)
+    from ._version import version as __version__
+except ImportError:  # a source tree on sys.path that was never built or installed
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("bluesky-xsml")
+    except PackageNotFoundError:
+        __version__ = "0+unknown"
+    del PackageNotFoundError, version
 
 _LAZY = {
     "Tagger": "bluesky_xsml.inference.tagger",

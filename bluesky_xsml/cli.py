@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Iterable
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,16 +29,36 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="xsml", description=__doc__.splitlines()[0])
+DESCRIPTION = "bluesky-xsml: tag x-ray scattering frames live, train and query the tagger."
+
+
+def build_parser(commands: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """The ``xsml`` parser, with the options of the subcommands in ``commands``.
+
+    Parameters
+    ----------
+    commands : iterable of str
+        Subcommands whose modules are imported to add their options; the others
+        get only their name and one-line help (enough for ``xsml --help``).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    commands = set(commands)
+    parser = argparse.ArgumentParser(prog="xsml", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = argv[0] if argv else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        if name == chosen:
+        if name in commands:
             importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[:1])
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     return int(module.main(args) or 0)

@@ -194,7 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. 127.0.0.1:5578)")
     parser.add_argument("--finetune-dir", default=None, metavar="DIR",
                         help="enable live fine-tuning (labels, checkpoints) in DIR")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info",
+                        help="uvicorn log level (default info)")
 
 
 def main(args: argparse.Namespace) -> int:

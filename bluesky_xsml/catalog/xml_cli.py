@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", default=os.environ.get(DEFAULT_CATALOG_ENV),
                         help="catalog directory (embedded Tiled) or http(s):// Tiled URI "
                              f"(default: ${DEFAULT_CATALOG_ENV})")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--container", default="raw")
+    parser.add_argument("--api-key", default=None, help="API key of a remote Tiled server")
+    parser.add_argument("--container", default="raw", help="runs container (default raw)")
     parser.add_argument("--stream", default=None,
                         help="tag stream (default: the run's current one)")
     parser.add_argument("--out", default=".", help="output directory (default .)")

@@ -417,8 +417,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a running Dask scheduler (default: a LocalCluster)")
     parser.add_argument("--workers", type=int, default=1,
                         help="LocalCluster worker processes (default 1)")
-    parser.add_argument("--threads-per-worker", type=int, default=1)
-    parser.add_argument("--runs-per-task", type=int, default=1)
+    parser.add_argument("--threads-per-worker", type=int, default=1,
+                        help="threads of each LocalCluster worker (default 1)")
+    parser.add_argument("--runs-per-task", type=int, default=1,
+                        help="runs per Dask task; more amortise task overhead on tiny runs "
+                             "(default 1)")
     parser.add_argument("--stream-name", default=None,
                         help="tag stream name (default: retag_run's versioned name)")
     parser.add_argument("--limit", type=int, default=None,

@@ -646,11 +646,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--republish", metavar="HOST:PORT",
                         help="input port of a second 0MQ proxy to publish tag documents to")
     parser.add_argument("--model", metavar="CKPT", help="checkpoint (default: packaged model)")
-    parser.add_argument("--stream-name", default="xsml_tags")
+    parser.add_argument("--stream-name", default="xsml_tags",
+                        help="name of the tag stream (default xsml_tags)")
     parser.add_argument("--prefix", default="", help="0MQ publisher prefix to listen to")
     parser.add_argument("--stop-quiet", type=float, default=30.0, metavar="S",
                         help="seconds of silence before a run without stop is looked up")
-    parser.add_argument("--store-timeout", type=float, default=60.0, metavar="S")
+    parser.add_argument("--store-timeout", type=float, default=60.0, metavar="S",
+                        help="longest wait, after a run's stop, for the run to appear stored "
+                             "(default 60)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for tagging")
     parser.add_argument("--report", metavar="FILE", help="JSON-lines report (default: stdout)")
     parser.add_argument("--idle-exit", type=float, default=None, metavar="S",

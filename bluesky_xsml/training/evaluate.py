@@ -59,11 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", default=None,
                         help="merge a compact summary into this JSON file ...")
     parser.add_argument("--summary-key", default="test", help="... under this key")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="frames per inference batch (default 64)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where preprocessed inputs are cached (default $XSML_CACHE or "
+                             "~/.cache/bluesky-xsml)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes rendering synthetic frames")
     parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("--no-beam-center", action="store_true",
                         help="do not give a model with a polar head the frames' beam centres "
                         "(it then tags as its CNN alone)")

@@ -48,23 +48,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation frames (per-epoch mAP and the thresholds)")
     parser.add_argument("--out", default="runs/polar-head",
                         help="directory for model.pt and history.jsonl")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--weight-decay", type=float, default=0.05,
+                        help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="frames per training step (default 256)")
     parser.add_argument("--width", type=int, default=64, help="channels of the head")
-    parser.add_argument("--radial-bins", type=int, default=96)
-    parser.add_argument("--harmonics", type=int, default=16)
+    parser.add_argument("--radial-bins", type=int, default=96,
+                        help="radii sampled in the polar view (default 96)")
+    parser.add_argument("--harmonics", type=int, default=16,
+                        help="azimuthal harmonics kept per radius (default 16)")
     parser.add_argument("--views", default="peaks,relative",
                         help="comma-separated: peaks, relative, sharpness")
     parser.add_argument("--replace-head", action="store_true",
                         help="the model already has a polar head: train a new one in its place "
                              "(e.g. after fine-tuning changed the CNN)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the head's initialisation and batch order (default 0)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes rendering synthetic frames")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where preprocessed inputs are cached (default $XSML_CACHE or "
+                             "~/.cache/bluesky-xsml)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 @dataclass

@@ -82,15 +82,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes rendering synthetic frames")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=int, default=20,
+                   help="epochs of the learning-rate schedule (default 20)")
+    g.add_argument("--batch-size", type=int, default=64, help="frames per training step (default 64)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (default 0.05)")
     g.add_argument("--warmup", type=float, default=0.5, help="warm-up length in epochs")
     g.add_argument("--ema", type=float, default=0.998,
                    help="decay of the weight moving average that is evaluated and shipped "
                         "(0 disables)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the weight initialisation and batch order (default 0)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast precision of the training step (fp32 master weights); auto: "
                         "bf16 on CPUs with native bf16")
@@ -100,13 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="channels per stage, comma separated (default 32,64,128,192)")
     g.add_argument("--depths", type=_ints, default=(1, 1, 2, 1),
                    help="residual blocks per stage (default 1,1,2,1)")
-    g.add_argument("--stem-width", type=int, default=24)
-    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--stem-width", type=int, default=24,
+                   help="channels of the first convolution (default 24)")
+    g.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout before the classifier (default 0.1)")
     g.add_argument("--relation", type=int, default=None, metavar="STAGE",
                    help="add a relation block (self-attention over positions) after this stage "
                         "(0-based); with --init it is added to the checkpoint's network, "
                         "starting as a no-op")
-    g.add_argument("--relation-heads", type=int, default=4)
+    g.add_argument("--relation-heads", type=int, default=4,
+                   help="attention heads of the --relation block (default 4)")
     g.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this tagger checkpoint's weights (its network shape and "
                         "preprocessing replace --widths/--depths/--stem-width/--input-size)")
