@@ -196,6 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="enable live fine-tuning (labels, checkpoints) in DIR")
     parser.add_argument("--log-level", default="info",
                         help="uvicorn log level (default info)")
+    parser.add_argument("--isolation", choices=["thread", "process"], default="thread",
+                        help="run the model in this process's worker thread (default) or in "
+                             "a tagging process of its own (no fine-tuning there yet)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -203,7 +206,9 @@ def main(args: argparse.Namespace) -> int:
     from ..inference.tagger import Tagger
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    callback = TaggingCallback(Tagger.load(args.model))
+    isolation = getattr(args, "isolation", "thread")
+    model = Tagger.load(args.model) if isolation == "thread" else args.model
+    callback = TaggingCallback(model, isolation=isolation)
     if args.finetune_dir:
         callback.enable_finetuning(args.finetune_dir)
     source = None
