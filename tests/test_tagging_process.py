@@ -259,13 +259,56 @@ def test_checkpoint_swap_reaches_the_tagging_process(RE, recorder, tmp_path, fp3
     assert checkpoints == [fp32_tagger.checkpoint_id] * 2 + [other.checkpoint_id] * 2
 
 
-def test_fine_tuning_across_the_process_boundary_is_refused_clearly(tmp_path, fp32_tagger):
-    from bluesky_xsml.errors import ConfigurationError
+def test_live_fine_tuning_runs_in_the_tagging_process(RE, recorder, tmp_path):
+    from bluesky_xsml import Tagger
+    from bluesky_xsml.model import TaggerNetConfig
 
-    xsml = TaggingCallback(fp32_tagger, isolation="process", process_options=FAST)
+    tiny = Tagger.untrained(seed=0, config=TaggerNetConfig(widths=(8,), depths=(1,),
+                                                           stem_width=8), precision="fp32")
+    base = tiny.checkpoint_id
+    det = make_image_detector("saxs", shape=(64, 80))
+    xsml = TaggingCallback(tiny, downstream=[recorder], isolation="process",
+                           process_options=FAST, max_wait=0.01)
     try:
-        with pytest.raises(ConfigurationError, match="isolation='thread'"):
-            xsml.enable_finetuning(tmp_path / "ft")
+        ft = xsml.enable_finetuning(tmp_path / "ft", auto=False, synthetic=None,
+                                    synthetic_val=None, steps=2, batch_size=4)
+        assert xsml.enable_finetuning(tmp_path / "ft") is ft
+        RE.subscribe(xsml)
+        RE(count([det], num=4))
+        uid = recorder.of("start")[-1]["uid"]
+        assert xsml.flush(120)
+        # labels go from this process's label cache to the tagging process's replay store
+        receipt = xsml.label(uid, 1, beam_off=True, ring_isotropic=False)
+        assert receipt["rows"] == [0] and receipt["labels"]["beam_off"] is True
+        assert ft.status()["labels"] == 1 and ft.registry.active_id == base
+        report = ft.retrain_now(wait=True, timeout=300)
+        assert "error" not in report or report["error"] is None, report
+        assert ft.status()["rounds"] == 1
+        ids = [c["checkpoint_id"] for c in ft.registry.list()]
+        assert ids[0] == base and len(ids) == 2
+        other = ids[1]
+        # activating a checkpoint there changes the model the tag events name here
+        ft.registry.activate(other)
+        assert xsml.tagger.checkpoint_id == other
+        RE(count([det], num=2))
+        assert xsml.flush(120)
+        assert {e["data"]["checkpoint"] for e in recorder.tag_events()[-2:]} == {other}
+        back = ft.registry.rollback()
+        assert back["checkpoint_id"] == base and xsml.tagger.checkpoint_id == base
+        # a restarted tagging process resumes fine-tuning from its directory
+        first = xsml.worker.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while xsml.worker.pid in (first, None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                status = ft.status()
+                break
+            except Exception:  # the fine-tuner is resumed right after the restart
+                time.sleep(0.5)
+        assert status["labels"] == 1 and status["active_id"] == base
     finally:
         xsml.close()
 

@@ -443,13 +443,12 @@ class TaggingCallback:
         (``min_labels``, ``steps``, ``synthetic``, ``nice``, ...). Calling it
         again returns the running fine-tuner.
         """
-        if self.finetuner is None:
-            if self.isolation == "process":
-                from ..errors import ConfigurationError
+        if self.finetuner is None and self.isolation == "process":
+            # trained in the tagging process; this process never imports torch
+            from ..inference.process import RemoteFineTuner
 
-                raise ConfigurationError(
-                    "live fine-tuning needs the model in this process; it is not available "
-                    "with isolation='process' yet (use isolation='thread')")
+            self.finetuner = RemoteFineTuner(self.worker, directory, options)
+        if self.finetuner is None:
             from ..training.live import LiveFineTuner
 
             self.finetuner = LiveFineTuner(self.tagger, directory, **options)

@@ -14,6 +14,7 @@ process and its parent hold (no network), so they are plain pickles.
 from __future__ import annotations
 
 import collections
+import queue
 import logging
 import mmap
 import os
@@ -164,6 +165,9 @@ class _Child:
         self.readers = _ExternalReaders(spec.get("external_options") or {})
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
+        self.finetuner = None
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.finetune_spec = spec.get("finetune")
         self.silent = False  # set by the "hang" test message: heartbeats stop too
         self.worker = InferenceWorker(
             tagger, self._on_results, max_batch=spec["max_batch"], max_wait=spec["max_wait"],
@@ -209,9 +213,61 @@ class _Child:
             job.source = lambda: ext.read(ref)
         return job
 
+    # calls from the parent (fine-tuning, checkpoints), on a thread of their own so that a
+    # long one (a training round, a label flush) never holds up the frames
+    def enable_finetuning(self, directory: str, options: dict) -> dict:
+        """Start (or return) the live fine-tuner of this process's tagger."""
+        if self.finetuner is None:
+            from ..training.live import LiveFineTuner
+
+            self.finetuner = LiveFineTuner(self.tagger, directory, **options)
+            # every activation (promotion, rollback, activate) swaps the weights here: tell
+            # the parent what the live model is now
+            self.finetuner.registry.add_listener(
+                lambda *a, **k: self.link.send(("model", describe(self.tagger))))
+            self.link.send(("model", describe(self.tagger)))
+        return self.finetuner.status()
+
+    def registry_active_id(self) -> str | None:
+        return self._target("registry").active_id
+
+    def _target(self, name: str):
+        if name == "child":
+            return self
+        if self.finetuner is None:
+            from ..errors import ConfigurationError
+
+            raise ConfigurationError("fine-tuning is not enabled in the tagging process")
+        return self.finetuner if name == "finetuner" else self.finetuner.registry
+
+    def _serve_calls(self) -> None:
+        while not self.stop.is_set():
+            try:
+                cid, target, method, args, kwargs = self.calls.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                value = getattr(self._target(target), method)(*args, **kwargs)
+                reply = ("reply", (cid, True, value))
+            except Exception as err:
+                reply = ("reply", (cid, False, err))
+            if cid is None:  # fire and forget
+                if not reply[1][1]:
+                    log.error("xsml tagging process: %s.%s failed: %s", target, method,
+                              reply[1][2])
+                continue
+            try:
+                self.link.send(reply)
+            except Exception:  # the value or the error does not pickle
+                self.link.send(("reply", (cid, False, RuntimeError(repr(reply[1][2])[:2000]))))
+
     def run(self) -> None:
         beat = threading.Thread(target=self._beat, name="xsml-heartbeat", daemon=True)
         beat.start()
+        threading.Thread(target=self._serve_calls, name="xsml-calls", daemon=True).start()
+        if self.finetune_spec:  # a restarted child resumes the fine-tuner (its active checkpoint)
+            self.calls.put((None, "child", "enable_finetuning",
+                            (self.finetune_spec["directory"], self.finetune_spec["options"]), {}))
         conn = self.link.conn
         try:
             while True:
@@ -234,6 +290,8 @@ class _Child:
                 elif what == "thresholds":
                     with self.tagger.hold():  # between batches
                         self.tagger.thresholds = np.asarray(msg[1], np.float32)
+                elif what == "call":
+                    self.calls.put(msg[1])
                 elif what == "forget":
                     self.readers.forget(msg[1])
                 elif what == "swap":
@@ -248,6 +306,8 @@ class _Child:
                     self.silent = False
         finally:
             self.stop.set()
+            if self.finetuner is not None:
+                self.finetuner.close(30.0)
             self.worker.close(timeout=30.0)
             try:
                 self.link.send(("bye", None))

@@ -178,6 +178,73 @@ class RemoteTagger:
         return f"RemoteTagger({self.checkpoint_id}, pid {self.pid}, {self.device})"
 
 
+class RemoteRegistry:
+    """The tagging process's checkpoint registry, seen from the RunEngine's process."""
+
+    def __init__(self, worker: ProcessInferenceWorker) -> None:
+        self._worker = worker
+
+    @property
+    def active_id(self) -> str | None:
+        return self._worker.call("child", "registry_active_id")
+
+    def list(self) -> list:
+        return self._worker.call("registry", "list")
+
+    def rollback(self, *args, **kwargs):
+        return self._worker.call("registry", "rollback", args, kwargs)
+
+    def activate(self, checkpoint_id: str, *args, **kwargs):
+        return self._worker.call("registry", "activate", (checkpoint_id, *args), kwargs)
+
+    def __len__(self) -> int:
+        return self._worker.call("registry", "__len__")
+
+
+class RemoteFineTuner:
+    """Live fine-tuning that runs in the tagging process (the RunEngine's never trains).
+
+    The methods the callback and the service use, answered by the
+    :class:`~bluesky_xsml.training.live.LiveFineTuner` in the tagging process;
+    a restarted tagging process resumes it from its directory.
+    """
+
+    def __init__(self, worker: ProcessInferenceWorker, directory, options: dict) -> None:
+        self._worker = worker
+        self.directory = os.fspath(directory)
+        self.registry = RemoteRegistry(worker)
+        worker.enable_finetuning(directory, options)
+
+    @property
+    def tagger(self) -> RemoteTagger:
+        return self._worker.tagger
+
+    def add_labels(self, inputs, labels, provenance=None, *, tags=None) -> dict:
+        return self._worker.call("finetuner", "add_labels",
+                                 (np.asarray(inputs), np.asarray(labels), provenance),
+                                 {"tags": tags})
+
+    def add_labels_async(self, inputs, labels, provenance=None, *, tags=None) -> None:
+        self._worker.call("finetuner", "add_labels_async",
+                          (np.asarray(inputs), np.asarray(labels), provenance), {"tags": tags},
+                          wait=False)
+
+    def flush_labels(self, timeout: float | None = 30.0) -> bool:
+        return self._worker.call("finetuner", "flush_labels", (timeout,),
+                                 timeout=None if timeout is None else timeout + 30)
+
+    def retrain_now(self, *, wait: bool = False, timeout: float | None = None) -> dict:
+        return self._worker.call("finetuner", "retrain_now", (), {"wait": wait,
+                                                                   "timeout": timeout},
+                                 timeout=None if wait else 120.0)
+
+    def status(self) -> dict:
+        return self._worker.call("finetuner", "status")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Fine-tuning stops with the tagging process (``TaggingCallback.close``)."""
+
+
 class TaggerProcessError(RuntimeError):
     """The tagging process could not be started."""
 
@@ -254,6 +321,8 @@ class ProcessInferenceWorker:
         self._last_progress = 0.0
         self.tagger: RemoteTagger | None = None
         self._thresholds: list | None = None  # set through the RemoteTagger, kept for restarts
+        self._finetune: dict | None = None  # fine-tuning settings, for restarts
+        self._calls: dict[int, list] = {}  # call id -> [Event, ok, value]
         try:
             self._start_child()
         except BaseException:
@@ -274,7 +343,7 @@ class ProcessInferenceWorker:
                 "send_inputs": self.options.send_inputs and self.on_inputs is not None,
                 "external_options": self.external_options,
                 "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
-                "thresholds": self._thresholds}
+                "thresholds": self._thresholds, "finetune": self._finetune}
 
     def _start_child(self) -> None:
         """Start a child, wait for its hello; raises TaggerProcessError if it fails."""
@@ -568,6 +637,14 @@ class ProcessInferenceWorker:
             self.ready.set()
         elif what in ("swapped", "swap_failed"):
             self._swap_reply.put((what, payload))
+        elif what == "model":  # the child's live model changed (fine-tuning, rollback)
+            self.tagger.update(payload)
+        elif what == "reply":
+            cid, ok, value = payload
+            slot = self._calls.get(cid)
+            if slot is not None:
+                slot[1], slot[2] = ok, value
+                slot[0].set()
 
     def _count(self, out: list) -> None:
         for _, results in out:
@@ -625,6 +702,10 @@ class ProcessInferenceWorker:
             with contextlib.suppress(Exception):
                 conn.close()
         self._skip_jobs(lost, f"{reason}: {detail}")
+        for slot in list(self._calls.values()):  # calls the dead child will never answer
+            slot[1], slot[2] = False, RuntimeError(f"the tagging process {reason[16:]} "
+                                                   f"({detail}) before it answered")
+            slot[0].set()
         self._restart()
 
     def _restart(self) -> None:
@@ -685,6 +766,44 @@ class ProcessInferenceWorker:
         self._thresholds = None  # the new checkpoint's own thresholds apply
         self.tagger.update(payload)
         return self.tagger
+
+    def call(self, target: str, method: str, args: tuple = (), kwargs: dict | None = None, *,
+             timeout: float | None = 120.0, wait: bool = True):
+        """Call ``method(*args, **kwargs)`` of ``target`` in the tagging process.
+
+        ``target`` is ``"finetuner"``, ``"registry"`` or ``"child"``. Returns the
+        value, or raises the exception it raised (``RuntimeError`` if the process
+        died or did not answer within ``timeout``). With ``wait=False`` the call
+        is queued (the feeder thread sends it) and nothing is returned: safe
+        from any thread, the link thread included.
+        """
+        kwargs = dict(kwargs or {})
+        if not wait:
+            self._control.put(("call", (None, target, method, args, kwargs)))
+            return None
+        cid = next(self._ids)
+        slot = self._calls[cid] = [threading.Event(), False, None]
+        try:
+            conn = self._conn
+            if conn is None or not self._send(conn, ("call", (cid, target, method, args,
+                                                               kwargs))):
+                raise RuntimeError("the tagging process is not running")
+            if not slot[0].wait(timeout):
+                raise RuntimeError(f"the tagging process did not answer {target}.{method} "
+                                   f"within {timeout} s")
+        finally:
+            self._calls.pop(cid, None)
+        if not slot[1]:
+            raise slot[2]
+        return slot[2]
+
+    def enable_finetuning(self, directory, options: dict) -> dict:
+        """Start live fine-tuning in the tagging process (a restart resumes it)."""
+        spec = {"directory": os.fspath(directory), "options": dict(options)}
+        status = self.call("child", "enable_finetuning", (spec["directory"], spec["options"]),
+                           timeout=max(600.0, self.options.start_timeout))
+        self._finetune = spec
+        return status
 
     def forget_run(self, run_uid: str) -> None:
         """Let the child close the files of a finished run (sent by the feeder thread)."""
