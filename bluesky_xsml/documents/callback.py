@@ -62,6 +62,7 @@ class RunTagState:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     checkpoints: list = field(default_factory=list)
     event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
+    start_labels: dict = field(default_factory=dict)     # validated start xsml_labels
     motor_keys: dict = field(default_factory=dict)       # descriptor uid -> motor data keys
     positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
     index: Any = None                                     # FrameIndex, with the tag stream
@@ -74,6 +75,38 @@ class RunTagState:
     def beam_center_for(self, key: str):
         """The beam centre ``(x, y)`` of frames under data key ``key``, or None."""
         return self.beam_centers.get(key, self.beam_centers.get("*"))
+
+
+def document_labels(value: Any, *, run_uid: str, stream: str, seq_num: int) -> dict:
+    """Labels a document declares (``xsml_labels``), checked as the API checks a label.
+
+    Documents may come from a network (the 0MQ bus), so their labels are
+    validated with the API's :class:`~bluesky_xsml.api.schemas.LabelIn`: tag
+    names are identifiers of at most 64 characters, not names that address a
+    frame, at most 512 of them, values True/False/None.
+
+    Parameters
+    ----------
+    value : dict or str
+        ``{"ring_oriented": True, ...}``, or the same as a JSON string.
+
+    Raises
+    ------
+    ValueError
+        Anything else (pydantic's ``ValidationError`` is a ``ValueError``).
+    """
+    from ..api.schemas import LabelIn
+
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"xsml_labels must map tag names to True/False/None, "
+                         f"got {type(value).__name__}")
+    label = LabelIn.model_validate({"run_uid": run_uid, "seq_num": seq_num, "stream": stream,
+                                    "tags": dict(value)})
+    return dict(label.tags)
 
 
 def parse_beam_center(value, what: str = "xsml_beam_center") -> dict:
@@ -451,7 +484,7 @@ class TaggingCallback:
                 run = self._runs.get(job.run_uid)
                 if run is None:
                     continue
-                declared = dict(run.start.get("xsml_labels") or {})
+                declared = dict(run.start_labels)
                 declared.update(run.event_labels.get((job.stream, job.seq_num), {}))
                 if declared:
                     todo.append((job, idx, x, declared))
@@ -466,7 +499,7 @@ class TaggingCallback:
             try:
                 names, row = parse_tag_labels(declared)
             except ValueError as err:
-                self._errors[f"bad xsml_labels: {err}"] += 1
+                self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
                 continue
             prov = {"source": "document", "run_uid": job.run_uid, "stream": job.stream,
                     "seq_num": int(job.seq_num), "key": job.key, "frame_index": int(idx)}
@@ -487,6 +520,14 @@ class TaggingCallback:
                 run.beam_centers = {}
                 self._errors[f"bad xsml_beam_center: {err}"] += 1
                 log.warning("xsml: %s (run %s)", err, doc["uid"])
+            if doc.get("xsml_labels"):
+                try:
+                    run.start_labels = document_labels(doc["xsml_labels"], run_uid=doc["uid"],
+                                                       stream="primary", seq_num=0)
+                except (ValueError, TypeError) as err:  # the frames are tagged anyway
+                    self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
+                    log.warning("xsml: refused xsml_labels of run %s: %s", doc["uid"],
+                                str(err)[:300])
             if (not run.beam_centers and getattr(self.tagger, "uses_beam_center", False)
                     and not self._told_no_beam_center):
                 self._told_no_beam_center = True  # once per callback
@@ -572,14 +613,12 @@ class TaggingCallback:
                 run.event_uids[(descriptor_uid, seq)] = uid
                 if declared is not None and i < len(declared) and declared[i]:
                     try:
-                        value = declared[i]
-                        if isinstance(value, str):
-                            import json
-
-                            value = json.loads(value)
-                        run.event_labels[(stream, seq)] = dict(value)
+                        run.event_labels[(stream, seq)] = document_labels(
+                            declared[i], run_uid=run.uid, stream=stream, seq_num=seq)
                     except (ValueError, TypeError) as err:  # the frames are tagged anyway
                         self._errors[f"bad xsml_labels in event: {type(err).__name__}"] += 1
+                        log.warning("xsml: refused xsml_labels of event %s of run %s: %s",
+                                    seq, run.uid, str(err)[:300])
                 for key, kind in keys.items():
                     if kind == "inline":
                         values = data.get(key)
