@@ -180,6 +180,13 @@ class TaggingCallback:
     read_retries, read_retry_delay : int, float
         Bounded retries for external files that are missing, truncated or
         still being written, before the frame is recorded as skipped.
+    allowed_roots : sequence of str, optional
+        Directories every external file must lie under (symlinks resolved),
+        on top of its resource's own ``root``, which it may never leave.
+        Default: ``XSML_ALLOWED_ROOTS`` (``:``-separated), else none.
+    read_timeout : float or None
+        Seconds one read of an external file may take before the frame is
+        skipped (``"read_timeout"``); see :mod:`bluesky_xsml.documents.external`.
     threads : int, optional
         CPU threads for tagging (preprocessing and, on CPU, torch's intra-op
         pool, which is process-wide). Default: one less than the machine's
@@ -220,7 +227,8 @@ class TaggingCallback:
                  stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
                  max_block: float = 0.5, handler_registry: Mapping | None = None,
                  root_map: Mapping | None = None, read_retries: int = 5,
-                 read_retry_delay: float = 0.1, threads: int | None = None,
+                 read_retry_delay: float = 0.1, allowed_roots: Iterable[str] | None = None,
+                 read_timeout: float | None = 30.0, threads: int | None = None,
                  validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
                  label_cache_size: int = 2000, index_min_prob: float = 0.5,
                  index_limit: int = 1000, beam_center=None):
@@ -235,6 +243,8 @@ class TaggingCallback:
         self.root_map = dict(root_map) if root_map else None
         self.read_retries = int(read_retries)
         self.read_retry_delay = float(read_retry_delay)
+        self.allowed_roots = None if allowed_roots is None else tuple(map(str, allowed_roots))
+        self.read_timeout = read_timeout
         self.validate_pages = bool(validate_pages)
         if not 0.0 <= float(index_min_prob) <= 1.0:
             raise ValueError(f"index_min_prob must be in [0, 1], got {index_min_prob!r}")
@@ -575,7 +585,9 @@ class TaggingCallback:
 
             run.external = ExternalFrames(handler_registry=self.handler_registry,
                                           root_map=self.root_map, retries=self.read_retries,
-                                          retry_delay=self.read_retry_delay)
+                                          retry_delay=self.read_retry_delay,
+                                          allowed_roots=self.allowed_roots,
+                                          read_timeout=self.read_timeout)
         return run.external
 
     def _on_event(self, doc: dict) -> None:
