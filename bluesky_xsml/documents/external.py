@@ -627,21 +627,6 @@ class ExternalFrames:
             self._handlers[ref.resource] = handler
             return handler
 
-    def _read_datum(self, ref: FrameRef) -> Any:
-        handler = self._handler(ref)
-        datum_kwargs = self._datums[ref.key]["datum_kwargs"]
-        if ref.spec not in _SINGLE_FILE_SPECS:  # a directory or template: check each file
-            list_files = getattr(handler, "get_file_list", None)
-            files = []
-            if list_files is not None:
-                try:
-                    files = list(list_files([datum_kwargs]))
-                except Exception:  # noqa: BLE001 - handlers that cannot list read as before
-                    logger.debug("%r cannot list its files", handler, exc_info=True)
-            for name in files:
-                self._check_file(ref, str(name))
-        return handler(**datum_kwargs)
-
     def _read_stream(self, ref: FrameRef) -> Any:
         if ref.spec != HDF5_MIMETYPE:
             raise FrameSourceError(
@@ -679,11 +664,26 @@ class ExternalFrames:
 
     def _checked_read(self, ref: FrameRef) -> Any:
         """One read attempt: the checks, then the read (on the calling thread)."""
-        if ref.kind == "stream" or ref.spec in _SINGLE_FILE_SPECS:
+        if ref.kind == "stream":
+            if ref.spec == HDF5_MIMETYPE:  # an unsupported mimetype is refused as such
+                self._check_file(ref, ref.path)
+            return self._read_stream(ref)
+        handler = self._handler(ref)  # an unknown spec is refused as such
+        datum_kwargs = self._datums[ref.key]["datum_kwargs"]
+        if isinstance(handler, SWMRHDF5Handler):  # reads exactly ref.path
             self._check_file(ref, ref.path)
-            return self._read_stream(ref) if ref.kind == "stream" else self._read_datum(ref)
-        self._contained(ref, ref.path)
-        return self._read_datum(ref)
+        else:  # a directory, a template or a user's handler: check the files it lists
+            self._contained(ref, ref.path)
+            list_files = getattr(handler, "get_file_list", None)
+            files: list = []
+            if list_files is not None:
+                try:
+                    files = list(list_files([datum_kwargs]))
+                except Exception:  # noqa: BLE001 - a handler that cannot list still reads
+                    logger.debug("%r cannot list its files", handler, exc_info=True)
+            for name in files:
+                self._check_file(ref, str(name))
+        return handler(**datum_kwargs)
 
     def _bounded(self, ref: FrameRef, what: str) -> Any:
         """:meth:`_checked_read` on its own thread, abandoned after ``read_timeout``."""
