@@ -39,7 +39,7 @@ from .frame_index import INDEX_KEY, FrameIndex, motor_keys
 from .frames import find_image_keys, is_image_value, split_frames
 from .outbox import Outbox, RetryPolicy
 
-__all__ = ["TaggingCallback", "RunTagState", "parse_beam_center"]
+__all__ = ["TaggingCallback", "RunTagState", "document_labels", "parse_beam_center"]
 
 log = logging.getLogger(__name__)
 
