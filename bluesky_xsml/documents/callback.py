@@ -406,6 +406,7 @@ class TaggingCallback:
             "documents_delivered": self.outbox.delivered,
             "documents_queued": len(self.outbox),
             "downstream_errors": self.outbox.downstream_errors,
+            "delivery_restarts": self.outbox.restarts,
             "delivery_overruns": self.outbox.overruns,
             "delivery_losses": self.outbox.losses(),
             "delivery_backlog": self.outbox.backlogs(),
