@@ -42,6 +42,7 @@ True
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -191,8 +192,32 @@ def _prepared(frame, config: PreprocessConfig) -> np.ndarray:
     return arr
 
 
+#: Serialises the first kernel call per dtype in this process (see :func:`_run_group`).
+_FIRST_USE_LOCK = threading.Lock()
+_warm_dtypes: set[str] = set()
+
+
 def _run_group(frames: list[np.ndarray], config: PreprocessConfig, out: np.ndarray) -> None:
-    """Preprocess same-dtype frames into ``out`` with one GIL-free kernel call."""
+    """Preprocess same-dtype frames into ``out`` with one GIL-free kernel call.
+
+    The first call per dtype in a process runs under a lock. That call makes
+    numba load its extensions (``numba.core.entrypoints.init_all``, which
+    registers new ``typeof`` implementations) and compile the ``numba.typed.List``
+    internals, neither of which the on-disk cache covers; numba does the first
+    outside any lock of its own, so another thread typing arguments meanwhile
+    failed with ``RuntimeError: dictionary changed size during iteration``.
+    Later calls take no lock.
+    """
+    key = frames[0].dtype.str
+    if key in _warm_dtypes:
+        _call_kernel(frames, config, out)
+        return
+    with _FIRST_USE_LOCK:
+        _call_kernel(frames, config, out)
+        _warm_dtypes.add(key)
+
+
+def _call_kernel(frames: list[np.ndarray], config: PreprocessConfig, out: np.ndarray) -> None:
     from numba.typed import List
 
     prep_many = _kernels()

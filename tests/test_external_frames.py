@@ -303,7 +303,7 @@ def test_missing_file_gives_up_after_bounded_retries(tmp_path):
     err = info.value
     assert err.reason == "missing_file"
     assert isinstance(err, XsmlError) and isinstance(err, OSError)
-    assert str(tmp_path / "nope.h5") in str(err)
+    assert "file nope.h5 " in str(err) and str(tmp_path) not in str(err)  # no paths in reasons
     assert "does not exist" in str(err) and "4 attempts" in str(err)
 
 
@@ -318,7 +318,7 @@ def test_corrupt_file_is_reported(tmp_path, damage):
     with pytest.raises(FrameSourceError) as info:
         frames.read(frames.datum_ref("res-1/0"))
     assert info.value.reason == "truncated_file"
-    assert str(path) in str(info.value)
+    assert path.name in str(info.value) and str(path.parent) not in str(info.value)
     assert ("truncated" if damage == "truncate" else "signature") in str(info.value)
 
 
@@ -501,7 +501,7 @@ def test_root_map_for_resources(RE, tmp_path):
     register_all(plain, rec)
     with pytest.raises(FrameSourceError) as info:
         plain.read(plain.datum_ref(datum_id))
-    assert info.value.reason == "missing_file" and str(old) in str(info.value)
+    assert info.value.reason == "missing_file" and str(old) not in str(info.value)
 
     mapped = ExternalFrames(root_map={str(old): str(new)}, retries=0)
     register_all(mapped, rec)

@@ -84,11 +84,11 @@ def publish_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from bluesky import RunEngine
-    from bluesky.callbacks.zmq import Publisher
     from bluesky.plans import count
 
     from bluesky_xsml.catalog.embedded import connect, make_writer
     from bluesky_xsml.scaleout.partition import partition_of
+    from bluesky_xsml.scaleout.serialization import publisher as bus_publisher
     from bluesky_xsml.sim.detectors import HDF5ResourceDetector
 
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def publish_main(argv: list[str]) -> int:
 
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(make_writer(connect(args.tiled)))  # stored first, then on the bus
-    publisher = Publisher(args.proxy)
+    publisher = bus_publisher(args.proxy)  # msgpack: what xsml worker decodes
     drops = {int(k): v for k, v in json.loads(args.drops).items()}
     RE.subscribe(DroppingPublisher(publisher, drops))
     det = HDF5ResourceDetector("ad", frame, args.data)

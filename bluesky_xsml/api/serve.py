@@ -192,6 +192,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zmq", default=None, metavar="HOST:PORT",
                         help="tag the documents of this 0MQ proxy output "
                              "(e.g. 127.0.0.1:5578)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="with --zmq: decode pickled documents (bluesky's default "
+                             "encoding; lets whoever can publish to the proxy run code here). "
+                             "Default: msgpack")
     parser.add_argument("--finetune-dir", default=None, metavar="DIR",
                         help="enable live fine-tuning (labels, checkpoints) in DIR")
     parser.add_argument("--log-level", default="info",
@@ -215,7 +219,8 @@ def main(args: argparse.Namespace) -> int:
     if args.zmq:
         from ..scaleout.transport import ZMQSource
 
-        source = ZMQSource(args.zmq).start()
+        source = ZMQSource(args.zmq, serializer="pickle" if args.trust_pickle
+                           else "msgpack").start()
 
         def pump():
             while not source.closed:

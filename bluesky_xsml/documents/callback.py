@@ -40,7 +40,7 @@ from .frame_index import INDEX_KEY, FrameIndex, motor_keys
 from .frames import find_image_keys, is_image_value, split_frames
 from .outbox import Outbox, RetryPolicy
 
-__all__ = ["TaggingCallback", "RunTagState", "parse_beam_center"]
+__all__ = ["TaggingCallback", "RunTagState", "document_labels", "parse_beam_center"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RunTagState:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     checkpoints: list = field(default_factory=list)
     event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
+    start_labels: dict = field(default_factory=dict)     # validated start xsml_labels
     motor_keys: dict = field(default_factory=dict)       # descriptor uid -> motor data keys
     positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
     index: Any = None                                     # FrameIndex, with the tag stream
@@ -75,6 +76,38 @@ class RunTagState:
     def beam_center_for(self, key: str):
         """The beam centre ``(x, y)`` of frames under data key ``key``, or None."""
         return self.beam_centers.get(key, self.beam_centers.get("*"))
+
+
+def document_labels(value: Any, *, run_uid: str, stream: str, seq_num: int) -> dict:
+    """Labels a document declares (``xsml_labels``), checked as the API checks a label.
+
+    Documents may come from a network (the 0MQ bus), so their labels are
+    validated with the API's :class:`~bluesky_xsml.api.schemas.LabelIn`: tag
+    names are identifiers of at most 64 characters, not names that address a
+    frame, at most 512 of them, values True/False/None.
+
+    Parameters
+    ----------
+    value : dict or str
+        ``{"ring_oriented": True, ...}``, or the same as a JSON string.
+
+    Raises
+    ------
+    ValueError
+        Anything else (pydantic's ``ValidationError`` is a ``ValueError``).
+    """
+    from ..api.schemas import LabelIn
+
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"xsml_labels must map tag names to True/False/None, "
+                         f"got {type(value).__name__}")
+    label = LabelIn.model_validate({"run_uid": run_uid, "seq_num": seq_num, "stream": stream,
+                                    "tags": dict(value)})
+    return dict(label.tags)
 
 
 def parse_beam_center(value, what: str = "xsml_beam_center") -> dict:
@@ -148,6 +181,13 @@ class TaggingCallback:
     read_retries, read_retry_delay : int, float
         Bounded retries for external files that are missing, truncated or
         still being written, before the frame is recorded as skipped.
+    allowed_roots : sequence of str, optional
+        Directories every external file must lie under (symlinks resolved),
+        on top of its resource's own ``root``, which it may never leave.
+        Default: ``XSML_ALLOWED_ROOTS`` (``:``-separated), else none.
+    read_timeout : float or None
+        Seconds one read of an external file may take before the frame is
+        skipped (``"read_timeout"``); see :mod:`bluesky_xsml.documents.external`.
     threads : int, optional
         CPU threads for tagging (preprocessing and, on CPU, torch's intra-op
         pool, which is process-wide). Default: one less than the machine's
@@ -188,7 +228,8 @@ class TaggingCallback:
                  stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
                  max_block: float = 0.5, handler_registry: Mapping | None = None,
                  root_map: Mapping | None = None, read_retries: int = 5,
-                 read_retry_delay: float = 0.1, threads: int | None = None,
+                 read_retry_delay: float = 0.1, allowed_roots: Iterable[str] | None = None,
+                 read_timeout: float | None = 30.0, threads: int | None = None,
                  validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
                  label_cache_size: int = 2000, index_min_prob: float = 0.5,
                  index_limit: int = 1000, beam_center=None, isolation: str = "thread",
@@ -207,6 +248,8 @@ class TaggingCallback:
         self.root_map = dict(root_map) if root_map else None
         self.read_retries = int(read_retries)
         self.read_retry_delay = float(read_retry_delay)
+        self.allowed_roots = None if allowed_roots is None else tuple(map(str, allowed_roots))
+        self.read_timeout = read_timeout
         self.validate_pages = bool(validate_pages)
         if not 0.0 <= float(index_min_prob) <= 1.0:
             raise ValueError(f"index_min_prob must be in [0, 1], got {index_min_prob!r}")
@@ -425,6 +468,7 @@ class TaggingCallback:
             "documents_delivered": self.outbox.delivered,
             "documents_queued": len(self.outbox),
             "downstream_errors": self.outbox.downstream_errors,
+            "delivery_restarts": self.outbox.restarts,
             "delivery_overruns": self.outbox.overruns,
             "delivery_losses": self.outbox.losses(),
             "delivery_backlog": self.outbox.backlogs(),
@@ -520,7 +564,7 @@ class TaggingCallback:
                 run = self._runs.get(job.run_uid)
                 if run is None:
                     continue
-                declared = dict(run.start.get("xsml_labels") or {})
+                declared = dict(run.start_labels)
                 declared.update(run.event_labels.get((job.stream, job.seq_num), {}))
                 if declared:
                     todo.append((job, idx, x, declared))
@@ -535,7 +579,7 @@ class TaggingCallback:
             try:
                 names, row = parse_tag_labels(declared)
             except ValueError as err:
-                self._errors[f"bad xsml_labels: {err}"] += 1
+                self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
                 continue
             prov = {"source": "document", "run_uid": job.run_uid, "stream": job.stream,
                     "seq_num": int(job.seq_num), "key": job.key, "frame_index": int(idx)}
@@ -556,6 +600,14 @@ class TaggingCallback:
                 run.beam_centers = {}
                 self._errors[f"bad xsml_beam_center: {err}"] += 1
                 log.warning("xsml: %s (run %s)", err, doc["uid"])
+            if doc.get("xsml_labels"):
+                try:
+                    run.start_labels = document_labels(doc["xsml_labels"], run_uid=doc["uid"],
+                                                       stream="primary", seq_num=0)
+                except (ValueError, TypeError) as err:  # the frames are tagged anyway
+                    self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
+                    log.warning("xsml: refused xsml_labels of run %s: %s", doc["uid"],
+                                str(err)[:300])
             if (not run.beam_centers and getattr(self.tagger, "uses_beam_center", False)
                     and not self._told_no_beam_center):
                 self._told_no_beam_center = True  # once per callback
@@ -603,7 +655,9 @@ class TaggingCallback:
 
             run.external = ExternalFrames(handler_registry=self.handler_registry,
                                           root_map=self.root_map, retries=self.read_retries,
-                                          retry_delay=self.read_retry_delay)
+                                          retry_delay=self.read_retry_delay,
+                                          allowed_roots=self.allowed_roots,
+                                          read_timeout=self.read_timeout)
         return run.external
 
     def _on_event(self, doc: dict) -> None:
@@ -641,14 +695,12 @@ class TaggingCallback:
                 run.event_uids[(descriptor_uid, seq)] = uid
                 if declared is not None and i < len(declared) and declared[i]:
                     try:
-                        value = declared[i]
-                        if isinstance(value, str):
-                            import json
-
-                            value = json.loads(value)
-                        run.event_labels[(stream, seq)] = dict(value)
+                        run.event_labels[(stream, seq)] = document_labels(
+                            declared[i], run_uid=run.uid, stream=stream, seq_num=seq)
                     except (ValueError, TypeError) as err:  # the frames are tagged anyway
                         self._errors[f"bad xsml_labels in event: {type(err).__name__}"] += 1
+                        log.warning("xsml: refused xsml_labels of event %s of run %s: %s",
+                                    seq, run.uid, str(err)[:300])
                 for key, kind in keys.items():
                     if kind == "inline":
                         values = data.get(key)

@@ -18,6 +18,22 @@ are never modified.
 HDF5 files are opened with ``swmr=True`` and datasets are refreshed before
 each read, so frames appended after the file was first opened are seen.
 Files are opened once per path and cached until :meth:`ExternalFrames.forget`.
+
+Documents choose the files, and documents may come from a network, so every
+read is checked first (:meth:`ExternalFrames.read`):
+
+* **containment**: the file's real path (symlinks resolved) must lie under the
+  resource's own ``root`` (after ``root_map``): ``..`` in ``resource_path``, an
+  absolute ``resource_path`` or a symlink cannot leave it. With
+  ``allowed_roots`` (or ``XSML_ALLOWED_ROOTS``, paths separated by ``:``) it
+  must also lie under one of those; a ``stream_resource`` has no root, so only
+  that list confines it.
+* **regular files only**: ``os.stat`` before any open; a FIFO, a device or a
+  socket would block (or worse) the reader while it holds the GIL.
+* **a time limit** (``read_timeout``): each attempt runs on its own thread; a
+  read that does not finish in time is recorded as skipped and abandoned.
+* **no paths in skip reasons**: reasons and error messages name the file by
+  its base name at most; full paths go to the log.
 """
 
 from __future__ import annotations
@@ -26,9 +42,11 @@ import importlib
 import logging
 import os
 import posixpath
+import re
+import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -40,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = [
+    "ALLOWED_ROOTS_ENV",
     "DEFAULT_HANDLERS",
     "ExternalFrames",
     "FrameRef",
@@ -50,6 +69,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 AD_DATA_PATH = "/entry/data/data"
+#: Environment variable with extra allowed roots (``os.pathsep``-separated).
+ALLOWED_ROOTS_ENV = "XSML_ALLOWED_ROOTS"
+#: Specs whose ``path`` is the one file read (others name a directory or a template).
+_SINGLE_FILE_SPECS = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
 HDF5_MIMETYPE = "application/x-hdf5"
 
 DEFAULT_HANDLERS: dict[str, str] = {
@@ -103,6 +126,9 @@ class FrameRef:
         HDF5 dataset (``kind="stream"``).
     start, stop : int
         Rows ``[start, stop)`` of ``dataset`` (``kind="stream"``).
+    root : str
+        The directory the file must stay in: the resource's ``root`` after
+        ``root_map`` (``""``: none declared; stream refs).
 
     A datum ref is read by the :class:`ExternalFrames` that made it (the
     datum kwargs and the handler live there); a stream ref is self-contained.
@@ -117,6 +143,7 @@ class FrameRef:
     dataset: str = ""
     start: int = 0
     stop: int = 0
+    root: str = ""
 
     @property
     def n_frames(self) -> int | None:
@@ -298,6 +325,29 @@ def _resolve(spec: str, handler: Any) -> Callable:
     return handler
 
 
+
+def _short(path: str) -> str:
+    """The base name of ``path``: what skip reasons may say about a file."""
+    return os.path.basename(str(path).rstrip("/")) or "/"
+
+
+def _scrub(text: str) -> str:
+    """``text`` with the directories of absolute paths removed (``/a/b/c.h5`` -> ``c.h5``)."""
+    return re.sub(r"/(?:[^/\s'\",()]+/)+", "", text)
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (both already real paths)."""
+    root = root.rstrip(os.sep) or os.sep
+    return path == root or path.startswith(root if root == os.sep else root + os.sep)
+
+
+def default_allowed_roots() -> tuple[str, ...]:
+    """Roots from ``XSML_ALLOWED_ROOTS`` (separated by ``os.pathsep``; empty: none)."""
+    value = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    return tuple(part for part in value.split(os.pathsep) if part.strip())
+
+
 def _remap_prefix(path: str, root_map: Mapping[str, str]) -> tuple[str, str | None]:
     """Replace the longest ``root_map`` key that is a directory prefix of ``path``."""
     best = None
@@ -339,6 +389,16 @@ class ExternalFrames:
     retry_delay : float
         Seconds between attempts (so a hopeless read gives up after about
         ``retries * retry_delay`` seconds).
+    allowed_roots : sequence of str, optional
+        Directories every file read must lie under (after symlinks are
+        resolved), on top of its resource's own ``root``. Default: the
+        ``XSML_ALLOWED_ROOTS`` environment variable, else none (only the
+        resource's ``root`` confines; a ``stream_resource`` is then not
+        confined).
+    read_timeout : float or None
+        Seconds one read attempt may take; a read still running then is
+        abandoned and the frame skipped (``"read_timeout"``). ``None``: no limit
+        (and no extra thread).
 
     Notes
     -----
@@ -361,7 +421,7 @@ class ExternalFrames:
     ...     frames.read(frames.datum_ref("r1/0"))
     ... except FrameSourceError as err:
     ...     print(err.reason, "|", err)
-    missing_file | cannot read datum r1/0 (spec 'AD_HDF5'): file /d/a.h5 does not exist (1 attempt)
+    missing_file | cannot read datum r1/0 (spec 'AD_HDF5'): file a.h5 does not exist (1 attempt)
     """
 
     def __init__(
@@ -371,7 +431,11 @@ class ExternalFrames:
         root_map: Mapping[str, str] | None = None,
         retries: int = 5,
         retry_delay: float = 0.1,
+        allowed_roots: Sequence[str] | None = None,
+        read_timeout: float | None = 30.0,
     ) -> None:
+        if read_timeout is not None and read_timeout <= 0:
+            raise ValueError(f"read_timeout must be > 0 or None, got {read_timeout}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if retry_delay < 0:
@@ -386,6 +450,10 @@ class ExternalFrames:
         self.root_map: dict[str, str] = dict(root_map or {})
         self.retries = int(retries)
         self.retry_delay = float(retry_delay)
+        self.allowed_roots: tuple[str, ...] = tuple(
+            str(r) for r in (default_allowed_roots() if allowed_roots is None else allowed_roots))
+        self._real_allowed: tuple[str, ...] | None = None  # resolved on the reading thread
+        self.read_timeout = None if read_timeout is None else float(read_timeout)
         self._resources: dict[str, dict] = {}
         self._datums: dict[str, dict] = {}
         self._stream_resources: dict[str, dict] = {}
@@ -423,14 +491,17 @@ class ExternalFrames:
 
     # ------------------------------------------------------------------ refs
 
-    def _resource_path(self, resource: Mapping[str, Any]) -> str:
+    def _resource_location(self, resource: Mapping[str, Any]) -> tuple[str, str]:
+        """``(path, root)`` of a resource after ``root_map``; no file I/O."""
         root = resource.get("root", "") or ""
         rel = resource["resource_path"]
         if root in self.root_map:
             root = self.root_map[root]
-            return os.path.join(root, rel) if root else rel
+            return (os.path.join(root, rel) if root else rel), root
         path = os.path.join(root, rel) if root else rel
-        return _remap_prefix(path, self.root_map)[0]
+        if root:
+            root = _remap_prefix(root, self.root_map)[0]
+        return _remap_prefix(path, self.root_map)[0], root
 
     def datum_ref(self, datum_id: str) -> FrameRef:
         """Return the ref for a datum id found in an event's data.
@@ -455,12 +526,14 @@ class ExternalFrames:
                 "which was never registered",
                 reason="unknown_datum",
             )
+        path, root = self._resource_location(resource)
         return FrameRef(
             kind="datum",
             key=datum_id,
             resource=resource["uid"],
             spec=resource["spec"],
-            path=self._resource_path(resource),
+            path=path,
+            root=root,
         )
 
     def documents_for(self, ref: FrameRef) -> tuple[tuple[str, Mapping[str, Any]], ...]:
@@ -573,10 +646,6 @@ class ExternalFrames:
             self._handlers[ref.resource] = handler
             return handler
 
-    def _read_datum(self, ref: FrameRef) -> Any:
-        handler = self._handler(ref)
-        return handler(**self._datums[ref.key]["datum_kwargs"])
-
     def _read_stream(self, ref: FrameRef) -> Any:
         if ref.spec != HDF5_MIMETYPE:
             raise FrameSourceError(
@@ -586,14 +655,93 @@ class ExternalFrames:
             )
         return self._files.read(ref.path, ref.dataset, ref.start, ref.stop)
 
+    # ------------------------------------------------------------------ checks
+
+    def _refuse(self, ref: FrameRef, path: str, reason: str, message: str) -> None:
+        logger.warning("xsml refused to read %s for %s %s (resource %s): %s", path, ref.kind,
+                       ref.key, ref.resource, message)
+        raise FrameSourceError(message, reason=reason)
+
+    def _contained(self, ref: FrameRef, path: str) -> str:
+        """The real path of ``path`` if it stays where it must; else refuse."""
+        real = os.path.realpath(path)
+        if ref.root and not _within(real, os.path.realpath(ref.root)):
+            self._refuse(ref, path, "outside_allowed_roots", "file outside its resource's root")
+        if self.allowed_roots:
+            if self._real_allowed is None:
+                self._real_allowed = tuple(os.path.realpath(r) for r in self.allowed_roots)
+            if not any(_within(real, root) for root in self._real_allowed):
+                self._refuse(ref, path, "outside_allowed_roots", "file outside the allowed roots")
+        return real
+
+    def _check_file(self, ref: FrameRef, path: str) -> None:
+        """Containment, then a regular file (``FileNotFoundError`` if missing: retried)."""
+        real = self._contained(ref, path)
+        mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):
+            self._refuse(ref, path, "not_regular_file", "not a regular file")
+
+    def _checked_read(self, ref: FrameRef) -> Any:
+        """One read attempt: the checks, then the read (on the calling thread)."""
+        if ref.kind == "stream":
+            if ref.spec == HDF5_MIMETYPE:  # an unsupported mimetype is refused as such
+                self._check_file(ref, ref.path)
+            return self._read_stream(ref)
+        handler = self._handler(ref)  # an unknown spec is refused as such
+        datum_kwargs = self._datums[ref.key]["datum_kwargs"]
+        if isinstance(handler, SWMRHDF5Handler):  # reads exactly ref.path
+            self._check_file(ref, ref.path)
+        else:  # a directory, a template or a user's handler: check the files it lists
+            self._contained(ref, ref.path)
+            list_files = getattr(handler, "get_file_list", None)
+            files: list = []
+            if list_files is not None:
+                try:
+                    files = list(list_files([datum_kwargs]))
+                except Exception:  # noqa: BLE001 - a handler that cannot list still reads
+                    logger.debug("%r cannot list its files", handler, exc_info=True)
+            for name in files:
+                self._check_file(ref, str(name))
+        return handler(**datum_kwargs)
+
+    def _bounded(self, ref: FrameRef, what: str) -> Any:
+        """:meth:`_checked_read` on its own thread, abandoned after ``read_timeout``."""
+        if self.read_timeout is None:
+            return self._checked_read(ref)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def attempt() -> None:
+            try:
+                box["value"] = self._checked_read(ref)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                box["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=attempt, name="xsml-file-read", daemon=True).start()
+        if not done.wait(self.read_timeout):
+            logger.error("xsml: reading %s from %s did not finish within %g s; abandoned "
+                         "(the thread is left behind)", what, ref.path, self.read_timeout)
+            raise FrameSourceError(
+                f"reading {what} did not finish within {self.read_timeout:g} s",
+                reason="read_timeout",
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def read(self, ref: FrameRef) -> np.ndarray:
         """Read the frames behind ``ref``; blocking, with bounded retries.
 
-        Missing files, files that cannot be opened (truncated, locked by a
-        writer not in SWMR mode) and files that do not hold the frames yet are
-        retried ``retries`` times, ``retry_delay`` seconds apart.  HDF5 files
-        stay open between reads; SWMR-format datasets are refreshed before
-        every attempt, older-format files are reopened when too short.
+        Before each attempt the file is checked (module docstring): its real
+        path must stay under the resource's root and the allowed roots, and it
+        must be a regular file; a refused file is not retried. Missing files,
+        files that cannot be opened (truncated, locked by a writer not in SWMR
+        mode) and files that do not hold the frames yet are retried
+        ``retries`` times, ``retry_delay`` seconds apart. HDF5 files stay open
+        between reads; SWMR-format datasets are refreshed before every
+        attempt, older-format files are reopened when too short.
 
         Returns
         -------
@@ -605,9 +753,11 @@ class ExternalFrames:
         FrameSourceError
             With ``reason`` ``"missing_file"``, ``"truncated_file"`` (cannot
             be opened as its format, or holds fewer frames than the documents
-            say), ``"unknown_spec"`` (no handler / unsupported mimetype; not
-            retried) or ``"read_error"`` (anything else); the message names
-            the path and what was wrong.
+            say), ``"unknown_spec"`` (no handler / unsupported mimetype),
+            ``"outside_allowed_roots"``, ``"not_regular_file"``,
+            ``"read_timeout"`` (none of these four retried) or
+            ``"read_error"`` (anything else). Messages name the file by its
+            base name only; the full path is logged.
         """
         import numpy as np
 
@@ -617,14 +767,13 @@ class ExternalFrames:
             else f"stream_datum {ref.key} rows {ref.start}..{ref.stop - 1} of "
             f"{ref.dataset}"
         )
-        read = self._read_datum if ref.kind == "datum" else self._read_stream
         attempts = self.retries + 1
         error: BaseException | None = None
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.retry_delay)
             try:
-                payload = read(ref)
+                payload = self._bounded(ref, what)
                 return _squeeze_single(np.asarray(payload))
             except FrameSourceError:
                 raise
@@ -632,7 +781,7 @@ class ExternalFrames:
                 error = err
             except OSError as err:
                 error = err
-                if ref.kind == "stream" or ref.spec in ("AD_HDF5", "AD_HDF5_SWMR"):
+                if ref.kind == "stream" or ref.spec in _SINGLE_FILE_SPECS:
                     self._files.drop(ref.path)
                 with self._handler_lock:
                     # Other handlers may cache a failed open: rebuild them.
@@ -644,28 +793,32 @@ class ExternalFrames:
                 if stale is not None and hasattr(stale, "close"):
                     _close_quietly(stale)
             except Exception as err:  # handler bugs, bad dataset names, ...
+                logger.warning("xsml: reading %s from %s failed", what, ref.path, exc_info=True)
                 raise FrameSourceError(
-                    f"cannot read {what} from {ref.path}: {type(err).__name__}: {err}",
+                    f"cannot read {what} from {_short(ref.path)}: {type(err).__name__}: "
+                    f"{_scrub(str(err))}",
                     reason="read_error",
                 ) from err
         reason, detail = self._classify(ref, error)
         n = "attempt" if attempts == 1 else "attempts"
+        logger.info("xsml: giving up on %s in %s: %s", what, ref.path, error)
         raise FrameSourceError(
             f"cannot read {what}: {detail} ({attempts} {n})", reason=reason
         ) from error
 
     def _classify(self, ref: FrameRef, error: BaseException | None) -> tuple[str, str]:
-        text = str(error)
+        text = _scrub(str(error))
+        name = _short(ref.path)
         if isinstance(error, _NotYetWritten):
-            return "truncated_file", f"file {ref.path} is short: {text}"
-        single_file = ref.kind == "stream" or ref.spec in ("AD_HDF5", "AD_HDF5_SWMR")
+            return "truncated_file", f"file {name} is short: {text}"
+        single_file = ref.kind == "stream" or ref.spec in _SINGLE_FILE_SPECS
         if single_file and not os.path.exists(ref.path):
-            return "missing_file", f"file {ref.path} does not exist"
+            return "missing_file", f"file {name} does not exist"
         if isinstance(error, FileNotFoundError):
-            return "missing_file", f"file not found under {ref.path}: {text}"
+            return "missing_file", f"file not found under {name}: {text}"
         if "truncated" in text or "signature" in text:
-            return "truncated_file", f"file {ref.path} is truncated or not HDF5: {text}"
-        return "read_error", f"reading {ref.path} failed: {type(error).__name__}: {text}"
+            return "truncated_file", f"file {name} is truncated or not HDF5: {text}"
+        return "read_error", f"reading {name} failed: {type(error).__name__}: {text}"
 
     def forget(self) -> None:
         """Close open files and handlers; registered documents are kept."""

@@ -36,6 +36,18 @@ Delivery policy per downstream callback (see :class:`RetryPolicy`):
 * **Other errors** (a bug in the callback, a bad document): logged and counted
   (``"failed"``); the document is skipped for that callback only, so one bad
   document cannot wedge the catalog.
+* **Exceptions that are not** ``Exception`` (``SystemExit``,
+  ``KeyboardInterrupt``, ``asyncio.CancelledError`` raised by a callback):
+  treated like other errors, per call: counted ``"failed"`` for that callback
+  and document, logged, and delivery goes on. None of them is a real request
+  to stop this process: signals are delivered to the main thread, never to
+  the delivery thread.
+* **The delivery thread dies anyway** (an exception outside a callback call,
+  e.g. one injected asynchronously): it is supervised like the inference
+  worker's thread. The document being delivered is counted ``"failed"``, the
+  rest of its batch goes back to the front of the queue and a new thread takes
+  over (:attr:`Outbox.restarts`); :meth:`Outbox.ensure_alive`, called by
+  ``put`` and ``flush``, restarts a thread that vanished without that clean-up.
 * **At close**: documents still in a backlog after ``close(timeout)`` are
   counted as ``"undelivered"`` per run and logged.
 
@@ -194,15 +206,69 @@ class Outbox:
         self.downstream_errors = 0
         self.overruns = 0
         self.retries = 0
+        self.restarts = 0
         self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._name = name
+        self._batch: collections.deque = collections.deque()  # taken, not yet delivered
+        self._restart_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._start_thread()
+
+    # ----------------------------------------------------------- supervision
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._supervised, name=self._name, daemon=True)
         self._thread.start()
+
+    def _supervised(self) -> None:
+        """Thread body: deliver; if the loop dies, account for its document and hand over."""
+        try:
+            self._run()
+        except BaseException as err:  # noqa: BLE001 - the thread is dying either way
+            log.critical("xsml outbox delivery thread died (%s: %s); a new thread takes over",
+                         type(err).__name__, err, exc_info=True)
+            with self._restart_lock:
+                if self._thread is threading.current_thread():
+                    self._recover(f"{type(err).__name__}")
+                    self.restarts += 1
+                    self._start_thread()
+
+    def _recover(self, why: str) -> None:
+        """Count the document in delivery as failed; requeue the rest of its batch."""
+        with self._cond:
+            batch, self._batch = self._batch, collections.deque()
+            lost = batch.popleft() if batch else None
+            self._queue.extendleft(reversed(batch))
+            self._in_flight = 0
+            self._cond.notify_all()
+        if lost is not None:
+            name, doc = lost
+            self.downstream_errors += 1
+            self.last_error = f"delivery thread died on a {name} document: {why}"
+            self._lose(self._run_of(name, doc), "failed")
+
+    def ensure_alive(self) -> bool:
+        """Restart the delivery thread if it is gone; True if it had to be restarted."""
+        with self._restart_lock:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                return False
+            with self._cond:
+                if self._closed and not self._queue:
+                    return False
+            log.error("xsml outbox delivery thread had died; restarting it")
+            self._recover("vanished")
+            self.restarts += 1
+            self._start_thread()
+            return True
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def put(self, name: str, doc: dict) -> None:
         """Queue one document; waits at most ``max_block`` s when full."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            self.ensure_alive()
         with self._cond:
             if len(self._queue) >= self.max_pending:
                 deadline = time.monotonic() + self.max_block
@@ -258,14 +324,16 @@ class Outbox:
                     self._cond.wait(self._poll_interval)
                 if self._closed and not self._queue:
                     return
-                items = list(self._queue)
+                self._batch.extend(self._queue)
                 self._queue.clear()
-                self._in_flight = len(items)
+                self._in_flight = len(self._batch)
                 self._cond.notify_all()  # room for a blocked put
-            for item in items:
-                self._deliver(*item)
+                delivering = bool(self._batch)
+            while self._batch:
+                self._deliver(*self._batch[0])
+                self._batch.popleft()
             self._retry_parked()
-            if items:
+            if delivering:
                 with self._cond:
                     self._in_flight = 0
                     self._cond.notify_all()
@@ -274,7 +342,7 @@ class Outbox:
                 last_idle = now
                 try:
                     self._on_idle()
-                except Exception:  # never let a housekeeping error stop delivery
+                except BaseException:  # noqa: BLE001 - housekeeping must not stop delivery
                     log.exception("xsml outbox idle hook failed")
 
     def _lanes_now(self) -> list[_Lane]:
@@ -326,15 +394,15 @@ class Outbox:
                 continue
             try:
                 lane.cb(name, doc)
-            except Exception as err:
+            except BaseException as err:  # noqa: BLE001 - SystemExit from a writer included
                 self._failed(lane, name, doc, run, err)
         self.delivered += 1
 
     def _failed(self, lane: _Lane, name: str, doc: dict, run: str | None,
-                err: Exception) -> None:
+                err: BaseException) -> None:
         self.downstream_errors += 1
         self.last_error = f"{lane.name!r} on {name}: {err!r}"
-        if self._is_transient(lane, err):
+        if isinstance(err, Exception) and self._is_transient(lane, err):
             self._park_lane(lane, f"{err!r} on a {name} document")
             if lane.policy.resend_failed:
                 self._park(lane, name, doc, run)
@@ -398,7 +466,7 @@ class Outbox:
             return True
         try:
             return bool(lane.policy.probe())
-        except Exception:
+        except BaseException:  # noqa: BLE001 - a probe that raises means "not reachable"
             return False
 
     def _backoff(self, lane: _Lane) -> None:
@@ -419,8 +487,8 @@ class Outbox:
                 name, doc, run, nbytes = lane.backlog[0]
                 try:
                     lane.cb(name, doc)
-                except Exception as err:
-                    if self._is_transient(lane, err):
+                except BaseException as err:  # noqa: BLE001 - SystemExit from a writer included
+                    if isinstance(err, Exception) and self._is_transient(lane, err):
                         self._backoff(lane)
                         if not lane.policy.resend_failed:
                             self._abandon(lane, run, 0, name)
@@ -450,13 +518,15 @@ class Outbox:
         Returns False on timeout.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._in_flight or self._parked():
+        while True:
+            self.ensure_alive()  # outside the condition: the supervisor takes both locks
+            with self._cond:
+                if not (self._queue or self._in_flight or self._parked()):
+                    return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(0.05 if left is None else min(left, 0.05))
-        return True
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Deliver what is queued (retrying parked callbacks until ``timeout``), then stop.
@@ -467,7 +537,9 @@ class Outbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
         for lane in list(self._lanes.values()):
             if not lane.backlog:
                 continue

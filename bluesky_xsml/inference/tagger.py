@@ -37,7 +37,8 @@ from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
 
-__all__ = ["Tagger", "CHECKPOINT_FORMAT", "default_checkpoint_path", "atomic_torch_save"]
+__all__ = ["Tagger", "CHECKPOINT_FORMAT", "MIN_SAFE_TORCH", "default_checkpoint_path",
+           "atomic_torch_save", "require_safe_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,46 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+#: Oldest torch whose ``torch.load(weights_only=True)`` cannot be talked into running code
+#: (CVE-2025-32434: the restriction could be bypassed up to 2.5.1).
+MIN_SAFE_TORCH = (2, 6)
+
+
+def require_safe_torch(version: str | None = None) -> None:
+    """Refuse to load checkpoints with a torch whose ``weights_only`` loading is unsafe.
+
+    Parameters
+    ----------
+    version : str, optional
+        A torch version string (default: ``torch.__version__``), e.g. ``"2.6.0+cpu"``.
+
+    Raises
+    ------
+    CheckpointError
+        ``version`` is older than :data:`MIN_SAFE_TORCH` or cannot be read.
+
+    Examples
+    --------
+    >>> require_safe_torch("2.6.0+cpu")
+    >>> require_safe_torch("2.5.1")
+    Traceback (most recent call last):
+    ...
+    bluesky_xsml.errors.CheckpointError: torch 2.5.1 cannot load checkpoints safely: ...
+    """
+    text = str(torch.__version__ if version is None else version)
+    try:
+        found = tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+    except ValueError:
+        found = ()
+    if len(found) != 2 or found < MIN_SAFE_TORCH:
+        need = ".".join(map(str, MIN_SAFE_TORCH))
+        raise CheckpointError(
+            f"torch {text} cannot load checkpoints safely: before {need}, "
+            "torch.load(weights_only=True) can be made to run code from the file "
+            f"(CVE-2025-32434). Install torch>={need} (bluesky-xsml requires it)."
+        )
 
 
 class Tagger:
@@ -214,6 +255,7 @@ class Tagger:
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+        require_safe_torch()
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:

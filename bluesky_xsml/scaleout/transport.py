@@ -5,9 +5,10 @@ not care how they travelled. Two implementations live here:
 
 * :class:`ZMQSource`: bluesky's 0MQ document bus. A RunEngine publishes with
   ``bluesky.callbacks.zmq.Publisher`` to a ``bluesky-0MQ-proxy``; this source
-  subscribes to the proxy's output port with bluesky's ``RemoteDispatcher``,
-  which runs its asyncio loop on a background thread and hands documents over
-  through a queue.
+  subscribes to the proxy's output port on a background thread and hands
+  documents over through a queue. Messages are decoded with msgpack
+  (:mod:`~bluesky_xsml.scaleout.serialization`), not bluesky's default pickle:
+  publish with :func:`~bluesky_xsml.scaleout.serialization.publisher`.
 * :class:`IterableSource`: documents from any iterable (a replay of stored
   documents, tests).
 
@@ -36,18 +37,26 @@ True
 
 from __future__ import annotations
 
+import collections
 import logging
-import pickle
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
+
+from .serialization import Serializer, codec
 
 __all__ = ["CallbackSource", "DocumentSource", "IterableSource", "ZMQSource"]
 
 log = logging.getLogger(__name__)
 
 Document = tuple[str, dict]
+
+#: The names bluesky documents travel under (``event_model.DocumentNames``).
+DOCUMENT_NAMES = frozenset({
+    "start", "descriptor", "event", "event_page", "stop", "resource", "datum", "datum_page",
+    "stream_resource", "stream_datum", "bulk_events", "bulk_datum",
+})
 
 
 @runtime_checkable
@@ -161,6 +170,13 @@ class CallbackSource:
 class ZMQSource(CallbackSource):
     """Documents from a bluesky 0MQ proxy (``bluesky-0MQ-proxy``).
 
+    A SUB socket on the proxy's output port, read on a background thread. Each
+    message is bluesky's ``prefix name payload``; it is delivered only if the
+    name is a document name and the payload decodes. Anything else is counted
+    in :attr:`rejected`, logged (without its content) and dropped: the bus is
+    a network input, and a crafted message must neither run code nor stop the
+    source.
+
     Parameters
     ----------
     address : str
@@ -168,9 +184,18 @@ class ZMQSource(CallbackSource):
     prefix : bytes
         Only documents published with this prefix (bluesky's ``Publisher``
         ``prefix``); empty: all.
-    deserializer : callable
-        Must match the publisher's serializer (bluesky's default is pickle,
-        which is for trusted networks only).
+    serializer : {"msgpack", "pickle"}
+        The encoding publishers use. ``"msgpack"`` (default; see
+        :mod:`bluesky_xsml.scaleout.serialization`) cannot run code.
+        ``"pickle"`` is bluesky's own default and runs code chosen by whoever
+        can publish to the proxy: trusted networks only (a warning is logged).
+    deserializer : callable, optional
+        Overrides ``serializer`` with any ``bytes -> dict`` decoder.
+    curve_config : bluesky.callbacks.zmq.ClientCurve, optional
+        0MQ CURVE keys (``secret_path``, ``server_public_key``) for a proxy
+        whose output socket requires them.
+    max_message_bytes : int
+        0MQ drops the connection of a peer sending a bigger message.
 
     Notes
     -----
@@ -180,45 +205,95 @@ class ZMQSource(CallbackSource):
     """
 
     def __init__(self, address: str, *, prefix: bytes = b"",
-                 deserializer: Callable[[bytes], Any] = pickle.loads):
+                 serializer: Serializer = "msgpack",
+                 deserializer: Callable[[bytes], Any] | None = None,
+                 curve_config: Any = None, max_message_bytes: int = 2**30):
         super().__init__()
+        if b" " in prefix:
+            raise ValueError(f"prefix {prefix!r} may not contain b' '")
         self.address = address
         self.prefix = prefix
-        self.deserializer = deserializer
-        self._loop = None
+        self.serializer = serializer if deserializer is None else "custom"
+        self.deserializer = deserializer if deserializer is not None else codec(serializer)[1]
+        self.curve_config = curve_config
+        self.max_message_bytes = int(max_message_bytes)
+        self.rejected: collections.Counter = collections.Counter()
+        self._stop_requested = threading.Event()
+
+    def _socket(self, context):
+        import zmq
+
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve_config is not None:
+            import zmq.auth
+
+            public, secret = zmq.auth.load_certificate(self.curve_config.secret_path)
+            if secret is None:
+                raise ValueError(f"no CURVE secret key in {self.curve_config.secret_path}")
+            server, _ = zmq.auth.load_certificate(self.curve_config.server_public_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+        address = self.address
+        if isinstance(address, tuple):
+            address = f"tcp://{address[0]}:{address[1]}"
+        elif "://" not in address:
+            address = f"tcp://{address}"
+        sock.connect(address)
+        sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
+        return sock
+
+    def _reject(self, why: str, detail: str = "") -> None:
+        self.rejected[why] += 1
+        log.warning("%r rejected a bus message (%s)%s", self, why, f": {detail}" if detail else "")
+
+    def _decode(self, message: bytes) -> Document | None:
+        """``(name, doc)`` from one bus message, or None (counted in :attr:`rejected`)."""
+        parts = message.split(b" ", 2)
+        if len(parts) != 3:
+            self._reject("malformed")
+            return None
+        prefix, name, payload = parts
+        if self.prefix and prefix != self.prefix:
+            return None
+        try:
+            name_str = name.decode("ascii")
+        except UnicodeDecodeError:
+            name_str = ""
+        if name_str not in DOCUMENT_NAMES:
+            self._reject("unknown_document_name", repr(name[:40]))
+            return None
+        try:
+            doc = self.deserializer(payload)
+        except Exception as err:  # noqa: BLE001 - any failure is a rejected message
+            self._reject("undecodable", f"{type(err).__name__}: {str(err)[:200]}")
+            return None
+        if not isinstance(doc, dict):
+            self._reject("not_a_document", type(doc).__name__)
+            return None
+        return name_str, doc
 
     def _run(self) -> None:
-        import asyncio
+        import zmq
 
-        from bluesky.callbacks.zmq import RemoteDispatcher
-
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        dispatcher = RemoteDispatcher(self.address, prefix=self.prefix, loop=loop,
-                                      deserializer=self.deserializer)
-        dispatcher.subscribe(self.put)
-        loop.call_soon(self.ready.set)  # runs once the socket is set up and the loop spins
+        context = zmq.Context()
+        sock = self._socket(context)
         try:
-            dispatcher.start()
-        except (asyncio.CancelledError, RuntimeError):
-            if not self.closed:
-                raise
+            self.ready.set()
+            while not self._stop_requested.is_set():
+                if not sock.poll(100):
+                    continue
+                item = self._decode(sock.recv())
+                if item is not None:
+                    self.put(*item)
+        finally:
+            sock.close(0)
+            context.term()
 
     def _request_stop(self) -> None:
-        import asyncio
-
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-
-        def cancel_all():
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-
-        try:
-            loop.call_soon_threadsafe(cancel_all)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
+        self._stop_requested.set()
 
     def __repr__(self) -> str:
         return f"ZMQSource({self.address!r})"

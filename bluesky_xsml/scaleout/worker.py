@@ -649,6 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-name", default="xsml_tags",
                         help="name of the tag stream (default xsml_tags)")
     parser.add_argument("--prefix", default="", help="0MQ publisher prefix to listen to")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="decode (and republish) pickled documents, bluesky's default "
+                             "encoding: whoever can publish to the proxy can then run code "
+                             "here. Default: msgpack, which cannot run code")
     parser.add_argument("--stop-quiet", type=float, default=30.0, metavar="S",
                         help="seconds of silence before a run without stop is looked up")
     parser.add_argument("--store-timeout", type=float, default=60.0, metavar="S",
@@ -670,6 +674,7 @@ def main(args: argparse.Namespace) -> int:
         print("xsml worker: give --tiled URI (write tags into stored runs) and/or "
               "--republish HOST:PORT (publish tag documents)", file=sys.stderr)
         return 2
+    serializer = "pickle" if args.trust_pickle else "msgpack"
     tagger = Tagger.load(args.model)
     catalog = None
     if args.tiled:
@@ -678,9 +683,10 @@ def main(args: argparse.Namespace) -> int:
         catalog = connect(args.tiled, container=args.container or None)
     republisher = None
     if args.republish:
-        from bluesky.callbacks.zmq import Publisher
+        from .serialization import publisher
 
-        republisher = Publisher(args.republish, prefix=args.prefix.encode())
+        republisher = publisher(args.republish, prefix=args.prefix.encode(),
+                                serializer=serializer)
     report_file = open(args.report, "a", buffering=1) if args.report else None  # noqa: SIM115
 
     def report(line: dict) -> None:
@@ -690,7 +696,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(text, flush=True)
 
-    source = ZMQSource(args.zmq, prefix=args.prefix.encode()).start()
+    source = ZMQSource(args.zmq, prefix=args.prefix.encode(), serializer=serializer).start()
     if not source.ready.wait(30) or source.error is not None:
         print(f"xsml worker: cannot subscribe to {args.zmq}: {source.error}", file=sys.stderr)
         return 1

@@ -290,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..inference.device import cpu_supports_bf16
-    from ..inference.tagger import Tagger, atomic_torch_save
+    from ..inference.tagger import Tagger, atomic_torch_save, require_safe_torch
     from ..model import TaggerNet, TaggerNetConfig
     from ..preprocess import CHANNELS, PreprocessConfig
     from ..tags import TAG_NAMES
@@ -309,6 +309,7 @@ def main(args: argparse.Namespace) -> int:
     state = None
     init = None
     if (out / "last.pt").exists() and not args.restart:
+        require_safe_torch()
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
             raise SystemExit(f"{out / 'last.pt'} is not a training state; use --restart")
