@@ -199,3 +199,24 @@ def test_containment_is_by_real_path(tmp_path):
             check(bad)
     with pytest.raises(FrameSourceError, match="not a regular file"):
         check(root / "sub")
+
+
+@pytest.mark.timeout(300)
+def test_the_tagging_process_applies_the_same_rules(RE, recorder, site):
+    """isolation="process": the child opens the files, under the callback's rules."""
+    from bluesky_xsml.inference.process import ProcessOptions
+
+    beamline, secret = site
+    xsml = TaggingCallback(None, downstream=[recorder], allowed_roots=[beamline],
+                           read_retries=1, read_retry_delay=0.01, isolation="process",
+                           process_options=ProcessOptions(priority="normal", threads=1))
+    try:
+        # only the allowed roots refuse this one (its own root is "/"): they reach the child
+        RE.subscribe(tampered(xsml, resource=lambda doc: {"root": "/",
+                                                          "resource_path": "etc/passwd"}))
+        reasons, _ = run_and_collect(RE, recorder, xsml,
+                                     HDF5ResourceDetector("ad", frames(), beamline))
+    finally:
+        xsml.close()
+    assert reasons == ["outside_allowed_roots: file outside the allowed roots"] * 3
+    assert_no_paths(reasons, "/etc", "passwd")

@@ -316,8 +316,7 @@ class TaggingCallback:
             options = dataclasses.replace(
                 options, device=options.device or (str(device) if device is not None else None),
                 precision=options.precision or getattr(tagger, "precision", None))
-        external = {"handler_registry": self.handler_registry, "root_map": self.root_map,
-                    "retries": self.read_retries, "retry_delay": self.read_retry_delay}
+        external = self._external_options()
         return ProcessInferenceWorker(checkpoint, self._on_results, on_inputs=self._on_inputs,
                                       external_options=external, options=options,
                                       **worker_options)
@@ -653,12 +652,14 @@ class TaggingCallback:
         if run.external is None:
             from .external import ExternalFrames
 
-            run.external = ExternalFrames(handler_registry=self.handler_registry,
-                                          root_map=self.root_map, retries=self.read_retries,
-                                          retry_delay=self.read_retry_delay,
-                                          allowed_roots=self.allowed_roots,
-                                          read_timeout=self.read_timeout)
+            run.external = ExternalFrames(**self._external_options())
         return run.external
+
+    def _external_options(self) -> dict:
+        """How frame files are read: here, or in the tagging process (the same rules)."""
+        return {"handler_registry": self.handler_registry, "root_map": self.root_map,
+                "retries": self.read_retries, "retry_delay": self.read_retry_delay,
+                "allowed_roots": self.allowed_roots, "read_timeout": self.read_timeout}
 
     def _on_event(self, doc: dict) -> None:
         self._take_events(doc["descriptor"], [doc["seq_num"]], [doc["uid"]], [doc["time"]],
