@@ -16,7 +16,8 @@ Four figures:
     tags (the sample's "phase diagram"), plus a probability map per tag.
 
 :func:`load_run_tags` reads a stored run's tag stream (and motor positions)
-from a Tiled catalog, :func:`plot_run` saves all three for one run, and
+from a Tiled catalog, :func:`plot_run` saves the heatmap, the montage and a
+line or a map (as the run scanned one motor or more) for one run, and
 ``xsml plot RUN --catalog DIR_OR_URI`` does that from the command line.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly, never
@@ -444,8 +445,12 @@ class RunTags:
     skip_reasons : list of str
     thresholds : numpy.ndarray, shape (T,)
     positions : dict of str -> numpy.ndarray
-        Motor positions (the start document's ``motors``) per frame; NaN
-        where the source event lacks one.
+        Motor positions (the start document's ``motors``, and ``fields``) per
+        frame, from the source events; a motor the run did not move has its
+        recorded position (baseline stream or start document) in every row;
+        NaN where the source event lacks one.
+    units : dict of str -> str
+        Units of the positions, where their data keys give them.
     """
 
     uid: str
@@ -461,6 +466,7 @@ class RunTags:
     skip_reasons: list[str]
     thresholds: np.ndarray
     positions: dict[str, np.ndarray] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
 
 
 def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ()) -> RunTags:
@@ -474,14 +480,17 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
         Tag stream name; default the stop document's ``xsml_stream``
         (``"xsml_tags"`` when the stop lacks it).
     fields : sequence of str
-        Scalar data keys of the source streams read as positions besides the
-        start document's ``motors`` (e.g. a motor that was read, not scanned).
+        Scalar data keys read as positions besides the start document's
+        ``motors`` (e.g. a motor that was read, not scanned). One the source
+        streams lack is taken from where the run recorded it
+        (:func:`~bluesky_xsml.catalog.positions.fixed_positions`).
 
     Raises
     ------
     KeyError
         The run has no such tag stream (the message lists its streams).
     """
+    from .catalog.positions import fixed_positions
     from .catalog.query import tag_stream_node
 
     md = run.metadata
@@ -517,6 +526,10 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
         cols = [m for m in motors if m in src]
         if not cols:
             continue
+        data_keys = src.metadata.get("data_keys") or {}
+        for m in cols:
+            if data_keys.get(m, {}).get("units"):
+                out.units.setdefault(m, str(data_keys[m]["units"]))
         src_ds = src.read(variables=["seq_num", *cols]) if _accepts_variables(src) \
             else src.read()
         src_seq = np.asarray(src_ds["seq_num"].values, dtype=np.int64)
@@ -527,6 +540,11 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
             for i, (s, st) in enumerate(zip(out.seq_nums, out.source_stream)):
                 if st == source and int(s) in where:
                     col[i] = vals[where[int(s)]]
+    unread = [m for m in motors if m not in out.positions]
+    for m, value in (fixed_positions(run, unread) if unread and len(out.seq_nums) else {}).items():
+        out.positions[m] = np.full(len(out.seq_nums), float(value))
+        if value.units:
+            out.units.setdefault(m, value.units)
     return out
 
 
@@ -571,7 +589,15 @@ def read_frames(run, tags: RunTags, picks: Sequence[int]) -> list[np.ndarray]:
 
 def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
              max_frames: int = 16, prefix: str | None = None) -> list[Path]:
-    """Save the tag heatmap, a frame montage and (with motor positions) a phase map.
+    """Save the tag heatmap, a frame montage and a picture over the motor positions.
+
+    The last one depends on how many motors moved during the run: one (a line
+    scan, or a map whose second coordinate stayed put) gives
+    ``<prefix>-line.png``, the tag probabilities against that motor
+    (:func:`tag_profile`); two or more give ``<prefix>-map.png``, a
+    :func:`phase_map` over two of them. Axes carry the motor names, with
+    units where the data keys give them. A run without positions gets no
+    third picture.
 
     Parameters
     ----------
@@ -612,22 +638,40 @@ def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
         written.append(save_figure(frame_montage(frames, captions=caps, title=label),
                                    out / f"{prefix}-frames.png"))
     pos = [m for m, v in tags.positions.items() if np.isfinite(v).any()]
-    if len(pos) >= 1:
-        xm, ym = _map_axes(pos, run.metadata.get("start") or {})
-        x = tags.positions[xm]
-        y = tags.positions[ym] if ym else np.zeros_like(x)
+    # positions that change over the run: one is a line scan, two or more a map
+    moved = [m for m in pos if np.ptp(tags.positions[m][np.isfinite(tags.positions[m])]) > 0]
+    start = run.metadata.get("start") or {}
+    if len(moved) == 1 or (len(pos) == 1 and not moved):
+        xm = moved[0] if moved else pos[0]
+        written.append(save_figure(
+            tag_profile(tags.positions[xm], tags.probs, tags=tags.tag_names,
+                        thresholds=tags.thresholds, xlabel=_axis_label(xm, tags.units),
+                        title=f"tags along {xm}: {label}"),
+            out / f"{prefix}-line.png"))
+    elif len(moved) >= 2:
+        xm, ym = _map_axes(moved, start)
+        x, y = tags.positions[xm], tags.positions[ym]
         ok = np.isfinite(x) & np.isfinite(y)
         written.append(save_figure(
             phase_map(x[ok], y[ok], [tags.tags[i] for i in np.flatnonzero(ok)],
-                      probs=tags.probs[ok], tag_names=tags.tag_names, xlabel=xm,
-                      ylabel=ym or "", title=f"tags over {xm}" + (f", {ym}" if ym else "")
-                      + f": {label}"),
+                      probs=tags.probs[ok], tag_names=tags.tag_names,
+                      xlabel=_axis_label(xm, tags.units), ylabel=_axis_label(ym, tags.units),
+                      title=f"tags over {xm}, {ym}: {label}"),
             out / f"{prefix}-map.png"))
     return written
 
 
-def _map_axes(motors: Sequence[str], start) -> tuple[str, str | None]:
-    """Which motors go on the x and y axes of a map.
+def _axis_label(name: str, units: dict[str, str]) -> str:
+    """``name (units)``, or the name alone when its units are not known.
+
+    >>> _axis_label("sample_x", {"sample_x": "mm"}), _axis_label("th", {})
+    ('sample_x (mm)', 'th')
+    """
+    return f"{name} ({units[name]})" if units.get(name) else name
+
+
+def _map_axes(motors: Sequence[str], start) -> tuple[str, str]:
+    """Which two of the (two or more) moved motors go on the x and y axes of a map.
 
     Names ending in ``x`` and ``y`` win; in a grid scan the fast (last) motor
     is ``x``, as in bluesky's LiveGrid; otherwise the plan's order.
@@ -638,8 +682,6 @@ def _map_axes(motors: Sequence[str], start) -> tuple[str, str | None]:
     ('chi', 'th')
     """
     motors = list(motors)
-    if len(motors) == 1:
-        return motors[0], None
     xs = [m for m in motors if m.lower().endswith("x")]
     ys = [m for m in motors if m.lower().endswith("y")]
     if xs and ys:
