@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge a compact summary into this JSON file ...")
     parser.add_argument("--summary-key", default="test", help="... under this key")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--cache-dir", default=None,
+                        help="where preprocessed inputs are cached (default as xsml train's)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")
     parser.add_argument("--no-progress", action="store_true")

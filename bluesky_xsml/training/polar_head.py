@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes rendering synthetic frames")
-    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--cache-dir", default=None,
+                        help="where preprocessed inputs are cached (default as xsml train's)")
     parser.add_argument("--no-progress", action="store_true")
 
 
