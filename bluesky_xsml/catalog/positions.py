@@ -62,8 +62,8 @@ def _baseline(run, names: Sequence[str], run_keys: Sequence[str] | None) -> dict
         return {}
     node = run[BASELINE]
     data_keys: Mapping = node.metadata.get("data_keys") or {}
-    cols = [n for n in names if n in data_keys
-            and (data_keys[n].get("dtype") in ("number", "integer")) and not data_keys[n].get("shape")]
+    cols = [n for n in names if n in data_keys and not data_keys[n].get("shape")
+            and data_keys[n].get("dtype") in ("number", "integer")]
     if not cols:
         return {}
     base = node.base if hasattr(node, "base") else None
