@@ -1,7 +1,7 @@
 """The test suite writes only under pytest's basetemp, never into the home directory.
 
-``conftest.writes_stay_in_basetemp`` points the caches at a folder of the basetemp;
-these tests fail if it stops doing so, or if the code stops reading the setting.
+The root ``conftest.py``'s ``writes_stay_in_basetemp`` points the caches at a folder of
+the basetemp; these tests fail if it stops doing so, or if the code stops reading the setting.
 """
 
 from __future__ import annotations
