@@ -565,12 +565,9 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
                         run.metadata.get("start", {}).get("uid"), err)
             return []
 
-    # every row gets every position column of the table (the motors any run reported, and
-    # ``fields``) where its run recorded that position, scanned or not
-    wanted: list[str] = []
-
-    def fill(item):
-        run, rs = item
+    def fill(run, rs, wanted):
+        # every row gets every position column of the table (the motors any run reported,
+        # and ``fields``) where its run recorded that position, scanned or not
         try:
             _add_positions_recorded_elsewhere(run, rs, wanted)
         except KeyError as err:
@@ -580,13 +577,13 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
 
     if threads == 1 or len(runs) <= 1:
         per_run = [one(r) for r in runs]
-        wanted[:] = _position_columns(runs, per_run, fields, sample_keys)
-        per_run = [fill(item) for item in zip(runs, per_run)]
+        wanted = _position_columns(runs, per_run, fields, sample_keys)
+        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run)]
     else:
         with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="xsml-query") as ex:
             per_run = list(ex.map(one, runs))
-            wanted[:] = _position_columns(runs, per_run, fields, sample_keys)
-            per_run = list(ex.map(fill, zip(runs, per_run)))
+            wanted = _position_columns(runs, per_run, fields, sample_keys)
+            per_run = list(ex.map(fill, runs, per_run, [wanted] * len(runs)))
     rows = [row for rs in per_run for row in rs]
     df = pd.DataFrame(rows)
     if df.empty:
