@@ -1,7 +1,8 @@
-"""Fixtures for every test of the repository: the tests in tests/ and the doctests.
+"""What every test session of the repository needs: the tests in tests/ and the doctests.
 
-Here, not in tests/conftest.py, so that it also covers the doctests of
-``bluesky_xsml`` (``--doctest-modules``), run alone or first on an xdist worker.
+The suite writes only under pytest's basetemp. Here, not in tests/conftest.py,
+so that it also covers the doctests of ``bluesky_xsml`` (``--doctest-modules``),
+run alone or first on an xdist worker.
 """
 
 from __future__ import annotations
@@ -20,30 +21,53 @@ CACHE_ENV = {"XSML_CACHE": "xsml-cache", "XDG_CACHE_HOME": "cache",
              "MPLCONFIGDIR": "matplotlib", "IPYTHONDIR": "ipython",
              "HYPOTHESIS_STORAGE_DIRECTORY": "hypothesis"}
 
+_HOME = pytest.StashKey[tuple]()
 
-@pytest.fixture(scope="session", autouse=True)
-def writes_stay_in_basetemp(tmp_path_factory):
+
+@pytest.hookimpl(trylast=True)   # after pytest's own tmp_path plugin has configured
+def pytest_configure(config):
     """Point every cache and settings folder the suite could write at pytest's basetemp.
 
-    Also Hypothesis's example database, which it would keep in ``./.hypothesis``
-    (a failing example is still printed with the failure). Yields the folder.
+    Done here, before collection, because collection already writes: Hypothesis's
+    plugin stores the constants of test modules in its storage directory
+    (``./.hypothesis`` by default), which also holds its example database.
     """
-    root = tmp_path_factory.mktemp("home")
+    # pytest keeps its basetemp factory here (what the tmp_path_factory fixture returns)
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:   # tmp_path disabled (-p no:tmpdir): leave the environment alone
+        return
+    root = factory.mktemp("home")
     before = {k: os.environ.get(k) for k in CACHE_ENV}
     os.environ.update({k: str(root / v) for k, v in CACHE_ENV.items()})
     try:
         from hypothesis.configuration import set_hypothesis_home_dir
     except ImportError:
-        set_hypothesis_home_dir = None
-    else:   # the default database is found again at each use, so this reaches every test
+        pass
+    else:   # HYPOTHESIS_STORAGE_DIRECTORY is read once, maybe before this: set it here too
         set_hypothesis_home_dir(root / "hypothesis")
+    config.stash[_HOME] = (root, before)
+
+
+def pytest_unconfigure(config):
+    root, before = config.stash.get(_HOME, (None, {}))
+    if root is None:
+        return
     try:
-        yield root
-    finally:
-        if set_hypothesis_home_dir is not None:
-            set_hypothesis_home_dir(None)
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        pass
+    else:
+        set_hypothesis_home_dir(None)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def writes_stay_in_basetemp(pytestconfig):
+    """The folder of the basetemp that the caches and settings folders point into."""
+    if _HOME not in pytestconfig.stash:
+        pytest.fail("conftest.py did not redirect the caches (is the tmp_path plugin off?)")
+    return pytestconfig.stash[_HOME][0]

@@ -1,7 +1,8 @@
 """The test suite writes only under pytest's basetemp, never into the home directory.
 
-The root ``conftest.py``'s ``writes_stay_in_basetemp`` points the caches at a folder of
-the basetemp; these tests fail if it stops doing so, or if the code stops reading the setting.
+The root ``conftest.py`` points the caches at a folder of the basetemp (before collection,
+in ``pytest_configure``); these tests fail if it stops doing so, or if the code stops reading
+the setting.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def test_the_suites_caches_resolve_under_basetemp(tmp_path_factory, writes_stay_
     assert _under(writes_stay_in_basetemp, base)
     assert _under(default_cache_dir(), base), default_cache_dir()
     assert not _under(default_cache_dir(), Path.home())
+    from hypothesis.configuration import storage_directory   # also what collection writes
+
+    assert _under(storage_directory("constants", intent_to_write=False).path, base)
     # a subprocess (the CLI, examples, workers) inherits the same places
     code = ("import json, matplotlib; from hypothesis.configuration import storage_directory; "
             "from bluesky_xsml.training.data import default_cache_dir; "
