@@ -84,6 +84,22 @@ def test_find_frames_gives_a_fixed_motor_its_baseline_position(runs):
     assert df[df["uid"] == runs.md_line]["sample_y"].isna().all()
 
 
+def test_the_stop_index_answer_gets_the_fixed_motor_too(runs):
+    """At the default min_prob the rows come from the run's stop index (no stream read)."""
+    from bluesky_xsml.query import find_frames
+
+    run = runs.catalog[runs.line]
+    counts = run.metadata["stop"]["xsml_tag_counts"]
+    assert counts, "the tagger tagged nothing at 0.5 in this run"
+    tag = max(counts, key=counts.get)
+    both = [find_frames([runs.catalog[runs.grid], run], tag, strict=False, use_index=u)
+            for u in (True, False)]
+    for df in both:
+        line = df[df["uid"] == runs.line]
+        assert len(line) == counts[tag] and (line["sample_y"] == LINE_Y).all()
+    assert both[0].equals(both[1])
+
+
 def test_find_frames_fields_from_the_baseline_or_the_start_document(runs):
     from bluesky_xsml.query import find_frames
 
