@@ -9,6 +9,7 @@ import event_model
 import numpy as np
 import pytest
 
+
 @pytest.fixture
 def RE():
     """A real bluesky RunEngine (no metadata persistence)."""
