@@ -1,19 +1,23 @@
 """Pictures of tagged runs, saved to files with matplotlib (no display needed).
 
-Three figures:
+Four figures:
 
 :func:`tag_heatmap`
     probability of every tag (rows) for every frame (columns), with the
-    frames at or above threshold outlined.
+    frames at or above threshold outlined (a legend says so).
+:func:`tag_profile`
+    probability of each tag along one scanned motor, as lines: the picture
+    of a line scan.
 :func:`frame_montage`
-    a grid of frames (log intensity, masked pixels blank) captioned with
-    their tags.
+    a grid of frames (log intensity on one shared colour scale, masked
+    pixels grey) captioned with their tags.
 :func:`phase_map`
     the tags over sample position: one colour per combination of structure
     tags (the sample's "phase diagram"), plus a probability map per tag.
 
 :func:`load_run_tags` reads a stored run's tag stream (and motor positions)
-from a Tiled catalog, :func:`plot_run` saves all three for one run, and
+from a Tiled catalog, :func:`plot_run` saves the heatmap, the montage and a
+line or a map (as the run scanned one motor or more) for one run, and
 ``xsml plot RUN --catalog DIR_OR_URI`` does that from the command line.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly, never
@@ -59,6 +63,7 @@ __all__ = [
     "read_frames",
     "save_figure",
     "tag_heatmap",
+    "tag_profile",
 ]
 
 #: Tags that describe the sample's structure (used to name phases on a map);
@@ -131,14 +136,21 @@ def tag_heatmap(probs, *, tags: Sequence[str] = TAG_NAMES,
                     vmin=0, vmax=1, interpolation="nearest")
     above = np.nan_to_num(p[:, rows], nan=-1).T >= thr[rows, None]
     ys, xs = np.nonzero(above)
-    ax.scatter(xs, ys, s=10, marker="s", facecolors="none", edgecolors="white", linewidths=0.6)
+    marks = ax.scatter(xs, ys, s=10, marker="s", facecolors="none", edgecolors="white",
+                       linewidths=0.6, label="at or above the tag's threshold")
     ax.set_yticks(range(len(rows)), [tags[i] for i in rows], fontsize=8)
     labels = list(range(n)) if frame_labels is None else list(frame_labels)
     step = max(1, math.ceil(n / 30))
     ax.set_xticks(range(0, n, step), [str(v) for v in labels[::step]], fontsize=7,
                   rotation=90 if n > 15 else 0)
     ax.set_xlabel(xlabel)
+    ax.set_ylabel("tag")
     fig.colorbar(img, ax=ax, label="probability", shrink=0.9)
+    # the outline key sits on the colour map's dark end, where white squares show
+    legend = fig.legend(handles=[marks], loc="outside lower right", fontsize=7, markerscale=1.5,
+                        facecolor=cmap(0.0), edgecolor="none", framealpha=1.0)
+    for text in legend.get_texts():
+        text.set_color("white")
     if title:
         ax.set_title(title, fontsize=10)
     return fig
@@ -166,7 +178,11 @@ def display_image(frame) -> np.ndarray:
 
 def frame_montage(frames: Sequence[Any], *, captions: Sequence[str] | None = None,
                   ncols: int | None = None, title: str | None = None, max_frames: int = 24):
-    """A grid of frames with captions (e.g. their tags).
+    """A grid of frames with captions (e.g. their tags) and one intensity scale.
+
+    Every frame is drawn as ``log10(1 + counts)`` (:func:`display_image`) on
+    the same colour scale, from 0 to the highest of the frames' 99.7th
+    percentiles, with a colour bar beside the grid; masked pixels are grey.
 
     Parameters
     ----------
@@ -196,23 +212,101 @@ def frame_montage(frames: Sequence[Any], *, captions: Sequence[str] | None = Non
     n = len(frames)
     ncols = ncols or max(1, math.ceil(math.sqrt(n)))
     nrows = math.ceil(n / ncols)
-    fig = _figure(2.3 * ncols, 2.6 * nrows + (0.3 if title else 0))
+    fig = _figure(2.3 * ncols + 0.9, 2.6 * nrows + (0.3 if title else 0))
     import textwrap
 
     import matplotlib as mpl
 
     cmap = mpl.colormaps["magma"].with_extremes(bad="0.55")
+    images = [display_image(frame) for frame in frames]
+    # one intensity scale for all frames, so that they compare and one colour bar reads them
+    tops = [float(np.percentile(img[np.isfinite(img)], 99.7)) for img in images
+            if np.isfinite(img).any()]
+    norm = mpl.colors.Normalize(vmin=0.0, vmax=max([0.5, *tops]))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, frame, cap in zip(axes.flat, frames, captions):
-        img = display_image(frame)
-        finite = img[np.isfinite(img)]
-        vmax = float(np.percentile(finite, 99.7)) if finite.size else 1.0
-        ax.imshow(img, cmap=cmap, vmin=0, vmax=max(vmax, 0.5), interpolation="nearest")
+    shown = None
+    for ax, img, cap in zip(axes.flat, images, captions):
+        shown = ax.imshow(img, cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(cap, 30)) or " ", fontsize=7)
+    bar = fig.colorbar(shown, ax=axes, shrink=min(0.9, 0.45 + 0.15 * nrows), aspect=30)
+    bar.set_label("log10(1 + counts)   (grey: masked pixels)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def tag_profile(x, probs, *, tags: Sequence[str] = TAG_NAMES,
+                thresholds: Sequence[float] | None = None, xlabel: str = "position",
+                title: str | None = None, only_seen: bool = True):
+    """Tag probabilities along one scanned motor, as lines: the picture of a line scan.
+
+    Parameters
+    ----------
+    x : array-like, shape (N,)
+        Position of each frame on the scanned axis (frames are drawn in
+        position order; NaN positions are left out).
+    probs : array-like, shape (N, T)
+        Probability of each of ``T`` tags; NaN rows (skipped frames) leave gaps.
+    tags : sequence of str
+        The ``T`` tag names.
+    thresholds : sequence of float, optional
+        Per-tag thresholds (default 0.5); points at or above are filled, the
+        others hollow.
+    xlabel : str
+        The motor's name, with its units when known (e.g. ``"sample_x (mm)"``).
+    title : str, optional
+    only_seen : bool
+        Draw only tags that reach their threshold somewhere (all when none does).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> fig = tag_profile([0, 1, 2], [[0.1, 0.9], [0.6, 0.2], [0.7, 0.1]], tags=["a", "b"],
+    ...                   xlabel="th (deg)")
+    >>> fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
+    ('th (deg)', 'probability')
+    """
+    x = np.asarray(x, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape != (len(x), len(tags)):
+        raise ValueError(f"probs must have shape ({len(x)}, {len(tags)}) to match x and "
+                         f"tags, got {p.shape}")
+    thr = np.full(len(tags), 0.5) if thresholds is None else np.asarray(thresholds, float)
+    if thr.shape != (len(tags),):
+        raise ValueError(f"thresholds must have {len(tags)} values, got {thr.shape}")
+    keep = np.isfinite(x)
+    order = np.flatnonzero(keep)[np.argsort(x[keep], kind="stable")]
+    x, p = x[order], p[order]
+    hit = np.nan_to_num(p, nan=-1) >= thr
+    cols = np.flatnonzero(hit.any(axis=0)) if only_seen else np.arange(len(tags))
+    if not len(cols):
+        cols = np.arange(len(tags))
+    import matplotlib as mpl
+
+    fig = _figure(8.5, 4.2)
+    ax = fig.add_subplot()
+    colours = mpl.colormaps["tab10" if len(cols) <= 10 else "tab20"]
+    for k, i in enumerate(cols):
+        colour = colours(k % colours.N)
+        ax.plot(x, p[:, i], color=colour, lw=1.2, label=tags[i])
+        ax.scatter(x[hit[:, i]], p[hit[:, i], i], s=16, color=colour, zorder=3)
+        ax.scatter(x[~hit[:, i]], p[~hit[:, i], i], s=16, facecolors="none",
+                   edgecolors=colour, linewidths=0.8, zorder=3)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("probability")
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7,
+               title="tag (filled: at or\nabove its threshold)", title_fontsize=7,
+               frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig
 
 
@@ -308,18 +402,24 @@ def phase_map(x, y, tags: Sequence[Sequence[str] | str], *, probs=None,
         ax.set_ylim(y.min() - pad_y, y.max() + pad_y)
     if np.ptp(y) > 0 and np.ptp(x) > 0:
         ax.set_aspect("equal", adjustable="box")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-              frameon=False)
+    # a figure legend "outside": constrained layout makes room for every entry
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", fontsize=7,
+               ncol=2 if len(order) > 3 else 1, frameon=False,
+               title="phase: structure tags (frames)", title_fontsize=7)
     ax.set_title(title or "tags over sample position", fontsize=10)
     for k, i in enumerate(panels):
         sub = fig.add_subplot(grid[k // ncols_small, 1 + k % ncols_small])
         sc = sub.scatter(x, y, c=p[:, i], s=14, vmin=0, vmax=1, cmap="viridis")
         sub.set_title(tag_names[i], fontsize=8)
+        sub.set_xlabel(xlabel, fontsize=6, labelpad=1)
+        sub.set_ylabel(ylabel, fontsize=6, labelpad=1)
         if np.ptp(y) > 0 and np.ptp(x) > 0:
             sub.set_aspect("equal", adjustable="box")
         sub.tick_params(labelsize=6)
         if k % ncols_small == ncols_small - 1 or k == len(panels) - 1:
-            fig.colorbar(sc, ax=sub, shrink=0.8).ax.tick_params(labelsize=6)
+            bar = fig.colorbar(sc, ax=sub, shrink=0.8)
+            bar.set_label("probability", fontsize=6)
+            bar.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -345,8 +445,12 @@ class RunTags:
     skip_reasons : list of str
     thresholds : numpy.ndarray, shape (T,)
     positions : dict of str -> numpy.ndarray
-        Motor positions (the start document's ``motors``) per frame; NaN
-        where the source event lacks one.
+        Motor positions (the start document's ``motors``, and ``fields``) per
+        frame, from the source events; a motor the run did not move has its
+        recorded position (baseline stream or start document) in every row;
+        NaN where the source event lacks one.
+    units : dict of str -> str
+        Units of the positions, where their data keys give them.
     """
 
     uid: str
@@ -362,6 +466,7 @@ class RunTags:
     skip_reasons: list[str]
     thresholds: np.ndarray
     positions: dict[str, np.ndarray] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
 
 
 def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ()) -> RunTags:
@@ -375,14 +480,17 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
         Tag stream name; default the stop document's ``xsml_stream``
         (``"xsml_tags"`` when the stop lacks it).
     fields : sequence of str
-        Scalar data keys of the source streams read as positions besides the
-        start document's ``motors`` (e.g. a motor that was read, not scanned).
+        Scalar data keys read as positions besides the start document's
+        ``motors`` (e.g. a motor that was read, not scanned). One the source
+        streams lack is taken from where the run recorded it
+        (:func:`~bluesky_xsml.catalog.positions.fixed_positions`).
 
     Raises
     ------
     KeyError
         The run has no such tag stream (the message lists its streams).
     """
+    from .catalog.positions import fixed_positions
     from .catalog.query import tag_stream_node
 
     md = run.metadata
@@ -418,6 +526,10 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
         cols = [m for m in motors if m in src]
         if not cols:
             continue
+        data_keys = src.metadata.get("data_keys") or {}
+        for m in cols:
+            if data_keys.get(m, {}).get("units"):
+                out.units.setdefault(m, str(data_keys[m]["units"]))
         src_ds = src.read(variables=["seq_num", *cols]) if _accepts_variables(src) \
             else src.read()
         src_seq = np.asarray(src_ds["seq_num"].values, dtype=np.int64)
@@ -428,6 +540,11 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
             for i, (s, st) in enumerate(zip(out.seq_nums, out.source_stream)):
                 if st == source and int(s) in where:
                     col[i] = vals[where[int(s)]]
+    unread = [m for m in motors if m not in out.positions]
+    for m, value in (fixed_positions(run, unread) if unread and len(out.seq_nums) else {}).items():
+        out.positions[m] = np.full(len(out.seq_nums), float(value))
+        if value.units:
+            out.units.setdefault(m, value.units)
     return out
 
 
@@ -472,7 +589,15 @@ def read_frames(run, tags: RunTags, picks: Sequence[int]) -> list[np.ndarray]:
 
 def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
              max_frames: int = 16, prefix: str | None = None) -> list[Path]:
-    """Save the tag heatmap, a frame montage and (with motor positions) a phase map.
+    """Save the tag heatmap, a frame montage and a picture over the motor positions.
+
+    The last one depends on how many motors moved during the run: one (a line
+    scan, or a map whose second coordinate stayed put) gives
+    ``<prefix>-line.png``, the tag probabilities against that motor
+    (:func:`tag_profile`); two or more give ``<prefix>-map.png``, a
+    :func:`phase_map` over two of them. Axes carry the motor names, with
+    units where the data keys give them. A run without positions gets no
+    third picture.
 
     Parameters
     ----------
@@ -513,22 +638,40 @@ def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
         written.append(save_figure(frame_montage(frames, captions=caps, title=label),
                                    out / f"{prefix}-frames.png"))
     pos = [m for m, v in tags.positions.items() if np.isfinite(v).any()]
-    if len(pos) >= 1:
-        xm, ym = _map_axes(pos, run.metadata.get("start") or {})
-        x = tags.positions[xm]
-        y = tags.positions[ym] if ym else np.zeros_like(x)
+    # positions that change over the run: one is a line scan, two or more a map
+    moved = [m for m in pos if np.ptp(tags.positions[m][np.isfinite(tags.positions[m])]) > 0]
+    start = run.metadata.get("start") or {}
+    if len(moved) == 1 or (len(pos) == 1 and not moved):
+        xm = moved[0] if moved else pos[0]
+        written.append(save_figure(
+            tag_profile(tags.positions[xm], tags.probs, tags=tags.tag_names,
+                        thresholds=tags.thresholds, xlabel=_axis_label(xm, tags.units),
+                        title=f"tags along {xm}: {label}"),
+            out / f"{prefix}-line.png"))
+    elif len(moved) >= 2:
+        xm, ym = _map_axes(moved, start)
+        x, y = tags.positions[xm], tags.positions[ym]
         ok = np.isfinite(x) & np.isfinite(y)
         written.append(save_figure(
             phase_map(x[ok], y[ok], [tags.tags[i] for i in np.flatnonzero(ok)],
-                      probs=tags.probs[ok], tag_names=tags.tag_names, xlabel=xm,
-                      ylabel=ym or "", title=f"tags over {xm}" + (f", {ym}" if ym else "")
-                      + f": {label}"),
+                      probs=tags.probs[ok], tag_names=tags.tag_names,
+                      xlabel=_axis_label(xm, tags.units), ylabel=_axis_label(ym, tags.units),
+                      title=f"tags over {xm}, {ym}: {label}"),
             out / f"{prefix}-map.png"))
     return written
 
 
-def _map_axes(motors: Sequence[str], start) -> tuple[str, str | None]:
-    """Which motors go on the x and y axes of a map.
+def _axis_label(name: str, units: dict[str, str]) -> str:
+    """``name (units)``, or the name alone when its units are not known.
+
+    >>> _axis_label("sample_x", {"sample_x": "mm"}), _axis_label("th", {})
+    ('sample_x (mm)', 'th')
+    """
+    return f"{name} ({units[name]})" if units.get(name) else name
+
+
+def _map_axes(motors: Sequence[str], start) -> tuple[str, str]:
+    """Which two of the (two or more) moved motors go on the x and y axes of a map.
 
     Names ending in ``x`` and ``y`` win; in a grid scan the fast (last) motor
     is ``x``, as in bluesky's LiveGrid; otherwise the plan's order.
@@ -539,8 +682,6 @@ def _map_axes(motors: Sequence[str], start) -> tuple[str, str | None]:
     ('chi', 'th')
     """
     motors = list(motors)
-    if len(motors) == 1:
-        return motors[0], None
     xs = [m for m in motors if m.lower().endswith("x")]
     ys = [m for m in motors if m.lower().endswith("y")]
     if xs and ys:

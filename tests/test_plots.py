@@ -31,6 +31,43 @@ def _png(path):
     return data
 
 
+def _drawn(fig):
+    """Draw ``fig`` on an Agg canvas (as ``savefig`` does); return the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def _inside_figure(fig, artist, renderer) -> bool:
+    """Whether ``artist`` lies within the figure's area (what a PNG of it shows)."""
+    box, page = artist.get_window_extent(renderer), fig.bbox
+    return (box.x0 >= page.x0 - 0.5 and box.y0 >= page.y0 - 0.5
+            and box.x1 <= page.x1 + 0.5 and box.y1 <= page.y1 + 0.5)
+
+
+def _assert_every_axis_labelled(fig):
+    """Every drawn axis has an x and a y label; every colour bar has a label."""
+    for ax in fig.axes:
+        bar = getattr(ax, "_colorbar", None)
+        if bar is not None:
+            assert (ax.get_ylabel() or ax.get_xlabel()).strip(), "a colour bar without a label"
+        elif ax.axison:
+            assert ax.get_xlabel().strip() and ax.get_ylabel().strip(), \
+                f"axes {ax.get_title()!r}: xlabel {ax.get_xlabel()!r}, ylabel {ax.get_ylabel()!r}"
+
+
+def _legends(fig) -> list:
+    """The figure's legends and its axes' legends."""
+    return [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+
+
+#: The demo's eight phases (structure tags of a frame), the longest names included.
+PHASES = ["halo_isotropic", "peaks_lattice", "beam_off", "peaks_on_ring+ring_textured",
+          "ring_oriented", "halo_isotropic+peaks_on_ring+ring_isotropic",
+          "peaks_on_ring+ring_isotropic", "ring_textured"]
+
+
 def test_heatmap_outlines_frames_at_or_above_threshold(tmp_path):
     probs = np.zeros((4, 3))
     probs[1, 2] = 0.9
@@ -76,7 +113,7 @@ def test_phase_map_groups_frames_by_structure(tmp_path):
     probs = np.array([sample.labels_at(x, y) for x, y in zip(xs, ys)])
     fig = phase_map(xs, ys, tags, probs=probs, truth=sample.region_at, xlabel="x", ylabel="y")
     main = fig.axes[0]
-    legend = [t.get_text() for t in main.get_legend().get_texts()]
+    legend = [t.get_text() for t in _legends(fig)[0].get_texts()]
     assert any(t.startswith("beam_off (") for t in legend)
     assert any(t.startswith("halo_isotropic (") for t in legend)
     assert sum(int(t.rsplit("(", 1)[1].rstrip(")")) for t in legend) == len(xs)
@@ -114,3 +151,72 @@ def test_live_view_shows_progress_and_latest_frames():
     assert "beam_off" not in text                      # only the 2 latest rows are kept
     assert "1.50" in text and "2.50" in text
     assert view.frames == 3 and view.skipped == 1
+
+
+def test_phase_map_legend_names_every_phase_inside_the_figure(tmp_path):
+    """The demo's 8 phases on a 9 x 9 grid, with the per-tag panels: no entry is cut off."""
+    from bluesky_xsml.tags import TAG_NAMES
+
+    rng = np.random.default_rng(0)
+    xs, ys = (v.ravel() for v in np.meshgrid(np.linspace(0.3, 9.9, 9), np.linspace(0.3, 9.9, 9)))
+    tags = [PHASES[i % len(PHASES)].split("+") for i in range(len(xs))]
+    probs = rng.random((len(xs), len(TAG_NAMES)))
+    fig = phase_map(xs, ys, tags, probs=probs, xlabel="sample_x (mm)", ylabel="sample_y (mm)",
+                    truth=CombinatorialSample(size=64).region_at)
+    renderer = _drawn(fig)
+    (legend,) = _legends(fig)
+    names = [t.get_text().rsplit(" (", 1)[0] for t in legend.get_texts()]
+    assert sorted(names) == sorted(PHASES)
+    assert _inside_figure(fig, legend, renderer)
+    for text in legend.get_texts():
+        assert _inside_figure(fig, text, renderer), text.get_text()
+    assert len(fig.axes) > 6                      # the main map, 6 panels and colour bars
+    _assert_every_axis_labelled(fig)
+    _png(save_figure(fig, tmp_path / "p.png"))
+
+
+def test_heatmap_has_a_legend_for_its_outlines_and_labelled_axes():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
+    fig = tag_heatmap(probs, tags=["a", "b"], xlabel="sample_x (mm)")
+    renderer = _drawn(fig)
+    legends = _legends(fig)
+    assert len(legends) == 1, "no key to the white squares"
+    legend = legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["at or above the tag's threshold"]
+    outlines = fig.axes[0].collections[0]
+    assert legend.legend_handles[0].get_edgecolor().tolist() == \
+        outlines.get_edgecolor().tolist()       # the key shows the white squares' edge
+    assert _inside_figure(fig, legend, renderer)
+    _assert_every_axis_labelled(fig)
+
+
+def test_montage_has_one_intensity_scale_with_a_colour_bar():
+    sample = CombinatorialSample(size=64)
+    frames = [sample.frame_at(x, 2.0) for x in (1.0, 5.0, 9.6)]
+    fig = frame_montage(frames, captions=["halo", "rings", "beam off"])
+    _drawn(fig)
+    bars = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    assert len(bars) == 1 and "log10(1 + counts)" in bars[0].get_ylabel()
+    norms = {(im.norm.vmin, im.norm.vmax) for ax in fig.axes for im in ax.images}
+    assert len(norms) == 1                        # the colour bar reads every frame
+    top = max(np.nanpercentile(display_image(f), 99.7) for f in frames)
+    assert norms.pop() == (0.0, pytest.approx(top))
+    _assert_every_axis_labelled(fig)
+
+
+def test_tag_profile_draws_tags_against_the_motor():
+    from bluesky_xsml.plots import tag_profile
+
+    x = np.array([2.0, 0.0, 1.0, np.nan])
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.0], [np.nan] * 3, [0.5, 0.5, 0.5]])
+    fig = tag_profile(x, probs, tags=["a", "b", "c"], xlabel="th (deg)")
+    ax = fig.axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["a"]        # only tags seen
+    line = ax.get_lines()[0]
+    assert line.get_xdata().tolist() == [0.0, 1.0, 2.0]              # sorted, NaN x dropped
+    assert np.isnan(line.get_ydata()[1])                             # skipped frame: a gap
+    renderer = _drawn(fig)
+    assert all(_inside_figure(fig, leg, renderer) for leg in fig.legends)
+    _assert_every_axis_labelled(fig)
+    with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
+        tag_profile(x, probs, tags=["a", "b"])

@@ -10,7 +10,8 @@ Two levels:
 * :func:`find_frames` reads the tag streams of those runs and returns one row
   per frame whose probability for the tag reaches ``min_prob``, with the run's
   uid and scan_id, the source stream, seq_num, data key and frame index, the
-  sample metadata of the run and the motor positions of that event: enough to
+  sample metadata of the run and the motor positions of that event (motors the
+  run did not move from its baseline stream or start document): enough to
   plot where on a sample a feature appears.
 
 Both need a Tiled SQL catalog (SQLite or PostgreSQL) written by
@@ -431,6 +432,56 @@ def _scalar(value):
         return value
 
 
+def _position_columns(runs, per_run: Sequence[list[dict]], fields: Sequence[str],
+                      sample_keys) -> list[str]:
+    """The position columns of a table: those any run's rows hold, then ``fields``."""
+    cols: dict[str, None] = {}
+    for run, rows in zip(runs, per_run):
+        if not rows:
+            continue
+        sample = _sample_metadata(run.metadata.get("start") or {}, sample_keys)
+        for row in rows:
+            cols.update((k, None) for k in row if k not in FRAME_COLUMNS and k not in sample)
+    cols.update((f, None) for f in fields)
+    return list(cols)
+
+
+def _add_positions_recorded_elsewhere(run, rows: list[dict], wanted: Sequence[str]) -> None:
+    """Fill the position columns ``wanted`` that rows of ``run`` lack, where the run has them.
+
+    A motor the run did not scan is read from the source stream's events when
+    the plan read it there, else from :func:`~bluesky_xsml.catalog.positions.fixed_positions`
+    (the baseline stream, then the start document). A column the run
+    recorded nowhere stays absent (NaN in the table).
+    """
+    from .positions import fixed_positions
+
+    if not rows or all(c in row for row in rows for c in wanted):
+        return
+    run_keys = list(run)
+    for source in sorted({r["stream"] for r in rows}):
+        lack = [c for c in wanted if any(c not in r for r in rows if r["stream"] == source)]
+        if not lack or source not in run_keys:
+            continue
+        node = run[source]
+        data_keys = node.metadata.get("data_keys") or {}
+        have = [c for c in lack if c in data_keys and not data_keys[c].get("shape")]
+        if not have:
+            continue
+        table = _table(node, ["seq_num", *have])
+        by_seq = {int(s): i for i, s in enumerate(table["seq_num"])}
+        for r in rows:
+            i = by_seq.get(r["seq_num"]) if r["stream"] == source else None
+            if i is not None:
+                for c in have:
+                    r.setdefault(c, _scalar(table[c].iloc[i]))
+    lack = [c for c in wanted if any(c not in r for r in rows)]
+    fixed = fixed_positions(run, lack, run_keys=run_keys) if lack else {}
+    for r in rows:
+        for c, value in fixed.items():
+            r.setdefault(c, float(value))
+
+
 def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str | None = None,
                 model: str | None = None, sample_keys: Sequence[str] | None = None,
                 fields: Sequence[str] = (), narrow: bool | None = None, strict: bool = True,
@@ -454,8 +505,8 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
         Start-document keys copied into every row; default ``sample`` and
         every ``sample_*`` key (dicts are flattened to ``sample.name``...).
     fields : sequence of str
-        Extra scalar data keys of the source stream to add, besides the
-        positions of the start document's ``motors``.
+        Extra scalar data keys to add, besides the positions of the start
+        document's ``motors`` (e.g. a motor that was read, or not moved).
     narrow : bool, optional
         Search a catalog node with :func:`find_runs` first (one server query,
         runs whose summary counts the tag). Default: when ``min_prob`` is at
@@ -479,8 +530,14 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     -------
     pandas.DataFrame
         One row per matching frame: :data:`FRAME_COLUMNS`, then the sample
-        metadata and motor position columns (NaN where a run lacks one),
-        sorted by run start order, then seq_num, key and frame index.
+        metadata and motor position columns, sorted by run start order, then
+        seq_num, key and frame index. A position column (a motor any run
+        scanned, or one of ``fields``) holds each frame's value from its
+        event where the run read it there; for a motor the run did not move,
+        the position it recorded in its ``baseline`` stream (as the run
+        opened) or in its start document under the motor's name
+        (:func:`~bluesky_xsml.catalog.positions.fixed_positions`); NaN where
+        the run recorded it nowhere.
     """
     import pandas as pd
 
@@ -508,11 +565,25 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
                         run.metadata.get("start", {}).get("uid"), err)
             return []
 
+    def fill(run, rs, wanted):
+        # every row gets every position column of the table (the motors any run reported,
+        # and ``fields``) where its run recorded that position, scanned or not
+        try:
+            _add_positions_recorded_elsewhere(run, rs, wanted)
+        except KeyError as err:
+            log.warning("run %s: cannot read the positions of its unscanned motors (%s)",
+                        run.metadata.get("start", {}).get("uid"), err)
+        return rs
+
     if threads == 1 or len(runs) <= 1:
         per_run = [one(r) for r in runs]
+        wanted = _position_columns(runs, per_run, fields, sample_keys)
+        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run)]
     else:
         with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="xsml-query") as ex:
             per_run = list(ex.map(one, runs))
+            wanted = _position_columns(runs, per_run, fields, sample_keys)
+            per_run = list(ex.map(fill, runs, per_run, [wanted] * len(runs)))
     rows = [row for rs in per_run for row in rs]
     df = pd.DataFrame(rows)
     if df.empty:

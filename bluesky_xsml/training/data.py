@@ -62,8 +62,24 @@ SHARD = 2000
 
 
 def default_cache_dir() -> Path:
-    """``$XSML_CACHE`` or ``~/.cache/bluesky-xsml``."""
-    return Path(os.environ.get("XSML_CACHE", Path.home() / ".cache" / "bluesky-xsml"))
+    """Where built datasets are cached when no ``cache_dir`` is given.
+
+    ``$XSML_CACHE`` when set, else ``bluesky-xsml`` in ``$XDG_CACHE_HOME``
+    (when set to an absolute path, as the XDG base directory specification
+    asks), else ``~/.cache/bluesky-xsml``. Read at each call, so a test or a
+    job can move it by setting the environment.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"XSML_CACHE": "/scratch/xsml"}):
+    ...     default_cache_dir().as_posix()
+    '/scratch/xsml'
+    """
+    own = os.environ.get("XSML_CACHE")
+    if own:
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "bluesky-xsml"
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64,
                         help="frames per inference batch (default 64)")
     parser.add_argument("--cache-dir", default=None,
-                        help="where preprocessed inputs are cached (default $XSML_CACHE or "
-                             "~/.cache/bluesky-xsml)")
+                        help="where preprocessed inputs are cached (default $XSML_CACHE, else "
+                             "$XDG_CACHE_HOME/bluesky-xsml or ~/.cache/bluesky-xsml)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes rendering synthetic frames")
     parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")

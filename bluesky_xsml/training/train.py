@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"validation frames for thresholds and monitoring (default {DEFAULT_VAL})")
     g.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
     g.add_argument("--cache-dir", default=None,
-                   help="where preprocessed inputs are cached (default $XSML_CACHE or "
-                        "~/.cache/bluesky-xsml)")
+                   help="where preprocessed inputs are cached (default $XSML_CACHE, else "
+                        "$XDG_CACHE_HOME/bluesky-xsml or ~/.cache/bluesky-xsml)")
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes rendering synthetic frames")
     g = parser.add_argument_group("optimisation")
