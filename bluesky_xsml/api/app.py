@@ -100,7 +100,7 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         ``app.state.service`` is the :class:`ServiceState`,
         ``app.state.api_key`` the key.
     """
-    from .routes import feed, frames, model, queue, status, steering
+    from .routes import feed, frames, model, queue, session, status, steering
 
     settings = settings if settings is not None else ServiceSettings()
     generated = settings.api_key is None
@@ -169,7 +169,7 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         return app.openapi_schema
 
     app.openapi = openapi
-    for module in (status, frames, steering, queue, model, feed):
+    for module in (status, frames, steering, queue, model, feed, session):
         app.include_router(module.router)
     app.mount("/page", StaticFiles(directory=PAGE_DIR, html=True), name="page")
     # the polled reads skip FastAPI's routing (inner to the guard, which adds its headers)
