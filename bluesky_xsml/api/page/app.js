@@ -82,10 +82,13 @@ function lock() {
   n.classList.add("needs-key");
   n.hidden = false;
   $("#status").textContent = "waiting for the API key";
+  $("#key-input").placeholder = "needed to show data";
+  drawTimeline();   // an empty timeline, not a tall black box
 }
 
 function keyNotice() {
   const n = $("#key-notice");
+  $("#key-input").placeholder = "needed to change things";
   n.classList.remove("needs-key");
   n.textContent = "The API key entered was refused: changes made here will be refused too.";
   n.hidden = !state.keyRefused;
