@@ -10,7 +10,8 @@ The app publishes its OpenAPI schema at ``/openapi.json`` (docs at ``/docs``),
 answers ``/healthz``, serves the live page at ``/page/`` and the JSON API under
 ``/api``. Requests must name a trusted host; state-changing requests (and,
 off loopback, every ``/api`` request) need the API key in the ``X-API-Key``
-header or as ``Authorization: Bearer <key>``; request bodies are capped;
+header or as ``Authorization: Bearer <key>`` (reads: or the read cookie that
+``POST /api/session`` sets, for a page's feed and pictures); request bodies are capped;
 malformed requests get a 4xx whose ``detail`` says what is wrong.
 """
 
