@@ -5,14 +5,15 @@ The service runs on loopback with a real RunEngine and TaggingCallback, as in
 feed, pictures and all, although ``EventSource`` and ``<img>`` cannot send the
 key header (they ride on the read cookie). Opened without a key it must show
 one notice instead of a stream of failed requests, and start once a key is
-entered. Set ``XSML_PAGE_SHOTS=DIR`` to keep a screenshot of the notice there.
+entered. With open reads and a wrong key it shows the data and says the key
+was refused. Set ``XSML_PAGE_SHOTS=DIR`` to keep a screenshot of the notice there.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
+import httpx
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
@@ -53,7 +54,6 @@ def test_page_with_the_key_shows_live_frames_with_keyed_reads(browser, keyed):  
     RE(count([det], 2))  # before the page opens
     assert xsml.flush(180)
     # reads are keyed: without the key the API answers nothing
-    import httpx
     assert httpx.get(f"{service.url}/api/status").status_code == 401
 
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -121,7 +121,7 @@ def test_page_without_the_key_shows_one_notice_then_starts(browser, keyed):  # n
         page.fill("#key-input", service.api_key[:-1] + "?")
         page.press("#key-input", "Enter")
         page.wait_for_function("() => document.querySelector('#key-notice').textContent"
-                               ".includes('was refused')", timeout=10_000)
+                               ".includes('The key this page has was refused')", timeout=10_000)
         assert page.inner_text("#key-notice").startswith(NOTICE)
         assert page.inner_text("#frame-count") == "0"
 
@@ -144,3 +144,26 @@ def test_page_without_the_key_shows_one_notice_then_starts(browser, keyed):  # n
                                          f"403 {service.url}/api/status"]), errors
     finally:
         context.close()
+
+
+def test_page_with_a_wrong_key_and_open_reads_says_so(browser, tmp_path):  # noqa: F811
+    """Loopback, reads open: the page shows data, and that its key will not change anything."""
+    xsml = TaggingCallback(Tagger.untrained(seed=6, config=TINY), threads=1, max_wait=0.01)
+    service = xsml.serve(port=0, announce=False)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = _watch(page)
+    try:
+        page.goto(f"{service.url}/page/#key=not-the-key-0123456789")
+        page.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        assert "frames/s" in page.inner_text("#status")
+        assert page.is_visible("#key-notice")
+        assert page.inner_text("#key-notice") == ("The API key entered was refused: changes "
+                                                  "made here will be refused too.")
+        assert errors == [f"403 {service.url}/api/session"], errors
+        page.fill("#key-input", service.api_key)
+        page.press("#key-input", "Enter")
+        page.wait_for_selector("#key-notice", state="hidden", timeout=10_000)
+    finally:
+        page.close()
+        service.stop()
+        xsml.close()

@@ -731,9 +731,9 @@ async function loadTags() {
 async function begin() {
   state.locked = false;
   state.keyRefused = (await openSession()) === false;
-  keyNotice();
   await refreshStatus();   // first: it says whether fine-tuning is on
   if (state.locked) return;
+  keyNotice();             // reads work; whether the key itself was refused
   await loadTags();
   if (state.locked) return;
   try {
