@@ -147,7 +147,7 @@ def test_server_binds_loopback_and_announces_key(live, capsys):
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789"])
 def test_every_state_changing_endpoint_needs_the_key(client, live, key):
     ops = state_changing_operations(live.app)
-    assert len(ops) == 8, ops
+    assert len(ops) == 9, ops  # POST /api/session included
     tagger_thresholds = live.tagger.thresholds.copy()
     labels_before = live.xsml.finetuner.status()["labels"]
     for method, path in ops:

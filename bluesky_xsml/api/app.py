@@ -10,7 +10,8 @@ The app publishes its OpenAPI schema at ``/openapi.json`` (docs at ``/docs``),
 answers ``/healthz``, serves the live page at ``/page/`` and the JSON API under
 ``/api``. Requests must name a trusted host; state-changing requests (and,
 off loopback, every ``/api`` request) need the API key in the ``X-API-Key``
-header or as ``Authorization: Bearer <key>``; request bodies are capped;
+header or as ``Authorization: Bearer <key>`` (reads: or the read cookie that
+``POST /api/session`` sets, for a page's feed and pictures); request bodies are capped;
 malformed requests get a 4xx whose ``detail`` says what is wrong.
 """
 
@@ -100,7 +101,7 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         ``app.state.service`` is the :class:`ServiceState`,
         ``app.state.api_key`` the key.
     """
-    from .routes import feed, frames, model, queue, status, steering
+    from .routes import feed, frames, model, queue, session, status, steering
 
     settings = settings if settings is not None else ServiceSettings()
     generated = settings.api_key is None
@@ -169,7 +170,7 @@ def create_app(callback=None, *, settings: ServiceSettings | None = None,
         return app.openapi_schema
 
     app.openapi = openapi
-    for module in (status, frames, steering, queue, model, feed):
+    for module in (status, frames, steering, queue, model, feed, session):
         app.include_router(module.router)
     app.mount("/page", StaticFiles(directory=PAGE_DIR, html=True), name="page")
     # the polled reads skip FastAPI's routing (inner to the guard, which adds its headers)

@@ -3,20 +3,36 @@
 Every check runs before a request body is read or parsed, so a request for a
 foreign host, an unauthenticated or an oversized request is refused without the
 application ever seeing it.
+
+The key travels in a header. A browser cannot add headers to ``EventSource``
+or ``<img>`` requests, so for ``GET``/``HEAD`` reads only, a *read cookie*
+works too: ``POST /api/session`` (key in the header) sets it, HttpOnly and
+``SameSite=Strict``. Its value is not the key but an HMAC of it
+(:func:`read_token`), so it opens reads and nothing else: a state-changing
+request with the cookie alone is refused, and the cookie sent as a key header
+is refused too. Both key layers (the guard here and the routes' dependency)
+decide with :func:`request_key_problem`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import re
 
 from .settings import API_KEY_HEADER
 
-__all__ = ["GuardMiddleware", "STATE_CHANGING", "check_key", "key_from_headers", "host_name"]
+__all__ = ["GuardMiddleware", "STATE_CHANGING", "COOKIE_READS", "check_key", "key_from_headers",
+           "host_name", "read_token", "read_cookie_name", "read_cookies",
+           "request_key_problem"]
 
 #: Methods that change state and need the API key.
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Methods for which the read cookie stands in for the key (never a state-changing one).
+COOKIE_READS = frozenset({"GET", "HEAD"})
+#: Most cookies of the read cookie's name looked at in one request.
+_MAX_COOKIES = 4
 
 _CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
@@ -77,6 +93,88 @@ def check_key(given: str | None, expected: str) -> tuple[int, str] | None:
     return None
 
 
+def read_token(api_key: str) -> str:
+    """The read cookie's value for ``api_key``: an HMAC of it, never the key itself.
+
+    It changes with the key, needs no server-side session store, and cannot be
+    turned back into the key or used as one.
+
+    >>> t = read_token("k" * 20)
+    >>> len(t), t == read_token("k" * 20), t == read_token("k" * 19 + "l")
+    (64, True, False)
+    """
+    return hmac.new(api_key.encode("utf-8"), b"xsml read cookie v1", hashlib.sha256).hexdigest()
+
+
+def read_cookie_name(api_key: str) -> str:
+    """The read cookie's name: ``xsml_read_`` and 8 hex digits that depend on the key.
+
+    Browsers do not keep cookies apart by port, so two services on one machine
+    (different ports and keys) each get their own cookie instead of replacing
+    each other's.
+
+    >>> read_cookie_name("k" * 20).startswith("xsml_read_"), len(read_cookie_name("k" * 20))
+    (True, 18)
+    """
+    tag = hmac.new(api_key.encode("utf-8"), b"xsml read cookie name", hashlib.sha256)
+    return "xsml_read_" + tag.hexdigest()[:8]
+
+
+def read_cookies(headers, name: str) -> list[bytes]:
+    """The values of cookie ``name`` in the ``Cookie`` headers (at most a few).
+
+    ``headers`` as for :func:`key_from_headers`.
+
+    >>> read_cookies([(b"cookie", b"a=1; xsml_read_x=v; b=2")], "xsml_read_x")
+    [b'v']
+    >>> read_cookies([(b"cookie", b"xsml_read_xy=v")], "xsml_read_x")
+    []
+    """
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    want = name.encode("latin-1")
+    out = []
+    for hname, value in pairs:
+        if hname.lower() != b"cookie":
+            continue
+        for part in value.split(b";"):
+            cname, eq, cvalue = part.strip().partition(b"=")
+            if eq and cname.strip() == want:
+                out.append(cvalue.strip())
+                if len(out) >= _MAX_COOKIES:
+                    return out
+    return out
+
+
+def request_key_problem(method: str, headers, api_key: str) -> tuple[int, str] | None:
+    """None when a request may pass the key check, else ``(status, message)``.
+
+    A key in a header (:func:`key_from_headers`) decides alone. Without one,
+    a ``GET`` or ``HEAD`` may carry the read cookie instead (its name and value
+    from :func:`read_cookie_name`, :func:`read_token`); any other method gets
+    401 however good its cookies are, so a cookie never makes a state-changing
+    request (cross-site request forgery) possible.
+
+    >>> k = "k" * 20
+    >>> cookie = [(b"cookie", f"{read_cookie_name(k)}={read_token(k)}".encode())]
+    >>> request_key_problem("GET", cookie, k), request_key_problem("POST", cookie, k)[0]
+    (None, 401)
+    >>> request_key_problem("GET", [(b"x-api-key", read_token(k).encode())], k)[0]
+    403
+    """
+    given = key_from_headers(headers)
+    if given is not None or method.upper() not in COOKIE_READS:
+        return check_key(given, api_key)
+    values = read_cookies(headers, read_cookie_name(api_key))
+    if not values:
+        return check_key(None, api_key)
+    token = read_token(api_key).encode()
+    ok = False
+    for value in values:  # every one compared, in constant time each
+        ok |= hmac.compare_digest(value, token)
+    return None if ok else (403, "wrong read cookie: enter the API key on the page again "
+                                 "(the service's key may have changed)")
+
+
 def host_name(value: bytes | None) -> str | None:
     """The host of a ``Host`` header, lower-case, without port or brackets (None: unusable).
 
@@ -111,7 +209,8 @@ class GuardMiddleware:
     app : ASGI app
     api_key : str
         Needed by state-changing ``/api/`` requests (and by every ``/api/``
-        request when ``keyed_reads``).
+        request when ``keyed_reads``; ``GET``/``HEAD`` reads may carry the
+        read cookie instead, see :func:`request_key_problem`).
     max_body_bytes : int
     allowed_hosts : iterable of str, optional
         ``Host`` names answered (lower-case, no port); ``"*"`` or None: any.
@@ -145,7 +244,7 @@ class GuardMiddleware:
         method = scope.get("method", "GET").upper()
         if scope.get("path", "").startswith("/api/") and (
                 self.keyed_reads or method in STATE_CHANGING):
-            problem = check_key(key_from_headers(headers), self.api_key)
+            problem = request_key_problem(method, scope.get("headers", []), self.api_key)
             if problem is not None:
                 extra = [(b"www-authenticate", b"Bearer")] if problem[0] == 401 else []
                 return await _send_problem(send, *problem, headers=extra)

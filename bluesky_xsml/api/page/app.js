@@ -1,6 +1,9 @@
 // The live page of the xsml steering service. No external libraries: it runs
-// on machines without internet access. State-changing calls send the API key
-// (from the URL fragment #key=..., or typed in) in the X-API-Key header.
+// on machines without internet access. Every call sends the API key (from the
+// URL fragment #key=..., or typed in) in the X-API-Key header when the page has
+// one. The live feed (EventSource) and the pictures (<img>) cannot send headers:
+// for them the page trades the key for the service's read cookie (POST
+// /api/session; HttpOnly, so this script never sees it, and good for reads only).
 "use strict";
 
 const TIMELINE_FRAMES = 300;
@@ -12,6 +15,7 @@ const state = {
   runs: new Map(), selected: null, pinned: null, source: null,
   decision: null, decisionWhere: [], history: [], policy: "",
   finetune: null, checkpointTimer: null, shownId: -1, wantedId: -1,
+  locked: false, keyRefused: false,
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -31,15 +35,14 @@ function apiKey() { return $("#key-input").value.trim(); }
   if (m) history.replaceState(null, "", location.pathname + location.search);
   document.addEventListener("DOMContentLoaded", () => {
     if (key) $("#key-input").value = key;
-    $("#key-input").addEventListener("change", () =>
-      sessionStorage.setItem("xsml-key", apiKey()));
     if (key) sessionStorage.setItem("xsml-key", key);
   });
 })();
 
 async function call(method, path, body) {
   const opts = { method, headers: {} };
-  if (method !== "GET") opts.headers["X-API-Key"] = apiKey();
+  const key = apiKey();
+  if (key || method !== "GET") opts.headers["X-API-Key"] = key;
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -49,9 +52,53 @@ async function call(method, path, body) {
   try { data = await r.json(); } catch (e) { data = null; }
   if (!r.ok) {
     const msg = data && data.detail ? data.detail : r.statusText;
-    throw new Error(`${r.status}: ${msg}`);
+    const err = new Error(`${r.status}: ${msg}`);
+    err.status = r.status;
+    throw err;
   }
   return data;
+}
+
+// A read answered 401/403: the service wants a key this page lacks (or has wrong).
+function needsKey(e) { return !!e && (e.status === 401 || e.status === 403); }
+
+// Trade the key for the read cookie: true (set), false (key refused), null (no key,
+// or the service could not be asked).
+async function openSession() {
+  if (!apiKey()) return null;
+  try {
+    await call("POST", "/api/session");
+    return true;
+  } catch (e) { return needsKey(e) ? false : null; }
+}
+
+// Reads need a key: one notice, the feed closed and no polling until a key is entered.
+function lock() {
+  state.locked = true;
+  if (state.source) { state.source.close(); state.source = null; }
+  const n = $("#key-notice");
+  n.textContent = "This service needs the API key to show data; enter it above." +
+    (state.keyRefused ? " The key this page has was refused." : "");
+  n.classList.add("needs-key");
+  n.hidden = false;
+  $("#status").textContent = "waiting for the API key";
+  $("#key-input").placeholder = "needed to show data";
+  drawTimeline();   // an empty timeline, not a tall black box
+}
+
+function keyNotice() {
+  const n = $("#key-notice");
+  $("#key-input").placeholder = "needed to change things";
+  n.classList.remove("needs-key");
+  n.textContent = "The API key entered was refused: changes made here will be refused too.";
+  n.hidden = !state.keyRefused;
+}
+
+async function keyChanged() {
+  sessionStorage.setItem("xsml-key", apiKey());
+  if (state.locked) { await begin(); return; }
+  state.keyRefused = (await openSession()) === false;
+  keyNotice();
 }
 
 function show(target, text, ok) {
@@ -107,6 +154,7 @@ function frameTitle(f) {
 
 // ------------------------------------------------------------------- status
 async function refreshStatus() {
+  if (state.locked) return;
   try {
     const s = await call("GET", "/api/status");
     const skipped = Object.entries(s.skipped_by_reason).map(([k, v]) => `${k}:${v}`).join(" ");
@@ -122,7 +170,8 @@ async function refreshStatus() {
     }
     setFinetune(s.finetune);
   } catch (e) {
-    $("#status").textContent = `status unavailable (${e.message})`;
+    if (needsKey(e)) lock();
+    else $("#status").textContent = `status unavailable (${e.message})`;
   }
 }
 
@@ -630,7 +679,8 @@ async function refreshCheckpoints() {
     }
   } catch (e) {
     body.replaceChildren();
-    show("#model-result", e.message, false);
+    if (needsKey(e)) lock();
+    else show("#model-result", e.message, false);
   }
 }
 
@@ -655,6 +705,13 @@ function connectFeed() {
     const m = JSON.parse(ev.data);
     setDecision(m.decision, m.where, m.policy);
   });
+  // refused (401/403, 503): the browser gives up; find out why before one retry later
+  src.addEventListener("error", () => {
+    if (src.readyState !== EventSource.CLOSED || state.source !== src) return;
+    refreshStatus().then(() => {
+      if (!state.locked) setTimeout(() => { if (state.source === src) connectFeed(); }, 5000);
+    });
+  });
 }
 
 async function loadTags() {
@@ -664,7 +721,34 @@ async function loadTags() {
     state.thresholds = th.thresholds;
     state.defaults = th.defaults || { ...th.thresholds };
     buildThresholds();
-  } catch (e) { show("#threshold-result", e.message, false); }
+  } catch (e) {
+    if (needsKey(e)) lock();
+    else show("#threshold-result", e.message, false);
+  }
+}
+
+// Read everything and open the live feed; stops at the first read that needs a key.
+async function begin() {
+  state.locked = false;
+  state.keyRefused = (await openSession()) === false;
+  await refreshStatus();   // first: it says whether fine-tuning is on
+  if (state.locked) return;
+  keyNotice();             // reads work; whether the key itself was refused
+  await loadTags();
+  if (state.locked) return;
+  try {
+    for (const r of (await call("GET", "/api/runs")).runs) state.runs.set(r.run_uid, r);
+    const latest = await call("GET", "/api/frames/latest?n=" + TIMELINE_FRAMES);
+    addFrames(latest.frames, false);
+    state.lastId = Math.max(state.lastId, latest.last_id);
+    const ds = await call("GET", "/api/decisions?n=" + HISTORY);
+    state.history = ds.history.slice();
+    setDecision(ds.current, null, undefined);
+  } catch (e) {
+    if (needsKey(e)) { lock(); return; }
+    $("#status").textContent = e.message;
+  }
+  connectFeed();
 }
 
 async function start() {
@@ -674,18 +758,8 @@ async function start() {
   $("#rollback").addEventListener("click", () => modelAction("POST", "/api/checkpoints/rollback", "rolled back"));
   $("#reset-thresholds").addEventListener("click", resetThresholds);
   $("#current-live").addEventListener("click", backToLive);
-  await refreshStatus();   // first: it says whether fine-tuning is on
-  await loadTags();
-  try {
-    for (const r of (await call("GET", "/api/runs")).runs) state.runs.set(r.run_uid, r);
-    const latest = await call("GET", "/api/frames/latest?n=" + TIMELINE_FRAMES);
-    addFrames(latest.frames, false);
-    state.lastId = Math.max(state.lastId, latest.last_id);
-    const ds = await call("GET", "/api/decisions?n=" + HISTORY);
-    state.history = ds.history.slice();
-    setDecision(ds.current, null, undefined);
-  } catch (e) { $("#status").textContent = e.message; }
-  connectFeed();
+  $("#key-input").addEventListener("change", keyChanged);
+  await begin();
   setInterval(refreshStatus, 2000);
   setInterval(drawAges, 1000);
   document.body.dataset.ready = "1";

@@ -6,7 +6,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from ..schemas import Problem
-from ..security import check_key, key_from_headers
+from ..security import request_key_problem
 from ..settings import API_KEY_HEADER
 from ..state import ServiceState
 
@@ -56,9 +56,12 @@ async def require_key(request: Request, key: str | None = Security(_key_header))
     """The API key (also enforced by the guard middleware before the body is read).
 
     The key comes from ``X-API-Key`` or ``Authorization: Bearer|ApiKey <key>``
-    (``key``, the documented header, is there for the OpenAPI schema).
+    (``key``, the documented header, is there for the OpenAPI schema). The
+    read cookie counts only for ``GET``/``HEAD``, exactly as in the guard
+    (both call :func:`~bluesky_xsml.api.security.request_key_problem`).
     """
-    problem = check_key(key_from_headers(request.headers.raw), request.app.state.api_key)
+    problem = request_key_problem(request.method, request.headers.raw,
+                                  request.app.state.api_key)
     if problem is not None:
         raise HTTPException(problem[0], problem[1],
                             headers={"WWW-Authenticate": "Bearer"} if problem[0] == 401
