@@ -241,7 +241,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
                   stream_name: str | None = None, limit: int | None = None,
                   progress: bool = False, options: Mapping[str, Any] | None = None,
                   read_files_under: Sequence[str | os.PathLike] = (), prefetch: int = 2,
-                  progress_file=None) -> RetagReport:
+                  progress_file=None, model_threads: int | None = None) -> RetagReport:
     """Re-tag the stored runs of a catalog on a Dask cluster.
 
     Parameters
@@ -287,6 +287,8 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         Runs each worker reads ahead (and writes behind).
     progress_file : file, optional
         Where progress goes (default: standard error).
+    model_threads : int, optional
+        Torch threads of each worker's model (default ``threads_per_worker``).
 
     Returns
     -------
@@ -332,7 +334,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         def submit(group):
             return client.submit(retag_runs_task, catalog_uri, group, model_arg,
                                  container=container, stream_name=stream_name,
-                                 threads=threads_per_worker, options=options,
+                                 threads=model_threads or threads_per_worker, options=options,
                                  read_files_under=roots, prefetch=prefetch, pure=False)
 
         futures = as_completed([submit(g) for _, g in zip(range(window), pending)])
