@@ -1,6 +1,6 @@
 """Re-tagging benchmark: frames/s of ``retag_catalog`` on two server setups, and direct HDF5 reads.
 
-    python benchmarks/bench_retag.py [--runs 60] [--runs-1024 24] [--frames 4]
+    python benchmarks/bench_retag.py [--runs 40] [--runs-1024 16] [--frames 4]
                                      [--server-workers 2] [--model-threads 2]
 
 One command, all in one run, one Dask worker process (``LocalCluster`` of 1
@@ -83,8 +83,8 @@ def write_runs(catalog_or_writer, n_runs: int, n_frames: int, size: int, *,
         from bluesky_xsml.sim.detectors import HDF5ResourceDetector
 
         det = HDF5ResourceDetector("ad", lambda: next(cycle), files)
-    writer = catalog_or_writer.writer() if hasattr(catalog_or_writer, "writer") \
-        else catalog_or_writer
+    writer = catalog_or_writer.writer(batch_size=n_frames) \
+        if hasattr(catalog_or_writer, "writer") else catalog_or_writer
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(writer)
     uids = []
@@ -127,17 +127,26 @@ def _model_fps(path: str, threads: int, files: list[str], repeats: int = 2) -> d
             "frames_per_second": repeats * len(frames) / seconds}
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of the calling process so far (run on the Dask worker)."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 def one_pass(client, uri: str, model_path: str, uids: list[str], threads: int, *,
              read_files_under=(), server_cpu=None) -> dict:
-    import resource
-
     from bluesky_xsml.scaleout.retag import retag_catalog
 
+    def worker_cpu() -> float:
+        return sum(client.run(_cpu_seconds).values())
+
     cpu0 = server_cpu() if server_cpu else None
-    own0 = resource.getrusage(resource.RUSAGE_SELF)
+    own0, w0 = _cpu_seconds(), worker_cpu()
     report = retag_catalog(uri, model=model_path, scheduler=client, uids=uids,
                            model_threads=threads, read_files_under=read_files_under)
-    own1 = resource.getrusage(resource.RUSAGE_SELF)
+    own1, w1 = _cpu_seconds(), worker_cpu()
     d = report.to_dict()
     d["frames_per_second"] = report.frames / report.seconds if report.seconds else 0.0
     stats = [row["stats"] for row in report.rows if "stats" in row]
@@ -146,22 +155,28 @@ def one_pass(client, uri: str, model_path: str, uids: list[str], threads: int, *
                     "direct_blocks")}
     if server_cpu:
         d["server_cpu_s"] = round(server_cpu() - cpu0, 2)
-    d["this_process_cpu_s"] = round((own1.ru_utime + own1.ru_stime)
-                                    - (own0.ru_utime + own0.ru_stime), 2)
+    d["worker_cpu_s"] = round(w1 - w0, 2)
+    d["this_process_cpu_s"] = round(own1 - own0, 2)  # the driver (and the embedded server)
     return d
 
 
 def line(name: str, r: dict) -> str:
-    extra = f", server CPU {r['server_cpu_s']:.1f} s" if "server_cpu_s" in r else ""
+    runs = max(1, r["tagged"])
+    cpu = [f"worker {1e3 * r['worker_cpu_s'] / runs:.0f}"]
+    if "server_cpu_s" in r:
+        cpu.append(f"server {1e3 * r['server_cpu_s'] / runs:.0f}")
+    cpu.append(f"driver{'' if 'server_cpu_s' in r else '+server'} "
+               f"{1e3 * r['this_process_cpu_s'] / runs:.0f}")
     return (f"{name}: {r['tagged']} runs, {r['frames']} frames in {r['seconds']:.1f} s = "
-            f"{r['frames_per_second']:.1f} frames/s (errors {r['errors']}{extra}; worker stages "
-            + ", ".join(f"{k} {v}" for k, v in r["stages"].items()) + ")")
+            f"{r['frames_per_second']:.1f} frames/s (errors {r['errors']}); CPU ms/run: "
+            + ", ".join(cpu) + "; worker stages s: "
+            + ", ".join(f"{k} {v}" for k, v in r["stages"].items()))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=60, help="runs of 256x256 frames")
-    parser.add_argument("--runs-1024", type=int, default=24, help="runs of 1024x1024 frames")
+    parser.add_argument("--runs", type=int, default=40, help="runs of 256x256 frames")
+    parser.add_argument("--runs-1024", type=int, default=16, help="runs of 1024x1024 frames")
     parser.add_argument("--frames", type=int, default=4, help="frames per run")
     parser.add_argument("--server-workers", type=int, default=2,
                         help="uvicorn workers of the facility server")
@@ -192,7 +207,7 @@ def main() -> int:
         with FacilityServer(os.path.join(workdir, "facility"), workers=args.server_workers,
                             readable=[files]) as server:
             node = connect(server.uri, create=True)
-            writer = make_writer(node)
+            writer = make_writer(node, batch_size=args.frames)
             t256, u256 = write_runs(writer, args.runs, args.frames, 256)
             t1024, u1024 = write_runs(writer, args.runs_1024, args.frames, 1024)
             th5, uh5 = write_runs(writer, args.runs_1024, args.frames, 1024, files=files)

@@ -218,7 +218,8 @@ def _table(page: Mapping, data_keys: Mapping, schema):
 
 def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mapping],
                       summary: Mapping[str, Any], *, make_current: bool = True,
-                      metadata: Mapping | None = None) -> AppendResult:
+                      metadata: Mapping | None = None,
+                      descriptor_validated: bool = False) -> AppendResult:
     """Write a tag stream into a stored run and update the run's stop summary.
 
     Contract
@@ -273,6 +274,10 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
         the stream; an existing stream is then found by the server refusing
         to create it (HTTP 409), raised as :class:`TagStreamExistsError` all
         the same.
+    descriptor_validated : bool
+        The caller has just schema-validated ``descriptor`` (it comes from
+        ``event_model.compose_descriptor``, as :func:`tag_run`'s does): it is
+        not validated a second time. Every page and the new stop always are.
 
     Returns
     -------
@@ -297,7 +302,9 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     uid = md["start"]["uid"]
     name = descriptor.get("name", "")
     try:
-        event_model.schema_validators[event_model.DocumentNames.descriptor].validate(descriptor)
+        if not descriptor_validated:
+            event_model.schema_validators[event_model.DocumentNames.descriptor].validate(
+                descriptor)
     except Exception as err:
         raise ValueError(f"the descriptor of stream {name!r} is not a valid event descriptor: "
                          f"{err}") from err
@@ -548,7 +555,8 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
 
     ``metadata`` is the run's (``start`` and ``stop``); ``beam_center`` as in
     :func:`retag_run`. Frames are tagged ``batch_size`` events at a time, one
-    event page per batch.
+    event page per batch. The pages are not schema-validated here:
+    :func:`append_tag_stream` validates each one before it writes anything.
     """
     from ..documents.callback import parse_beam_center
     from ..documents.compose import TagStreamComposer
@@ -565,8 +573,9 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
         log.warning("run %s: %s; re-tagging without a beam centre", uid, err)
         centers = {}
 
+    # pages are schema-validated once, by append_tag_stream, before anything is written
     composer = TagStreamComposer(metadata["start"], tagger.tags, tagger.thresholds,
-                                 tagger.describe(), name, validate_pages=True)
+                                 tagger.describe(), name, validate_pages=False)
     pages: list[dict] = []
     frames = 0
     tag_counts: dict[str, int] = {}
@@ -598,7 +607,7 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
         "xsml_frames": int(frames),
         "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
     }
-    # the descriptor is the composer's; append_tag_stream validates it again
+    # the descriptor is the composer's, validated by event_model.compose_descriptor
     return TaggedRun(uid=uid, stream=name, checkpoint=checkpoint,
                      descriptor=composer.descriptor, pages=pages, summary=summary,
                      frames=frames)
@@ -686,7 +695,7 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     tagged = tag_run(md, tagger, blocks, stream_name=name, batch_size=batch_size,
                      beam_center=beam_center)
     append_tag_stream(base, tagged.descriptor, tagged.pages, tagged.summary,
-                      make_current=make_current, metadata=metadata)
+                      make_current=make_current, metadata=metadata, descriptor_validated=True)
     return RetagResult(uid=uid, status="tagged", stream=name, checkpoint=checkpoint,
                        frames=tagged.frames, skipped=tagged.summary["xsml_skipped"],
                        tag_counts=tagged.summary["xsml_tag_counts"],

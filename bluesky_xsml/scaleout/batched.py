@@ -378,7 +378,8 @@ def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: s
 
     def write(metadata):
         append_tag_stream(base, tagged.descriptor, tagged.pages, tagged.summary,
-                          make_current=make_current, metadata=metadata)
+                          make_current=make_current, metadata=metadata,
+                          descriptor_validated=True)
 
     row: dict[str, Any] = {}
     try:
