@@ -89,8 +89,13 @@ def write_runs(catalog_or_writer, n_runs: int, n_frames: int, size: int, *,
     RE.subscribe(writer)
     uids = []
     t0 = time.perf_counter()
-    for i in range(n_runs):
-        uids.extend(RE(count([det], n_frames), sample=f"{tag}{i}"))
+    # the tiled client writes large arrays blockwise with dask: keep that in this process
+    # (with a distributed Client open, dask would ship the frames to the re-tag cluster)
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        for i in range(n_runs):
+            uids.extend(RE(count([det], n_frames), sample=f"{tag}{i}"))
     return time.perf_counter() - t0, uids
 
 
