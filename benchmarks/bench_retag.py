@@ -1,7 +1,7 @@
 """Re-tagging benchmark: frames/s of ``retag_catalog`` on two server setups, and direct HDF5 reads.
 
     python benchmarks/bench_retag.py [--runs 40] [--runs-1024 16] [--frames 4]
-                                     [--server-workers 2] [--model-threads 2]
+                                     [--server-workers 2] [--model-threads 1]
 
 One command, all in one run, one Dask worker process (``LocalCluster`` of 1
 worker, its model on ``--model-threads`` torch threads), everything on this
@@ -185,8 +185,9 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=4, help="frames per run")
     parser.add_argument("--server-workers", type=int, default=2,
                         help="uvicorn workers of the facility server")
-    parser.add_argument("--model-threads", type=int, default=2,
-                        help="torch threads of the re-tag worker's model")
+    parser.add_argument("--model-threads", type=int, default=1,
+                        help="torch threads of the re-tag worker's model (default 1: the server "
+                             "shares the cores; 2 was slower here)")
     parser.add_argument("--no-embedded", action="store_true",
                         help="skip the embedded-server passes")
     parser.add_argument("--json", help="also write the results here")
