@@ -90,8 +90,16 @@ def test_retag_tags_every_stored_frame_once_then_skips(stored, cluster, tmp_path
 
     cat, uids = stored
     tagger, path = checkpoint(tmp_path, seed=3)
-    report = retag_catalog(cat.uri, model=path, scheduler=cluster, runs_per_task=2)
+    import io
+
+    shown = io.StringIO()
+    report = retag_catalog(cat.uri, model=path, scheduler=cluster, runs_per_task=2,
+                           progress=True, progress_file=shown)
     assert (report.runs, report.tagged, report.skipped, report.errors) == (N_RUNS, N_RUNS, 0, 0)
+    lines = shown.getvalue().splitlines()  # one line per finished task: runs, frames/s, ETA
+    assert len(lines) == 3 and lines[-1].startswith(f"retag: {N_RUNS}/{N_RUNS} runs")
+    assert all("frames/s" in line and "ETA" in line for line in lines)
+    assert lines[-1].endswith("ETA 0 s")
     assert report.frames == N_RUNS * FRAMES
     assert len({row["worker_pid"] for row in report.rows}) >= 1
     for uid in uids:

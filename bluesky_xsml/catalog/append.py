@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +40,14 @@ from ..errors import XsmlError
 __all__ = [
     "SUMMARY_KEYS",
     "AppendResult",
+    "FrameBlock",
     "RetagResult",
+    "TaggedRun",
     "TagStreamExistsError",
     "append_tag_stream",
+    "lazy_frame_blocks",
     "retag_run",
+    "tag_run",
     "tag_stream_name",
     "tagged_checkpoints",
 ]
@@ -213,7 +217,9 @@ def _table(page: Mapping, data_keys: Mapping, schema):
 
 
 def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mapping],
-                      summary: Mapping[str, Any], *, make_current: bool = True) -> AppendResult:
+                      summary: Mapping[str, Any], *, make_current: bool = True,
+                      metadata: Mapping | None = None,
+                      descriptor_validated: bool = False) -> AppendResult:
     """Write a tag stream into a stored run and update the run's stop summary.
 
     Contract
@@ -226,8 +232,9 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
       must not exist in the run yet. Its data keys must be scalars (number,
       integer, boolean, string), as in the tag stream
       :class:`~bluesky_xsml.documents.compose.TagStreamComposer` composes.
-    * ``event_pages`` are schema-valid event pages of that descriptor, written
-      in order; they may be a generator. Zero pages write an empty stream.
+    * ``event_pages`` are schema-valid event pages of that descriptor; they
+      may be a generator. All are validated first, then written in order in
+      one append request. Zero pages write an empty stream.
     * ``summary`` holds the run summary keys for this stream (at least
       ``xsml_model``; normally all of :data:`SUMMARY_KEYS`, as
       ``TaggingCallback`` computes them). ``xsml_stream`` is set to the
@@ -261,6 +268,16 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     make_current : bool
         Make this tagging the run's current summary (the top-level keys that
         :func:`bluesky_xsml.query.find_runs` searches by default).
+    metadata : dict, optional
+        The run's metadata as the caller just read it (e.g. from a paged
+        listing). Saves the two requests that re-read the run and check for
+        the stream; an existing stream is then found by the server refusing
+        to create it (HTTP 409), raised as :class:`TagStreamExistsError` all
+        the same.
+    descriptor_validated : bool
+        The caller has just schema-validated ``descriptor`` (it comes from
+        ``event_model.compose_descriptor``, as :func:`tag_run`'s does): it is
+        not validated a second time. Every page and the new stop always are.
 
     Returns
     -------
@@ -280,12 +297,14 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     import pyarrow as pa
     from tiled.structures.core import Spec
 
-    base = _fresh(run_node)
-    md = base.metadata
+    base = _fresh(run_node) if metadata is None else _base(run_node)
+    md = base.metadata if metadata is None else metadata
     uid = md["start"]["uid"]
     name = descriptor.get("name", "")
     try:
-        event_model.schema_validators[event_model.DocumentNames.descriptor].validate(descriptor)
+        if not descriptor_validated:
+            event_model.schema_validators[event_model.DocumentNames.descriptor].validate(
+                descriptor)
     except Exception as err:
         raise ValueError(f"the descriptor of stream {name!r} is not a valid event descriptor: "
                          f"{err}") from err
@@ -295,10 +314,11 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     if "xsml_model" not in summary:
         raise ValueError("summary needs at least 'xsml_model' (the checkpoint that tagged)")
     stop = _run_stop(md, uid)
-    if name in base:
-        raise TagStreamExistsError(
-            f"run {uid} already has a stream {name!r}; tag streams are never overwritten "
-            "(a new model writes a new stream, see tag_stream_name)")
+    exists = TagStreamExistsError(
+        f"run {uid} already has a stream {name!r}; tag streams are never overwritten "
+        "(a new model writes a new stream, see tag_stream_name)")
+    if metadata is None and name in base:
+        raise exists
 
     data_keys = _normalized_data_keys(descriptor)
     schema = pa.schema([("seq_num", pa.int64()), ("time", pa.float64())]
@@ -308,14 +328,21 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     stream_md["data_keys"] = data_keys
     page_validator = event_model.schema_validators[event_model.DocumentNames.event_page]
 
-    stream_node = base.create_container(
-        key=name, metadata=stream_md,
-        specs=[Spec("BlueskyEventStream", version="3.0"), Spec("composite")])
+    try:
+        stream_node = base.create_container(
+            key=name, metadata=stream_md,
+            specs=[Spec("BlueskyEventStream", version="3.0"), Spec("composite")])
+    except Exception as err:
+        if _status(err) == 409:  # the server has a node of that name
+            raise exists from err
+        raise
     rows = 0
     try:
         stream_base = stream_node.base if hasattr(stream_node, "base") else stream_node
         table_node = stream_base.create_appendable_table(schema=schema, key="internal",
                                                           metadata=data_keys)
+        # every page is validated and converted first, then appended in one request
+        tables = []
         for page in event_pages:
             if page.get("descriptor") != descriptor["uid"]:
                 raise ValueError(f"event page {page.get('uid')!r} belongs to descriptor "
@@ -326,8 +353,11 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
                 raise ValueError(f"event page {page.get('uid')!r} is not valid: {err}") from err
             table = _table(page, data_keys, schema)
             if table.num_rows:
-                table_node.append_partition(0, table)
-                rows += table.num_rows
+                tables.append(table)
+        if tables:
+            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            table_node.append_partition(0, table)
+            rows = table.num_rows
     except BaseException:
         try:
             base.delete_contents(name, recursive=True, external_only=False)
@@ -352,6 +382,11 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     event_model.schema_validators[event_model.DocumentNames.stop].validate(new_stop)
     base.patch_metadata(_stop_patch(stop, new_stop, model))
     return AppendResult(uid=uid, stream=name, rows=rows, stop=new_stop)
+
+
+def _status(err: BaseException) -> int:
+    """The HTTP status of a Tiled client error (0 if it is not one)."""
+    return int(getattr(getattr(err, "response", None), "status_code", 0) or 0)
 
 
 def _stop_patch(old: Mapping, new: Mapping, model: str) -> list[dict]:
@@ -465,9 +500,123 @@ def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float,
     return results
 
 
+@dataclass
+class FrameBlock:
+    """The frames of one image data key of one stream of a run, as :func:`tag_run` reads them.
+
+    ``read(lo, hi)`` returns the values of events ``lo:hi`` (arrays, or the
+    exception that reading one raised, in its place).
+    """
+
+    stream: str
+    key: str
+    seq_nums: list[int]
+    read: Callable[[int, int], list]
+
+
+def lazy_frame_blocks(base, *, image_keys: Sequence[str] | None = None,
+                      streams: Sequence[str] | None = None) -> Iterator[FrameBlock]:
+    """The run's image data keys, read from Tiled lazily (a request per batch of events)."""
+    wanted = None if streams is None else set(streams)
+    for stream in sorted(base):
+        if stream.startswith("xsml_tags") or (wanted is not None and stream not in wanted):
+            continue
+        node = base[stream]
+        if "BlueskyEventStream" not in {s.name for s in node.specs}:
+            continue
+        keys = _image_keys(node, image_keys)
+        if not keys:
+            continue
+        seq_all = [int(s) for s in np.asarray(node["seq_num"].read())]
+        for key in keys:
+            array = node[key]
+            n = min(int(array.shape[0]), len(seq_all))
+            yield FrameBlock(stream, key, seq_all[:n],
+                             lambda lo, hi, array=array: _read_rows(array, lo, hi))
+
+
+@dataclass
+class TaggedRun:
+    """A run's tag stream, composed and not written yet (see :func:`tag_run`)."""
+
+    uid: str
+    stream: str
+    checkpoint: str
+    descriptor: dict
+    pages: list[dict]
+    summary: dict
+    frames: int
+
+
+def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
+            stream_name: str | None = None, batch_size: int = 16,
+            beam_center=None) -> TaggedRun:
+    """Tag the frames of ``blocks`` and compose the run's tag stream (nothing is written).
+
+    ``metadata`` is the run's (``start`` and ``stop``); ``beam_center`` as in
+    :func:`retag_run`. Frames are tagged ``batch_size`` events at a time, one
+    event page per batch. The pages are not schema-validated here:
+    :func:`append_tag_stream` validates each one before it writes anything.
+    """
+    from ..documents.callback import parse_beam_center
+    from ..documents.compose import TagStreamComposer
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    uid = metadata["start"]["uid"]
+    checkpoint = tagger.checkpoint_id
+    name = stream_name or tag_stream_name(checkpoint)
+    try:
+        centers = parse_beam_center(beam_center if beam_center is not None
+                                    else metadata["start"].get("xsml_beam_center"))
+    except ValueError as err:  # a bad stored value: tag without a centre
+        log.warning("run %s: %s; re-tagging without a beam centre", uid, err)
+        centers = {}
+
+    # pages are schema-validated once, by append_tag_stream, before anything is written
+    composer = TagStreamComposer(metadata["start"], tagger.tags, tagger.thresholds,
+                                 tagger.describe(), name, validate_pages=False)
+    pages: list[dict] = []
+    frames = 0
+    tag_counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for block in blocks:
+        n = len(block.seq_nums)
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            t_read = time.time()
+            rows = block.read(lo, hi)
+            results = _tag_rows(tagger, block.stream, block.key, block.seq_nums[lo:hi], rows,
+                                t_read, centers.get(block.key, centers.get("*")))
+            for r in results:
+                frames += 1
+                if r.skip_reason:
+                    slug = r.skip_reason.split(":")[0]
+                    skipped[slug] = skipped.get(slug, 0) + 1
+                for t in r.tags:
+                    tag_counts[t] = tag_counts.get(t, 0) + 1
+            if results:
+                pages.append(composer.page(results))
+    tagged_any = frames > sum(skipped.values())
+    summary = {
+        "xsml_stream": name,
+        "xsml_tags": sorted(tag_counts),
+        "xsml_tag_counts": {t: int(tag_counts[t]) for t in sorted(tag_counts)},
+        "xsml_model": checkpoint,
+        "xsml_models": [checkpoint] if tagged_any else [],
+        "xsml_frames": int(frames),
+        "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
+    }
+    # the descriptor is the composer's, validated by event_model.compose_descriptor
+    return TaggedRun(uid=uid, stream=name, checkpoint=checkpoint,
+                     descriptor=composer.descriptor, pages=pages, summary=summary,
+                     frames=frames)
+
+
 def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: int = 16,
               image_keys: Sequence[str] | None = None, streams: Sequence[str] | None = None,
-              make_current: bool = True, beam_center=None) -> RetagResult:
+              make_current: bool = True, beam_center=None, metadata: Mapping | None = None,
+              blocks: Iterable[FrameBlock] | None = None) -> RetagResult:
     """Tag a stored run's frames with ``tagger`` and append the tag stream to the run.
 
     Contract
@@ -480,6 +629,8 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
       every stream of the run (or ``streams``) with image data keys (or
       ``image_keys``); stacks ``(N, H, W)`` in one event give N frames. Only
       the tag pages are kept in memory, never the frames of the whole run.
+      A caller that has read the frames already (the batched re-tag of
+      :mod:`bluesky_xsml.scaleout.batched`) passes them as ``blocks``.
     * Every frame is accounted for: frames that cannot be read or tagged get
       a row with NaN probabilities and a ``skip_reason``
       (``read_error: ...``, ``bad_shape: ...``, ...), counted in
@@ -502,26 +653,29 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     batch_size : int
         Events read and tagged per step.
     image_keys, streams : sequence of str, optional
-        Restrict the frames tagged.
+        Restrict the frames tagged (ignored when ``blocks`` is given).
     make_current : bool
         See :func:`append_tag_stream`.
     beam_center : [x, y] or dict, optional
         The detector's beam centre for a tagger with a polar head, as
         :class:`~bluesky_xsml.documents.callback.TaggingCallback` takes it.
         Default: the run's start metadata ``xsml_beam_center``, if any.
+    metadata : dict, optional
+        The run's metadata as just read by the caller: the run is not re-read
+        and an existing stream of the same name is found when writing (see
+        :func:`append_tag_stream`).
+    blocks : iterable of FrameBlock, optional
+        The frames to tag (default: :func:`lazy_frame_blocks`).
 
     Returns
     -------
     RetagResult
     """
-    from ..documents.callback import parse_beam_center
-    from ..documents.compose import TagStreamComposer
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    base = _fresh(run_node)
-    md = base.metadata
+    base = _fresh(run_node) if metadata is None else _base(run_node)
+    md = base.metadata if metadata is None else metadata
     uid = md["start"]["uid"]
     checkpoint = tagger.checkpoint_id
     name = stream_name or tag_stream_name(checkpoint)
@@ -530,68 +684,19 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
         return RetagResult(uid=uid, status="skipped", stream=done[checkpoint],
                            checkpoint=checkpoint,
                            reason=f"already tagged by {checkpoint} in stream {done[checkpoint]!r}")
-    if name in base:
+    if metadata is None and name in base:
         raise TagStreamExistsError(
             f"run {uid} has a stream {name!r} that its stop does not record (an interrupted "
             f"re-tag?); delete it with run.base.delete_contents({name!r}, recursive=True, "
             "external_only=False) and re-tag")
     _run_stop(md, uid)
-    try:
-        centers = parse_beam_center(beam_center if beam_center is not None
-                                    else md["start"].get("xsml_beam_center"))
-    except ValueError as err:  # a bad stored value: tag without a centre
-        log.warning("run %s: %s; re-tagging without a beam centre", uid, err)
-        centers = {}
-
-    composer = TagStreamComposer(md["start"], tagger.tags, tagger.thresholds,
-                                 tagger.describe(), name, validate_pages=True)
-    pages: list[dict] = []
-    frames = 0
-    tag_counts: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    wanted = None if streams is None else set(streams)
-    for stream in sorted(base):
-        if stream.startswith("xsml_tags") or (wanted is not None and stream not in wanted):
-            continue
-        node = base[stream]
-        if "BlueskyEventStream" not in {s.name for s in node.specs}:
-            continue
-        keys = _image_keys(node, image_keys)
-        if not keys:
-            continue
-        seq_all = [int(s) for s in np.asarray(node["seq_num"].read())]
-        for key in keys:
-            array = node[key]
-            n = min(int(array.shape[0]), len(seq_all))
-            for lo in range(0, n, batch_size):
-                hi = min(n, lo + batch_size)
-                t_read = time.time()
-                rows = _read_rows(array, lo, hi)
-                results = _tag_rows(tagger, stream, key, seq_all[lo:hi], rows, t_read,
-                                    centers.get(key, centers.get("*")))
-                for r in results:
-                    frames += 1
-                    if r.skip_reason:
-                        slug = r.skip_reason.split(":")[0]
-                        skipped[slug] = skipped.get(slug, 0) + 1
-                    for t in r.tags:
-                        tag_counts[t] = tag_counts.get(t, 0) + 1
-                if results:
-                    pages.append(composer.page(results))
-    tagged_any = frames > sum(skipped.values())
-    summary = {
-        "xsml_stream": name,
-        "xsml_tags": sorted(tag_counts),
-        "xsml_tag_counts": {t: int(tag_counts[t]) for t in sorted(tag_counts)},
-        "xsml_model": checkpoint,
-        "xsml_models": [checkpoint] if tagged_any else [],
-        "xsml_frames": int(frames),
-        "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
-    }
-    # the descriptor is the composer's; append_tag_stream validates it again
-    append_tag_stream(base, composer.descriptor, pages, summary, make_current=make_current)
+    if blocks is None:
+        blocks = lazy_frame_blocks(base, image_keys=image_keys, streams=streams)
+    tagged = tag_run(md, tagger, blocks, stream_name=name, batch_size=batch_size,
+                     beam_center=beam_center)
+    append_tag_stream(base, tagged.descriptor, tagged.pages, tagged.summary,
+                      make_current=make_current, metadata=metadata, descriptor_validated=True)
     return RetagResult(uid=uid, status="tagged", stream=name, checkpoint=checkpoint,
-                       frames=frames, skipped=summary["xsml_skipped"],
-                       tag_counts=summary["xsml_tag_counts"],
+                       frames=tagged.frames, skipped=tagged.summary["xsml_skipped"],
+                       tag_counts=tagged.summary["xsml_tag_counts"],
                        seconds=time.perf_counter() - t0)
-

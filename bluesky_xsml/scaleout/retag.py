@@ -6,18 +6,24 @@
                --model new.pt --scheduler tcp://dask-scheduler:8786
     xsml retag --catalog http://127.0.0.1:8000?api_key=... --workers 2   # a LocalCluster
 
-The driver lists the runs to tag (a Tiled query on ``start.time``), then
-sends them in small groups to ``dask.distributed`` workers (a ``LocalCluster``
-of worker processes when no scheduler is given; GPU workers where a site has
-them: each worker runs the tagger on its own device). Each worker opens the
-catalog over HTTP, loads the model once, reads each run's frames lazily from
-Tiled, tags them in batches and writes a new tag stream into the run with
-:func:`bluesky_xsml.catalog.append.retag_run`.
+The driver lists the runs to tag with their metadata (a Tiled query on
+``start.time``, pages of 300 runs per request), then sends them in groups to
+``dask.distributed`` workers (a ``LocalCluster`` of worker processes when no
+scheduler is given; GPU workers where a site has them: each worker runs the
+tagger on its own device). Each worker opens the catalog over HTTP, loads the
+model once and runs its group through the pipeline of
+:mod:`bluesky_xsml.scaleout.batched`: about 7 requests per run (one deep
+search for the run's layout, ``seq_num``, the frames of a stream in one read,
+and four writes), the next runs read while one is tagged, the tag streams
+written behind. Frames in external HDF5 files under ``--read-files-under``
+are read from the files directly.
 
-Re-tagging is idempotent and resumable: ``retag_run`` skips a run already
-tagged with the same checkpoint, so running the same command again after an
-interruption (Ctrl-C, a lost worker, a killed job) tags only what is left.
-At most ``in_flight`` groups are queued on the cluster at any time, so an
+Re-tagging is idempotent and resumable: a run already tagged with the same
+checkpoint is skipped (without a request: the listing carries the metadata),
+so running the same command again after an interruption (Ctrl-C, a lost
+worker, a killed job) tags only what is left; a partial stream that a killed
+re-tag of the same checkpoint left is removed and written again. At most
+``in_flight`` groups are queued on the cluster at any time, so an
 interruption wastes little work and a very large catalog does not flood the
 scheduler.
 
@@ -45,6 +51,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "Progress",
     "RetagReport",
     "add_arguments",
     "main",
@@ -147,37 +154,36 @@ def _open(catalog_uri: str, container: str | None):
                    lambda: connect(catalog_uri, container=container))
 
 
-def retag_runs_task(catalog_uri: str, uids: Sequence[str], model: Any, *,
+def retag_runs_task(catalog_uri: str, runs: Sequence[str | Mapping], model: Any, *,
                     container: str | None = "raw", stream_name: str | None = None,
                     threads: int | None = 1, options: Mapping[str, Any] | None = None,
-                    retries: int = 2) -> list[dict]:
-    """Re-tag ``uids`` (runs one after another); runs on a Dask worker.
+                    retries: int = 2, read_files_under: Sequence[str] = (),
+                    prefetch: int = 2) -> list[dict]:
+    """Re-tag ``runs`` (uids, or items from the driver's listing); runs on a Dask worker.
 
-    Returns one JSON-able dict per run: ``run``, ``status`` (``"tagged"``,
-    ``"skipped"`` or ``"error"``), ``frames``, ``seconds`` and, from
-    :func:`~bluesky_xsml.catalog.append.retag_run`, the stream written. A run
-    that fails is reported, not raised, so one bad run does not stop the rest.
-    A server error (HTTP 5xx) is retried up to ``retries`` times: the
-    embedded catalog's table storage (DuckDB) fails now and then when several
-    processes append at once.
+    The runs go through :func:`bluesky_xsml.scaleout.batched.retag_items`:
+    the next runs are read while one is tagged and the previous ones are
+    written. Returns one JSON-able dict per run: ``run``, ``status``
+    (``"tagged"``, ``"skipped"`` or ``"error"``), ``frames``, ``seconds``,
+    the stream written, ``repaired`` when a partial stream of an interrupted
+    re-tag was replaced, and the pipeline's stage times in the first row
+    (``stats``). A run that fails is reported, not raised, so one bad run does
+    not stop the rest. A server error (HTTP 5xx) is retried up to ``retries``
+    times per read and per write.
     """
+    from .batched import retag_items
+
     catalog = _open(catalog_uri, container)
     tagger = _load_tagger(model, threads)
-    out = []
-    for uid in uids:
-        t0 = time.perf_counter()
-        try:
-            row = {"run": uid, **with_server_retries(
-                lambda uid=uid: _retag_one(catalog[uid], tagger, stream_name, dict(options or {})),
-                retries=retries, what=f"re-tagging run {uid}")}
-        except Exception as err:  # reported per run; the others go on
-            log.exception("re-tagging run %s failed", uid)
-            row = {"run": uid, "status": "error", "frames": 0,
-                   "error": f"{type(err).__name__}: {err}"}
-        row["seconds"] = time.perf_counter() - t0
-        row["worker_pid"] = os.getpid()
-        out.append(row)
-    return out
+    items = [dict(r) if isinstance(r, Mapping) else dict(catalog[str(r)].item) for r in runs]
+    opts = dict(options or {})
+    rows, stats = retag_items(catalog, items, tagger, stream_name=stream_name,
+                              read_files_under=list(read_files_under), prefetch=prefetch,
+                              retries=retries, **opts)
+    if rows:
+        rows[0]["stats"] = {k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in stats.items()}
+    return rows
 
 
 def is_server_error(err: BaseException) -> bool:
@@ -199,55 +205,6 @@ def with_server_retries(fn: Callable[[], Any], *, retries: int = 2, delay: float
                         retries)
             time.sleep(delay * (attempt + 1))
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _retag_one(run, tagger, stream_name: str | None, options: dict) -> dict:
-    """``retag_run``, clearing first a partial stream a killed re-tag of this model left."""
-    from ..catalog.append import TagStreamExistsError, retag_run, tag_stream_name
-
-    try:
-        return _normalize(retag_run(run, tagger, stream_name=stream_name, **options))
-    except TagStreamExistsError:
-        name = stream_name or tag_stream_name(tagger.checkpoint_id)
-        base = run.base if hasattr(run, "base") else run
-        stop = base.metadata.get("stop") or {}
-        recorded = name in (stop.get("num_events") or {}) or any(
-            entry.get("stream") == name for entry in (stop.get("xsml_by_model") or {}).values())
-        if recorded or stream_name is not None:  # a name the user chose may not be ours
-            raise
-        # the stream is ours (named after this checkpoint) and the stop never recorded it:
-        # a re-tag was killed while writing it. Nothing else refers to it; write it again.
-        log.warning("run %s: removing the partial stream %r of an interrupted re-tag",
-                    base.metadata["start"]["uid"], name)
-        base.delete_contents(name, recursive=True, external_only=False)
-        row = _normalize(retag_run(run, tagger, stream_name=stream_name, **options))
-        row["repaired"] = name
-        return row
-
-
-def _normalize(result: Any) -> dict:
-    """Turn what ``retag_run`` returns into ``{status, frames, stream, ...}``."""
-    if result is None:
-        return {"status": "skipped", "frames": 0}
-    if isinstance(result, Mapping):
-        d = dict(result)
-    elif hasattr(result, "model_dump"):
-        d = dict(result.model_dump())
-    elif hasattr(result, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        d = asdict(result)
-    else:
-        d = {"stream": str(result)}
-    status = d.get("status")
-    if status is None:
-        skipped = d.get("skipped")
-        status = "skipped" if skipped else "tagged"
-    d["status"] = str(status)
-    frames = d.get("frames", d.get("n_frames", d.get("xsml_frames", 0)))
-    d["frames"] = int(frames or 0) if d["status"] == "tagged" else int(d.get("frames") or 0)
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
-            for k, v in d.items()}
 
 
 # ------------------------------------------------------------ driver side
@@ -280,10 +237,11 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
                   since: float | str | None = None, until: float | str | None = None,
                   uids: Iterable[str] | None = None, scheduler: str | Any | None = None,
                   n_workers: int = 1, threads_per_worker: int = 1,
-                  runs_per_task: int = 1, in_flight: int | None = None,
+                  runs_per_task: int = 16, in_flight: int | None = None,
                   stream_name: str | None = None, limit: int | None = None,
-                  progress: bool = False, options: Mapping[str, Any] | None = None
-                  ) -> RetagReport:
+                  progress: bool = False, options: Mapping[str, Any] | None = None,
+                  read_files_under: Sequence[str | os.PathLike] = (), prefetch: int = 2,
+                  progress_file=None, model_threads: int | None = None) -> RetagReport:
     """Re-tag the stored runs of a catalog on a Dask cluster.
 
     Parameters
@@ -306,7 +264,9 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         a ``LocalCluster`` of ``n_workers`` processes with
         ``threads_per_worker`` threads each, closed at the end.
     runs_per_task : int
-        Runs per Dask task (more amortises task overhead on tiny runs).
+        Runs per Dask task. A task is a pipeline (read ahead, tag, write
+        behind) over its runs, so larger tasks keep the model busier; smaller
+        ones lose less work to a killed worker.
     in_flight : int, optional
         Most tasks queued at once (default: 2 per worker thread).
     stream_name : str, optional
@@ -314,9 +274,21 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
     limit : int, optional
         Tag at most this many runs in this call (the rest on the next call).
     progress : bool
-        Show a progress bar (tqdm) on standard error.
+        Show progress on standard error (runs done, frames/s, ETA).
     options : dict, optional
-        More keyword options for ``retag_run`` (e.g. ``batch_size``).
+        More keyword options for
+        :func:`~bluesky_xsml.scaleout.batched.retag_items` (``batch_size``,
+        ``make_current``, ``memory_budget``, ``threads_io``, ...).
+    read_files_under : sequence of path
+        Directories whose external (HDF5) frame files the workers read
+        themselves instead of through the server; a file elsewhere, or not a
+        regular file, is read over HTTP.
+    prefetch : int
+        Runs each worker reads ahead (and writes behind).
+    progress_file : file, optional
+        Where progress goes (default: standard error).
+    model_threads : int, optional
+        Torch threads of each worker's model (default ``threads_per_worker``).
 
     Returns
     -------
@@ -325,16 +297,18 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
     from distributed import Client, LocalCluster, as_completed
 
     from ..catalog.embedded import connect
+    from .batched import list_run_items
 
     if runs_per_task < 1:
         raise ValueError(f"runs_per_task must be >= 1, got {runs_per_task}")
     t0 = time.perf_counter()
     catalog = connect(catalog_uri, container=container)
-    todo = select_runs(catalog, since=parse_time(since), until=parse_time(until), uids=uids)
+    todo = list_run_items(catalog, since=parse_time(since), until=parse_time(until), uids=uids)
     if limit is not None:
         todo = todo[:int(limit)]
     report = RetagReport(runs=len(todo))
     groups = [todo[i:i + runs_per_task] for i in range(0, len(todo), runs_per_task)]
+    roots = [os.fspath(p) for p in read_files_under]
 
     cluster = None
     own_client = not hasattr(scheduler, "submit")
@@ -346,7 +320,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         client = Client(scheduler)
     else:
         client = scheduler
-    bar = _progress(len(todo)) if progress else None
+    bar = Progress(len(todo), file=progress_file) if progress else None
     try:
         model_arg = model
         if model is not None and hasattr(model, "checkpoint_dict"):
@@ -360,7 +334,8 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         def submit(group):
             return client.submit(retag_runs_task, catalog_uri, group, model_arg,
                                  container=container, stream_name=stream_name,
-                                 threads=threads_per_worker, options=options, pure=False)
+                                 threads=model_threads or threads_per_worker, options=options,
+                                 read_files_under=roots, prefetch=prefetch, pure=False)
 
         futures = as_completed([submit(g) for _, g in zip(range(window), pending)])
         for future in futures:
@@ -374,10 +349,8 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
                     report.skipped += 1
                 else:
                     report.errors += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(tagged=report.tagged, skipped=report.skipped,
-                                    errors=report.errors)
+            if bar is not None:
+                bar.update(report)
             nxt = next(pending, None)
             if nxt is not None:
                 futures.add(submit(nxt))
@@ -386,7 +359,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
         log.warning("re-tag interrupted; run the same command again to continue")
     finally:
         if bar is not None:
-            bar.close()
+            bar.close(report)
         if own_client:
             client.close()
         if cluster is not None:
@@ -395,12 +368,44 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
     return report
 
 
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional: no bar then
-        return None
-    return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+class Progress:
+    """One line of progress on a terminal (or a line per update elsewhere): runs, frames/s, ETA.
+
+    >>> import io
+    >>> out = io.StringIO()
+    >>> p = Progress(10, file=out, clock=iter([0.0, 2.0, 2.0]).__next__)
+    >>> p.update(RetagReport(runs=10, tagged=4, frames=16))
+    >>> print(out.getvalue().strip())
+    retag: 4/10 runs (4 tagged, 0 skipped, 0 errors), 16 frames, 8.0 frames/s, ETA 3 s
+    """
+
+    def __init__(self, total: int, *, file=None, clock: Callable[[], float] = time.monotonic):
+        self.total, self.file, self.clock = total, file or sys.stderr, clock
+        self.t0 = clock()
+        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
+
+    def line(self, report: RetagReport) -> str:
+        done = report.tagged + report.skipped + report.errors
+        elapsed = max(1e-9, self.clock() - self.t0)
+        fps = report.frames / elapsed
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        eta_text = "?" if not math.isfinite(eta) else (
+            f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min" if eta < 7200
+            else f"{eta / 3600:.1f} h")
+        return (f"retag: {done}/{self.total} runs ({report.tagged} tagged, {report.skipped} "
+                f"skipped, {report.errors} errors), {report.frames} frames, {fps:.1f} frames/s, "
+                f"ETA {eta_text}")
+
+    def update(self, report: RetagReport) -> None:
+        text = self.line(report)
+        self.file.write(("\r" + text) if self.tty else text + "\n")
+        self.file.flush()
+
+    def close(self, report: RetagReport) -> None:
+        if self.tty:
+            self.file.write("\n")
+            self.file.flush()
 
 
 # ------------------------------------------------------------ CLI
@@ -419,9 +424,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LocalCluster worker processes (default 1)")
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="threads of each LocalCluster worker (default 1)")
-    parser.add_argument("--runs-per-task", type=int, default=1,
-                        help="runs per Dask task; more amortise task overhead on tiny runs "
-                             "(default 1)")
+    parser.add_argument("--runs-per-task", type=int, default=16,
+                        help="runs per Dask task, pipelined inside it (default 16)")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="runs each worker reads ahead and writes behind (default 2)")
+    parser.add_argument("--read-files-under", action="append", default=[], metavar="DIR",
+                        help="read external HDF5 frame files under DIR directly (repeatable); "
+                             "other frames come over HTTP")
     parser.add_argument("--stream-name", default=None,
                         help="tag stream name (default: retag_run's versioned name)")
     parser.add_argument("--limit", type=int, default=None,
@@ -442,7 +451,8 @@ def main(args: argparse.Namespace) -> int:
                            since=since, until=until, scheduler=args.scheduler,
                            n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                            runs_per_task=args.runs_per_task, stream_name=args.stream_name,
-                           limit=args.limit, progress=not args.no_progress)
+                           limit=args.limit, progress=not args.no_progress,
+                           read_files_under=args.read_files_under, prefetch=args.prefetch)
     for row in report.rows:
         if row.get("status") == "error":
             print(f"xsml retag: run {row['run']}: {row.get('error')}", file=sys.stderr)
