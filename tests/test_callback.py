@@ -142,9 +142,15 @@ def test_stacks_and_several_detectors(RE, tagger, recorder):
     (np.uint16, 2**16 - 1), (np.uint32, 2**32 - 1), (np.int32, -1), (np.int32, -2),
     (np.float32, np.nan), (np.float64, np.inf),
 ])
-def test_detector_dtypes_and_sentinels_are_tagged(RE, tagger, recorder, dtype, sentinel):
+def test_detector_dtypes_and_sentinels_are_tagged(RE, distinct_tagger, recorder, dtype,
+                                                  sentinel):
+    """Each dtype's sentinel pixels are masked: the frame is tagged exactly like the same
+    counts as float32 with NaN in the gap, and not like the gap read as counts."""
+    tagger = distinct_tagger
+    counts = np.random.default_rng(0).poisson(20, (100, 90))
+
     def frame():
-        f = np.random.default_rng(0).poisson(20, (100, 90)).astype(dtype)
+        f = counts.astype(dtype)
         f[:, 40:45] = sentinel  # a module gap
         return f
 
@@ -154,9 +160,17 @@ def test_detector_dtypes_and_sentinels_are_tagged(RE, tagger, recorder, dtype, s
     run_and_flush(RE, xsml, count([img], 3))
     tags = recorder.tag_events()
     assert len(tags) == 3
+    masked = counts.astype(np.float32)
+    masked[:, 40:45] = np.nan
+    as_counts = counts.astype(np.float64)
+    as_counts[:, 40:45] = 0 if np.issubdtype(dtype, np.signedinteger) else 65535
+    want, unmasked = tagger.predict([masked, as_counts])
+    assert np.abs(want - unmasked).max() > 3e-3  # the test can tell a masked gap from counts
     for e in tags:
         assert e["data"]["skip_reason"] == ""
-        assert np.isfinite([e["data"][t] for t in TAG_NAMES]).all()
+        got = np.array([e["data"][t] for t in tagger.tags])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+        assert e["data"]["tags"] == ",".join(tagger.decide(want)[0])
 
 
 @pytest.mark.reliability
