@@ -46,6 +46,8 @@ def test_out_of_order_event_counts_as_received():
     _, gaps = gd.observe("event", _event("d1", 3))
     assert [(g.kind, g.stream, g.seq_nums) for g in gaps] == [("missing_events", "primary", (2,))]
     assert gaps[0].run_uid == "r1" and "from 1 to 3" in gaps[0].detail
+    assert gd.runs["r1"].gaps == gaps and gd.unplaced == []
+    assert gd.runs["r1"].uid == "r1"
     assert gd.observe("event", _event("d1", 2)) == ("r1", [])   # late, not a new gap
     assert gd.runs["r1"].seen["primary"] == {1, 2, 3}
     assert gd.observe("event", _event("d1", 4)) == ("r1", [])   # the top is 3, not 2
@@ -64,7 +66,7 @@ def test_loss_of_the_last_event_is_found_at_stop():
     gaps = gd.finish("r1")
     assert [(g.run_uid, g.kind, g.stream, g.seq_nums) for g in gaps] == \
         [("r1", "missing_events", "primary", (3,))]
-    assert "1 of 3 events" in gaps[0].detail
+    assert gaps[0].detail == "run r1 stream 'primary': 1 of 3 events never arrived"
     assert gd.missing("r1") == {"primary": [3]}
     assert gd.runs["r1"].gaps == gaps
 
@@ -104,9 +106,11 @@ def test_streams_are_tracked_separately_and_ignored_streams_not_at_all():
     assert gd.observe("event", _event("d2", 2))[1][0].seq_nums == (1,)   # its own count
     assert gd.observe("event", _event("d3", 9)) == ("r1", [])              # ignored
     assert "xsml_tags" not in gd.runs["r1"].seen
-    gd.observe("stop", _stop("r1", primary=1, baseline=2, xsml_tags=9, empty=0))
-    assert [(g.stream, g.seq_nums) for g in gd.finish("r1")] == [("baseline", (1,))]
-    assert gd.missing("r1") == {"baseline": [1]}
+    gd.observe("stop", _stop("r1", primary=2, baseline=2, xsml_tags=9, a_empty=0))
+    # streams are checked in name order; an empty or ignored one does not end the check
+    assert [(g.stream, g.seq_nums) for g in gd.finish("r1")] == \
+        [("baseline", (1,)), ("primary", (2,))]
+    assert gd.missing("r1") == {"baseline": [1], "primary": [2]}
 
 
 def test_a_descriptor_without_start_is_a_missing_start_and_its_run_is_all_missing():
@@ -116,6 +120,7 @@ def test_a_descriptor_without_start_is_a_missing_start_and_its_run_is_all_missin
     assert [(g.run_uid, g.kind) for g in gaps] == [("r9", "missing_start")]
     assert "descriptor of run r9" in gaps[0].detail
     assert gd.runs["r9"].start_missing
+    assert gd.runs["r9"].gaps == gaps and gd.unplaced == []   # filed under its run
     assert gd.observe("descriptor", {"uid": "d2", "run_start": "r9", "name": "b"})[1] == []
     gd.observe("event", _event("d1", 1))
     gd.observe("event", _event("d1", 2))
@@ -133,7 +138,9 @@ def test_a_stop_without_start_is_a_missing_start():
     gaps = gd.finish("r2")
     assert [(g.kind, g.stream, g.seq_nums) for g in gaps] == \
         [("missing_descriptor", "primary", (1, 2))]
-    assert "has 2 events but its descriptor never arrived" in gaps[0].detail
+    assert gaps[0].run_uid == "r2"
+    assert gaps[0].detail == "run r2: stream 'primary' has 2 events but its descriptor never arrived"
+    assert gd.runs["r2"].gaps[-1] == gaps[0] and gd.unplaced == []
     assert gd.missing("r2") == {"primary": [1, 2]}
 
 
@@ -143,12 +150,18 @@ def test_lost_descriptor_makes_orphans_reported_once():
     run, gaps = gd.observe("event", _event("dX", 1))
     assert run is None
     assert [(g.run_uid, g.kind, g.seq_nums) for g in gaps] == [(None, "orphan_events", (1,))]
-    assert "'dX'" in gaps[0].detail
+    assert gaps[0].detail == ("events of descriptor 'dX', which never arrived: their run "
+                              "cannot be known until its stop or the catalog tells")
     assert gd.observe("event_page", {"descriptor": "dX", "seq_num": [2, 3]}) == (None, [])
     assert gd.orphans == {"dX": [1, 2, 3]}
     assert gd.unplaced == gaps
-    gd.observe("stop", _stop("r1", primary=3))
-    assert [(g.kind, g.seq_nums) for g in gd.finish("r1")] == [("missing_descriptor", (1, 2, 3))]
+    gd.observe("descriptor", {"uid": "d2", "run_start": "r1", "name": "zz"})
+    gd.observe("event", _event("d2", 2))
+    gd.observe("stop", _stop("r1", primary=3, zz=2))
+    # a stream without its descriptor does not end the check of the others
+    assert [(g.kind, g.stream, g.seq_nums) for g in gd.finish("r1")] == \
+        [("missing_descriptor", "primary", (1, 2, 3)), ("missing_events", "zz", (1,))]
+    assert gd.missing("r1") == {"primary": [1, 2, 3], "zz": [1]}
 
 
 def test_resources_place_datums_and_lost_ones_are_reported():
@@ -196,7 +209,7 @@ def test_duplicate_start_keeps_the_first(caplog):
     gd.observe("start", {"uid": "r1", "time": 0, "plan_name": "first"})
     with caplog.at_level(logging.WARNING, logger="bluesky_xsml.scaleout.gaps"):
         assert gd.observe("start", {"uid": "r1", "time": 1, "plan_name": "again"}) == ("r1", [])
-    assert "received twice" in caplog.text
+    assert caplog.messages == ["start r1 received twice; keeping the first"]
     assert gd.runs["r1"].start["plan_name"] == "first"
 
 
@@ -205,7 +218,8 @@ def test_gaps_are_logged(caplog):
     _run(gd)
     with caplog.at_level(logging.WARNING, logger="bluesky_xsml.scaleout.gaps"):
         gd.observe("event", _event("d1", 3))
-    assert "document bus gap: run r1 stream 'primary': seq_num jumped from 0 to 3" in caplog.text
+    assert caplog.messages == \
+        ["document bus gap: run r1 stream 'primary': seq_num jumped from 0 to 3"]
 
 
 def test_finish_takes_the_stored_stop_and_needs_one():
@@ -234,9 +248,11 @@ def test_stale_runs_and_forget():
     assert gd.stale(10.0, now=t1 + 10.0) == []          # strictly more than quiet
     assert gd.stale(10.0, now=t1 + 10.5) == ["r1"]      # r2 has its stop
     assert gd.stale(0.0, now=t1 - 1) == []
-    before = gd.runs["r1"].last_seen
+    gd.runs["r1"].last_seen = -1.0
     gd.observe("event", _event("d1", 1))
-    assert gd.runs["r1"].last_seen >= before
+    assert gd.runs["r1"].last_seen > 0                    # any document of the run renews it
+    gd.observe("resource", {"uid": "res9", "run_start": "r-unknown"})   # no track: no error
+    assert "r-unknown" not in gd.runs
     assert gd.stale(10.0, now=gd.runs["r1"].last_seen + 5) == []
     assert gd.stale(1e9) == []                           # default now: the monotonic clock
     gd.forget("r2")
@@ -252,3 +268,15 @@ def test_gap_to_dict():
     assert g.to_dict() == {"run_uid": "r1", "kind": "missing_events", "stream": "primary",
                            "seq_nums": [2, 4], "detail": "lost"}
     assert Gap(None, "missing_stop").to_dict()["seq_nums"] == []
+
+
+def test_a_stream_with_a_descriptor_but_no_events_lost_them_all():
+    gd = GapDetector()
+    _run(gd)
+    gd.observe("descriptor", {"uid": "d2", "run_start": "r1"})   # no name: "primary"
+    assert gd.runs["r1"].descriptors["d2"] == "primary"
+    gd.observe("descriptor", {"uid": "d3", "run_start": "r1", "name": "baseline"})
+    gd.observe("stop", _stop("r1", baseline=2))
+    assert [(g.kind, g.stream, g.seq_nums) for g in gd.finish("r1")] == \
+        [("missing_events", "baseline", (1, 2))]
+    assert gd.missing("r1") == {"baseline": [1, 2]}

@@ -84,7 +84,7 @@ for line in open(sys.argv[1]):
     m = re.match(r"\s*(\S+): (\w[\w ]*)$", line.rstrip())
     if m:
         counts[m.group(2)] += 1
-tested = sum(n for k, n in counts.items() if k not in ("not checked", "skipped"))
+tested = sum(n for k, n in counts.items() if k not in ("not checked", "skipped", "no tests"))
 killed = counts["killed"] + counts["timeout"] + counts["caught by type check"]
 score = 100.0 * killed / tested if tested else float("nan")
 print(f"{sys.argv[2]}: {killed}/{tested} mutants killed ({score:.1f}%); " + ", ".join(
