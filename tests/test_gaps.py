@@ -139,7 +139,8 @@ def test_a_stop_without_start_is_a_missing_start():
     assert [(g.kind, g.stream, g.seq_nums) for g in gaps] == \
         [("missing_descriptor", "primary", (1, 2))]
     assert gaps[0].run_uid == "r2"
-    assert gaps[0].detail == "run r2: stream 'primary' has 2 events but its descriptor never arrived"
+    assert gaps[0].detail == \
+        "run r2: stream 'primary' has 2 events but its descriptor never arrived"
     assert gd.runs["r2"].gaps[-1] == gaps[0] and gd.unplaced == []
     assert gd.missing("r2") == {"primary": [1, 2]}
 

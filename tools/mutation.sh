@@ -62,6 +62,8 @@ for g in "${groups[@]}"; do
 
 [tool.mutmut]
 source_paths = ["bluesky_xsml"]
+# tests read these (docs examples, benchmark helpers) next to tests/
+also_copy = ["docs", "benchmarks", "examples", "profiles", "README.md"]
 only_mutate = $(toml_list ${MODULES[$g]})
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:faulthandler", "-o", "addopts=", "--timeout=300"]
 pytest_add_cli_args_test_selection = $(toml_list ${TESTS[$g]})
