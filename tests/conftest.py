@@ -69,6 +69,65 @@ def tagger():
     return t
 
 
+def make_distinct_tagger(*, spread: float = 0.15, **kwargs):
+    """A real :class:`~bluesky_xsml.Tagger` whose tags' probabilities are far apart.
+
+    An untrained network puts every tag near 0.5 (0.49-0.51), so a test that compares
+    probabilities with any tolerance cannot tell two tags' columns apart. This one keeps
+    the untrained network and preprocessing but sets its linear head: tag ``k`` gets the
+    logit ``DISTINCT_LOGITS[k]`` (spread over -3.2..3.2 in a shuffled order, so tags next
+    to each other are far apart) plus ``spread`` times one feature direction, standardised
+    on a few Poisson frames, so that different frames still get different probabilities.
+    The shift is the same for every tag, so the tags keep their order on every frame.
+    """
+    import torch
+
+    from bluesky_xsml import Tagger
+
+    t = Tagger.untrained(seed=0, **kwargs)
+    rng = np.random.default_rng(1)
+    frames = [rng.poisson(rng.uniform(0.5, 50), (96, 120)).astype(np.int32) for _ in range(16)]
+    inputs, _, _ = t.preprocess(frames)
+    pooled = {}
+    hook = t.net.head.register_forward_hook(lambda m, i, o: pooled.setdefault("x", i[0]))
+    with torch.no_grad():
+        t.net(torch.as_tensor(inputs))
+    hook.remove()
+    f = pooled["x"].detach().float()
+    mean = f.mean(0)
+    _, sv, vh = torch.linalg.svd(f - mean, full_matrices=False)
+    direction = vh[0] * (len(frames) ** 0.5 / sv[0])   # unit variance over those frames
+    logits = torch.as_tensor(distinct_logits(len(t.tags)))
+    with torch.no_grad():
+        t.net.head.weight.copy_(spread * direction.expand_as(t.net.head.weight))
+        t.net.head.bias.copy_(logits - spread * (direction @ mean))
+    return Tagger(t.net, t.tags, metadata={"untrained": True, "distinct": True}, **kwargs)
+
+
+def distinct_logits(n: int) -> np.ndarray:
+    """The head biases of :func:`make_distinct_tagger`: -3.2..3.2, shuffled (fixed order)."""
+    return np.linspace(-3.2, 3.2, n, dtype=np.float32)[np.random.default_rng(0).permutation(n)]
+
+
+@pytest.fixture(scope="session")
+def distinct_tagger():
+    """A tagger whose tags' probabilities are far apart (see :func:`make_distinct_tagger`)."""
+    t = make_distinct_tagger()
+    t.warmup()
+    return t
+
+
+def assert_probs_match(got, want, *, atol=1e-3):
+    """``got == want`` per tag within ``atol``, after checking that ``atol`` is well below
+    the smallest gap between two tags of one frame, so two swapped columns cannot pass."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    gaps = np.diff(np.sort(want, axis=1), axis=1)
+    assert gaps.size == 0 or gaps.min() > 3 * atol, \
+        f"the model's tags are too close ({gaps.min():.2g}) for atol={atol}"
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
 def make_image_detector(name="img", shape=(128, 160), dtype=np.uint32, stack=None, seed=0,
                         func=None):
     """An ophyd.sim SynSignal that returns a new frame each read."""
@@ -121,6 +180,9 @@ def _blocking_threads() -> set:
 def _module_leaves_no_processes_or_threads():
     import psutil
 
+    if _under_mutmut():  # mutmut's workers run their own timeout thread
+        yield
+        return
     procs_before, threads_before = set(_child_processes()), _blocking_threads()
     yield
     deadline = time.monotonic() + 20
@@ -141,10 +203,21 @@ def _module_leaves_no_processes_or_threads():
                     + [f"thread {t.name}" for t in threads]))
 
 
+def _under_mutmut() -> bool:
+    """Whether mutmut runs these tests (tools/mutation.sh): it forks one worker per mutant
+    from the process that ran the tests once, and times the workers out itself."""
+    import os
+
+    return "MUTANT_UNDER_TEST" in os.environ or os.environ.get("XSML_UNDER_MUTMUT") == "1"
+
+
 def pytest_sessionfinish(session, exitstatus):
     """If this process is still alive 5 minutes after its tests, print every thread's stack
     and exit, so that a hang at exit shows its cause instead of stalling CI."""
     import faulthandler
     import sys
+
+    if _under_mutmut():  # an armed watchdog deadlocks the workers forked from this process
+        return
 
     faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)

@@ -211,8 +211,27 @@ def test_thumbnail_is_a_png_with_tags(client, live):
     size = live.tagger.preprocess_config.size * 2
     assert img.size == (size, size) and img.mode == "RGB"
     assert img.text["xsml:tags"] == ",".join(frame["tags"]) == r.headers["x-xsml-tags"]
-    assert len(set(np.asarray(img).reshape(-1, 3).tolist().__iter__().__next__())) >= 1
-    assert np.asarray(img).std() > 0  # a real picture, not a flat tile
+    rgb = np.asarray(img)
+    # pixel repetition: every 2x2 block is one thumbnail pixel
+    small = rgb[::2, ::2]
+    for dy in (0, 1):
+        for dx in (0, 1):
+            np.testing.assert_array_equal(rgb[dy::2, dx::2], small)
+    # the picture is the colour map of this frame's log-scaled block maxima, full contrast
+    from bluesky_xsml.api.routes.frames import _LUT, _MASKED
+
+    event = next(e for e in live.recorder.of("event")
+                 if e["descriptor"] in {d["uid"] for d in live.recorder.of("descriptor")
+                                        if d["run_start"] == live.uid}
+                 and e["seq_num"] == frame["seq_num"])
+    x = live.tagger.preprocess([event["data"]["img"]])[0][0]
+    invalid = (x[3] > 0.5) | (x[4] > 0.5)
+    log_max = x[1][~invalid]
+    level = np.searchsorted(_LUT[:, 0], small[..., 0][~invalid], side="left")  # R rises
+    assert (small[invalid] == _MASKED).all()
+    assert np.corrcoef(level, log_max)[0, 1] > 0.95
+    assert small[~invalid].reshape(-1, 3).min(0).tolist() == _LUT[0].tolist()   # darkest
+    assert small[~invalid].reshape(-1, 3).max(0).tolist() == _LUT[255].tolist()  # brightest
     gone = client.get(f"/api/runs/{live.uid}/frames/999/thumbnail.png")
     assert gone.status_code == 404 and "no thumbnail for frame 0 of event 999" in gone.text
 

@@ -228,3 +228,51 @@ def test_retrain_hot_swap_and_rollback_keep_tag_events_truthful(RE, live, record
     validate_all(recorder.docs)
     assert {e["data"]["checkpoint"] for e in recorder.tag_events()} == {base_id}
     assert recorder.of("stop")[0]["xsml_model"] == base_id
+
+
+def test_a_round_that_fails_the_gate_changes_nothing_live(RE, live, recorder, tmp_path):
+    """The gate refuses the round (it asks for an impossible improvement): the new
+    checkpoint is kept but not activated, and the live tagger keeps its weights, tags
+    and probabilities, frame for frame."""
+    import torch
+
+    ft = live.enable_finetuning(tmp_path / "ft", min_labels=1000, steps=3, batch_size=4,
+                                synthetic=None, synthetic_val=None, nice=0,
+                                min_improvement=10.0)
+    tagger = live.tagger
+    base_id, base_tags = tagger.checkpoint_id, tagger.tags
+    base_state = {k: v.clone() for k, v in tagger.net.state_dict().items()}
+    img = make_image_detector(shape=(64, 80), seed=7)
+    frames = list(np.random.default_rng(7).poisson(4, (3, 64, 80)).astype(np.uint32))
+    before = tagger.predict(frames)
+    RE(count([img], 8), xsml_labels={"ring_isotropic": 1, "weak_scattering": 0})
+    assert live.flush(60) and ft.flush_labels(30)
+    uid = recorder.of("start")[0]["uid"]
+    # a new tag (the head would grow), with both classes among the trained and the held-out
+    # frames (seq 4 and 8), so the gate scores it by mAP against min_improvement
+    for seq in range(1, 9):
+        live.label(uid, seq, ring_doubling=seq <= 4)
+
+    report = ft.retrain_now(wait=True, timeout=120)
+    assert report["steps"] == 3 and report["passed"] is False
+    assert "did not improve" in report["reason"]
+    listed = ft.registry.list()
+    assert len(listed) == 2 and listed[1]["parent_id"] == base_id
+    assert listed[1]["checkpoint_id"] != base_id
+    assert ft.registry.active_id == base_id and ft.status()["active_id"] == base_id
+    assert ft.status()["promoted"] == 0
+    assert tagger.checkpoint_id == base_id and tagger.tags == base_tags
+    state = tagger.net.state_dict()
+    assert state.keys() == base_state.keys()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+    np.testing.assert_array_equal(tagger.predict(frames), before)
+
+    recorder.docs.clear()
+    RE(count([img], 3))
+    assert live.flush(60)
+    validate_all(recorder.docs)
+    events = recorder.tag_events()
+    assert {e["data"]["checkpoint"] for e in events} == {base_id}
+    desc = next(d for d in recorder.of("descriptor") if d["name"] == "xsml_tags")
+    assert "ring_doubling" not in desc["data_keys"]
+    assert recorder.of("stop")[0]["xsml_model"] == base_id

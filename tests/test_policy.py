@@ -422,3 +422,38 @@ def test_the_default_policy_in_the_docs_is_the_default():
     documented = Policy.loads(block, format="yaml")
     strip = {"rules": {"__all__": {"description"}}}
     assert documented.model_dump(exclude=strip) == Policy().model_dump(exclude=strip)
+
+
+# ------------------------------------------------- exact texts (what operators read)
+def test_default_rules_and_their_reasons_read_exactly():
+    assert [(r.name, r.description) for r in Policy().rules] == [
+        ("beam_off", "no beam on three frames in a row"),
+        ("saturation", "clipped pixels: shorter exposure"),
+        ("new_feature", "a scattering feature appeared: refine around this position"),
+        ("weak_only", "only weak scattering: count longer")]
+    cases = [
+        ([ref(1, "ring_isotropic"), ref(2, "beam_off"), ref(3, "beam_off"), ref(4, "beam_off")],
+         "beam_off: beam_off on 3 frame(s) in a row at primary seq_num 2..4"),
+        ([ref(1, "ring_isotropic"), ref(2, "ring_isotropic", "saturation")],
+         "saturation: saturation at primary seq_num 2"),
+        ([ref(1, "halo_isotropic"), ref(2, "halo_isotropic"),
+          ref(3, "ring_oriented", "halo_isotropic", "ring_isotropic")],
+         "new_feature: ring_isotropic, ring_oriented appeared at primary seq_num 3, absent from "
+         "the 2 frame(s) before"),
+        ([ref(1, "weak_scattering"), ref(2, "weak_scattering")],
+         "weak_only: nothing but weak_scattering at primary seq_num 2"),
+    ]
+    for frames, reason in cases:
+        assert decide(Policy(), frames).reason == reason
+
+
+def test_dumps_keeps_field_order_and_round_trips():
+    import yaml
+
+    p = Policy()
+    data = p.model_dump(mode="json")
+    assert p.dumps() == json.dumps(data, indent=2)
+    text = p.dumps(format="yaml")
+    assert text.startswith("name: default\nrules:\n- name: beam_off\n  kind: consecutive\n")
+    assert yaml.safe_load(text) == data
+    assert Policy.loads(text, format="yaml") == p == Policy.loads(p.dumps())

@@ -172,7 +172,8 @@ class GapDetector:
             track, new = self._track(doc["uid"])
             if track.start is not None:
                 log.warning("start %s received twice; keeping the first", doc["uid"])
-            track.start = dict(doc)
+            else:
+                track.start = dict(doc)
         elif name in ("descriptor", "stop") and run_uid:
             track, new = self._track(run_uid)
             if new:
