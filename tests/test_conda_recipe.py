@@ -103,7 +103,7 @@ def test_recipe_license_file_exists(recipe_text):
 
 @pytest.mark.parametrize("edit, expected", [
     (("    - numba >=0.60\n", ""), "run: numba >=0.60 missing from the recipe"),
-    (("pytorch >=2.3,<3", "pytorch >=2.3"), "run: pytorch is >=2.3 in the recipe, "),
+    (("pytorch >=2.6,<3", "pytorch >=2.6"), "run: pytorch is >=2.6 in the recipe, "),
     (("    - pydantic >=2.6\n", "    - pydantic >=2.6\n    - tqdm\n"),
      "run: tqdm  is not in pyproject.toml"),
     (("  run:\n    - python >=3.11", "  run:\n    - python >=3.10"), "run: python is >=3.10"),
