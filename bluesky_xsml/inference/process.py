@@ -339,7 +339,8 @@ class ProcessInferenceWorker:
         return {"checkpoint": self.checkpoint, "priority": o.priority, "threads": o.threads,
                 "device": o.device, "precision": o.precision, "shm_path": self._shm.path,
                 "slots": o.slots, "slot_bytes": o.slot_bytes, "max_batch": self.max_batch,
-                "max_wait": self.max_wait, "warmup": self.warmup,
+                # the feeder already waited max_wait to fill the batch it sends
+                "max_wait": min(self.max_wait, 0.002), "warmup": self.warmup,
                 "send_inputs": self.options.send_inputs and self.on_inputs is not None,
                 "external_options": self.external_options,
                 "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
@@ -436,12 +437,20 @@ class ProcessInferenceWorker:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            # one wake-up per batch, not per frame, as the in-process worker does: GIL
+            # hand-offs with the RunEngine thread stay rare
             jobs = [first]
+            deadline = time.monotonic() + self.max_wait
             while len(jobs) < self.max_batch:
                 try:
                     jobs.append(self._queue.get_nowait())
+                    continue
                 except queue.Empty:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
+                time.sleep(min(left, 0.01))
             try:
                 self._send_jobs(jobs)
             except Exception as err:  # never lose the jobs: account for them
