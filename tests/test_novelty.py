@@ -408,3 +408,16 @@ def test_similar_route_finds_frames_like_a_live_frame(fitted, tmp_path):
                           params={"k": 0}).status_code == 422
     finally:
         xsml.close()
+
+
+def test_fine_tuning_refits_the_statistics_for_the_new_weights(fitted):
+    frames = poisson_frames(24, 8)
+    labels = np.full((24, len(TAG_NAMES)), np.nan, np.float32)
+    labels[:, 0] = np.arange(24) % 2
+    new = fitted.finetune(frames, labels, steps=2, batch_size=8, synthetic=None,
+                          synthetic_val=None, val_fraction=0.25)
+    assert new.checkpoint_id != fitted.checkpoint_id
+    assert new.novelty is not None and new.novelty.digest() != fitted.novelty.digest()
+    assert new.novelty.info["checkpoint_id"] == new.checkpoint_id
+    assert new.novelty.embedding_dim == fitted.novelty.embedding_dim
+    assert np.isfinite(new.analyse(frames[:2]).novelty).all()

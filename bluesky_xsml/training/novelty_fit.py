@@ -90,6 +90,54 @@ def fit_novelty(tagger, fit_frames, val_frames, *, embedding_dim: int = 64, fpr:
     return model
 
 
+def refit_novelty(parent, new, fit_inputs: Sequence, val_inputs, *, max_frames: int = 4000,
+                  seed: int = 0):
+    """Refit ``parent`` statistics' kind (dimension, false-positive rate) for a new tagger.
+
+    Fine-tuning changes the features, so the parent's statistics no longer
+    describe them. ``fit_inputs`` are arrays of preprocessed inputs the new
+    tagger was trained on (its new frames, replayed and synthetic ones; at most
+    ``max_frames`` are drawn), ``val_inputs`` held-out ones for the threshold.
+    On too few frames (fewer than 2 of either) ``new`` is left without
+    statistics and a warning is logged. Returns the new model or ``None``.
+    """
+    from ..novelty import NoveltyModel
+
+    rng = np.random.default_rng(seed)
+    sizes = [len(x) for x in fit_inputs]
+    total = sum(sizes)
+    if total < 2 or val_inputs is None or len(val_inputs) < 2:
+        log.warning("novelty statistics not refitted for %s: %d fit and %d held-out frames; "
+                    "run xsml novelty-fit", new.checkpoint_id, total,
+                    0 if val_inputs is None else len(val_inputs))
+        new.set_novelty(None)
+        return None
+    picks = np.sort(rng.choice(total, min(total, max_frames), replace=False))
+    starts = np.cumsum([0, *sizes])
+
+    def feats(arrays_and_rows):
+        out = []
+        for arr, rows in arrays_and_rows:
+            for a in range(0, len(rows), 64):
+                x = np.asarray(arr[rows[a:a + 64]], np.float32)  # rows sorted (zarr too)
+                out.append(new.analyse_inputs(x, keep_features=True).features)
+        return np.concatenate(out)
+
+    parts = []
+    for k, arr in enumerate(fit_inputs):
+        rows = picks[(picks >= starts[k]) & (picks < starts[k + 1])] - starts[k]
+        if len(rows):
+            parts.append((arr, rows))
+    f_fit = feats(parts)
+    f_val = feats([(val_inputs, np.arange(len(val_inputs)))])
+    model = NoveltyModel.fit(f_fit, f_val, embedding_dim=parent.embedding_dim, fpr=parent.fpr,
+                             shrinkage=float(parent.info.get("shrinkage", 0.05)),
+                             info={"checkpoint_id": new.checkpoint_id,
+                                   "data": "fine-tuning inputs", "refit_from": parent.digest()})
+    new.set_novelty(model)
+    return model
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``xsml novelty-fit``."""
     parser.add_argument("--checkpoint", default=None,
