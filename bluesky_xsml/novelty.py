@@ -11,8 +11,13 @@ Fitted once on in-distribution frames (``xsml novelty-fit``), it holds:
 
 * ``mean`` and a shrunk pooled ``precision`` matrix of the features: the
   score is the Mahalanobis distance ``sqrt((f - mean)^T P (f - mean))``;
-* the top principal directions of the centred features: the embedding is
-  the projection onto them, L2-normalised and stored as float16;
+* the top principal directions of the centred features. The embedding joins
+  the (unit) projection onto the first of them, weighted by
+  :data:`PCA_WEIGHT`, and the (unit) centred tag probabilities ``p - 0.5``,
+  so that neighbours look alike *and* carry the same tags; it is
+  L2-normalised and stored as float16, ``embedding_dim`` values in all
+  (``embedding_dim - T`` principal directions for ``T`` tags, at least 8).
+  ``docs/novelty.md`` compares it with either part alone;
 * ``threshold``: the score above which a frame is ``novel``, the
   ``1 - fpr`` quantile of the scores of held-out in-distribution frames.
 
@@ -29,6 +34,8 @@ Examples
 True
 >>> model.embed(train[:3]).shape, model.embed(train[:3]).dtype
 ((3, 8), dtype('float16'))
+>>> model.embed(train[:3], probs=np.full((3, 2), 0.9)).shape  # 6 directions + 2 tags
+(3, 8)
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ __all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "energy_novelty", "auroc",
 SCORES = ("mahalanobis", "pca_residual", "energy", "max_logit")
 
 _VERSION = 1
+
+#: Weight of the feature part of an embedding against its probability part.
+PCA_WEIGHT = 0.5
+#: Fewest principal directions an embedding keeps beside the probabilities.
+MIN_PCA_DIMS = 8
 
 
 def sidecar_path(checkpoint: str | Path) -> Path:
@@ -261,11 +273,35 @@ class NoveltyModel:
         with np.errstate(invalid="ignore"):
             return np.nan_to_num(s, nan=-np.inf) > self.threshold
 
-    def embed(self, features: np.ndarray) -> np.ndarray:
-        """Compact embeddings ``(N, D)``: projections on the principal directions,
-        L2-normalised, float16 (cosine similarity is their dot product)."""
-        z = (self._check(features) - self.mean) @ self.components.T
+    def pca_dims(self, n_tags: int | None) -> int:
+        """Principal directions an embedding uses beside ``n_tags`` probabilities."""
+        if not n_tags:
+            return self.embedding_dim
+        return max(min(MIN_PCA_DIMS, self.embedding_dim), self.embedding_dim - int(n_tags))
+
+    def output_dim(self, n_tags: int | None) -> int:
+        """Length of the embeddings of a tagger with ``n_tags`` tags."""
+        return self.pca_dims(n_tags) + (int(n_tags) if n_tags else 0)
+
+    def embed(self, features: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+        """Compact embeddings, L2-normalised float16 (cosine similarity is their dot product).
+
+        Without ``probs``: the projections on the principal directions
+        (``embedding_dim`` values). With ``probs`` (``(N, T)``): the unit
+        projection on the first :meth:`pca_dims` directions times
+        :data:`PCA_WEIGHT`, then the unit ``probs - 0.5``.
+        """
+        x = self._check(features) - self.mean
+        n_tags = None if probs is None else np.shape(probs)[1]
+        z = x @ self.components[:self.pca_dims(n_tags)].T
         z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        if probs is not None:
+            p = np.asarray(probs, np.float32) - 0.5
+            if p.shape[0] != z.shape[0]:
+                raise ValueError(f"{p.shape[0]} probability rows for {z.shape[0]} feature rows")
+            p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+            z = np.hstack([PCA_WEIGHT * z, p])
+            z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         return z.astype(np.float16)
 
     def with_threshold(self, threshold: float) -> "NoveltyModel":

@@ -89,6 +89,22 @@ def test_embeddings_are_unit_float16_and_round_trip_as_text():
     assert encode_embedding(None) == ""
 
 
+def test_embedding_with_probabilities_puts_same_tag_frames_together():
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(300, 10))
+    model = NoveltyModel.fit(feats, embedding_dim=12)
+    probs = np.where(rng.random((300, 4)) < 0.5, 0.95, 0.05)
+    e = model.embed(feats, probs).astype(np.float32)
+    assert e.shape == (300, model.output_dim(4)) == (300, 12)
+    same = (probs[:, None, :] == probs[None, :, :]).all(-1)
+    sims = e @ e.T
+    off = ~np.eye(300, dtype=bool)
+    # frames with the same tags are, on average, much closer than frames without
+    assert sims[same & off].mean() > sims[~same].mean() + 0.3
+    with pytest.raises(ValueError, match="probability rows"):
+        model.embed(feats[:3], probs[:2])
+
+
 def test_energy_score_is_higher_for_frames_without_confident_tags():
     confident = np.array([[0.999, 0.001, 0.001]])
     vague = np.array([[0.5, 0.5, 0.5]])
@@ -102,7 +118,11 @@ def test_analyse_gives_probs_scores_flags_and_embeddings(fitted):
     a = fitted.analyse(frames, keep_features=True)
     np.testing.assert_allclose(a.probs, fitted.predict(frames), atol=1e-6)
     assert a.novelty.shape == (6,) and np.isfinite(a.novelty).all()
-    assert a.embedding.shape == (6, 8) and a.embedding.dtype == np.float16
+    dim = fitted.novelty.output_dim(len(fitted.tags))
+    assert dim == 8 + len(TAG_NAMES)  # 8 principal directions, then the probabilities
+    assert a.embedding.shape == (6, dim) and a.embedding.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(a.embedding.astype(np.float32), axis=1), 1.0,
+                               atol=3e-3)
     assert a.features.shape == (6, fitted.feature_dim)
     assert a.novel.tolist() == (a.novelty > fitted.novelty.threshold).tolist()
     # a frame nothing like the fit frames (a saturated half, a dead half) scores higher
@@ -201,12 +221,13 @@ def test_tag_stream_carries_novelty_and_the_stop_counts_novel_frames(fitted):
     validate_all(rec.docs)
     desc = [d for d in rec.of("descriptor") if d["name"] == "xsml_tags"][0]
     assert {"novelty", "novel", "embedding"} <= set(desc["data_keys"])
-    assert desc["configuration"]["xsml"]["data"]["embedding_dim"] == 8
+    dim = fitted.novelty.output_dim(len(fitted.tags))
+    assert desc["configuration"]["xsml"]["data"]["embedding_dim"] == dim
     events = rec.tag_events()
     assert len(events) == 5
     for ev in events:
         assert math.isfinite(ev["data"]["novelty"])
-        assert decode_embedding(ev["data"]["embedding"], 8) is not None
+        assert decode_embedding(ev["data"]["embedding"], dim) is not None
     assert [ev["data"]["novel"] for ev in events] == [True] * 3 + [False] * 2
     stops = rec.of("stop")
     assert [s["xsml_novel"] for s in stops] == [3, 0]

@@ -214,7 +214,7 @@ class Tagger:
         if nov is None:
             return {"available": False, "threshold": None, "embedding_dim": 0}
         return {"available": True, "threshold": nov.threshold, "fpr": nov.fpr,
-                "embedding_dim": nov.embedding_dim, "digest": nov.digest(),
+                "embedding_dim": nov.output_dim(len(self.tags)), "digest": nov.digest(),
                 "fitted_for": nov.info.get("checkpoint_id")}
 
     # ------------------------------------------------------------ construction
@@ -479,11 +479,11 @@ class Tagger:
         if nov is None or n == 0:
             scores = np.full(n, np.nan, np.float32)
             return FrameAnalysis(probs, scores, np.zeros(n, bool),
-                                 None if nov is None else np.zeros((0, nov.embedding_dim),
-                                                                   np.float16),
+                                 None if nov is None else np.zeros(
+                                     (0, nov.output_dim(len(self.tags))), np.float16),
                                  feats if keep_features else None)
         scores = nov.score(feats)
-        return FrameAnalysis(probs, scores, nov.is_novel(scores), nov.embed(feats),
+        return FrameAnalysis(probs, scores, nov.is_novel(scores), nov.embed(feats, probs),
                              feats if keep_features else None)
 
     def analyse(self, frames, *, batch_size: int = 32, beam_center=None,

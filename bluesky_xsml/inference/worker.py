@@ -376,7 +376,7 @@ class InferenceWorker:
         """
         n = len(inputs)
         probs = np.full((n, len(self.tagger.tags)), np.nan, np.float32)
-        analyse = getattr(self.tagger, "analyse_inputs", None) if extras is not None else None
+        analyse = _analyser(self.tagger) if extras is not None else None
         failed: dict[int, str] = {}
         stack = [(0, n)]
         while stack:
@@ -425,6 +425,25 @@ class InferenceWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _analyser(tagger):
+    """``tagger.analyse_inputs`` when it runs the same model call as ``predict_inputs``.
+
+    A wrapper that replaces ``predict_inputs`` (fault injection, a remote model)
+    and passes other attributes through must keep being called, so the
+    analysis is used only where the class defining ``analyse_inputs`` also
+    defines the ``predict_inputs`` in use.
+    """
+    cls = type(tagger)
+
+    def owner(name):
+        return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+    where = owner("analyse_inputs")
+    if where is None or where is not owner("predict_inputs"):
+        return None
+    return tagger.analyse_inputs
 
 
 def _keep_analysis(extras: dict, n: int, lo: int, hi: int, analysis) -> None:
