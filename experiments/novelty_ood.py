@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=300, help="frames per condition")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save", default=None, help="also keep features and probabilities (.npz)")
     args = p.parse_args(argv)
 
     import torch
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     def scores(frames):
         out = tagger.analyse(frames, keep_features=True)
         return {"mahalanobis": out.novelty, "pca_residual": nov.residual(out.features),
-                "energy": energy_novelty(out.probs), "novel": out.novel}
+                "energy": energy_novelty(out.probs), "novel": out.novel,
+                "features": out.features, "probs": out.probs}
 
     frames_in, _ = synthetic_frames(args.n, seed=2, sizes=(256, 512))
     s_in = scores(frames_in)
@@ -107,13 +109,18 @@ def main(argv=None) -> int:
     sets = conditions(frames_in, rng)
     held, _ = synthetic_frames(args.n, seed=3, sizes=(512,), detectors="heldout")
     sets["heldout detectors (rendered differently; model handles them)"] = held
-    for name, frames in sets.items():
+    kept = {"in_features": s_in["features"], "in_probs": s_in["probs"]}
+    for k, (name, frames) in enumerate(sets.items()):
         s = scores(frames)
+        kept[f"c{k}_features"], kept[f"c{k}_probs"] = s["features"], s["probs"]
+        kept[f"c{k}_name"] = np.asarray(name)
         report[name] = {"flagged": round(float(s["novel"].mean()), 4),
                         **{f"auroc_{k}": round(auroc(s_in[k], s[k]), 4)
                            for k in ("mahalanobis", "pca_residual", "energy")}}
         print(name, report[name], flush=True)
     print(json.dumps(report, indent=1))
+    if args.save:
+        np.savez(args.save, **kept)
     return 0
 
 
