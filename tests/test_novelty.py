@@ -442,3 +442,25 @@ def test_fine_tuning_refits_the_statistics_for_the_new_weights(fitted):
     assert new.novelty.info["checkpoint_id"] == new.checkpoint_id
     assert new.novelty.embedding_dim == fitted.novelty.embedding_dim
     assert np.isfinite(new.analyse(frames[:2]).novelty).all()
+
+
+def test_cli_novelty_fit_writes_a_sidecar_or_a_checkpoint(tmp_path, capsys):
+    import json
+
+    from bluesky_xsml.cli import main
+
+    path = Tagger.untrained(seed=0, config=TINY).save(tmp_path / "m.pt")
+    common = ["--checkpoint", str(path), "--n-fit", "40", "--n-val", "20", "--sizes", "64",
+              "--embedding-dim", "8", "--fpr", "0.1"]
+    assert main(["novelty-fit", *common, "--sidecar"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["written"] == str(sidecar_path(path)) and out["fpr"] == 0.1
+    loaded = Tagger.load(path)
+    assert loaded.novelty is not None and loaded.novelty.threshold == pytest.approx(
+        out["threshold"], abs=1e-3)
+    assert main(["novelty-fit", *common, "--out", str(tmp_path / "with.pt")]) == 0
+    capsys.readouterr()
+    inside = torch.load(tmp_path / "with.pt", weights_only=True)
+    assert "novelty" in inside and Tagger.load(tmp_path / "with.pt").checkpoint_id == \
+        loaded.checkpoint_id
+    assert main(["novelty-fit", "--checkpoint", str(tmp_path / "none.pt"), "--sidecar"]) == 2
