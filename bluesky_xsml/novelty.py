@@ -34,8 +34,8 @@ Examples
 True
 >>> model.embed(train[:3]).shape, model.embed(train[:3]).dtype
 ((3, 8), dtype('float16'))
->>> model.embed(train[:3], probs=np.full((3, 2), 0.9)).shape  # 6 directions + 2 tags
-(3, 8)
+>>> model.embed(train[:3], probs=np.full((3, 2), 0.9)).shape  # 8 directions (the least) + 2
+(3, 10)
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def encode_embedding(vector: np.ndarray | None) -> str:
 
     >>> v = np.array([0.6, 0.8], np.float16)
     >>> decode_embedding(encode_embedding(v)).tolist()
-    [0.599609375, 0.7998046875]
+    [0.60009765625, 0.7998046875]
     """
     import base64
 
