@@ -25,6 +25,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "retag": ("bluesky_xsml.scaleout.retag", "re-tag stored runs with a model on a Dask cluster"),
     "serve": ("bluesky_xsml.api.serve", "serve the steering API and live page (uvicorn)"),
     "query": ("bluesky_xsml.catalog.query_cli", "list runs or frames carrying a tag"),
+    "novelty-fit": ("bluesky_xsml.training.novelty_fit",
+                    "fit a tagger's novelty statistics and 'novel' threshold"),
+    "similar": ("bluesky_xsml.catalog.similar_cli", "list the stored frames most like one frame"),
     "export-xml": ("bluesky_xsml.catalog.xml_cli", "write a run's tags as CFN XML files"),
 }
 

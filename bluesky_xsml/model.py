@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 __all__ = ["TaggerNetConfig", "TaggerNet", "RelationBlock", "masked_bce_loss",
            "fuse_for_inference", "position_code",
-           "Probabilities"]
+           "Probabilities", "ProbabilitiesAndFeatures"]
 
 
 @dataclass
@@ -236,13 +236,12 @@ class TaggerNet(nn.Module):
                 h = self.relation(h)
         return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                centers: torch.Tensor | None = None):
-        """Return ``(logits, loss)``; ``loss`` is ``None`` without targets.
+    def logits_and_features(self, x: torch.Tensor, centers: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, pooled features)``: the head's output and its input.
 
-        ``centers`` (``(N, 2)``, the beam centre of each row on the input, see
-        :func:`bluesky_xsml.polar.input_centers`; non-finite rows are unknown)
-        feeds the polar head, when the network has one.
+        The pooled features are what novelty scores and embeddings are computed
+        from (:mod:`bluesky_xsml.novelty`).
         """
         pooled = self.features(x)
         logits = self.head(self.dropout(pooled))
@@ -252,6 +251,17 @@ class TaggerNet(nn.Module):
             known = torch.isfinite(centers).all(1)
             feats = polar_features(x, centers, self.polar.config)
             logits = logits + self.polar(feats, pooled, known).to(logits.dtype)
+        return logits, pooled
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                centers: torch.Tensor | None = None):
+        """Return ``(logits, loss)``; ``loss`` is ``None`` without targets.
+
+        ``centers`` (``(N, 2)``, the beam centre of each row on the input, see
+        :func:`bluesky_xsml.polar.input_centers`; non-finite rows are unknown)
+        feeds the polar head, when the network has one.
+        """
+        logits, _ = self.logits_and_features(x, centers)
         loss = None
         if targets is not None:
             loss = masked_bce_loss(logits, targets, self.pos_weight)
@@ -290,3 +300,20 @@ class Probabilities(nn.Module):
     def forward(self, x: torch.Tensor, centers: torch.Tensor | None = None) -> torch.Tensor:
         logits, _ = self.net(x, None, centers)
         return torch.sigmoid(logits.float())
+
+
+class ProbabilitiesAndFeatures(nn.Module):
+    """Inference wrapper: ``(float32 probabilities, float32 pooled features)``.
+
+    The features cost nothing extra (the head reads them anyway); the tagger's
+    novelty score and embedding are computed from them.
+    """
+
+    def __init__(self, net: TaggerNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, centers: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = self.net.logits_and_features(x, centers)
+        return torch.sigmoid(logits.float()), pooled.float()

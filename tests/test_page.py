@@ -349,3 +349,43 @@ def test_page_without_fine_tuning_never_shows_a_blank_frame(browser, tmp_path):
         page.close()
         service.stop()
         xsml.close()
+
+
+def test_pinned_frame_lists_frames_like_it(browser, tmp_path):
+    """Clicking a frame card shows the frames most like it (the /similar route)."""
+    from bluesky_xsml.training.novelty_fit import fit_novelty
+
+    tagger = Tagger.untrained(seed=4, config=TINY, precision="fp32")
+    rng = np.random.default_rng(0)
+    fit_novelty(tagger, [rng.poisson(4, (64, 80)).astype(np.uint32) for _ in range(60)],
+                [rng.poisson(4, (64, 80)).astype(np.uint32) for _ in range(40)],
+                embedding_dim=8)
+    xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
+    RE = RunEngine({}, call_returns_result=False)
+    RE.subscribe(xsml)
+    service = xsml.serve(port=0, announce=False)
+    RE(count([make_image_detector(shape=(64, 80), seed=2)], 6))
+    assert xsml.flush(60)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = _watch(page)
+    try:
+        page.goto(service.page_url)
+        page.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        assert not page.is_visible("#similar")
+        card = page.locator("#frames .frame-card").nth(2)
+        seq = card.get_attribute("data-seq")
+        card.click()
+        page.wait_for_selector("#similar-list .similar-item", timeout=20_000)
+        items = page.locator("#similar-list .similar-item")
+        assert items.count() == 5  # the run's other frames
+        assert seq not in [i.get_attribute("data-seq") for i in items.all()]
+        sims = [float(i.locator(".sim").inner_text()) for i in items.all()]
+        assert sims == sorted(sims, reverse=True)
+        assert f"#{seq}" in page.inner_text("#similar-title")
+        page.click("#current-live")
+        assert not page.is_visible("#similar")
+        assert not errors, errors
+    finally:
+        page.close()
+        service.stop()
+        xsml.close()

@@ -357,7 +357,7 @@ def test_yaml_written_by_hand(tmp_path):
     ({"rules": [{"name": "x", "kind": "latest", "tags": ["rings"], "action": "pause"}]},
      "unknown tag(s) ['rings']; valid tags are: ring_isotropic"),
     ({"rules": [{"name": "x", "kind": "sometimes", "tags": ["beam_off"], "action": "pause"}]},
-     "Input should be 'consecutive', 'latest', 'appears', 'changes', 'only' or 'skipped'"),
+     "Input should be 'consecutive', 'latest', 'appears', 'changes', 'only', 'skipped' or 'novel'"),
     ({"rules": [{"name": "x", "kind": "latest", "tags": ["beam_off"], "action": "panic"}]},
      "Input should be 'continue', 'pause', 'remeasure', 'refine', 'count_longer' or 'stop'"),
     ({"rules": [{"name": "x", "kind": "latest", "action": "pause"}]},

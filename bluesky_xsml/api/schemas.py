@@ -78,6 +78,8 @@ class FrameOut(BaseModel):
     checkpoint: str = ""
     latency_s: float | None = None
     time: float
+    novelty: float | None = Field(None, description="novelty score; null when unavailable")
+    novel: bool = Field(False, description="novelty above the model's threshold")
     scan_id: int | None = Field(None, description="the run's scan_id (start document)")
     plan_name: str = Field("", description="the run's plan_name (start document)")
     positions: dict[str, Position] = Field(
@@ -116,6 +118,18 @@ class RunSummary(BaseModel):
 
 class RunsOut(BaseModel):
     runs: list[RunSummary]
+
+
+class SimilarFrame(FrameOut):
+    similarity: float = Field(description="cosine similarity of the embeddings (1: identical)")
+
+
+class SimilarOut(BaseModel):
+    """Frames like one frame, among those the service remembers."""
+
+    query: FrameOut
+    frames: list[SimilarFrame]
+    searched: str = Field(description="what was searched")
 
 
 class RunFramesOut(BaseModel):

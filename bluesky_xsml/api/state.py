@@ -80,6 +80,14 @@ class FeedClient:
             self.dropped += 1
 
 
+def _finite(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v and abs(v) != float("inf") else None
+
+
 def frames_json(run_uid: str, records: list[dict]) -> str:
     """``{"run_uid": ..., "frames": [...]}`` from records' pre-serialised JSON."""
     frames = ",".join(r["_json"] for r in records)
@@ -176,6 +184,9 @@ class ServiceState:
             for r in results:
                 rec = self._record(run_uid, r, tags)
                 rec["_json"] = json.dumps(rec)  # serialised once, served many times
+                emb = getattr(r, "embedding", None)
+                if emb is not None:
+                    rec["_emb"] = emb  # for /similar; not part of the JSON
                 records.append(rec)
                 self._latest.append(rec)
                 if len(run.frames) < self.settings.max_frames_per_run:
@@ -215,7 +226,8 @@ class ServiceState:
                 "key": r.key, "frame_index": int(r.frame_index), "event_uid": r.event_uid or "",
                 "tags": list(r.tags), "probs": probs, "skip_reason": r.skip_reason or "",
                 "checkpoint": r.checkpoint or "", "latency_s": lat if lat == lat else None,
-                "time": float(r.time), **where}
+                "time": float(r.time), "novelty": _finite(getattr(r, "novelty", None)),
+                "novel": bool(getattr(r, "novel", False)), **where}
 
     def _on_inputs(self, items: list) -> None:
         """Keep a small log-scaled preview of each tagged frame."""
@@ -380,6 +392,33 @@ class ServiceState:
                         thumb = self._thumbs[ident]
                         break
         return record, thumb
+
+    def similar(self, run_uid: str, seq_num: int, *, stream: str, key: str | None,
+                frame_index: int, k: int) -> tuple[dict, list[dict]] | None:
+        """The ``k`` remembered frames most like one frame (cosine of embeddings).
+
+        ``None`` when the frame is not remembered; ``(record, [])`` when it has
+        no embedding (the tagger has no novelty statistics).
+        """
+        import numpy as np
+
+        record, _ = self.find_frame(run_uid, seq_num, stream=stream, key=key,
+                                    frame_index=frame_index)
+        if record is None:
+            return None
+        if "_emb" not in record:
+            return record, []
+        with self._lock:
+            pool = {r["id"]: r for run in self._runs.values() for r in run.frames if "_emb" in r}
+            pool.update((r["id"], r) for r in self._latest if "_emb" in r)
+        pool.pop(record["id"], None)
+        cands = [r for r in pool.values() if len(r["_emb"]) == len(record["_emb"])]
+        if not cands:
+            return record, []
+        sims = np.stack([r["_emb"] for r in cands]).astype(np.float32) @ \
+            np.asarray(record["_emb"], np.float32)
+        top = np.argsort(-sims, kind="stable")[:k]
+        return record, [{**cands[i], "similarity": float(sims[i])} for i in top]
 
     def frames_per_s(self) -> float:
         now = time.monotonic()

@@ -303,7 +303,7 @@ def _run_table(run, stream: str, columns: Sequence[str]):
 
 def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
                        stream: str | None, model: str | None, sample_keys,
-                       fields: Sequence[str]) -> list[dict] | None:
+                       fields: Sequence[str], novel: bool | None = None) -> list[dict] | None:
     """The matching frames from the stop's ``xsml_index``, or ``None`` if it cannot answer.
 
     It answers only for the stream it describes (the run's current tag stream),
@@ -321,6 +321,8 @@ def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
         if min_prob < float(idx["min_prob"]):
             return None
         frames, positions = idx["frames"], idx["positions"]
+        if novel is not None and "novel" not in frames:
+            return None  # an index written before novelty scores: read the streams
         hits = (idx.get("hits") or {}).get(tag) or {"row": [], "prob": []}
         motors = list(dict.fromkeys([*(start.get("motors") or []), *fields]))
         if not set(fields) <= set(positions):
@@ -334,12 +336,18 @@ def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
         for i, p in zip(hits["row"], hits["prob"]):
             if not p >= min_prob:
                 continue
+            if novel is not None and bool(frames["novel"][i]) != novel:
+                continue
             row = {"uid": start.get("uid"), "scan_id": start.get("scan_id"),
                    "stream": str(frames["stream"][i]), "seq_num": int(frames["seq_num"][i]),
                    "key": str(frames["key"][i]), "frame_index": int(frames["frame_index"][i]),
                    "tag": tag, "probability": float(p), "tags": str(frames["tags"][i]),
                    "model": str(frames["checkpoint"][i]), "tag_stream": current,
                    "time": float(frames["time"][i])}
+            if novel is not None:
+                score = frames["novelty"][i]
+                row["novelty"] = math.nan if score is None else float(score)
+                row["novel"] = bool(frames["novel"][i])
             row.update(sample)
             for c in columns:
                 value = positions[c][i]
@@ -354,17 +362,21 @@ def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
 
 
 def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: str | None,
-                   sample_keys, fields, use_index: bool = True) -> list[dict]:
+                   sample_keys, fields, use_index: bool = True,
+                   novel: bool | None = None) -> list[dict]:
     import numpy as np
 
     md = run.metadata
     start, stop = md.get("start") or {}, md.get("stop") or {}
     if use_index:
-        rows = _frames_from_index(start, stop, tag, min_prob, stream, model, sample_keys, fields)
+        rows = _frames_from_index(start, stop, tag, min_prob, stream, model, sample_keys, fields,
+                                  novel)
         if rows is not None:
             return rows
     cols = [tag, "source_stream", "source_seq_num", "source_key", "frame_index", "tags",
             "checkpoint", "time"]
+    if novel is not None:
+        cols += ["novelty", "novel"]
     df = None
     run_keys: list[str] | None = None
     name = stream if stream is not None else (
@@ -384,7 +396,12 @@ def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: st
             return []
         df = _table(tag_node, [c for c in cols if available is None or c in available])
     probs = df[tag].to_numpy(dtype=np.float64)
-    keep = np.flatnonzero(np.nan_to_num(probs, nan=-1.0) >= min_prob)
+    ok = np.nan_to_num(probs, nan=-1.0) >= min_prob
+    if novel is not None:
+        if "novel" not in df.columns:  # a tag stream written before novelty scores
+            df = df.assign(novel=False, novelty=math.nan)
+        ok &= df["novel"].fillna(False).to_numpy(dtype=bool) == novel
+    keep = np.flatnonzero(ok)
     if not len(keep):
         return []
     df = df.iloc[keep]
@@ -418,6 +435,8 @@ def _frames_of_run(run, tag: str, min_prob: float, stream: str | None, model: st
                "tag": tag, "probability": float(r[tag]), "tags": str(r.get("tags", "")),
                "model": str(r.get("checkpoint", "")), "tag_stream": name,
                "time": float(r["time"]) if "time" in r else math.nan}
+        if novel is not None:
+            row["novelty"], row["novel"] = float(r["novelty"]), bool(r["novel"])
         row.update(sample)
         row.update(positions.get(row["stream"], {}).get(seq, {}))
         rows.append(row)
@@ -485,7 +504,7 @@ def _add_positions_recorded_elsewhere(run, rows: list[dict], wanted: Sequence[st
 def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str | None = None,
                 model: str | None = None, sample_keys: Sequence[str] | None = None,
                 fields: Sequence[str] = (), narrow: bool | None = None, strict: bool = True,
-                threads: int = 1, use_index: bool = True):
+                threads: int = 1, use_index: bool = True, novel: bool | None = None):
     """Frames whose probability for ``tag`` is at least ``min_prob``, as a table.
 
     Parameters
@@ -525,6 +544,11 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
         :class:`~bluesky_xsml.TaggingCallback`) where it can: no stream is read
         for that run. ``False`` reads every run's streams (the same rows; for
         checking, or for positions the index lacks).
+    novel : bool, optional
+        ``True``: only frames the tagger flagged novel (``novel`` in the tag
+        stream, see docs/novelty.md); ``False``: only frames not flagged.
+        Either adds ``novelty`` and ``novel`` columns. Frames tagged before
+        novelty scores existed count as not novel.
 
     Returns
     -------
@@ -547,6 +571,8 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
         raise ValueError(f"min_prob must be a number in [0, 1], got {min_prob!r}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if novel is not None and not isinstance(novel, bool):
+        raise ValueError(f"novel must be True, False or None, got {novel!r}")
     source = catalog_or_runs
     is_catalog = hasattr(source, "search") and "BlueskyRun" not in _spec_names(source)
     if is_catalog:
@@ -559,7 +585,7 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     def one(run):
         try:
             return _frames_of_run(run, tag, float(min_prob), stream, model, sample_keys, fields,
-                                  use_index)
+                                  use_index, novel)
         except KeyError as err:
             log.warning("run %s: cannot read its tag stream (%s); skipped",
                         run.metadata.get("start", {}).get("uid"), err)

@@ -6,6 +6,7 @@ Examples
 
     xsml query ring_oriented --catalog tiled_data/                  # runs, embedded catalog
     xsml query ring_oriented --since 2026-11-01 --min-prob 0.8      # frames, as a table
+    xsml query ring_isotropic --novel                               # frames flagged novel
     xsml query beam_off --catalog http://tiled:8000 --api-key KEY --sample PS-b-PMMA
 """
 
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="start metadata filter (repeatable); VALUE is parsed as a number "
                              "when it looks like one")
+    parser.add_argument("--novel", action="store_true",
+                        help="list only frames flagged novel (frames; --min-prob defaults to 0.5)")
     parser.add_argument("--limit", type=int, default=50, help="rows printed (default 50; 0: all)")
     parser.add_argument("--csv", default=None, help="also write the full table to this CSV file")
 
@@ -93,11 +96,13 @@ def main(args: argparse.Namespace) -> int:
             filters = _filters(args)
             runs = find_runs(catalog, args.tag, min_frames=args.min_frames, since=args.since,
                              until=args.until, model=args.model, **filters)
-            if args.min_prob is None:
+            if args.min_prob is None and not args.novel:
                 table = run_summaries(runs, args.tag)
                 what = "runs"
             else:
-                table = find_frames(runs, args.tag, min_prob=args.min_prob, model=args.model)
+                min_prob = 0.5 if args.min_prob is None else args.min_prob
+                table = find_frames(runs, args.tag, min_prob=min_prob, model=args.model,
+                                    novel=True if args.novel else None)
                 what = "frames"
         except (ValueError, TypeError) as err:
             print(f"xsml query: {err}", file=sys.stderr)

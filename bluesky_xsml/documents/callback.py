@@ -61,6 +61,7 @@ class RunTagState:
     frames: int = 0
     tag_counts: collections.Counter = field(default_factory=collections.Counter)
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    novel: int = 0  # tagged frames flagged novel (xsml_novel)
     checkpoints: list = field(default_factory=list)
     event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
     start_labels: dict = field(default_factory=dict)     # validated start xsml_labels
@@ -869,6 +870,7 @@ class TaggingCallback:
                 run.skipped[r.skip_reason.split(":")[0]] += 1
             else:
                 run.tag_counts.update(r.tags)
+                run.novel += bool(getattr(r, "novel", False))
                 if r.checkpoint and r.checkpoint not in run.checkpoints:
                     run.checkpoints.append(r.checkpoint)
 
@@ -936,6 +938,7 @@ class TaggingCallback:
             "xsml_models": list(run.checkpoints),
             "xsml_frames": int(run.frames),
             "xsml_skipped": {k: int(v) for k, v in sorted(run.skipped.items())},
+            "xsml_novel": int(run.novel),
         }
 
     def _check_held_stops(self) -> None:

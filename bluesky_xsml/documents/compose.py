@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import event_model
 
+from ..novelty import encode_embedding
 from ..tags import TAGS
 
 __all__ = ["FrameResult", "TagStreamComposer", "LINK_KEYS"]
@@ -43,6 +44,14 @@ LINK_KEYS: dict[str, dict[str, Any]] = {
                    "description": "checkpoint id of the model that tagged the frame"},
     "latency": {"dtype": "number", "shape": [], "source": "xsml", "units": "s",
                 "description": "seconds from the frame's arrival to its tag"},
+    "novelty": {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "source": "xsml",
+                "description": "distance of the frame's features from the training frames' "
+                               "(Mahalanobis; NaN when unavailable or skipped)"},
+    "novel": {"dtype": "boolean", "shape": [], "source": "xsml",
+              "description": "novelty above the model's novelty threshold"},
+    "embedding": {"dtype": "string", "shape": [], "source": "xsml",
+                  "description": "base64 of the frame's L2-normalised float16 embedding "
+                                 "('' when unavailable); see bluesky_xsml.novelty"},
 }
 
 
@@ -61,6 +70,14 @@ class FrameResult:
     tags: tuple[str, ...] = ()
     latency: float = math.nan
     time: float = field(default_factory=time.time)
+    novelty: float = math.nan
+    novel: bool = False
+    embedding: Any = None  # (D,) float16 array, or None
+
+
+def _novelty(model_info: Mapping) -> Mapping:
+    info = model_info.get("novelty")
+    return info if isinstance(info, Mapping) else {}
 
 
 class TagStreamComposer:
@@ -107,6 +124,8 @@ class TagStreamComposer:
             "model": json.dumps(model_info.get("model_config", {}), sort_keys=True),
             "device": str(model_info.get("device", "")),
             "precision": str(model_info.get("precision", "")),
+            "novelty_threshold": float(_novelty(model_info).get("threshold") or math.nan),
+            "embedding_dim": int(_novelty(model_info).get("embedding_dim") or 0),
         }
         conf_keys = {
             "checkpoint_id": {"dtype": "string", "shape": [], "source": "xsml"},
@@ -118,6 +137,8 @@ class TagStreamComposer:
             "model": {"dtype": "string", "shape": [], "source": "xsml"},
             "device": {"dtype": "string", "shape": [], "source": "xsml"},
             "precision": {"dtype": "string", "shape": [], "source": "xsml"},
+            "novelty_threshold": {"dtype": "number", "shape": [], "source": "xsml"},
+            "embedding_dim": {"dtype": "integer", "shape": [], "source": "xsml"},
         }
         configuration = {"xsml": {"data": conf_data,
                                   "timestamps": {k: now for k in conf_data},
@@ -155,6 +176,10 @@ class TagStreamComposer:
             data["skip_reason"].append(r.skip_reason)
             data["checkpoint"].append(r.checkpoint)
             data["latency"].append(float(r.latency))
+            data["novelty"].append(float(r.novelty) if r.probs is not None else math.nan)
+            data["novel"].append(bool(r.novel) and r.probs is not None)
+            data["embedding"].append(encode_embedding(r.embedding) if r.probs is not None
+                                     else "")
         times = [r.time for r in results]
         timestamps = {k: list(times) for k in self.data_keys}
         return self._compose_page(data=data, timestamps=timestamps, time=list(times),

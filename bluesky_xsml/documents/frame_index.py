@@ -23,7 +23,8 @@ Layout (columns are lists of equal length, one entry per indexed frame)::
      "limit": 1000, "positions_known": true,
      "frames": {"stream": [...], "seq_num": [...], "key": [...],
                 "frame_index": [...], "time": [...], "tags": [...],
-                "checkpoint": [...]},
+                "checkpoint": [...], "novelty": [...],  # novelty: None if unavailable
+                "novel": [...]},
      "positions": {"<motor data key>": [...]},   # None where a frame lacks it
      "hits": {"<tag>": {"row": [...], "prob": [...]}}}
 """
@@ -39,7 +40,8 @@ __all__ = ["FrameIndex", "INDEX_KEY", "INDEX_VERSION", "motor_keys"]
 INDEX_KEY = "xsml_index"
 INDEX_VERSION = 1
 
-_FRAME_FIELDS = ("stream", "seq_num", "key", "frame_index", "time", "tags", "checkpoint")
+_FRAME_FIELDS = ("stream", "seq_num", "key", "frame_index", "time", "tags", "checkpoint",
+                 "novelty", "novel")
 
 
 def motor_keys(descriptor: Mapping, start: Mapping) -> list[str]:
@@ -124,7 +126,9 @@ class FrameIndex:
         for name, value in (("stream", result.stream), ("seq_num", int(result.seq_num)),
                             ("key", result.key), ("frame_index", int(result.frame_index)),
                             ("time", float(result.time)), ("tags", ",".join(result.tags)),
-                            ("checkpoint", result.checkpoint)):
+                            ("checkpoint", result.checkpoint),
+                            ("novelty", _number(float(getattr(result, "novelty", math.nan)))),
+                            ("novel", bool(getattr(result, "novel", False)))):
             self._frames[name].append(value)
         if positions is None:
             self.positions_known = False

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigurationError, FrameError
-from ..model import Probabilities, TaggerNet, TaggerNetConfig, fuse_for_inference
+from ..model import ProbabilitiesAndFeatures, TaggerNet, TaggerNetConfig, fuse_for_inference
+from ..novelty import FrameAnalysis, NoveltyModel, sidecar_path
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
@@ -146,6 +147,10 @@ class Tagger:
         native bf16 support and fp16 on CUDA.
     num_threads : int, optional
         Threads for CPU preprocessing (the numba kernel releases the GIL).
+    novelty : NoveltyModel, optional
+        Feature statistics for novelty scores and embeddings
+        (:mod:`bluesky_xsml.novelty`); without them :meth:`analyse` gives NaN
+        scores and no embeddings.
     """
 
     def __init__(
@@ -159,6 +164,7 @@ class Tagger:
         device: str | torch.device | None = None,
         precision: str = "auto",
         num_threads: int | None = None,
+        novelty: NoveltyModel | None = None,
     ):
         self.tags: tuple[str, ...] = validate_tag_names(tags)
         if net.config.n_tags != len(self.tags):
@@ -192,6 +198,9 @@ class Tagger:
         self._pool: ThreadPoolExecutor | None = None
         if "checkpoint_id" not in self.metadata:
             self.metadata["checkpoint_id"] = _content_id(self.net.state_dict(), self._header())
+        self.novelty: NoveltyModel | None = None
+        if novelty is not None:
+            self.set_novelty(novelty)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -217,7 +226,37 @@ class Tagger:
             "model_config": self.net.config.to_dict(),
             "device": str(self.device),
             "precision": self.precision,
+            "novelty": self.novelty_info(),
         }
+
+    # ---------------------------------------------------------------- novelty
+    @property
+    def feature_dim(self) -> int:
+        """Width of the pooled features (the head's input)."""
+        return int(self.net.head.in_features)
+
+    def set_novelty(self, novelty: NoveltyModel | None) -> None:
+        """Use ``novelty`` for scores and embeddings (``None``: none).
+
+        Raises
+        ------
+        ConfigurationError
+            Its feature width is not this network's.
+        """
+        if novelty is not None and novelty.feature_dim != self.feature_dim:
+            raise ConfigurationError(
+                f"novelty statistics are for {novelty.feature_dim} features; this network "
+                f"pools {self.feature_dim}")
+        self.novelty = novelty
+
+    def novelty_info(self) -> dict:
+        """JSON-able description of the novelty statistics (``available: False`` without)."""
+        nov = self.novelty
+        if nov is None:
+            return {"available": False, "threshold": None, "embedding_dim": 0}
+        return {"available": True, "threshold": nov.threshold, "fpr": nov.fpr,
+                "embedding_dim": nov.output_dim(len(self.tags)), "digest": nov.digest(),
+                "fitted_for": nov.info.get("checkpoint_id")}
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -264,7 +303,20 @@ class Tagger:
                 "are loaded with weights_only=True; a truncated file or one that needs code to "
                 "unpickle is refused."
             ) from err
-        return cls.from_checkpoint_dict(ckpt, source=str(path), **kwargs)
+        tagger = cls.from_checkpoint_dict(ckpt, source=str(path), **kwargs)
+        side = sidecar_path(path)
+        if tagger.novelty is None and side.exists():
+            try:
+                novelty, fitted_for = NoveltyModel.load(side)
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("novelty statistics %s unreadable (%s); novelty unavailable", side, err)
+            else:
+                if fitted_for != tagger.checkpoint_id:
+                    log.warning("novelty statistics %s were fitted for checkpoint %s, not %s; "
+                                "novelty unavailable", side, fitted_for, tagger.checkpoint_id)
+                else:
+                    tagger.set_novelty(novelty)
+        return tagger
 
     @classmethod
     def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> "Tagger":
@@ -300,8 +352,18 @@ class Tagger:
                 "was modified after it was written"
             )
         metadata["checkpoint_id"] = actual
+        novelty = None
+        if ckpt.get("novelty") is not None:
+            try:
+                novelty = NoveltyModel.from_arrays(ckpt["novelty"])
+            except (TypeError, ValueError, AttributeError) as err:
+                raise CheckpointError(f"{source}: malformed novelty statistics: {err}") from err
+            if novelty.feature_dim != net.head.in_features:
+                raise CheckpointError(f"{source}: novelty statistics are for "
+                                      f"{novelty.feature_dim} features, the network pools "
+                                      f"{net.head.in_features}")
         return cls(net, tags, thresholds=thresholds, preprocess=preprocess, metadata=metadata,
-                   **kwargs)
+                   novelty=novelty, **kwargs)
 
     def _compiled(self, net: TaggerNet):
         """The inference form of ``net``: batch norms folded, cast, traced and frozen.
@@ -311,7 +373,8 @@ class Tagger:
         op (eager mode re-acquires the GIL after every operator).
         """
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        module = Probabilities(fuse_for_inference(net)).to(self.device, dtype=dtype).eval()
+        module = ProbabilitiesAndFeatures(fuse_for_inference(net)).to(self.device,
+                                                                     dtype=dtype).eval()
         if getattr(module.net, "polar", None) is not None:
             # the polar head is small (a few % of the cost) and its inputs span decades of
             # counts: it stays fp32 whatever the network's precision
@@ -352,7 +415,7 @@ class Tagger:
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         metadata = dict(self.metadata)
         metadata["checkpoint_id"] = _content_id(state, self._header())
-        return {
+        out = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_FORMAT_VERSION,
             **self._header(),
@@ -360,6 +423,12 @@ class Tagger:
             "state_dict": state,
             "metadata": json.loads(json.dumps(metadata, default=str)),
         }
+        if self.novelty is not None:
+            # outside the content id: the statistics do not change what the network tags,
+            # and they can be refitted without making a new checkpoint id
+            out["novelty"] = {k: (str(v) if v.dtype.kind == "U" else torch.from_numpy(
+                np.array(v))) for k, v in self.novelty.to_arrays().items()}
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the checkpoint atomically (temp file, fsync, ``os.replace``)."""
@@ -434,9 +503,67 @@ class Tagger:
         ``centers`` (``(N, 2)``, from :meth:`input_centers`; ``NaN`` rows
         unknown) is read by a network with a polar head and ignored otherwise.
         """
+        return self._forward(inputs, centers)[0]
+
+    def analyse_inputs(self, inputs: np.ndarray | torch.Tensor,
+                       centers: np.ndarray | None = None, *,
+                       keep_features: bool = False) -> FrameAnalysis:
+        """Probabilities, novelty scores and embeddings for preprocessed inputs.
+
+        One network call, as :meth:`predict_inputs`; the score and embedding
+        are computed from the pooled features it returns anyway. Without
+        novelty statistics (:attr:`novelty` ``None``) the scores are NaN,
+        nothing is novel and the embedding is ``None``.
+        """
+        probs, feats = self._forward(inputs, centers)
+        n = len(probs)
+        nov = self.novelty
+        if nov is None or n == 0:
+            scores = np.full(n, np.nan, np.float32)
+            return FrameAnalysis(probs, scores, np.zeros(n, bool),
+                                 None if nov is None else np.zeros(
+                                     (0, nov.output_dim(len(self.tags))), np.float16),
+                                 feats if keep_features else None)
+        scores = nov.score(feats)
+        return FrameAnalysis(probs, scores, nov.is_novel(scores), nov.embed(feats, probs),
+                             feats if keep_features else None)
+
+    def analyse(self, frames, *, batch_size: int = 32, beam_center=None,
+                keep_features: bool = False) -> FrameAnalysis:
+        """:meth:`predict` with novelty scores and embeddings (see :meth:`analyse_inputs`).
+
+        Raises
+        ------
+        FrameError
+            If a frame cannot be used; the message names its index.
+        """
+        frame_list = _as_frame_list(frames)
+        centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
+        parts = []
+        for start in range(0, len(frame_list), batch_size):
+            chunk = frame_list[start:start + batch_size]
+            inputs, ok, errors = self.preprocess(chunk)
+            if errors:
+                i, err = min(errors.items())
+                raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err
+            c = None if centers is None else centers[start:start + len(chunk)]
+            parts.append(self.analyse_inputs(inputs, c, keep_features=keep_features))
+        if not parts:
+            return self.analyse_inputs(np.zeros((0, len(CHANNELS), 8, 8), np.float32))
+
+        def cat(name):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else np.concatenate(vals)
+
+        return FrameAnalysis(cat("probs"), cat("novelty"), cat("novel"), cat("embedding"),
+                             cat("features"))
+
+    def _forward(self, inputs, centers=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs, pooled features)`` as float32 arrays for preprocessed inputs."""
         x = torch.as_tensor(inputs)
         if x.shape[0] == 0:
-            return np.zeros((0, len(self.tags)), np.float32)
+            return (np.zeros((0, len(self.tags)), np.float32),
+                    np.zeros((0, self.feature_dim), np.float32))
         with self._lock:
             module, dtype, memory_format, takes_centers = self._infer
         if self.device.type == "cuda":
@@ -448,10 +575,11 @@ class Tagger:
                      else torch.as_tensor(np.asarray(centers, np.float32).reshape(-1, 2)))
                 if c.shape[0] != x.shape[0]:
                     raise ValueError(f"{c.shape[0]} beam centres for {x.shape[0]} inputs")
-                probs = module(x, c.to(self.device))
+                probs, feats = module(x, c.to(self.device))
             else:
-                probs = module(x)
-        return probs.cpu().numpy().astype(np.float32, copy=False)
+                probs, feats = module(x)
+        return (probs.cpu().numpy().astype(np.float32, copy=False),
+                feats.cpu().numpy().astype(np.float32, copy=False))
 
     def predict(self, frames, *, batch_size: int = 32, beam_center=None) -> np.ndarray:
         """Per-tag probabilities for one frame, a stack or a list of frames.
@@ -538,6 +666,7 @@ class Tagger:
                                               other.thresholds).copy()
             self.metadata = dict(other.metadata)
             self.preprocess_config = other.preprocess_config
+            self.novelty = getattr(other, "novelty", None)
 
     def hold(self):
         """Context manager that keeps weights from being swapped while it is held.

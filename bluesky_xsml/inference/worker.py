@@ -319,7 +319,8 @@ class InferenceWorker:
                 for i, err in errors.items():
                     errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
                 centers = self._input_centers(batch, frames, owners, ok)
-                probs, failed = self._predict_resilient(inputs, centers)
+                extras: dict = {}
+                probs, failed = self._predict_resilient(inputs, centers, extras)
                 for row, i in enumerate(ok):
                     if row in failed:
                         errors_by_frame[i] = failed[row]
@@ -350,7 +351,7 @@ class InferenceWorker:
                 per_job[pos][idx] = FrameResult(
                     stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid, key=job.key,
                     frame_index=idx, probs=probs_by_frame[i].tolist(), checkpoint=checkpoint,
-                    tags=above[i], latency=latency)
+                    tags=above[i], latency=latency, **_novelty_of(extras, input_rows[i]))
             else:
                 per_job[pos][idx] = self._skip(job, idx, errors_by_frame.get(i, "bad_frame"))
         self.stats.batches += 1
@@ -371,10 +372,16 @@ class InferenceWorker:
             return None
 
     def _predict_resilient(self, inputs: np.ndarray,
-                           centers: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, str]]:
-        """Predict, splitting the batch on failure; returns probs and failed rows."""
+                           centers: np.ndarray | None = None, extras: dict | None = None
+                           ) -> tuple[np.ndarray, dict[int, str]]:
+        """Predict, splitting the batch on failure; returns probs and failed rows.
+
+        With ``extras`` (a dict) and a tagger that has ``analyse_inputs``, the
+        novelty scores, flags and embeddings of the rows are put in it.
+        """
         n = len(inputs)
         probs = np.full((n, len(self.tagger.tags)), np.nan, np.float32)
+        analyse = _analyser(self.tagger) if extras is not None else None
         failed: dict[int, str] = {}
         stack = [(0, n)]
         while stack:
@@ -382,7 +389,11 @@ class InferenceWorker:
             if hi <= lo:
                 continue
             try:
-                if centers is None:
+                if analyse is not None:
+                    _keep_analysis(extras, n, lo, hi, analyse(
+                        inputs[lo:hi], None if centers is None else centers[lo:hi]))
+                    probs[lo:hi] = extras["probs"][lo:hi]
+                elif centers is None:
                     probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi])
                 else:
                     probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi], centers[lo:hi])
@@ -419,6 +430,47 @@ class InferenceWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _analyser(tagger):
+    """``tagger.analyse_inputs`` when it runs the same model call as ``predict_inputs``.
+
+    A wrapper that replaces ``predict_inputs`` (fault injection, a remote model)
+    and passes other attributes through must keep being called, so the
+    analysis is used only where the class defining ``analyse_inputs`` also
+    defines the ``predict_inputs`` in use.
+    """
+    cls = type(tagger)
+
+    def owner(name):
+        return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+    where = owner("analyse_inputs")
+    if where is None or where is not owner("predict_inputs"):
+        return None
+    return tagger.analyse_inputs
+
+
+def _keep_analysis(extras: dict, n: int, lo: int, hi: int, analysis) -> None:
+    """Put rows ``lo:hi`` of a :class:`~bluesky_xsml.novelty.FrameAnalysis` into ``extras``."""
+    if "novelty" not in extras:
+        extras["probs"] = np.full((n, analysis.probs.shape[1]), np.nan, np.float32)
+        extras["novelty"] = np.full(n, np.nan, np.float32)
+        extras["novel"] = np.zeros(n, bool)
+        extras["embedding"] = [None] * n
+    extras["probs"][lo:hi] = analysis.probs
+    extras["novelty"][lo:hi] = analysis.novelty
+    extras["novel"][lo:hi] = analysis.novel
+    if analysis.embedding is not None:
+        extras["embedding"][lo:hi] = list(analysis.embedding)
+
+
+def _novelty_of(extras: dict, row: int) -> dict:
+    """FrameResult keywords (novelty, novel, embedding) of one input row."""
+    if "novelty" not in extras:
+        return {}
+    return {"novelty": float(extras["novelty"][row]), "novel": bool(extras["novel"][row]),
+            "embedding": extras["embedding"][row]}
 
 
 def _free_accelerator_memory() -> None:

@@ -27,6 +27,10 @@ Rule kinds (the condition each tests; ``tags`` is the rule's tag list):
     ``tags``.
 ``skipped``
     The newest ``count`` frames were all skipped (could not be tagged).
+``novel``
+    The newest ``count`` tagged frames were each flagged novel by the
+    tagger's novelty score (docs/novelty.md); ``tags`` is not used. See
+    :func:`novelty_rule` for a rule that pauses and asks for a label.
 
 Only ``skipped`` looks at skipped frames; the other kinds look at tagged
 frames and hold only when the newest frame is tagged, so a skipped frame never
@@ -67,6 +71,7 @@ __all__ = [
     "ACTIONS",
     "Action",
     "RuleKind",
+    "novelty_rule",
     "FrameRef",
     "Rule",
     "Policy",
@@ -83,7 +88,7 @@ Action = Literal["continue", "pause", "remeasure", "refine", "count_longer", "st
 #: Every action a decision can carry.
 ACTIONS: tuple[str, ...] = ("continue", "pause", "remeasure", "refine", "count_longer", "stop")
 
-RuleKind = Literal["consecutive", "latest", "appears", "changes", "only", "skipped"]
+RuleKind = Literal["consecutive", "latest", "appears", "changes", "only", "skipped", "novel"]
 
 #: Closed ranges of the rule parameters the plans act on (a factor of 1e300 is refused).
 PARAM_BOUNDS: dict[str, tuple[float, float]] = {
@@ -151,6 +156,9 @@ class FrameRef(BaseModel):
         Tags at or above threshold (empty when skipped).
     skip_reason : str
         Why the frame could not be tagged; ``""`` when it was tagged.
+    novel : bool
+        The tagger flagged the frame novel (its novelty score is above the
+        threshold); False when skipped or when novelty is unavailable.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -162,6 +170,7 @@ class FrameRef(BaseModel):
     frame_index: int = 0
     tags: list[str] = Field(default_factory=list)
     skip_reason: str = ""
+    novel: bool = False
 
     @property
     def skipped(self) -> bool:
@@ -182,7 +191,8 @@ class FrameRef(BaseModel):
         return cls(run_uid=run_uid, stream=str(result.stream), seq_num=int(result.seq_num),
                    key=str(result.key), frame_index=int(result.frame_index),
                    tags=[] if skipped else [str(t) for t in result.tags],
-                   skip_reason=reason if skipped else "")
+                   skip_reason=reason if skipped else "",
+                   novel=not skipped and bool(getattr(result, "novel", False)))
 
 
 def _check_tags(names: Iterable[str], what: str) -> list[str]:
@@ -252,14 +262,14 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _tags_needed(self) -> "Rule":
-        if self.kind != "skipped" and not self.tags:
+        if self.kind not in ("skipped", "novel") and not self.tags:
             raise ValueError(f"rule {self.name!r} of kind {self.kind!r} needs at least one tag")
         return self
 
     @property
     def lookback(self) -> int:
         """How many recent frames this rule can look at."""
-        if self.kind in ("consecutive", "skipped"):
+        if self.kind in ("consecutive", "skipped", "novel"):
             return self.count
         if self.kind == "appears":
             return max(self.window, self.min_history) + 1
@@ -286,6 +296,23 @@ def default_rules() -> list[Rule]:
         Rule(name="weak_only", kind="only", tags=["weak_scattering"], action="count_longer",
              params={"exposure_factor": 2.0}, description="only weak scattering: count longer"),
     ]
+
+
+def novelty_rule(count: int = 3) -> Rule:
+    """A rule that pauses and asks for a label when ``count`` frames in a row are novel.
+
+    Not among the default rules (a tagger without novelty statistics never
+    flags a frame); add it in front of them to use it::
+
+        Policy(rules=[novelty_rule(), *default_rules()])
+
+    >>> novelty_rule().kind, novelty_rule().action, novelty_rule().params
+    ('novel', 'pause', {'ask_label': True})
+    """
+    return Rule(name="novel_frames", kind="novel", count=count, action="pause",
+                params={"ask_label": True},
+                description=f"{count} frames in a row unlike anything the tagger was trained "
+                            "on: pause and ask for a label")
 
 
 class Policy(BaseModel):
@@ -463,6 +490,12 @@ def _evaluate(rule: Rule, recent: Sequence[FrameRef]
             matched = sorted(set().union(*hits))
             return last, matched, (f"{', '.join(matched)} on {rule.count} frame(s) in a row "
                                    f"at {_where(last)}")
+        return None
+    if rule.kind == "novel":
+        last = tagged[-rule.count:]
+        if len(last) == rule.count and all(f.novel for f in last):
+            return last, [], (f"{rule.count} frame(s) in a row unlike the training frames "
+                              f"(novel) at {_where(last)}")
         return None
     if rule.kind == "latest":
         matched = sorted(wanted.intersection(newest.tags))

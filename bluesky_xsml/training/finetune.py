@@ -512,5 +512,11 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
     new = Tagger(net, out_tags, thresholds=thresholds, preprocess=tagger.preprocess_config,
                  metadata=metadata, device=tagger.device, precision=tagger.precision)
     report.checkpoint_id = new.checkpoint_id
+    if getattr(tagger, "novelty", None) is not None:  # the parent's statistics are stale now
+        from .novelty_fit import refit_novelty
+
+        fit_x = [x_tr] + [p[0] for p in pools]
+        val_x = syn_val[0] if syn_val is not None and len(syn_val[0]) else x_val
+        refit_novelty(tagger.novelty, new, fit_x, val_x)
     new.report = report
     return new, report

@@ -524,7 +524,39 @@ function selectFrame(f, card) {
   $("#current-mode").textContent = "pinned";
   $("#current-live").hidden = false;
   showCurrent(f);
+  showSimilar(f);
   if (state.finetune) openEditor(f);
+}
+
+// ------------------------------------------------------------- similar frames
+// The frames most like a pinned one (GET .../similar): similarity, where, tags.
+async function showSimilar(f) {
+  const list = $("#similar-list");
+  $("#similar-title").textContent = frameTitle(f) + (f.novel ? " (novel)" : "");
+  $("#similar").hidden = false;
+  list.replaceChildren(el("li", "note", "searching…"));
+  const q = new URLSearchParams({ stream: f.stream, key: f.key, frame_index: f.frame_index, k: 8 });
+  try {
+    const r = await fetch(`/api/runs/${encodeURIComponent(f.run_uid)}/frames/${f.seq_num}/similar?${q}`);
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const body = await r.json();
+    if (state.pinned !== f) return;
+    list.replaceChildren();
+    if (!body.frames.length) {
+      list.append(el("li", "note", "no embeddings: the model has no novelty statistics"));
+      return;
+    }
+    for (const s of body.frames) {
+      const li = el("li", "similar-item");
+      li.dataset.run = s.run_uid;
+      li.dataset.seq = String(s.seq_num);
+      li.append(el("span", "sim", s.similarity.toFixed(3)), " ", el("span", "scan", frameTitle(s)),
+        " ", el("span", "tags", s.tags.length ? s.tags.join(", ") : "no tags"));
+      list.append(li);
+    }
+  } catch (e) {
+    if (state.pinned === f) list.replaceChildren(el("li", "note", "search failed: " + e.message));
+  }
 }
 
 function backToLive() {
@@ -532,6 +564,7 @@ function backToLive() {
   document.querySelectorAll(".frame-card.selected").forEach((c) => c.classList.remove("selected"));
   $("#current-mode").textContent = "live";
   $("#current-live").hidden = true;
+  $("#similar").hidden = true;
   if (state.frames.length) showCurrent(state.frames[state.frames.length - 1]);
 }
 

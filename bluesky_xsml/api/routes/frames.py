@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import Response
 
-from ..schemas import FramesOut, RunFramesOut, RunsOut, RunSummary
+from ..schemas import FramesOut, RunFramesOut, RunsOut, RunSummary, SimilarOut
 from ..state import ServiceState
 from .deps import ERRORS, get_callback, get_state
 
@@ -61,6 +61,25 @@ def run_frames(run_uid: RunUid, offset: Annotated[int, Query(ge=0, le=2**31)] = 
         raise HTTPException(404, _unknown_run(run_uid, state))
     total, frames = got
     return {"run_uid": run_uid, "total": total, "offset": offset, "frames": frames}
+
+
+@router.get("/runs/{run_uid}/frames/{seq_num}/similar", response_model=SimilarOut)
+def similar_frames(run_uid: RunUid, seq_num: SeqNum, stream: Stream = "primary", key: Key = None,
+                   frame_index: FrameIndex = 0, k: Annotated[int, Query(ge=1, le=100)] = 10,
+                   state: ServiceState = Depends(get_state)) -> dict:
+    """The ``k`` remembered frames most like one frame (cosine similarity of embeddings).
+
+    Searches the frames the service remembers (its recent runs); for stored
+    runs use ``xsml similar`` or :func:`bluesky_xsml.query.find_similar`.
+    The list is empty when the tagger has no novelty statistics (no embeddings).
+    """
+    got = state.similar(run_uid, seq_num, stream=stream, key=key, frame_index=frame_index, k=k)
+    if got is None:
+        raise HTTPException(404, f"no result for frame {frame_index} of event {seq_num} "
+                                 f"(stream {stream!r}, key {key!r}) of run {run_uid!r}")
+    record, frames = got
+    return {"query": record, "frames": frames,
+            "searched": "frames of the runs this service remembers"}
 
 
 def _unknown_run(run_uid: str, state: ServiceState) -> str:
