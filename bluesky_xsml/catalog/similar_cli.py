@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-index", type=int, default=0, help="frame within the event")
     parser.add_argument("--catalog", default=os.environ.get(DEFAULT_CATALOG_ENV),
                         help=f"catalog directory or Tiled URI (default: ${DEFAULT_CATALOG_ENV})")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--container", default="raw")
+    parser.add_argument("--api-key", default=None, help="API key of a remote Tiled server")
+    parser.add_argument("--container", default="raw", help="runs container (default raw)")
     parser.add_argument("--index", default=None, help="read this side index instead of the "
                         "catalog's tag streams")
     parser.add_argument("--save-index", default=None, help="write the side index built here")

@@ -155,10 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=10,
                         help="generator seed of the fit frames; seed+1 gives the held-out ones")
     parser.add_argument("--sizes", default="256,512", help="frame sizes, in turn (default 256,512)")
-    parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--embedding-dim", type=int, default=64,
+                        help="values of the stored embedding per frame (default 64)")
     parser.add_argument("--fpr", type=float, default=0.01,
                         help="in-distribution frames flagged novel (default 0.01)")
-    parser.add_argument("--shrinkage", type=float, default=0.05)
+    parser.add_argument("--shrinkage", type=float, default=0.05,
+                        help="covariance shrinkage towards the diagonal (default 0.05)")
 
 
 def _dataset_frames(path: str, n: int) -> list[np.ndarray]:
