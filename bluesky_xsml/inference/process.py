@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..documents.compose import FrameResult
-from .worker import FrameJob, WorkerStats
+from .worker import FrameJob, WorkerStats, admit
 
 __all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteTagger"]
 
@@ -401,17 +401,8 @@ class ProcessInferenceWorker:
     def submit(self, job: FrameJob) -> None:
         """Queue ``job``; the RunEngine's thread waits at most ``hand_off_timeout``."""
         if job.source is not None and job.nbytes and getattr(job, "ref", None) is None:
-            with self._budget:
-                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
-                    if self.overflow == "wait":
-                        self._budget.wait_for(
-                            lambda: self.stats.pending_bytes + job.nbytes <= self.max_pending_bytes,
-                            timeout=self.hand_off_timeout)
-                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
-                    job.source, job.skip_reason, job.nbytes = None, "overflow", 0
-                    self.stats.overflow += 1
-                else:
-                    self.stats.pending_bytes += job.nbytes
+            admit(job, self.stats, self._budget, max_pending_bytes=self.max_pending_bytes,
+                  overflow=self.overflow, hand_off_timeout=self.hand_off_timeout)
         with self._idle:
             self._outstanding += 1
         self.stats.submitted += 1

@@ -38,7 +38,7 @@ from ..documents.compose import FrameResult
 from ..documents.frames import split_frames
 from ..errors import FrameError, FrameSourceError
 
-__all__ = ["FrameJob", "InferenceWorker", "WorkerStats"]
+__all__ = ["FrameJob", "InferenceWorker", "WorkerStats", "admit"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,24 @@ class FrameJob:
     #: reads it here.
     ref: Any = None
     ref_docs: tuple = ()
+
+
+def admit(job: FrameJob, stats: "WorkerStats", budget: threading.Condition, *,
+          max_pending_bytes: int, overflow: str, hand_off_timeout: float) -> None:
+    """Count ``job``'s inline bytes against the budget, or turn it into an ``overflow`` skip.
+
+    With ``overflow="wait"`` the caller (the RunEngine's thread) waits at most
+    ``hand_off_timeout`` for room; the job is never dropped.
+    """
+    with budget:
+        if stats.pending_bytes + job.nbytes > max_pending_bytes and overflow == "wait":
+            budget.wait_for(lambda: stats.pending_bytes + job.nbytes <= max_pending_bytes,
+                            timeout=hand_off_timeout)
+        if stats.pending_bytes + job.nbytes > max_pending_bytes:
+            job.source, job.skip_reason, job.nbytes = None, "overflow", 0
+            stats.overflow += 1
+        else:
+            stats.pending_bytes += job.nbytes
 
 
 @dataclass
@@ -196,18 +214,8 @@ class InferenceWorker:
         """Queue ``job``; bounded wait, never raises for a full queue."""
         self.ensure_alive()
         if job.source is not None and job.nbytes:
-            with self._budget:
-                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
-                    if self.overflow == "wait":
-                        self._budget.wait_for(
-                            lambda: self.stats.pending_bytes + job.nbytes <= self.max_pending_bytes,
-                            timeout=self.hand_off_timeout,
-                        )
-                if self.stats.pending_bytes + job.nbytes > self.max_pending_bytes:
-                    job.source, job.skip_reason, job.nbytes = None, "overflow", 0
-                    self.stats.overflow += 1
-                else:
-                    self.stats.pending_bytes += job.nbytes
+            admit(job, self.stats, self._budget, max_pending_bytes=self.max_pending_bytes,
+                  overflow=self.overflow, hand_off_timeout=self.hand_off_timeout)
         with self._idle:
             self._outstanding += 1
         self.stats.submitted += 1
