@@ -128,7 +128,6 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
 
 def run_capacity(mode: str, n: int, size: int) -> dict:
     """Documents pushed as fast as accepted; frames/s to the last tag."""
-    import numpy as np
     from event_model import compose_run
 
     frames, source = make_frames(16, size)
@@ -173,7 +172,7 @@ def run_capacity(mode: str, n: int, size: int) -> dict:
     dt = (done[1] or time.perf_counter()) - t0
     return {"experiment": "capacity", "mode": mode, "frames": n, "fps": done[0] / dt,
             "accounted": st["frames_tagged"] + st["frames_skipped"],
-            "source": source, "tagged": done[0], "np": np.__version__}
+            "source": source, "tagged": done[0]}
 
 
 def _sub(args: list[str]) -> dict:

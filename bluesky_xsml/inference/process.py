@@ -36,10 +36,15 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import numpy as np
@@ -866,12 +871,6 @@ class _ChildProcess:
 
     @classmethod
     def start(cls, spec: dict):
-        import pickle
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
         ours, theirs = socket.socketpair()
         try:
             popen = subprocess.Popen(

@@ -537,17 +537,8 @@ class Tagger:
         FrameError
             If a frame cannot be used; the message names its index.
         """
-        frame_list = _as_frame_list(frames)
-        centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
-        parts = []
-        for start in range(0, len(frame_list), batch_size):
-            chunk = frame_list[start:start + batch_size]
-            inputs, ok, errors = self.preprocess(chunk)
-            if errors:
-                i, err = min(errors.items())
-                raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err
-            c = None if centers is None else centers[start:start + len(chunk)]
-            parts.append(self.analyse_inputs(inputs, c, keep_features=keep_features))
+        parts = [self.analyse_inputs(inputs, c, keep_features=keep_features)
+                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center)]
         if not parts:
             return self.analyse_inputs(np.zeros((0, len(CHANNELS), 8, 8), np.float32))
 
@@ -609,18 +600,25 @@ class Tagger:
         ValueError
             If ``beam_center`` is neither one pair nor one pair per frame.
         """
+        parts = [self.predict_inputs(inputs, c)
+                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center)]
+        return (np.concatenate(parts) if parts
+                else np.zeros((0, len(self.tags)), np.float32))
+
+    def _input_batches(self, frames, batch_size: int, beam_center):
+        """``(start, inputs, centers)`` per batch of ``frames``: what predict and analyse run on.
+
+        Raises ``FrameError`` naming the first unusable frame's index.
+        """
         frame_list = _as_frame_list(frames)
         centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
-        out = np.empty((len(frame_list), len(self.tags)), np.float32)
         for start in range(0, len(frame_list), batch_size):
             chunk = frame_list[start:start + batch_size]
-            inputs, ok, errors = self.preprocess(chunk)
+            inputs, _, errors = self.preprocess(chunk)
             if errors:
                 i, err = min(errors.items())
                 raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err
-            c = None if centers is None else centers[start:start + len(chunk)]
-            out[start:start + len(chunk)] = self.predict_inputs(inputs, c)
-        return out
+            yield start, inputs, None if centers is None else centers[start:start + len(chunk)]
 
     def decide(self, probs: np.ndarray) -> list[list[str]]:
         """Tag names at or above threshold, per row of ``probs``."""
