@@ -69,6 +69,11 @@ def _callback(mode: str, sink, frames_shape):
         tagger = Tagger.load()
         tagger.warmup(shape=frames_shape, dtypes=("uint32",))
         xsml = TaggingCallback(tagger, downstream=[sink])
+    elif mode == "process-lean":  # the boundary's floor: nothing sent back but the tags
+        from bluesky_xsml.inference.process import ProcessOptions
+
+        xsml = TaggingCallback(None, downstream=[sink], isolation="process", label_cache_size=0,
+                               process_options=ProcessOptions(send_inputs=False))
     else:
         xsml = TaggingCallback(None, downstream=[sink], isolation="process")
     xsml.wait_ready(300)
@@ -197,6 +202,9 @@ def main(argv=None) -> int:
                    help="interleaved repeats of every run; medians are reported (default 3)")
     p.add_argument("--only", choices=["stress", "rate", "files", "capacity"], action="append",
                    help="run only these experiments (repeatable)")
+    p.add_argument("--lean", action="store_true",
+                   help="also run 'process-lean': the tagging process with no preprocessed "
+                        "inputs sent back and no label cache (the boundary's floor)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -209,7 +217,8 @@ def main(argv=None) -> int:
         return 0
     wanted = set(args.only or ["stress", "rate", "files", "capacity"])
     plan = []
-    for mode in ("untagged", "thread", "process"):
+    tagged_modes = ("thread", "process") + (("process-lean",) if args.lean else ())
+    for mode in ("untagged", *tagged_modes):
         if "stress" in wanted:
             plan.append({"experiment": "stress", "mode": mode, "n": args.frames})
         if "rate" in wanted:
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
             key = (spec["experiment"], spec["mode"], spec.get("rate", 0.0))
             r = _sub(["--one", json.dumps(spec), "--size", str(args.size)])
             results.setdefault(key, []).append(r)
-            print(f"[{rep + 1}/{args.repeats}] {key[0]:8s} {key[1]:8s} "
+            print(f"[{rep + 1}/{args.repeats}] {key[0]:8s} {key[1]:12s} "
                   f"{(str(int(key[2])) + ' Hz') if key[2] else '':6s} "
                   + (f"scan {r['scan_s']:.2f} s p99 {r['p99_ms']:.0f} ms" if "scan_s" in r
                      else f"{r['fps']:.1f} frames/s"), flush=True)
@@ -246,11 +255,11 @@ def main(argv=None) -> int:
         base = med((exp, "untagged", rate), "scan_s")
         label = f"{exp} {int(rate)} Hz" if rate else exp
         print(f"{label:12s} untagged {base:7.2f} s")
-        for mode in ("thread", "process"):
+        for mode in tagged_modes:
             key = (exp, mode, rate)
             ratio = med(key, "scan_s") / base
             figures[(exp, mode, rate)] = ratio
-            print(f"{'':12s} {mode:8s} {med(key, 'scan_s'):7.2f} s  ratio {ratio:.3f}  "
+            print(f"{'':12s} {mode:12s} {med(key, 'scan_s'):7.2f} s  ratio {ratio:.3f}  "
                   f"latency p50 {med(key, 'p50_ms'):6.0f} ms  p99 {med(key, 'p99_ms'):6.0f} ms")
             for r in results[key]:
                 accounted += r["accounted"]
