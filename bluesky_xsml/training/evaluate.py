@@ -31,6 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.tagger import Tagger
+from ..polar import input_centers
+from .baseline import ProfileBaseline
+from .data import describe, load_arrays
+from .metrics import average_precision, evaluate_scores, f1_at, precision_recall_curve
+
 __all__ = ["add_arguments", "main", "last_line", "plot_pr_curves", "size_groups"]
 
 
@@ -91,8 +97,6 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .metrics import average_precision, precision_recall_curve
-
     n = len(tags)
     cols = 5
     rows = (n + cols - 1) // cols
@@ -126,7 +130,6 @@ def _centers(tagger, arrays, use: bool):
     """Beam centres on the input for a tagger that reads them, from the data; else None."""
     if not (use and tagger.uses_beam_center and arrays.centers is not None):
         return None
-    from ..polar import input_centers
 
     return input_centers(arrays.shapes, arrays.centers, tagger.preprocess_config.size)
 
@@ -174,10 +177,6 @@ def size_groups(shapes, max_groups: int = 8):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml evaluate``; returns the process exit code."""
-    from ..inference.tagger import Tagger
-    from .data import describe, load_arrays
-    from .metrics import evaluate_scores
-
     model_path = args.model
     if model_path is not None and Path(model_path).is_dir():
         model_path = str(Path(model_path) / "model.pt")
@@ -211,7 +210,6 @@ def main(args: argparse.Namespace) -> int:
     m = evaluate_scores(y, scores, tags)
     mt = evaluate_scores(y[f1_rows], scores[f1_rows], tags, thresholds_from=(vy, vs))
     m.threshold, m.f1 = mt.threshold, mt.f1
-    from .metrics import f1_at
 
     ckpt_f1 = np.array([f1_at(y[f1_rows, j], scores[f1_rows, j], tagger.thresholds[j])
                         for j in range(len(tags))])
@@ -265,8 +263,6 @@ def main(args: argparse.Namespace) -> int:
 
     curves = {"CNN": scores}
     if args.baseline:
-        from .baseline import ProfileBaseline
-
         src = args.baseline_train or tagger.metadata.get("train_data")
         if not src:
             raise SystemExit("--baseline needs --baseline-train (the checkpoint does not name "
