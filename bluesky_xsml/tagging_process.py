@@ -2,7 +2,7 @@
 
 :class:`~bluesky_xsml.inference.process.ProcessInferenceWorker` starts a fresh
 interpreter on this module with one end of a private pipe (file descriptor
-``FD``). It runs the loop of :mod:`bluesky_xsml.inference._child` and gives it
+``FD``). It runs the loop of :mod:`bluesky_xsml.inference.child` and gives it
 what that loop must not import itself (inference sits below documents and
 training, ``docs/decisions/0004-layers.md``): the external-file reader of a
 run (:class:`~bluesky_xsml.documents.external.ExternalFrames`) and the live
@@ -19,7 +19,7 @@ import signal
 import sys
 
 from .documents.external import ExternalFrames
-from .inference._child import run_from_fd
+from .inference.child import run_from_fd
 
 __all__ = ["main", "make_finetuner"]
 

@@ -14,14 +14,23 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .process import ProcessInferenceWorker
+__all__ = ["ProcessLink", "RemoteFineTuner", "RemoteRegistry", "RemoteTagger"]
 
-__all__ = ["RemoteFineTuner", "RemoteRegistry", "RemoteTagger"]
+
+class ProcessLink(Protocol):
+    """What the remote views need of
+    :class:`~bluesky_xsml.inference.process.ProcessInferenceWorker`."""
+
+    tagger: RemoteTagger
+
+    def call(self, target: str, method: str, args: tuple = (), kwargs: dict | None = None, *,
+             wait: bool = True, timeout: float | None = 120.0) -> Any: ...
+
+    def enable_finetuning(self, directory, options: dict) -> dict: ...
 
 
 class RemoteDevice:
@@ -99,7 +108,7 @@ class RemoteTagger:
 class RemoteRegistry:
     """The tagging process's checkpoint registry, seen from the RunEngine's process."""
 
-    def __init__(self, worker: ProcessInferenceWorker) -> None:
+    def __init__(self, worker: ProcessLink) -> None:
         self._worker = worker
 
     @property
@@ -127,7 +136,7 @@ class RemoteFineTuner:
     a restarted tagging process resumes it from its directory.
     """
 
-    def __init__(self, worker: ProcessInferenceWorker, directory, options: dict) -> None:
+    def __init__(self, worker: ProcessLink, directory, options: dict) -> None:
         self._worker = worker
         self.directory = os.fspath(directory)
         self.registry = RemoteRegistry(worker)
