@@ -12,22 +12,9 @@ import math
 import numpy as np
 
 from . import physics as ph
-from .geometry import (
-    ring_points,
-)
-from .labels import (
-    _diffuse_inner_radius,
-    _halo_flanks_seen,
-    _smooth_level,
-)
-from .scene import (
-    HIGH_MODE_MAX,
-    _logu,
-    _seen_t,
-    _thr,
-    _two_theta,
-    _u,
-)
+from .geometry import ring_points
+from .labels import _diffuse_inner_radius, _halo_flanks_seen, _smooth_level
+from .scene import HIGH_MODE_MAX, _logu, _seen_t, _thr, _two_theta, _u
 
 
 def _bs_angle(rng):

@@ -14,10 +14,7 @@ import numpy as np
 
 from ..tags import TAG_NAMES
 from . import physics as ph
-from .geometry import (
-    SceneGeometry,
-    ring_points,
-)
+from .geometry import SceneGeometry, ring_points
 from .scene import (
     _TAG,
     DIFFUSE_DECAY,

@@ -32,16 +32,8 @@ from .features import (
     _feature_peak,
     _scale_feature,
 )
-from .geometry import (
-    DetectorConfig,
-    Footprint,
-    SceneGeometry,
-    resolve_detectors,
-)
-from .labels import (
-    _label_state,
-    scene_labels,
-)
+from .geometry import DetectorConfig, Footprint, SceneGeometry, resolve_detectors
+from .labels import _label_state, scene_labels
 from .scene import (
     _R_E,
     SCENE_VERSION,
