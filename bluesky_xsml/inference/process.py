@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..documents.compose import FrameResult
+from ..results import FrameResult
 from .child_process import ChildProcess, SharedRing
 from .remote import RemoteDevice, RemoteFineTuner, RemoteRegistry, RemoteTagger
 from .worker import FrameJob, WorkerStats, admit
