@@ -103,9 +103,9 @@ def _warm(path: str, threads: int) -> int:
     """On the Dask worker: load the model and tag a frame of each size."""
     import numpy as np
 
-    from bluesky_xsml.scaleout.retag import _load_tagger
+    from bluesky_xsml.scaleout.retag import load_tagger
 
-    tagger = _load_tagger(path, threads)
+    tagger = load_tagger(path, threads)
     for size in (256, 1024):
         tagger.predict([np.zeros((size, size), np.uint32)] * 4)
     return os.getpid()
@@ -116,9 +116,9 @@ def _model_fps(path: str, threads: int, files: list[str], repeats: int = 2) -> d
     import h5py
     import numpy as np
 
-    from bluesky_xsml.scaleout.retag import _load_tagger
+    from bluesky_xsml.scaleout.retag import load_tagger
 
-    tagger = _load_tagger(path, threads)
+    tagger = load_tagger(path, threads)
     frames = []
     for f in files:
         with h5py.File(f, "r", swmr=True, locking=False) as h:

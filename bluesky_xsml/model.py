@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .polar import PolarConfig, PolarHead, polar_features
+
 __all__ = ["TaggerNetConfig", "TaggerNet", "RelationBlock", "masked_bce_loss",
            "fuse_for_inference", "position_code",
            "Probabilities", "ProbabilitiesAndFeatures"]
@@ -72,8 +74,6 @@ class TaggerNetConfig:
         if self.polar is None:
             del d["polar"]
         else:
-            from .polar import PolarConfig
-
             d["polar"] = PolarConfig.from_dict(self.polar).to_dict()
         return d
 
@@ -222,8 +222,6 @@ class TaggerNet(nn.Module):
         self.head = nn.Linear(2 * c, config.n_tags)
         self.polar = None
         if config.polar is not None:
-            from .polar import PolarConfig, PolarHead
-
             self.polar = PolarHead(PolarConfig.from_dict(config.polar), 2 * c, config.n_tags)
         self.register_buffer("pos_weight", torch.ones(config.n_tags), persistent=True)
 
@@ -246,8 +244,6 @@ class TaggerNet(nn.Module):
         pooled = self.features(x)
         logits = self.head(self.dropout(pooled))
         if self.polar is not None and centers is not None:
-            from .polar import polar_features
-
             known = torch.isfinite(centers).all(1)
             feats = polar_features(x, centers, self.polar.config)
             logits = logits + self.polar(feats, pooled, known).to(logits.dtype)

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .preprocess import frame_layout
+
 __all__ = ["PolarConfig", "PolarHead", "input_centers", "polar_features"]
 
 
@@ -118,15 +120,13 @@ def input_centers(shapes, centers, size: int) -> np.ndarray:
     numpy.ndarray
         ``(N, 2)`` float64 ``(x, y)`` on the input, ``NaN`` where unknown.
     """
-    from .preprocess import _layout
-
     shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
     c = np.asarray(centers, np.float64).reshape(-1, 2)
     out = np.empty_like(c)
     for i, (h, w) in enumerate(shapes):
         longest = max(h, w)
         rep = max(size // longest, 1) if longest < size else 1  # as preprocess enlarges
-        k, oy, ox = _layout((h * rep, w * rep), size)
+        k, oy, ox = frame_layout((h * rep, w * rep), size)
         out[i, 0] = ((c[i, 0] + 0.5) * rep + ox) / k - 0.5  # pixel centres at integers
         out[i, 1] = ((c[i, 1] + 0.5) * rep + oy) / k - 0.5
     return out

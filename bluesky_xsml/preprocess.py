@@ -53,6 +53,7 @@ __all__ = [
     "CHANNELS",
     "LOG_SCALE",
     "PreprocessConfig",
+    "frame_layout",
     "preprocess_frame",
     "preprocess_batch",
 ]
@@ -109,7 +110,10 @@ class PreprocessConfig:
 
 
 def _kernels():
-    """The compiled batch kernel (numba is imported on first use)."""
+    """The compiled batch kernel (numba is imported on first use).
+
+    Lazy on purpose: ``_kernels`` imports numba, which ``import bluesky_xsml`` must not.
+    """
     from ._kernels import prep_many
 
     return prep_many
@@ -171,11 +175,21 @@ def _as_frame(frame) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _layout(shape: tuple[int, int], size: int) -> tuple[int, int, int]:
-    """Block size and offsets that centre an (H, W) frame on the S*k canvas."""
+def frame_layout(shape: tuple[int, int], size: int) -> tuple[int, int, int]:
+    """Block size and offsets that centre an ``(H, W)`` frame on the ``S*k`` canvas.
+
+    Returns ``(k, offset_y, offset_x)``: each ``k x k`` block of the canvas is one
+    input pixel (:mod:`bluesky_xsml.polar` maps beam centres with it).
+
+    >>> frame_layout((256, 300), 128)
+    (3, 64, 42)
+    """
     H, W = shape
     k = max(1, math.ceil(max(H, W) / size))
     return k, (size * k - H) // 2, (size * k - W) // 2
+
+
+_layout = frame_layout  # its name before it was public
 
 
 def _prepared(frame, config: PreprocessConfig) -> np.ndarray:
@@ -223,7 +237,7 @@ def _call_kernel(frames: list[np.ndarray], config: PreprocessConfig, out: np.nda
     prep_many = _kernels()
     dtype = frames[0].dtype
     lo, hi = _valid_range(dtype)
-    layouts = np.array([_layout(f.shape, config.size) for f in frames], np.int64)
+    layouts = np.array([frame_layout(f.shape, config.size) for f in frames], np.int64)
     cast = dtype.type if dtype.kind in "iu" else float
     if dtype.kind in "iu":
         info = np.iinfo(dtype)

@@ -71,7 +71,7 @@ def train(inputs, labels, args, seed: int):
     import torch
 
     from bluesky_xsml.model import TaggerNet, TaggerNetConfig
-    from bluesky_xsml.training.train import BatchLoader, augment, lr_at, pos_weights
+    from bluesky_xsml.training.recipe import BatchLoader, augment, lr_at, pos_weights
 
     torch.manual_seed(seed)
     config = TaggerNetConfig(n_tags=labels.shape[1], in_channels=inputs.shape[1],

@@ -40,12 +40,12 @@ def main() -> None:
     from bluesky_xsml.sim.dataset import open_dataset  # the format reader only
     from bluesky_xsml.tags import TAG_NAMES, tag_index
     from bluesky_xsml.training.data import load_arrays
-    from bluesky_xsml.training.evaluate import _centers, _predict
+    from bluesky_xsml.training.evaluate import arrays_centers, predict_arrays
 
     tagger = Tagger.load(a.model, precision="fp32") if a.model else Tagger.load(
         precision="fp32")
     arrays = load_arrays(a.data, config=tagger.preprocess_config, progress=False)
-    scores = _predict(tagger, arrays.inputs, 64, centers=_centers(tagger, arrays, True))
+    scores = predict_arrays(tagger, arrays.inputs, 64, centers=arrays_centers(tagger, arrays))
     y = arrays.labels
     ds = open_dataset(a.data)
     params = [ds.params(i) for i in range(len(ds))]

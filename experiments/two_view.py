@@ -40,7 +40,7 @@ from bluesky_xsml.preprocess import CHANNELS, PreprocessConfig
 from bluesky_xsml.tags import TAG_NAMES
 from bluesky_xsml.training.data import load_arrays
 from bluesky_xsml.training.metrics import evaluate_scores
-from bluesky_xsml.training.train import lr_at, pos_weights
+from bluesky_xsml.training.recipe import lr_at, pos_weights
 
 SIZES = "256+512+768+1024"
 TRAIN = f"synth:seed=0,n=24000,sizes={SIZES},detectors=train"

@@ -7,6 +7,8 @@ log-count channel marks ``ring_isotropic``) keep these fast; the benchmark
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from bluesky.plans import count
@@ -15,7 +17,9 @@ from bluesky_xsml import Tagger, TaggingCallback
 from bluesky_xsml.errors import ConfigurationError
 from bluesky_xsml.model import TaggerNetConfig
 from bluesky_xsml.tags import TAG_NAMES
-from bluesky_xsml.training.finetune import finetune, grow_head
+from bluesky_xsml.training.config import FineTuneConfig, LiveFineTuneConfig
+from bluesky_xsml.training.finetune import finetune, finetune_frames, grow_head
+from bluesky_xsml.training.live import LiveFineTuner
 
 from .conftest import make_image_detector, validate_all
 
@@ -103,19 +107,97 @@ def test_grow_head_keeps_old_outputs_and_learns_a_new_tag():
     assert "ring_doubling" in new.decide(new.predict_inputs(vx[:1]))[0]
 
 
-def test_tagger_finetune_from_frames_returns_new_tagger_with_report():
-    tagger = tiny()
-    before = {k: v.clone() for k, v in tagger.net.state_dict().items()}
+def _frames_and_labels(tagger):
     rng = np.random.default_rng(0)
     frames = [rng.poisson(5, (64, 80)).astype("uint32") for _ in range(8)]
     labels = np.full((8, len(tagger.tags)), np.nan, np.float32)
     labels[:, T0] = np.arange(8) % 2
-    new = tagger.finetune(frames, labels, steps=3, batch_size=4, synthetic=None,
+    return frames, labels
+
+
+def test_finetune_frames_returns_new_tagger_with_report():
+    tagger = tiny()
+    before = {k: v.clone() for k, v in tagger.net.state_dict().items()}
+    frames, labels = _frames_and_labels(tagger)
+    new = finetune_frames(tagger, frames, labels, steps=3, batch_size=4, synthetic=None,
                           synthetic_val=None)
     assert new.report.steps == 3 and new.report.n_val == 2
     assert new.metadata["parent_id"] == tagger.checkpoint_id
     for k, v in tagger.net.state_dict().items():  # the original is untouched
         assert np.array_equal(v.numpy(), before[k].numpy())
+
+
+def test_tagger_finetune_is_deprecated_and_delegates_to_training():
+    tagger = tiny()
+    frames, labels = _frames_and_labels(tagger)
+    options = {"steps": 3, "batch_size": 4, "synthetic": None, "synthetic_val": None}
+    with pytest.warns(DeprecationWarning, match="finetune_frames"):
+        old = tagger.finetune(frames, labels, **options)
+    new = finetune_frames(tagger, frames, labels, **options)
+    assert old.report.steps == new.report.steps == 3
+    assert old.report.n_val == new.report.n_val == 2
+    for k, v in old.net.state_dict().items():  # the same round, the same seed
+        np.testing.assert_allclose(v.numpy(), new.net.state_dict()[k].numpy(), atol=1e-6)
+
+
+def test_keywords_and_config_are_the_same_round():
+    tagger = tiny()
+    x, y = toy(16, 0)
+    cfg = FineTuneConfig(steps=4, batch_size=4, lr=1e-3, synthetic=None, synthetic_val=None)
+    a, ra = finetune(tagger, x, y, config=cfg)
+    b, rb = finetune(tagger, x, y, steps=4, batch_size=4, lr=1e-3, synthetic=None,
+                     synthetic_val=None)
+    c, rc = finetune(tagger, x, y, config=FineTuneConfig(steps=99, synthetic=None,
+                                                         synthetic_val=None),
+                     steps=4, batch_size=4, lr=1e-3)  # keywords override the config
+    assert ra.steps == rb.steps == rc.steps == 4
+    for k, v in a.net.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), b.net.state_dict()[k].numpy(), atol=1e-6)
+        np.testing.assert_allclose(v.numpy(), c.net.state_dict()[k].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"lr": -1e-3}, "lr must be > 0.0"),
+    ({"new_fraction": 1.5}, "new_fraction must be <= 1.0"),
+    ({"val_fraction": 1.0}, "val_fraction must be < 1.0"),
+    ({"steps": 2.5}, "steps must be an integer >= 0"),
+    ({"distill": float("nan")}, "distill must be a finite number"),
+    ({"augment": "yes"}, "augment must be True or False"),
+    ({"synthetic": 7}, "synthetic must be a 'synth:...' spec"),
+])
+def test_a_bad_setting_is_refused_before_any_work(options, message):
+    tagger = tiny()
+    x, y = toy(8, 0)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        finetune(tagger, x, y, **options)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        FineTuneConfig(**options)
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_the_options():
+    tagger = tiny()
+    x, y = toy(8, 0)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['stpes'\].*'steps'"):
+        finetune(tagger, x, y, stpes=3)
+
+
+def test_live_finetuner_maps_its_keywords_onto_the_config(tmp_path):
+    cfg = LiveFineTuneConfig.resolve(None, {"min_labels": 4, "steps": 10, "batch_size": 8,
+                                            "auto": False})
+    assert (cfg.min_labels, cfg.auto) == (4, False)
+    assert (cfg.finetune.steps, cfg.finetune.batch_size, cfg.finetune.distill) == (10, 8, 1.0)
+    with pytest.raises(ConfigurationError, match="min_labels must be >= 1, got 0"):
+        LiveFineTuner(tiny(), tmp_path / "a", min_labels=0)
+    with pytest.raises(TypeError, match="bogus"):
+        LiveFineTuner(tiny(), tmp_path / "b", bogus=1)
+    ft = LiveFineTuner(tiny(), tmp_path / "c", auto=False, steps=10, synthetic=None,
+                       synthetic_val=None)
+    try:
+        assert ft.config.finetune.steps == 10 and ft.config.finetune.synthetic is None
+        assert ft.options["steps"] == 10 and ft.min_labels == 16
+    finally:
+        ft.close(10.0)
 
 
 def test_distillation_holds_original_domain_frames_not_older_new_labels():

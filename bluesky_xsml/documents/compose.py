@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import event_model
 
 from ..novelty import encode_embedding
+from ..results import FrameResult
 from ..tags import TAGS
 
 __all__ = ["FrameResult", "TagStreamComposer", "LINK_KEYS"]
@@ -53,26 +53,6 @@ LINK_KEYS: dict[str, dict[str, Any]] = {
                   "description": "base64 of the frame's L2-normalised float16 embedding "
                                  "('' when unavailable); see bluesky_xsml.novelty"},
 }
-
-
-@dataclass
-class FrameResult:
-    """The outcome for one source frame."""
-
-    stream: str
-    seq_num: int
-    event_uid: str
-    key: str
-    frame_index: int
-    probs: Sequence[float] | None  # None when skipped
-    skip_reason: str = ""
-    checkpoint: str = ""
-    tags: tuple[str, ...] = ()
-    latency: float = math.nan
-    time: float = field(default_factory=time.time)
-    novelty: float = math.nan
-    novel: bool = False
-    embedding: Any = None  # (D,) float16 array, or None
 
 
 def _novelty(model_info: Mapping) -> Mapping:

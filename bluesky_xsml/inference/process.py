@@ -36,23 +36,24 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
 import queue
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import numpy as np
 
-from ..documents.compose import FrameResult
+from ..results import FrameResult
+from .child_process import ChildProcess, SharedRing
+from .remote import RemoteDevice, RemoteFineTuner, RemoteRegistry, RemoteTagger
 from .worker import FrameJob, WorkerStats, admit
 
-__all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteTagger"]
+# their names before they moved to .child_process and .remote
+_ChildProcess, _SharedRing, _Device = ChildProcess, SharedRing, RemoteDevice
+
+__all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteFineTuner", "RemoteRegistry",
+           "RemoteTagger", "TaggerProcessError"]
 
 log = logging.getLogger(__name__)
 
@@ -109,145 +110,6 @@ class ProcessOptions:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
-
-
-class _Device:
-    """``tagger.device`` for the RunEngine's side: its name and type."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.type = name.split(":")[0]
-
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"device({self.name!r})"
-
-
-class RemoteTagger:
-    """What the RunEngine's process knows of the model in the tagging process.
-
-    It answers what the callback and the service ask a :class:`Tagger`
-    (``tags``, ``thresholds``, ``checkpoint_id``, ``describe()``, ``device``,
-    ``uses_beam_center``, ``hold()``) from the child's last report; it runs
-    nothing. Setting ``thresholds`` sends them to the tagging process, where
-    they decide the tags from its next batch on.
-    """
-
-    def __init__(self, info: dict, on_thresholds: Callable[[list], None] | None = None) -> None:
-        self._on_thresholds = on_thresholds
-        self._lock = threading.RLock()
-        self.update(info)
-
-    def update(self, info: dict) -> None:
-        with self._lock:
-            self.tags: tuple[str, ...] = tuple(info["tags"])
-            self._thresholds = np.asarray(info["thresholds"], np.float32)
-            self.default_thresholds = np.asarray(
-                info.get("default_thresholds", info["thresholds"]), np.float32)
-            self.checkpoint_id: str = str(info["checkpoint_id"])
-            self._describe = dict(info["describe"])
-            self.device = _Device(info["device"])
-            self.precision = str(info["describe"].get("precision", ""))
-            self.uses_beam_center = bool(info["uses_beam_center"])
-            self.pid = int(info["pid"])
-            self.priority = info.get("priority", "")
-
-    @property
-    def thresholds(self) -> np.ndarray:
-        """Per-tag decision thresholds (setting them reaches the tagging process)."""
-        return self._thresholds
-
-    @thresholds.setter
-    def thresholds(self, values) -> None:
-        new = np.asarray(values, np.float32)
-        if new.shape != (len(self.tags),):
-            raise ValueError(f"need one threshold per tag ({len(self.tags)}), got shape "
-                             f"{new.shape}")
-        with self._lock:
-            self._thresholds = new
-        if self._on_thresholds is not None:
-            self._on_thresholds([float(v) for v in new])
-
-    def hold(self):
-        """A lock held while thresholds are changed (the child applies them between batches)."""
-        return self._lock
-
-    def describe(self) -> dict:
-        out = dict(self._describe)
-        out["thresholds"] = [float(t) for t in self._thresholds]
-        return out
-
-    def __repr__(self) -> str:
-        return f"RemoteTagger({self.checkpoint_id}, pid {self.pid}, {self.device})"
-
-
-class RemoteRegistry:
-    """The tagging process's checkpoint registry, seen from the RunEngine's process."""
-
-    def __init__(self, worker: ProcessInferenceWorker) -> None:
-        self._worker = worker
-
-    @property
-    def active_id(self) -> str | None:
-        return self._worker.call("child", "registry_active_id")
-
-    def list(self) -> list:
-        return self._worker.call("registry", "list")
-
-    def rollback(self, *args, **kwargs):
-        return self._worker.call("registry", "rollback", args, kwargs)
-
-    def activate(self, checkpoint_id: str, *args, **kwargs):
-        return self._worker.call("registry", "activate", (checkpoint_id, *args), kwargs)
-
-    def __len__(self) -> int:
-        return self._worker.call("registry", "__len__")
-
-
-class RemoteFineTuner:
-    """Live fine-tuning that runs in the tagging process (the RunEngine's never trains).
-
-    The methods the callback and the service use, answered by the
-    :class:`~bluesky_xsml.training.live.LiveFineTuner` in the tagging process;
-    a restarted tagging process resumes it from its directory.
-    """
-
-    def __init__(self, worker: ProcessInferenceWorker, directory, options: dict) -> None:
-        self._worker = worker
-        self.directory = os.fspath(directory)
-        self.registry = RemoteRegistry(worker)
-        worker.enable_finetuning(directory, options)
-
-    @property
-    def tagger(self) -> RemoteTagger:
-        return self._worker.tagger
-
-    def add_labels(self, inputs, labels, provenance=None, *, tags=None) -> dict:
-        return self._worker.call("finetuner", "add_labels",
-                                 (np.asarray(inputs), np.asarray(labels), provenance),
-                                 {"tags": tags})
-
-    def add_labels_async(self, inputs, labels, provenance=None, *, tags=None) -> None:
-        self._worker.call("finetuner", "add_labels_async",
-                          (np.asarray(inputs), np.asarray(labels), provenance), {"tags": tags},
-                          wait=False)
-
-    def flush_labels(self, timeout: float | None = 30.0) -> bool:
-        return self._worker.call("finetuner", "flush_labels", (timeout,),
-                                 timeout=None if timeout is None else timeout + 30)
-
-    def retrain_now(self, *, wait: bool = False, timeout: float | None = None) -> dict:
-        return self._worker.call("finetuner", "retrain_now", (), {"wait": wait,
-                                                                   "timeout": timeout},
-                                 timeout=None if wait else 120.0)
-
-    def status(self) -> dict:
-        return self._worker.call("finetuner", "status")
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Fine-tuning stops with the tagging process (``TaggingCallback.close``)."""
 
 
 class TaggerProcessError(RuntimeError):
@@ -319,7 +181,7 @@ class ProcessInferenceWorker:
         self._restarts: collections.deque[float] = collections.deque()
         self._gave_up = False
         self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
-        self._shm = _SharedRing(self.options.slots * self.options.slot_bytes)
+        self._shm = SharedRing(self.options.slots * self.options.slot_bytes)
         self._proc = None
         self._conn = None
         self._last_beat = 0.0
@@ -353,7 +215,7 @@ class ProcessInferenceWorker:
 
     def _start_child(self) -> None:
         """Start a child, wait for its hello; raises TaggerProcessError if it fails."""
-        proc, parent_conn = _ChildProcess.start(self._spec())
+        proc, parent_conn = ChildProcess.start(self._spec())
         deadline = time.monotonic() + self.options.start_timeout
         try:
             while True:
@@ -855,73 +717,3 @@ class ProcessInferenceWorker:
             with contextlib.suppress(Exception):
                 conn.close()
         self._shm.close()
-
-
-class _ChildProcess:
-    """A fresh interpreter running :mod:`bluesky_xsml.inference._child`.
-
-    Started with :mod:`subprocess` (``python -m``), not ``multiprocessing``:
-    a spawned ``multiprocessing`` child re-runs the parent's ``__main__``
-    script, which breaks beamline scripts without an ``if __name__ ==
-    "__main__"`` guard. The link is one end of a Unix socket pair.
-    """
-
-    def __init__(self, popen) -> None:
-        self._popen = popen
-
-    @classmethod
-    def start(cls, spec: dict):
-        ours, theirs = socket.socketpair()
-        try:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "bluesky_xsml.inference._child", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        conn = Connection(ours.detach())
-        conn.send_bytes(pickle.dumps(spec))
-        return cls(popen), conn
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._popen.poll()
-
-    def is_alive(self) -> bool:
-        return self._popen.poll() is None
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self._popen.kill()
-
-    def join(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(Exception):
-            self._popen.wait(timeout)
-
-
-class _SharedRing:
-    """A file in ``/dev/shm`` mapped here and, by path, in the child."""
-
-    def __init__(self, size: int) -> None:
-        from multiprocessing import shared_memory
-
-        self._shm = shared_memory.SharedMemory(create=True, size=size)
-        self.path = f"/dev/shm/{self._shm.name.lstrip('/')}"
-        self.buf = self._shm.buf
-        self._closed = False
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.buf = None
-        with contextlib.suppress(Exception):
-            self._shm.close()
-        with contextlib.suppress(Exception):
-            self._shm.unlink()

@@ -15,12 +15,10 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import io
+import copy
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -31,99 +29,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    MIN_SAFE_TORCH,
+    atomic_torch_save,
+    check_format,
+    content_id,
+    default_checkpoint_path,
+    require_safe_torch,
+    safe_torch_load,
+)
 from ..errors import CheckpointError, ConfigurationError, FrameError
 from ..model import ProbabilitiesAndFeatures, TaggerNet, TaggerNetConfig, fuse_for_inference
 from ..novelty import FrameAnalysis, NoveltyModel, sidecar_path
+from ..polar import input_centers
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
 
+# the checkpoint names are re-exported from bluesky_xsml.checkpoints, where they live
 __all__ = ["Tagger", "CHECKPOINT_FORMAT", "MIN_SAFE_TORCH", "default_checkpoint_path",
            "atomic_torch_save", "require_safe_torch"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "bluesky-xsml-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-_PACKAGED = Path(__file__).resolve().parent.parent / "models" / "default.pt"
-
-
-def default_checkpoint_path() -> Path:
-    """Where the packaged default checkpoint lives (it may not exist)."""
-    return _PACKAGED
-
-
-def _content_id(state_dict: dict, header: dict) -> str:
-    """sha256 over the weights and the header that describes them (12 hex chars)."""
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename.
-
-    A crash mid-write leaves the previous file intact and no partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-#: Oldest torch whose ``torch.load(weights_only=True)`` cannot be talked into running code
-#: (CVE-2025-32434: the restriction could be bypassed up to 2.5.1).
-MIN_SAFE_TORCH = (2, 6)
-
-
-def require_safe_torch(version: str | None = None) -> None:
-    """Refuse to load checkpoints with a torch whose ``weights_only`` loading is unsafe.
-
-    Parameters
-    ----------
-    version : str, optional
-        A torch version string (default: ``torch.__version__``), e.g. ``"2.6.0+cpu"``.
-
-    Raises
-    ------
-    CheckpointError
-        ``version`` is older than :data:`MIN_SAFE_TORCH` or cannot be read.
-
-    Examples
-    --------
-    >>> require_safe_torch("2.6.0+cpu")
-    >>> require_safe_torch("2.5.1")
-    Traceback (most recent call last):
-    ...
-    bluesky_xsml.errors.CheckpointError: torch 2.5.1 cannot load checkpoints safely: ...
-    """
-    text = str(torch.__version__ if version is None else version)
-    try:
-        found = tuple(int(part) for part in text.split("+")[0].split(".")[:2])
-    except ValueError:
-        found = ()
-    if len(found) != 2 or found < MIN_SAFE_TORCH:
-        need = ".".join(map(str, MIN_SAFE_TORCH))
-        raise CheckpointError(
-            f"torch {text} cannot load checkpoints safely: before {need}, "
-            "torch.load(weights_only=True) can be made to run code from the file "
-            f"(CVE-2025-32434). Install torch>={need} (bluesky-xsml requires it)."
-        )
+#: Kept for code that read it here; it lives in :mod:`bluesky_xsml.checkpoints`.
+_content_id = content_id
 
 
 class Tagger:
@@ -197,7 +129,7 @@ class Tagger:
         self._num_threads = num_threads or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         if "checkpoint_id" not in self.metadata:
-            self.metadata["checkpoint_id"] = _content_id(self.net.state_dict(), self._header())
+            self.metadata["checkpoint_id"] = content_id(self.net.state_dict(), self._header())
         self.novelty: NoveltyModel | None = None
         if novelty is not None:
             self.set_novelty(novelty)
@@ -287,22 +219,12 @@ class Tagger:
             tampered with (content id mismatch) or would need code to unpickle.
         """
         if path is None:
-            if not _PACKAGED.exists():
-                log.warning("no packaged default model at %s; using an untrained model", _PACKAGED)
+            path = default_checkpoint_path()
+            if not path.exists():
+                log.warning("no packaged default model at %s; using an untrained model", path)
                 return cls.untrained(**kwargs)
-            path = _PACKAGED
         path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
-        require_safe_torch()
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(
-                f"cannot load checkpoint {str(path)!r}: {type(err).__name__}: {err}. Checkpoints "
-                "are loaded with weights_only=True; a truncated file or one that needs code to "
-                "unpickle is refused."
-            ) from err
+        ckpt = safe_torch_load(path)
         tagger = cls.from_checkpoint_dict(ckpt, source=str(path), **kwargs)
         side = sidecar_path(path)
         if tagger.novelty is None and side.exists():
@@ -321,13 +243,7 @@ class Tagger:
     @classmethod
     def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> "Tagger":
         """Build a tagger from a loaded checkpoint dictionary (validated)."""
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{source} is not a {CHECKPOINT_FORMAT} file")
-        if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
-            raise CheckpointError(
-                f"{source} has format version {ckpt.get('format_version')}; this bluesky-xsml "
-                f"reads up to {CHECKPOINT_FORMAT_VERSION}"
-            )
+        check_format(ckpt, source)
         try:
             config = TaggerNetConfig.from_dict(ckpt["model_config"])
             preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
@@ -345,7 +261,7 @@ class Tagger:
         header = {"model_config": config.to_dict(), "preprocess": preprocess.to_dict(),
                   "tags": tags}
         expected = metadata.get("checkpoint_id")
-        actual = _content_id(net.state_dict(), header)
+        actual = content_id(net.state_dict(), header)
         if expected is not None and expected != actual:
             raise CheckpointError(
                 f"{source}: content id mismatch (recorded {expected}, computed {actual}); the file "
@@ -414,7 +330,7 @@ class Tagger:
         """Everything :meth:`save` writes: plain types and tensors only."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         metadata = dict(self.metadata)
-        metadata["checkpoint_id"] = _content_id(state, self._header())
+        metadata["checkpoint_id"] = content_id(state, self._header())
         out = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -482,8 +398,6 @@ class Tagger:
         """
         if beam_center is None:
             return None
-        from ..polar import input_centers
-
         shapes = np.asarray([tuple(s)[-2:] for s in shapes], np.float64).reshape(-1, 2)
         try:
             c = np.asarray(beam_center, np.float64)
@@ -610,7 +524,7 @@ class Tagger:
 
         Raises ``FrameError`` naming the first unusable frame's index.
         """
-        frame_list = _as_frame_list(frames)
+        frame_list = as_frame_list(frames)
         centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
         for start in range(0, len(frame_list), batch_size):
             chunk = frame_list[start:start + batch_size]
@@ -635,8 +549,6 @@ class Tagger:
         fine-tuning a new tag) and the networks differ only in ``n_tags``.
         The swap waits for a batch holding :meth:`hold` to finish.
         """
-        import copy
-
         same_tags = other.tags == self.tags
         if not same_tags and allow_tag_change:
             short, long_ = sorted((self.tags, other.tags), key=len)
@@ -675,7 +587,12 @@ class Tagger:
         return self._lock
 
     def finetune(self, frames, labels, **options) -> "Tagger":
-        """Fine-tune a copy of this tagger on labeled frames.
+        """Fine-tune a copy of this tagger on labeled frames (deprecated).
+
+        .. deprecated::
+            Use :func:`bluesky_xsml.training.finetune.finetune_frames`
+            (``finetune_frames(tagger, frames, labels, ...)``): inference does
+            not depend on training (``docs/decisions/0004-layers.md``).
 
         Parameters
         ----------
@@ -696,15 +613,15 @@ class Tagger:
             :class:`~bluesky_xsml.training.finetune.FinetuneReport`, with the gate's
             ``passed`` and ``reason``) is ``new.report``. This tagger is unchanged.
         """
-        from ..training.finetune import finetune
+        warnings.warn("Tagger.finetune is deprecated; use bluesky_xsml.training.finetune."
+                      "finetune_frames(tagger, frames, labels, ...)", DeprecationWarning,
+                      stacklevel=2)
+        # the one import of training from inference, for this deprecated shim only (the
+        # import-linter contract "inference does not import training" names it in
+        # ignore_imports); at call time, so importing inference never loads training
+        from ..training.finetune import finetune_frames
 
-        frame_list = _as_frame_list(frames)
-        inputs, ok, errors = self.preprocess(frame_list)
-        if errors:
-            i, err = min(errors.items())
-            raise FrameError(f"frame {i}: {err}", reason=err.reason) from err
-        new, _report = finetune(self, inputs, labels, **options)
-        return new
+        return finetune_frames(self, frames, labels, **options)
 
     def warmup(self, shape: tuple[int, int] = (256, 256),
                dtypes: Sequence[str] = ("uint32", "int32", "uint16", "float32"),
@@ -736,7 +653,14 @@ class Tagger:
                 f" ({self.precision})>")
 
 
-def _as_frame_list(frames) -> list:
+def as_frame_list(frames) -> list:
+    """Frames as a list of 2-D arrays: a frame, an ``(N, H, W)`` stack or a list of either.
+
+    Raises
+    ------
+    FrameError
+        Anything else (``reason="bad_shape"``).
+    """
     if isinstance(frames, (list, tuple)):
         out = []
         for f in frames:
@@ -752,3 +676,6 @@ def _as_frame_list(frames) -> list:
         f"expected a 2-D frame, an (N, H, W) stack or a list of frames; got shape {a.shape}",
         reason="bad_shape",
     )
+
+
+_as_frame_list = as_frame_list  # its name before it was public

@@ -147,6 +147,10 @@ def _load_tagger(model: Any, threads: int | None):
     return tagger
 
 
+#: Public name of the per-process cached loader (benchmarks warm the cache retag uses).
+load_tagger = _load_tagger
+
+
 def _open(catalog_uri: str, container: str | None):
     from ..catalog.embedded import connect
 

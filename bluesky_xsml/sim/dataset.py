@@ -49,6 +49,8 @@ import numpy as np
 
 from ..errors import ConfigurationError, FrameSourceError
 from ..tags import TAG_NAMES
+from .generator import SCENE_VERSION, SceneGenerator
+from .geometry import resolve_detectors
 
 __all__ = ["DTYPES", "FORMAT", "SynthDataset", "add_arguments", "main", "open_dataset",
            "write_dataset"]
@@ -65,8 +67,6 @@ def _default_block(side: int) -> int:
 
 
 def _settings(n, size, seed, detectors, block) -> dict:
-    from .geometry import resolve_detectors
-
     dets = resolve_detectors(detectors)
     side = int(size) if size is not None else max(max(d.shape) for d in dets)
     return {
@@ -80,8 +80,6 @@ def _settings(n, size, seed, detectors, block) -> dict:
 def _create(path: str, st: dict) -> None:
     import zarr
     from zarr.codecs import BloscCodec, BloscShuffle
-
-    from .generator import SCENE_VERSION
 
     n, side, block = st["n"], st["side"], st["block"]
     nb = math.ceil(n / block)
@@ -101,8 +99,6 @@ def _create(path: str, st: dict) -> None:
 def _write_block(path: str, st: dict, k: int) -> int:
     """Generate and store block ``k``; runs in a worker process."""
     import zarr
-
-    from .generator import SceneGenerator
 
     block, n, side = st["block"], st["n"], st["side"]
     i0, i1 = k * block, min(n, (k + 1) * block)

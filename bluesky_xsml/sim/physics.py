@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import ConfigurationError
-from .geometry import RADIAL_SAMPLING
+from .geometry import RADIAL_SAMPLING, SceneGeometry
 
 __all__ = [
     "CRYSTALS",

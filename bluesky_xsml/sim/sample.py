@@ -66,6 +66,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..tags import TAG_NAMES
 from .detectors import HDF5ResourceDetector, InlineImageDetector, StreamResourceDetector
+from .generator import complete_scene, render_scene, scene_labels
 
 __all__ = [
     "REGIONS",
@@ -128,8 +129,6 @@ class CombinatorialSample:
         self.width = float(width)
         self.height = float(height)
         # the scene every position shares (validates the detector name)
-        from .generator import complete_scene
-
         self._base = complete_scene({
             "detector": detector, "size": self.size,
             "geometry": {"distance_m": 0.2, "wavelength_A": 1.0},
@@ -183,8 +182,6 @@ class CombinatorialSample:
 
     def scene_at(self, x: float, y: float) -> dict:
         """The complete scene (see ``docs/synthetic-data.md``) at position ``(x, y)``."""
-        from .generator import complete_scene
-
         region = self.region_at(x, y)
         scene = {k: v for k, v in self._base.items() if k != "features"}
         scene["sample_region"] = region
@@ -230,8 +227,6 @@ class CombinatorialSample:
 
     def labels_at(self, x: float, y: float) -> np.ndarray:
         """True tags at ``(x, y)``: ``(23,)`` float32 0/1 in ``TAG_NAMES`` order."""
-        from .generator import scene_labels
-
         return scene_labels(self.scene_at(x, y))
 
     def tags_at(self, x: float, y: float) -> list[str]:
@@ -241,8 +236,6 @@ class CombinatorialSample:
 
     def frame_at(self, x: float, y: float, *, shot: int = 0) -> np.ndarray:
         """Render exposure number ``shot`` at ``(x, y)`` (detector dtype, with sentinels)."""
-        from .generator import render_scene
-
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
             [self.seed, _quantise(x), _quantise(y), int(shot)])))
         return render_scene(self.scene_at(x, y), rng)

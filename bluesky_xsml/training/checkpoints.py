@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..inference.tagger import Tagger
 from .replay import atomic_write_json
 
 __all__ = ["CheckpointRegistry"]
@@ -137,8 +138,6 @@ class CheckpointRegistry:
 
         Loaded with ``weights_only=True``; the content id is verified.
         """
-        from ..inference.tagger import Tagger
-
         cid = checkpoint_id or self.active_id
         if cid is None:
             raise CheckpointError(f"checkpoint registry {str(self.directory)!r} is empty")

@@ -47,7 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
+from ..sim.dataset import open_dataset
+from ..sim.generator import SceneGenerator
 from ..tags import TAG_NAMES
+from .baseline import profile_features
 
 __all__ = ["CACHE_VERSION", "SynthSpec", "CachedArrays", "load_arrays", "save_arrays",
            "default_cache_dir", "label_frequencies"]
@@ -196,8 +199,6 @@ def label_frequencies(labels: np.ndarray) -> np.ndarray:
 
 def _frames_features(frames, centers, config: PreprocessConfig):
     """Preprocess frames (float16 inputs) and compute baseline features."""
-    from .baseline import profile_features
-
     inputs, ok, errors = preprocess_batch(frames, config)
     if errors:
         i, err = min(errors.items())
@@ -209,8 +210,6 @@ def _frames_features(frames, centers, config: PreprocessConfig):
 def _synth_chunk(args):
     """Worker: render frames ``[a, b)`` of a spec, preprocess, featurise."""
     spec_text, a, b, config_dict = args
-    from ..sim.generator import SceneGenerator
-
     spec = SynthSpec.parse(spec_text)
     config = PreprocessConfig.from_dict(config_dict)
     gens: dict = {}
@@ -231,12 +230,6 @@ def _synth_chunk(args):
 
 def _zarr_source(path: Path):
     """Open a ``xsml synth`` store: ``(n, get_chunk(a, b))`` or raise."""
-    try:
-        from ..sim.dataset import open_dataset
-    except ImportError as err:
-        raise RuntimeError(
-            f"cannot read {str(path)!r}: bluesky_xsml.sim.dataset is not available ({err}); "
-            "use a 'synth:...' data source instead") from err
     ds = open_dataset(path)
     return ds
 

@@ -31,7 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "main", "last_line", "plot_pr_curves", "size_groups"]
+from ..inference.tagger import Tagger
+from ..polar import input_centers
+from .baseline import ProfileBaseline
+from .data import describe, load_arrays
+from .metrics import average_precision, evaluate_scores, f1_at, precision_recall_curve
+
+__all__ = ["add_arguments", "arrays_centers", "last_line", "main", "plot_pr_curves",
+           "predict_arrays", "size_groups"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +98,6 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .metrics import average_precision, precision_recall_curve
-
     n = len(tags)
     cols = 5
     rows = (n + cols - 1) // cols
@@ -122,17 +127,16 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     return path
 
 
-def _centers(tagger, arrays, use: bool):
+def arrays_centers(tagger, arrays, use: bool = True):
     """Beam centres on the input for a tagger that reads them, from the data; else None."""
     if not (use and tagger.uses_beam_center and arrays.centers is not None):
         return None
-    from ..polar import input_centers
-
     return input_centers(arrays.shapes, arrays.centers, tagger.preprocess_config.size)
 
 
-def _predict(tagger, inputs, batch_size: int, progress: bool = False,
-             centers=None) -> np.ndarray:
+def predict_arrays(tagger, inputs, batch_size: int, progress: bool = False,
+                   centers=None) -> np.ndarray:
+    """Probabilities ``(N, T)`` of preprocessed ``inputs``, in batches (``centers``: per row)."""
     from tqdm.auto import tqdm
 
     out = []
@@ -146,6 +150,10 @@ def _predict(tagger, inputs, batch_size: int, progress: bool = False,
                 out.append(tagger.predict_inputs(x, centers[a:a + batch_size]))
             bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, len(tagger.tags)), np.float32)
+
+
+# their names before they were public (experiments/render_b_breakdown.py used them)
+_centers, _predict = arrays_centers, predict_arrays
 
 
 def size_groups(shapes, max_groups: int = 8):
@@ -174,10 +182,6 @@ def size_groups(shapes, max_groups: int = 8):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml evaluate``; returns the process exit code."""
-    from ..inference.tagger import Tagger
-    from .data import describe, load_arrays
-    from .metrics import evaluate_scores
-
     model_path = args.model
     if model_path is not None and Path(model_path).is_dir():
         model_path = str(Path(model_path) / "model.pt")
@@ -189,8 +193,8 @@ def main(args: argparse.Namespace) -> int:
     test = load_arrays(args.data, config=pcfg, cache_dir=args.cache_dir, workers=args.workers,
                        progress=progress)
     t0 = time.perf_counter()
-    scores = _predict(tagger, test.inputs, args.batch_size, progress,
-                      _centers(tagger, test, use_centers))
+    scores = predict_arrays(tagger, test.inputs, args.batch_size, progress,
+                            arrays_centers(tagger, test, use_centers))
     infer_s = time.perf_counter() - t0
     y = test.labels
 
@@ -198,8 +202,8 @@ def main(args: argparse.Namespace) -> int:
     if args.threshold_data:
         val = load_arrays(args.threshold_data, config=pcfg, cache_dir=args.cache_dir,
                           workers=args.workers, progress=progress)
-        vy, vs = val.labels, _predict(tagger, val.inputs, args.batch_size,
-                                      centers=_centers(tagger, val, use_centers))
+        vy, vs = val.labels, predict_arrays(tagger, val.inputs, args.batch_size,
+                                            centers=arrays_centers(tagger, val, use_centers))
         f1_rows = np.arange(len(y))
         thr_source = args.threshold_data
     else:
@@ -211,7 +215,6 @@ def main(args: argparse.Namespace) -> int:
     m = evaluate_scores(y, scores, tags)
     mt = evaluate_scores(y[f1_rows], scores[f1_rows], tags, thresholds_from=(vy, vs))
     m.threshold, m.f1 = mt.threshold, mt.f1
-    from .metrics import f1_at
 
     ckpt_f1 = np.array([f1_at(y[f1_rows, j], scores[f1_rows, j], tagger.thresholds[j])
                         for j in range(len(tags))])
@@ -220,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
           f"{len(test)} frames")
     print(f"thresholds chosen on: {thr_source}")
     print(f"precision {tagger.precision}; beam centres: " + (
-        ("given to the polar head" if _centers(tagger, test, use_centers) is not None
+        ("given to the polar head" if arrays_centers(tagger, test, use_centers) is not None
          else "not given (the polar head is unused)") if tagger.uses_beam_center
         else "not read by this model"))
     print(m.table())
@@ -265,8 +268,6 @@ def main(args: argparse.Namespace) -> int:
 
     curves = {"CNN": scores}
     if args.baseline:
-        from .baseline import ProfileBaseline
-
         src = args.baseline_train or tagger.metadata.get("train_data")
         if not src:
             raise SystemExit("--baseline needs --baseline-train (the checkpoint does not name "
@@ -300,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
                  "n_tags": m.n_scored, "mean_roc_auc": round(m.mean_auc, 4),
                  "worst": [[t, round(a, 4)] for t, a in m.worst(3)],
                  "precision": tagger.precision,
-                 "beam_centers": _centers(tagger, test, use_centers) is not None,
+                 "beam_centers": arrays_centers(tagger, test, use_centers) is not None,
                  "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
                         for t, a in zip(tags, m.ap)}}
         if "baseline" in result:

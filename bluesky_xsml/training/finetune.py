@@ -50,25 +50,29 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, FrameError
+from ..inference.tagger import Tagger, as_frame_list
+from ..model import TaggerNet
 from ..tags import TAG_NAMES, validate_tag_names
+from .config import DEFAULT_SYNTHETIC_REPLAY, DEFAULT_SYNTHETIC_VAL, FineTuneConfig
+from .data import load_arrays
+from .metrics import average_precision, best_f1_threshold
+from .novelty_fit import refit_novelty
+from .recipe import augment as augment_fn
 
 __all__ = [
     "DEFAULT_SYNTHETIC_REPLAY",
     "DEFAULT_SYNTHETIC_VAL",
+    "FineTuneConfig",
     "FinetuneReport",
     "finetune",
+    "finetune_frames",
     "grow_head",
     "load_synthetic",
     "split_holdout",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Original-domain frames replayed while fine-tuning (the kind the default model trained on).
-DEFAULT_SYNTHETIC_REPLAY = "synth:seed=0,n=512,sizes=256+512,detectors=train"
-#: Original-domain validation frames for the forgetting check (another seed).
-DEFAULT_SYNTHETIC_VAL = "synth:seed=1,n=256,sizes=256+512,detectors=train"
 
 
 @dataclass
@@ -119,9 +123,6 @@ def grow_head(tagger, new_tags: Sequence[str]):
     output layer grows the same way (the new tags get no correction at first).
     """
     import torch
-
-    from ..inference.tagger import Tagger
-    from ..model import TaggerNet
 
     new = [t for t in dict.fromkeys(new_tags) if t not in tagger.tags]
     if not new:
@@ -174,8 +175,6 @@ def load_synthetic(source, preprocess, *, progress: bool = False):
     if source is None:
         return None
     if isinstance(source, str):
-        from .data import load_arrays
-
         arrays = load_arrays(source, config=preprocess, progress=progress)
         return arrays.inputs, np.asarray(arrays.labels, np.float32), tuple(arrays.tags)
     if hasattr(source, "inputs") and hasattr(source, "labels"):
@@ -235,32 +234,26 @@ def _scorable(labels: np.ndarray) -> list[int]:
 
 
 def _map(labels, scores, cols) -> float:
-    from .metrics import average_precision
-
     aps = [average_precision(labels[:, j], scores[:, j]) for j in cols]
     aps = [a for a in aps if math.isfinite(a)]
     return float(np.mean(aps)) if aps else math.nan
 
 
 def _tag_ap(labels, scores, j) -> float:
-    from .metrics import average_precision
-
     return float(average_precision(labels[:, j], scores[:, j]))
 
 
 # -------------------------------------------------------------------- fine-tune
-def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
-             val_inputs=None, val_labels=None, val_fraction: float = 0.25,
-             replay_inputs=None, replay_labels=None,
-             synthetic=DEFAULT_SYNTHETIC_REPLAY, synthetic_val=DEFAULT_SYNTHETIC_VAL,
-             steps: int | None = None, batch_size: int = 32, lr: float = 2e-4,
-             weight_decay: float = 1e-4, new_fraction: float = 0.5,
-             max_forgetting: float = 0.01, min_improvement: float = 0.0,
-             original_before: float | None = None, augment: bool = True, seed: int = 0,
-             freeze: int = 0, distill: float = 0.0,
+def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
+             tags: Sequence[str] | None = None, val_inputs=None, val_labels=None,
+             replay_inputs=None, replay_labels=None, original_before: float | None = None,
              should_stop: Callable[[], bool] | None = None,
-             on_step: Callable[[int, float], None] | None = None):
+             on_step: Callable[[int, float], None] | None = None, **options):
     """Fine-tune ``tagger`` on labeled inputs; returns ``(new_tagger, FinetuneReport)``.
+
+    The round's settings are a :class:`~bluesky_xsml.training.config.FineTuneConfig`
+    (``config``); its fields may also be given as keywords (``steps=50``), which
+    override ``config``'s.
 
     Parameters
     ----------
@@ -270,47 +263,35 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
         ``(N, C, S, S)`` preprocessed inputs (``tagger.preprocess``).
     labels : array_like
         ``(N, len(tags))``: 1, 0 or ``NaN`` (unknown, masked out of the loss).
+    config : FineTuneConfig, optional
+        Steps, batch size, learning rate, replay mix, the gate's limits,
+        augmentation, seed, frozen modules, distillation (default: its defaults).
     tags : sequence of str, optional
         Column names of ``labels`` (default ``tagger.tags``); names the tagger
         does not have grow its head.
     val_inputs, val_labels : array_like, optional
         Held-out labeled frames of the new data for the gate; by default
-        ``val_fraction`` of the given frames are held out (not trained on).
+        ``config.val_fraction`` of the given frames are held out (not trained on).
     replay_inputs, replay_labels : array_like, optional
         Older labeled frames to mix in (labels in the same ``tags`` order).
-    synthetic, synthetic_val : spec str, CachedArrays, tuple or None
-        Original-domain frames to replay, and to check forgetting on. ``None``
-        turns either off (without ``synthetic_val`` the gate cannot check
-        forgetting and says so in its reason).
-    steps : int, optional
-        Optimiser steps (default: about 15 passes over the new frames, 30 to 300).
-    batch_size : int
-        Frames per step; ``new_fraction`` of them from the new labels, the
-        rest replay (older labels and synthetic, half each when both exist).
-    lr, weight_decay : float
-        AdamW settings (cosine decay after a short warm-up).
-    max_forgetting : float
-        Largest allowed drop of original-domain mAP (0.01 = one point).
-    min_improvement : float
-        New-domain mAP must rise by more than this.
     original_before : float, optional
         The parent's original-domain mAP on ``synthetic_val`` if already known.
-    augment : bool
-        Flips and count scaling (:func:`bluesky_xsml.training.train.augment`).
-    freeze : int
-        Leading modules kept fixed, counting the stem as the first and then
-        each residual block (0 trains everything; 3 freezes the stem and two
-        blocks, which halves the CPU time of a step).
-    distill : float
-        Weight of a distillation term on the replayed original-domain
-        (``synthetic``) frames: binary cross-entropy of the new outputs against
-        the parent's probabilities for the parent's tags (learning without
-        forgetting); 0 turns it off. Replayed older labels of the new data are
-        not distilled: the parent's outputs there are what is being corrected.
     should_stop : callable, optional
         Polled every step; returning True ends training early (the gate still runs).
     on_step : callable, optional
         ``on_step(step, loss)`` after every step.
+    **options
+        Fields of :class:`FineTuneConfig` (``steps``, ``batch_size``, ``lr``,
+        ``synthetic``, ``max_forgetting``, ``freeze``, ``distill``, ...).
+
+    Raises
+    ------
+    TypeError
+        A keyword that is neither a parameter nor a config field.
+    ConfigurationError
+        A setting out of range.
+    ValueError
+        Inputs or labels of the wrong shape or values.
 
     Returns
     -------
@@ -320,9 +301,12 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
     """
     import torch
 
-    from ..inference.tagger import Tagger
-    from .train import augment as augment_fn
-
+    cfg = FineTuneConfig.resolve(config, options)
+    (steps, batch_size, lr, weight_decay, new_fraction, val_fraction, synthetic, synthetic_val,
+     max_forgetting, min_improvement, augment, seed, freeze, distill) = (
+        cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.new_fraction, cfg.val_fraction,
+        cfg.synthetic, cfg.synthetic_val, cfg.max_forgetting, cfg.min_improvement, cfg.augment,
+        cfg.seed, cfg.freeze, cfg.distill)
     t0 = time.perf_counter()
     names = tuple(tags) if tags is not None else tagger.tags
     x_all = np.asarray(inputs)
@@ -501,8 +485,6 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
     thresholds = base.thresholds.copy()
     for j, t in enumerate(out_tags):
         if t in new_tags and len(x_val) and j in _scorable(y_val):
-            from .metrics import best_f1_threshold
-
             thresholds[j] = best_f1_threshold(y_val[:, j], _scores(net, x_val)[:, j])[0]
     metadata = {k: v for k, v in tagger.metadata.items()
                 if k not in ("checkpoint_id", "finetune", "untrained")}
@@ -513,10 +495,47 @@ def finetune(tagger, inputs, labels, *, tags: Sequence[str] | None = None,
                  metadata=metadata, device=tagger.device, precision=tagger.precision)
     report.checkpoint_id = new.checkpoint_id
     if getattr(tagger, "novelty", None) is not None:  # the parent's statistics are stale now
-        from .novelty_fit import refit_novelty
-
         fit_x = [x_tr] + [p[0] for p in pools]
         val_x = syn_val[0] if syn_val is not None and len(syn_val[0]) else x_val
         refit_novelty(tagger.novelty, new, fit_x, val_x)
     new.report = report
     return new, report
+
+
+def finetune_frames(tagger, frames, labels, **options):
+    """Fine-tune a copy of ``tagger`` on labeled raw frames; returns the new tagger.
+
+    The frames are preprocessed as for :meth:`Tagger.predict <bluesky_xsml.Tagger.predict>`,
+    then :func:`finetune` runs; what was ``Tagger.finetune``.
+
+    Parameters
+    ----------
+    tagger : Tagger
+        Starting point (not modified).
+    frames : array_like or sequence of array_like
+        Raw detector frames: one, an ``(N, H, W)`` stack or a list.
+    labels : array_like
+        ``(N, T)``: 1, 0 or ``NaN`` (unknown) per frame and tag, in
+        ``tagger.tags`` order, or in the order of ``tags=`` (a name the tagger
+        lacks grows its head).
+    **options
+        Keywords of :func:`finetune` (``config``, ``steps``, ``synthetic``, ...).
+
+    Returns
+    -------
+    Tagger
+        The fine-tuned tagger; its validation report (a :class:`FinetuneReport`,
+        with the gate's ``passed`` and ``reason``) is ``new.report``.
+
+    Raises
+    ------
+    FrameError
+        A frame that cannot be preprocessed (the first one, by index).
+    """
+    frame_list = as_frame_list(frames)
+    inputs, _ok, errors = tagger.preprocess(frame_list)
+    if errors:
+        i, err = min(errors.items())
+        raise FrameError(f"frame {i}: {err}", reason=err.reason) from err
+    new, _report = finetune(tagger, inputs, labels, **options)
+    return new

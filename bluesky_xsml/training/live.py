@@ -25,6 +25,7 @@ and labels not yet trained on are picked up.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,12 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from ..frame_cache import FrameCache  # its home before it moved
 from .checkpoints import CheckpointRegistry
-from .finetune import DEFAULT_SYNTHETIC_REPLAY, DEFAULT_SYNTHETIC_VAL, finetune, load_synthetic
+from .config import LiveFineTuneConfig
+from .finetune import finetune, load_synthetic
 from .replay import ReplayStore
-from ..frame_cache import FrameCache  # noqa: F401  (its home before it moved)
 
-__all__ = ["HOLDOUT_EVERY", "FrameCache", "LiveFineTuner", "parse_tag_labels"]
+__all__ = ["HOLDOUT_EVERY", "FrameCache", "LiveFineTuneConfig", "LiveFineTuner",
+           "parse_tag_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +63,33 @@ class LiveFineTuner:
         The live tagger (the one the callback runs); its weights get swapped.
     directory : path
         Folder for the replay store and the checkpoints (created if missing).
-    min_labels : int
-        New training labels that start a fine-tuning round (``auto``).
-    steps : int, optional
-        Optimiser steps per round (default: see :func:`finetune`).
-    batch_size, lr, freeze, distill : int, float, int, float
-        Passed to :func:`finetune` (``distill`` 1.0 by default here: the live
-        model should not forget).
-    synthetic, synthetic_val : spec str, arrays or None
-        Original-domain replay and validation data (see :func:`finetune`);
-        loaded once, on the training thread.
-    max_forgetting, min_improvement : float
-        The validation gate (see :func:`finetune`).
-    auto : bool
-        Start rounds by themselves; otherwise only :meth:`retrain_now` does.
-    nice : int
-        Niceness of the training thread (Linux: per thread; 0 leaves it).
-    pause : float
-        Seconds slept after each optimiser step (gives the CPU back).
-    fsync : bool
-        ``fsync`` label writes (see :class:`ReplayStore`).
+    config : LiveFineTuneConfig, optional
+        ``min_labels`` (new training labels that start a round), ``auto``,
+        ``nice``, ``pause``, ``fsync`` and each round's
+        :class:`~bluesky_xsml.training.config.FineTuneConfig` (``distill`` 1.0
+        by default here: the live model should not forget). The synthetic
+        data are loaded once, on the training thread.
+    **options
+        Fields of either config, as keywords (``min_labels=4, steps=100``);
+        they override ``config``'s.
     """
 
-    def __init__(self, tagger, directory: str | os.PathLike, *, min_labels: int = 16,
-                 steps: int | None = None, batch_size: int = 32, lr: float = 2e-4,
-                 synthetic=DEFAULT_SYNTHETIC_REPLAY, synthetic_val=DEFAULT_SYNTHETIC_VAL,
-                 max_forgetting: float = 0.01, min_improvement: float = 0.0, auto: bool = True,
-                 nice: int = 19, pause: float = 0.0, fsync: bool = True, seed: int = 0,
-                 freeze: int = 0, distill: float = 1.0):
-        if min_labels < 1:
-            raise ValueError(f"min_labels must be >= 1, got {min_labels}")
+    def __init__(self, tagger, directory: str | os.PathLike,
+                 config: LiveFineTuneConfig | None = None, **options):
+        self.config = config = LiveFineTuneConfig.resolve(config, options)
+        ft = config.finetune
         self.tagger = tagger
         self.directory = Path(directory)
-        self.min_labels = int(min_labels)
-        self.options = dict(steps=steps, batch_size=int(batch_size), lr=float(lr),  # noqa: C408
-                            max_forgetting=float(max_forgetting),
-                            min_improvement=float(min_improvement), seed=int(seed),
-                            freeze=int(freeze), distill=float(distill))
-        self.auto = bool(auto)
-        self.nice = int(nice)
-        self.pause = float(pause)
-        self._synthetic_src, self._synthetic_val_src = synthetic, synthetic_val
+        self.min_labels = config.min_labels
+        #: The per-round settings as a dict (what this attribute held before the config).
+        self.options = {k: getattr(ft, k) for k in ("steps", "batch_size", "lr",
+                                                    "max_forgetting", "min_improvement",
+                                                    "seed", "freeze", "distill")}
+        self.auto = config.auto
+        self.nice = config.nice
+        self.pause = config.pause
+        fsync = config.fsync
+        self._synthetic_src, self._synthetic_val_src = ft.synthetic, ft.synthetic_val
         self._synthetic: Any = None
         self._synthetic_val: Any = None
         self._original_before: dict[str, float] = {}
@@ -350,21 +339,19 @@ class LiveFineTuner:
             if self.pause:
                 time.sleep(self.pause)
 
-        steps = self.options["steps"]
-        self._planned = steps or 0
+        ft = self.config.finetune
+        self._planned = ft.steps or 0
         self._step = 0
+        # the synthetic data loaded once above, and a new seed every round
+        round_config = dataclasses.replace(ft, synthetic=self._synthetic,
+                                           synthetic_val=self._synthetic_val,
+                                           seed=ft.seed + self._rounds)
         new, report = finetune(
-            parent, inputs[train_new], labels[train_new], tags=tags,
+            parent, inputs[train_new], labels[train_new], config=round_config, tags=tags,
             val_inputs=inputs[hold], val_labels=labels[hold],
             replay_inputs=inputs[train_old] if train_old.any() else None,
             replay_labels=labels[train_old] if train_old.any() else None,
-            synthetic=self._synthetic, synthetic_val=self._synthetic_val,
-            steps=steps, batch_size=self.options["batch_size"], lr=self.options["lr"],
-            max_forgetting=self.options["max_forgetting"],
-            min_improvement=self.options["min_improvement"],
             original_before=self._original_before.get(parent_id),
-            seed=self.options["seed"] + self._rounds, freeze=self.options["freeze"],
-            distill=self.options["distill"],
             should_stop=self._stop.is_set,
             on_step=on_step)
         if self._stop.is_set():

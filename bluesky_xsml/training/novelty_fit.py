@@ -28,6 +28,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import CheckpointError
+from ..inference.tagger import Tagger, default_checkpoint_path
+from ..novelty import NoveltyModel, sidecar_path
+from ..sim.dataset import open_dataset
+from ..sim.generator import SceneGenerator
+
 __all__ = ["fit_novelty", "synthetic_frames", "features_of", "add_arguments", "main"]
 
 log = logging.getLogger(__name__)
@@ -36,8 +42,6 @@ log = logging.getLogger(__name__)
 def synthetic_frames(n: int, *, seed: int, sizes: Sequence[int] = (256, 512),
                      detectors="train", tags=None) -> tuple[list[np.ndarray], np.ndarray]:
     """``n`` generator frames (sizes taken in turn) and their ``(n, 23)`` labels."""
-    from ..sim.generator import SceneGenerator
-
     gens = [SceneGenerator(seed=seed + 1000 * k, size=int(s), detectors=detectors, tags=tags)
             for k, s in enumerate(sizes)]
     frames, labels = [], []
@@ -79,8 +83,6 @@ def fit_novelty(tagger, fit_frames, val_frames, *, embedding_dim: int = 64, fpr:
     data : str
         Where the frames came from (recorded in ``info``).
     """
-    from ..novelty import NoveltyModel
-
     f_fit, _ = features_of(tagger, fit_frames)
     f_val, _ = features_of(tagger, val_frames)
     model = NoveltyModel.fit(f_fit, f_val, embedding_dim=embedding_dim, fpr=fpr,
@@ -101,8 +103,6 @@ def refit_novelty(parent, new, fit_inputs: Sequence, val_inputs, *, max_frames: 
     On too few frames (fewer than 2 of either) ``new`` is left without
     statistics and a warning is logged. Returns the new model or ``None``.
     """
-    from ..novelty import NoveltyModel
-
     rng = np.random.default_rng(seed)
     sizes = [len(x) for x in fit_inputs]
     total = sum(sizes)
@@ -164,18 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset_frames(path: str, n: int) -> list[np.ndarray]:
-    from ..sim.dataset import open_dataset
-
     ds = open_dataset(path)
     return [ds.frame(i) for i in range(min(n, len(ds)))]
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml novelty-fit``; 0 on success, 2 on bad input."""
-    from ..errors import CheckpointError
-    from ..inference.tagger import Tagger, default_checkpoint_path
-    from ..novelty import sidecar_path
-
     try:
         tagger = Tagger.load(args.checkpoint, precision="fp32")
         sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]

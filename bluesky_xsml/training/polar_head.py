@@ -33,6 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.tagger import Tagger
+from ..model import TaggerNet, TaggerNetConfig, masked_bce_loss
+from ..polar import PolarConfig, input_centers, polar_features
+from .data import load_arrays
+from .metrics import evaluate_scores
+
 __all__ = ["add_arguments", "main", "fit_polar_head", "PolarHeadReport"]
 
 log = logging.getLogger(__name__)
@@ -91,8 +97,6 @@ def _frame_features(net, arrays, config, *, batch: int = 256, progress: bool = F
     import torch
     from tqdm.auto import tqdm
 
-    from ..polar import input_centers, polar_features
-
     if arrays.centers is None:
         raise ValueError(f"{arrays.source}: these frames carry no beam centres (data cached by "
                          "an older bluesky-xsml, or saved without them)")
@@ -139,11 +143,6 @@ def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: flo
         The new tagger has max-F1 thresholds from ``val`` (with centres).
     """
     import torch
-
-    from ..inference.tagger import Tagger
-    from ..model import TaggerNet, TaggerNetConfig, masked_bce_loss
-    from ..polar import PolarConfig
-    from .metrics import evaluate_scores
 
     if tagger.uses_beam_center and not replace:
         raise ValueError(f"tagger {tagger.checkpoint_id} already has a polar head (pass "
@@ -225,10 +224,6 @@ def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: flo
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xsml polar-head``; returns the process exit code."""
-    from ..inference.tagger import Tagger
-    from ..polar import PolarConfig
-    from .data import load_arrays
-
     progress = not args.no_progress
     try:
         config = PolarConfig(views=tuple(v.strip() for v in args.views.split(",") if v.strip()),

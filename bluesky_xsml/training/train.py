@@ -21,14 +21,10 @@ then come from that checkpoint, and its content id is recorded as
 Added with ``--init`` to a checkpoint that has none, it starts as a no-op
 (zero output projection), so training begins from the checkpoint's outputs.
 
-Loss: masked BCE (``NaN`` labels are unknown and ignored) with a per-tag
-``pos_weight = clip(sqrt(neg/pos), 1, 10)`` from the training label
-frequencies, stored in ``net.pos_weight``.
-
-Augmentation respects the geometry: horizontal flips (left/right are
-equivalent) and an intensity scale of the count channels; never vertical
-flips or rotations (the grazing-incidence horizon and Yoneda band lie below
-and above the beam).
+This module is the command's wiring (options, resuming, the epoch loop, the
+files it writes); the recipe's pieces (loss weights, augmentation, batches,
+learning-rate schedule, weight averaging) are the library
+:mod:`bluesky_xsml.training.recipe`, re-exported here.
 
 Examples
 --------
@@ -45,14 +41,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import queue
-import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from ..checkpoints import atomic_torch_save, safe_torch_load
+from ..errors import CheckpointError
+from ..inference.device import cpu_supports_bf16
+from ..inference.tagger import Tagger
+from ..model import TaggerNet, TaggerNetConfig
+from ..preprocess import CHANNELS, PreprocessConfig
+from ..tags import TAG_NAMES
+from .data import SynthSpec, describe, load_arrays
+from .metrics import evaluate_scores
+from .recipe import BatchLoader, augment, ema_update, lr_at, pos_weights
+
+# the recipe's pieces lived here before training.recipe; kept importable from here
+__all__ = ["BatchLoader", "add_arguments", "augment", "lr_at", "main", "pos_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20,
                    help="epochs of the learning-rate schedule (default 20)")
-    g.add_argument("--batch-size", type=int, default=64, help="frames per training step (default 64)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="frames per training step (default 64)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay (default 0.05)")
@@ -137,18 +146,11 @@ def _with_n(source: str, n: int | None) -> str:
         return source
     if not source.startswith("synth:"):
         raise SystemExit("--n applies only to a 'synth:...' data source")
-    from dataclasses import replace
-
-    from .data import SynthSpec
-
     return str(replace(SynthSpec.parse(source), n=int(n)))
 
 
 def _init_tagger(path: str, tags):
     """The tagger whose weights a run starts from; its tags must be the vocabulary's."""
-    from ..errors import CheckpointError
-    from ..inference.tagger import Tagger
-
     try:
         init = Tagger.load(path, device="cpu")
     except CheckpointError as err:
@@ -159,128 +161,6 @@ def _init_tagger(path: str, tags):
     return init
 
 
-def pos_weights(labels: np.ndarray, *, max_weight: float = 10.0) -> np.ndarray:
-    """``clip(sqrt(neg/pos), 1, max_weight)`` per tag from known labels.
-
-    >>> [round(float(w), 3) for w in pos_weights(np.array([[1, 0], [0, 0], [0, 0], [0, 1.]]))]
-    [1.732, 1.732]
-    """
-    from .data import label_frequencies
-
-    p = np.clip(label_frequencies(labels), 1e-4, 1.0)
-    return np.clip(np.sqrt((1 - p) / p), 1.0, max_weight).astype(np.float32)
-
-
-def augment(x, *, generator, flip_p: float = 0.5, log_scale_range: float = 0.35):
-    """Physics-respecting augmentation of preprocessed inputs ``(B, 6, S, S)``.
-
-    Horizontal flips (per sample, probability ``flip_p``) and a count scale
-    ``a = exp(U(-r, r))`` applied exactly to the ``log_mean``/``log_max``
-    channels (``log1p(a * expm1(v))``), with ``relative`` recomputed. Vertical
-    flips are never applied. ``generator`` is a ``torch.Generator``.
-    """
-    import torch
-
-    from ..preprocess import LOG_SCALE
-
-    B = x.shape[0]
-    flip = torch.rand(B, generator=generator) < flip_p
-    if flip.any():
-        x[flip] = x[flip].flip(-1)
-    if log_scale_range > 0:
-        a = torch.exp((torch.rand(B, 1, 1, 1, generator=generator) * 2 - 1) * log_scale_range)
-        counts = torch.expm1(x[:, 0:2] * LOG_SCALE)
-        x[:, 0:2] = torch.log1p(counts * a) / LOG_SCALE
-        peak = x[:, 0].amax(dim=(1, 2), keepdim=True)
-        x[:, 2] = torch.where(peak > 0, x[:, 0] / peak.clamp(min=1e-12), torch.zeros_like(x[:, 0]))
-    return x
-
-
-class BatchLoader:
-    """Shuffled batches from cached arrays, assembled in a background thread.
-
-    Epoch ``e`` uses the permutation of ``numpy.random.default_rng([seed, e])``,
-    so a resumed run sees the same batches it would have seen.
-    """
-
-    def __init__(self, inputs, labels, batch_size: int, *, seed: int, augment_fn=None,
-                 prefetch: int = 3):
-        self.inputs, self.labels = inputs, labels
-        self.batch_size = batch_size
-        self.seed = seed
-        self.augment_fn = augment_fn
-        self.prefetch = prefetch
-
-    def __len__(self) -> int:
-        return len(self.labels) // self.batch_size  # drop the last partial batch
-
-    def epoch(self, e: int):
-        """Yield ``(x, y)`` float32 tensors for epoch ``e``."""
-        import torch
-
-        order = np.random.default_rng([self.seed, e]).permutation(len(self.labels))
-        gen = torch.Generator().manual_seed(int(self.seed) * 100003 + e)
-        q: queue.Queue = queue.Queue(self.prefetch)
-        stop = threading.Event()
-
-        def work():
-            try:
-                for b in range(len(self)):
-                    if stop.is_set():
-                        return
-                    idx = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
-                    x = torch.from_numpy(np.asarray(self.inputs[idx], dtype=np.float32))
-                    y = torch.from_numpy(np.asarray(self.labels[idx], dtype=np.float32))
-                    if self.augment_fn is not None:
-                        x = self.augment_fn(x, generator=gen)
-                    q.put((x, y))
-                q.put(None)
-            except BaseException as err:  # pragma: no cover - surfaced in the consumer
-                q.put(err)
-
-        t = threading.Thread(target=work, daemon=True, name="xsml-batches")
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.05)
-
-
-def lr_at(step: int, *, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up then cosine decay to 1 % of ``peak``.
-
-    >>> lr_at(0, total=100, warmup=10, peak=1.0), lr_at(10, total=100, warmup=10, peak=1.0)
-    (0.1, 1.0)
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _ema_update(ema: dict, net, decay: float) -> None:
-    import torch
-
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            e = ema[k]
-            if e.dtype.is_floating_point:
-                e.mul_(decay).add_(v.detach(), alpha=1 - decay)
-            else:
-                e.copy_(v)
-
-
 # ------------------------------------------------------------------------- main
 
 
@@ -288,14 +168,6 @@ def main(args: argparse.Namespace) -> int:
     """Run ``xsml train``; returns the process exit code."""
     import torch
     from tqdm.auto import tqdm
-
-    from ..inference.device import cpu_supports_bf16
-    from ..inference.tagger import Tagger, atomic_torch_save, require_safe_torch
-    from ..model import TaggerNet, TaggerNetConfig
-    from ..preprocess import CHANNELS, PreprocessConfig
-    from ..tags import TAG_NAMES
-    from .data import describe, load_arrays
-    from .metrics import evaluate_scores
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -309,8 +181,7 @@ def main(args: argparse.Namespace) -> int:
     state = None
     init = None
     if (out / "last.pt").exists() and not args.restart:
-        require_safe_torch()
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        state = safe_torch_load(out / "last.pt")
         if state.get("format") != STATE_FORMAT:
             raise SystemExit(f"{out / 'last.pt'} is not a training state; use --restart")
         train_src, pcfg = state["train_data"], PreprocessConfig.from_dict(state["preprocess"])
@@ -356,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     net.pos_weight.copy_(torch.from_numpy(pos_weights(train.labels)))
     net = net.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
-    for name, p in net.named_parameters():
+    for p in net.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
@@ -423,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
             opt.step()
             if ema is not None:
-                _ema_update(ema, net, min(args.ema, (1 + step) / (10 + step)))
+                ema_update(ema, net, min(args.ema, (1 + step) / (10 + step)))
             step += 1
             run_loss += loss.item() * len(y)
             n_seen += len(y)

@@ -7,6 +7,13 @@ the parent's shared-memory frame ring and runs an ordinary in-process
 over the pipe. Three threads: the receiver (jobs in), the inference worker
 (results out) and a heartbeat.
 
+The process starts in :mod:`bluesky_xsml.tagging_process`, which hands this
+loop the two things from higher layers it needs: the external-file reader of
+a run (``make_reader``, :class:`~bluesky_xsml.documents.external.ExternalFrames`)
+and the live fine-tuner (``make_finetuner``,
+:class:`~bluesky_xsml.training.live.LiveFineTuner`). Inference imports neither
+(``docs/decisions/0004-layers.md``).
+
 Messages are exchanged over a :func:`multiprocessing.Pipe` that only this
 process and its parent hold (no network), so they are plain pickles.
 """
@@ -14,16 +21,20 @@ process and its parent hold (no network), so they are plain pickles.
 from __future__ import annotations
 
 import collections
-import queue
 import logging
 import mmap
 import os
+import pickle
+import queue
 import threading
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigurationError
 from .worker import FrameJob, InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -67,20 +78,20 @@ class _Link:
 
 
 class _ExternalReaders:
-    """Per-run :class:`ExternalFrames`, fed the documents each job carries."""
+    """Per-run external-file readers (``make_reader(**options)``), fed the documents each
+    job carries."""
 
-    def __init__(self, options: dict) -> None:
+    def __init__(self, options: dict, make_reader: Callable[..., Any]) -> None:
         self.options = dict(options)
+        self.make_reader = make_reader
         self.runs: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.lock = threading.Lock()
 
     def reader(self, run_uid: str, docs) -> Any:
-        from ..documents.external import ExternalFrames
-
         with self.lock:
             ext = self.runs.get(run_uid)
             if ext is None:
-                ext = self.runs[run_uid] = ExternalFrames(**self.options)
+                ext = self.runs[run_uid] = self.make_reader(**self.options)
                 while len(self.runs) > MAX_OPEN_RUNS:
                     _, old = self.runs.popitem(last=False)
                     _forget(old)
@@ -104,6 +115,8 @@ def _forget(ext) -> None:
 
 
 def _build_tagger(spec: dict):
+    # torch loads here, after set_priority: at the lowered priority (a heavy third-party
+    # import, the one reason this import is not at the top of the module)
     from .tagger import Tagger
 
     kwargs = {k: spec[k] for k in ("device", "precision", "num_threads") if spec.get(k) is not None}
@@ -125,12 +138,27 @@ def describe(tagger) -> dict:
     }
 
 
-def main(conn, spec: dict) -> None:
-    """Entry point of the tagging process (``multiprocessing`` target)."""
+def main(conn, spec: dict, *, make_reader: Callable[..., Any],
+         make_finetuner: Callable[..., Any]) -> None:
+    """Run the tagging process's loop until the parent says stop or goes away.
+
+    Parameters
+    ----------
+    conn : multiprocessing.connection.Connection
+        This process's end of the pipe to the parent.
+    spec : dict
+        What the parent sent (:meth:`ProcessInferenceWorker._spec`).
+    make_reader : callable
+        ``make_reader(**spec["external_options"])``: an external-file reader for
+        one run (``register(name, doc)``, ``read(ref)``, ``forget()``).
+    make_finetuner : callable
+        ``make_finetuner(tagger, directory, **options)``: the live fine-tuner
+        (``status()``, ``registry``, ``close(timeout)``).
+    """
     link = _Link(conn)
     try:
         applied = set_priority(spec.get("priority", "idle"))
-        import torch
+        import torch  # after set_priority: loads at the lowered priority
 
         threads = int(spec.get("threads") or os.cpu_count() or 1)
         torch.set_num_threads(threads)
@@ -152,17 +180,20 @@ def main(conn, spec: dict) -> None:
         info["thresholds"] = [float(t) for t in tagger.thresholds]
     info["priority"] = applied
     link.send(("hello", info))
-    _Child(link, tagger, ring, spec).run()
+    _Child(link, tagger, ring, spec, make_reader=make_reader,
+           make_finetuner=make_finetuner).run()
 
 
 class _Child:
-    def __init__(self, link: _Link, tagger, ring: mmap.mmap, spec: dict) -> None:
+    def __init__(self, link: _Link, tagger, ring: mmap.mmap, spec: dict, *,
+                 make_reader: Callable[..., Any], make_finetuner: Callable[..., Any]) -> None:
         self.link = link
+        self.make_finetuner = make_finetuner
         self.tagger = tagger
         self.ring = ring
         self.slot_bytes = int(spec["slot_bytes"])
         self.send_inputs = bool(spec.get("send_inputs", True))
-        self.readers = _ExternalReaders(spec.get("external_options") or {})
+        self.readers = _ExternalReaders(spec.get("external_options") or {}, make_reader)
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
         self.finetuner = None
@@ -218,9 +249,7 @@ class _Child:
     def enable_finetuning(self, directory: str, options: dict) -> dict:
         """Start (or return) the live fine-tuner of this process's tagger."""
         if self.finetuner is None:
-            from ..training.live import LiveFineTuner
-
-            self.finetuner = LiveFineTuner(self.tagger, directory, **options)
+            self.finetuner = self.make_finetuner(self.tagger, directory, **options)
             # every activation (promotion, rollback, activate) swaps the weights here: tell
             # the parent what the live model is now
             self.finetuner.registry.add_listener(
@@ -235,8 +264,6 @@ class _Child:
         if name == "child":
             return self
         if self.finetuner is None:
-            from ..errors import ConfigurationError
-
             raise ConfigurationError("fine-tuning is not enabled in the tagging process")
         return self.finetuner if name == "finetuner" else self.finetuner.registry
 
@@ -316,9 +343,7 @@ class _Child:
 
     def _swap(self, checkpoint: str) -> None:
         try:
-            from .tagger import Tagger
-
-            new = Tagger.load(checkpoint, device=str(self.tagger.device),
+            new = type(self.tagger).load(checkpoint, device=str(self.tagger.device),
                               precision=self.tagger.precision)
             self.worker.flush(60.0)
             self.tagger.swap_weights(new, allow_tag_change=True)
@@ -327,22 +352,9 @@ class _Child:
             self.link.send(("swap_failed", f"{type(err).__name__}: {err}"))
 
 
-def _run_from_fd(fd: int) -> None:
-    import pickle
-    from multiprocessing.connection import Connection
-
+def run_from_fd(fd: int, *, make_reader: Callable[..., Any],
+                make_finetuner: Callable[..., Any]) -> None:
+    """Read the spec from the inherited pipe ``fd`` and run :func:`main`."""
     conn = Connection(fd)
     spec = pickle.loads(conn.recv_bytes())
-    main(conn, spec)
-
-
-if __name__ == "__main__":
-    import faulthandler
-    import signal
-    import sys
-
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
-
-    logging.basicConfig(level=logging.WARNING,
-                        format="xsml tagging process %(process)d: %(levelname)s %(message)s")
-    _run_from_fd(int(sys.argv[1]))
+    main(conn, spec, make_reader=make_reader, make_finetuner=make_finetuner)

@@ -1,0 +1,413 @@
+"""Sampling scenes: which features a frame asks for, and a scene that has them.
+
+:func:`sample_scene` draws a scene; the feature families it adds live in
+:mod:`.features`, the labels it checks against in :mod:`.labels`. Part of the
+synthetic generator; :mod:`bluesky_xsml.sim.generator` re-exports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from ..tags import TAG_NAMES
+from . import physics as ph
+from .features import (
+    _add_diffuse,
+    _add_gi_diffuse,
+    _add_halo,
+    _add_isolated,
+    _add_lattice,
+    _add_on_ring,
+    _add_rings,
+    _add_rods,
+    _add_saturation,
+    _add_specular,
+    _add_streaks,
+    _bs_angle,
+    _ensure_bright,
+    _feature_peak,
+    _scale_feature,
+)
+from .geometry import DetectorConfig, Footprint, SceneGeometry, resolve_detectors
+from .labels import _label_state, scene_labels
+from .scene import (
+    _R_E,
+    SCENE_VERSION,
+    WANT_P,
+    _detector_entry,
+    _jsonable,
+    _logu,
+    _u,
+    complete_scene,
+)
+
+
+def _want(rng, tags: Mapping[str, bool] | None) -> dict[str, bool]:
+    tags = dict(tags or {})
+    unknown = set(tags) - set(WANT_P)
+    if unknown:
+        raise ConfigurationError(f"cannot ask for {sorted(unknown)}; known: {', '.join(WANT_P)}")
+    u = rng.random(len(WANT_P))
+    want = {k: bool(ui < p) for (k, p), ui in zip(WANT_P.items(), u)}
+    if any(tags.get(k) for k in ("horizon", "yoneda", "specular_rod", "bragg_rods")):
+        want["grazing"] = True
+    want.update(tags)
+    if tags.get("beam_off") is None and any(v for k, v in tags.items() if k != "detector_gaps"):
+        want["beam_off"] = False
+    if want["weak_scattering"]:
+        want["high_background"] = want["saturation"] = want["diffuse_low_q"] = False
+        want.update({k: v for k, v in tags.items() if k in ("high_background", "saturation",
+                                                            "diffuse_low_q")})
+    if want["beamstop_circular"] and want["beamstop_linear"]:
+        if "beamstop_linear" not in tags or ("beamstop_circular" in tags and rng.random() < 0.5):
+            want["beamstop_linear"] = False
+        else:
+            want["beamstop_circular"] = False
+    if not want["grazing"]:
+        for k in ("horizon", "yoneda", "specular_rod", "bragg_rods"):
+            want[k] = False
+    elif "peaks_on_ring" not in tags:
+        want["peaks_on_ring"] = False   # the ring would be cut by the horizon
+    return want
+
+
+class _Sampler:
+    """State of one scene being sampled."""
+
+    def __init__(self, rng, det: DetectorConfig, size, want):
+        self.rng = rng
+        self.det = det
+        self.want = want
+        dtype = det.dtypes[0] if len(det.dtypes) == 1 else (
+            det.dtypes[0] if rng.random() < 0.6 else det.dtypes[1])
+        self.d = _detector_entry(det.name, size, rng, dtype)
+        self.h, self.w = self.d["shape"]
+        self.L = max(self.h, self.w)
+        self.p = self.d["pixel_size_m"]
+        self.sc: dict = {"version": SCENE_VERSION, "detector": self.d}
+
+    # -- geometry --------------------------------------------------------
+    def geometry(self):
+        rng, h, w, L, want = self.rng, self.h, self.w, self.L, self.want
+        lam = rng.uniform(0.6, 1.7)
+        self.lam = lam
+        D = None
+        gi = None
+        if want["grazing"]:
+            cx = rng.uniform(0.15, 0.85) * w
+            if want["horizon"]:
+                yh = rng.uniform(0.35, 0.9) * h
+            elif want["yoneda"]:
+                yh = h - 0.5 + rng.uniform(0.5, 0.06 * h + 1.5)
+            else:
+                yh = h - 0.5 + rng.uniform(1.0, 0.3 * h + 2.0)
+            rho = rng.uniform(0.3, 2.0)
+            ac = lam * math.sqrt(rho * _R_E / math.pi)
+            if want["yoneda"]:
+                off = _u(rng, max(4.0, 0.04 * h), max(6.0, 0.16 * h))
+                D = float(np.clip(off * self.p / math.tan(ac), 0.1, 15.0))
+            else:
+                D = self._distance_from_q(lam, cx, yh + 5)
+            ai = float(np.clip(ac * rng.uniform(0.8, 3.0), math.radians(0.03), math.radians(1.0)))
+            cy = yh + D * math.tan(ai) / self.p
+            gi = {"incidence_deg": math.degrees(ai), "critical_deg": math.degrees(ac),
+                  "beta_ratio": _logu(rng, 0.005, 0.05), "below": _logu(rng, 1e-4, 3e-3),
+                  "yoneda": bool(want["yoneda"])}
+        else:
+            mode = rng.random()
+            if want["beamstop_circular"] or want["beamstop_linear"]:
+                mode *= 0.87
+            if mode < 0.55:
+                cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+            elif mode < 0.87:
+                cx, cy = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
+            else:
+                cx, cy = rng.uniform(0.0, 1.0) * w, rng.uniform(0.0, 1.0) * h
+                off = rng.uniform(0.0, 0.25) * L
+                side = int(rng.integers(4))
+                if side == 0:
+                    cx = -off
+                elif side == 1:
+                    cx = w - 1 + off
+                elif side == 2:
+                    cy = -off
+                else:
+                    cy = h - 1 + off
+        self.cx, self.cy = float(cx), float(cy)
+        self.gi = gi
+        self.D = D
+        self.sc["grazing"] = gi
+
+    def _distance_from_q(self, lam, cx, cy):
+        fp = Footprint((self.h, self.w), ([], []), (cx, cy))
+        r_far = fp.farthest_radius()
+        q_far = _logu(self.rng, 0.03, 1.2 if self.want["higher_orders"] else 6.0)
+        s = min(q_far * lam / (4 * math.pi), math.sin(math.radians(32.0)))
+        tth = 2 * math.asin(s)
+        return float(np.clip(r_far * self.p / math.tan(tth), 0.05, 15.0))
+
+    def finish_geometry(self):
+        if self.D is None:
+            self.D = self._distance_from_q(self.lam, self.cx, self.cy)
+        self.sc["geometry"] = {"distance_m": self.D, "wavelength_A": self.lam,
+                               "beam_center": [self.cx, self.cy]}
+
+    def set_distance_for(self, q1, r1):
+        """Choose the distance (and keep the wavelength) so that ``q1`` lands at ``r1`` px."""
+        s = q1 * self.lam / (4 * math.pi)
+        tth = 2 * math.asin(min(s, 0.99))
+        if tth >= math.radians(65):
+            self.lam *= math.sin(math.radians(30)) / s
+            tth = math.radians(60)
+        self.D = float(np.clip(r1 * self.p / math.tan(tth), 0.05, 15.0))
+
+
+def _ctx_for(sc: dict) -> SceneGeometry:
+    tmp = dict(sc)
+    tmp.setdefault("background", {"level": 0.0, "gradient": [0.0, 0.0]})
+    tmp.setdefault("noise", {"dark": 0.0, "read_sigma": 0.0, "gain": 1.0, "offset": 0.0})
+    tmp.setdefault("beamstop", None)
+    tmp.setdefault("features", [])
+    tmp.setdefault("grazing", None)
+    return SceneGeometry(tmp)
+
+
+def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256, *,
+                 detectors=None, tags: Mapping[str, bool] | None = None) -> dict:
+    """Draw one random scene.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        All randomness of the scene comes from here.
+    detector : str, tuple or DetectorConfig, optional
+        Use this detector; otherwise one is drawn from ``detectors``.
+    size : int or None
+        Longest side of the rendered frame (``None``: native resolution).
+    detectors : optional
+        Selection to draw from (see :func:`~bluesky_xsml.sim.geometry.resolve_detectors`);
+        default: the training set.
+    tags : dict of str -> bool, optional
+        Force features on or off by tag name (and ``"grazing"``), e.g.
+        ``{"ring_isotropic": True, "beam_off": False}``.  Forced features are
+        attempted; the returned labels (:func:`scene_labels`) say what is seen.
+
+    Returns
+    -------
+    dict
+        A complete, JSON-serialisable scene.
+    """
+    if size is not None and (not isinstance(size, (int, np.integer)) or size < 16):
+        raise ConfigurationError(f"size must be an int >= 16 or None, got {size!r}")
+    pool = resolve_detectors(detector if detector is not None else detectors)
+    return _sample(rng, _pick_detector(rng, pool), size, tags)[0]
+
+
+def _pick_detector(rng, pool) -> DetectorConfig:
+    if len(pool) == 1:
+        return pool[0]
+    wts = np.array([d.weight for d in pool])
+    return pool[int(rng.choice(len(pool), p=wts / wts.sum()))]
+
+
+_SEEN_TAGS = [i for i, t in enumerate(TAG_NAMES) if t not in (
+    "beam_off", "detector_gaps", "beamstop_circular", "beamstop_linear", "high_background")]
+
+
+def _sample(rng, det, size, tags, attempts: int = 4) -> tuple[dict, np.ndarray]:
+    """A scene and its labels; beam-on scenes in which nothing would be seen are redrawn."""
+    for _ in range(attempts):
+        scene = _sample_once(rng, det, size, tags)
+        labels = scene_labels(scene)
+        if not scene["beam_on"] or labels[_SEEN_TAGS].any():
+            break
+    return scene, labels
+
+
+def _sample_once(rng, det, size, tags) -> dict:
+    want = _want(rng, tags)
+    S = _Sampler(rng, det, size, want)
+    d = S.d
+    # dead / hot pixels
+    n_bad = int(rng.poisson(6e-5 * S.h * S.w))
+    d["bad_pixels"] = np.stack([rng.integers(0, S.h, n_bad),
+                                rng.integers(0, S.w, n_bad)], 1).tolist()
+    ccd = det.family == "ccd"
+    read = rng.uniform(0.5, 1.0 if want["weak_scattering"] else 3.0) if ccd else 0.0
+    S.sc["noise"] = {"dark": _logu(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
+                     "offset": rng.uniform(5.0, 60.0) if ccd else 0.0}
+    if want["beam_off"]:
+        S.geometry()
+        S.finish_geometry()
+        S.sc.update(beam_on=False, background={"level": 0.0, "gradient": [0.0, 0.0]},
+                    beamstop=None, features=[], grazing=None)
+        return _jsonable(S.sc)
+    _sample_beam_on(S)
+    return _jsonable(S.sc)
+
+
+def _sample_beam_on(S: _Sampler) -> None:
+    rng, want, L = S.rng, S.want, S.L
+    S.geometry()
+    # a calibrant powder anchors the distance
+    ring_styles = []
+    for tag, style in (("ring_isotropic", "isotropic"), ("ring_oriented", "oriented"),
+                       ("ring_textured", "textured")):
+        if want[tag]:
+            ring_styles.append(style)
+    if want["higher_orders"] and not ({"isotropic", "oriented"} & set(ring_styles)):
+        ring_styles.append("isotropic" if rng.random() < 0.5 else "oriented")
+    if want["many_rings"] and not ring_styles:
+        ring_styles.append(("isotropic", "isotropic", "oriented", "textured")[int(rng.integers(4))])
+    materials = {}
+    lam_style = None
+    if want["higher_orders"]:
+        cands = [s for s in ring_styles if s in ("isotropic", "oriented")]
+        lam_style = cands[int(rng.integers(len(cands)))]
+        materials[lam_style] = "AgBH" if (not S.gi and rng.random() < 0.4) else "lamellar"
+    many_style = None
+    if ring_styles and want["many_rings"]:
+        many_style = lam_style if lam_style and rng.random() < 0.35 else \
+            ring_styles[int(rng.integers(len(ring_styles)))]
+    for s in ring_styles:
+        if s not in materials:
+            if not S.gi and S.D is None and rng.random() < 0.5:
+                materials[s] = ("LaB6", "CeO2", "Si")[int(rng.integers(3))]
+            else:
+                materials[s] = "powder"
+    # beamstop (needs the beam on the detector)
+    on_det = bool(Footprint((S.h, S.w), ([], []), (S.cx, S.cy)).on_detector(
+        S.cx, S.cy, margin=0.02 * L))
+    bs = None
+    if want["beamstop_circular"] and on_det:
+        R = max(4.0, rng.uniform(0.025, 0.07) * L)
+        bs = {"type": "circular", "radius_px": R, "transmission": _logu(rng, 1e-5, 1e-2),
+              "edge_px": rng.uniform(0.5, 1.5), "angle_deg": _bs_angle(rng),
+              "holder_width_px": 2 * R * rng.uniform(0.2, 0.4) if rng.random() < 0.5 else 0.0}
+    elif want["beamstop_linear"] and on_det:
+        bs = {"type": "linear", "width_px": max(4.0, rng.uniform(0.025, 0.06) * L),
+              "transmission": _logu(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
+              "angle_deg": _bs_angle(rng)}
+    S.sc["beamstop"] = bs
+    # calibrant anchor
+    anchor = None
+    if S.D is None:
+        for s, m in materials.items():
+            if m in ("LaB6", "CeO2", "Si", "AgBH"):
+                anchor = (s, m)
+                break
+    fp0 = Footprint((S.h, S.w), ([], []), (S.cx, S.cy))
+    r_far = fp0.farthest_radius()
+    r_near = fp0.nearest_radius()
+    r_lo = max(r_near, (bs["radius_px"] + 3) if bs and bs["type"] == "circular" else 0.0,
+               0.06 * L, 6.0)
+    if anchor:
+        s, m = anchor
+        q1 = 2 * math.pi / ph.LAMELLAR_D["AgBH"] if m == "AgBH" else \
+            float(ph.crystal_reflections(m, 10.0)[0][0])
+        if s == many_style:
+            top = (0.3 if m != "AgBH" else 0.12) * r_far
+        elif m == "AgBH":
+            top = 0.9 * r_far / 3.3
+        else:
+            top = 0.55 * r_far
+        r1 = _u(rng, max(r_lo, 30.0), max(r_lo + 1, 30.0, top))
+        S.set_distance_for(q1, r1)
+    S.finish_geometry()
+    S.sc.update(beam_on=True, background={"level": 0.0, "gradient": [0.0, 0.0]}, features=[])
+    ctx = _ctx_for(S.sc)
+    S.ctx = ctx
+    r_hi = 0.95 * ctx.r_far
+    if ctx.horizon is not None:
+        r_lo = max(r_lo, ctx.cy - ctx.horizon + 3.0)
+    S.r_lo, S.r_hi = r_lo, r_hi
+    # intensity regime
+    mode = "weak" if want["weak_scattering"] else ("high" if want["high_background"] else "normal")
+    S.mode = mode
+    cut = float(S.d["count_cutoff"])
+    if ccd := (S.det.family == "ccd"):
+        cut -= S.sc["noise"]["offset"]
+    S.cut = cut
+    read = S.sc["noise"]["read_sigma"]
+    S.read = read
+    rim = max(1.5, 2.0 * read) * 1.4
+    need_rim = bs is not None
+    if mode == "weak":
+        if need_rim:
+            B = rng.uniform(rim, max(1.15 * rim, 2.6))
+        else:
+            B = 0.0 if (not ccd and rng.random() < 0.3) else _logu(rng, 0.02, 2.0)
+    elif mode == "high":
+        B = _logu(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
+    else:
+        B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else _logu(rng, 0.01, 30.0)
+        if need_rim:
+            B = max(B, rim)
+    if need_rim:
+        cos3_far = math.cos(math.atan(ctx.r_far * ctx.p / ctx.D)) ** 3
+        B = max(B, rim / max(cos3_far, 0.2))
+    S.B = B
+    grad = [rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)] if rng.random() < 0.5 else [0.0, 0.0]
+    S.sc["background"] = {"level": B, "gradient": grad}
+    ctx.B = B
+    ctx.read = read
+    ctx.dark = S.sc["noise"]["dark"]
+    n_planned = sum(bool(want[k]) for k in (
+        "halo_isotropic", "halo_anisotropic", "diffuse_low_q", "peaks_isolated", "peaks_lattice",
+        "peaks_on_ring", "streaks", "specular_rod", "bragg_rods")) + len(ring_styles) + \
+        (1 if (want["horizon"] or want["yoneda"]) else 0)
+    S.cap = 0.5 * cut / (n_planned + 2) / 1.5
+    S.E = _logu(rng, 200.0, max(250.0, S.cap)) if mode == "normal" else None
+    feats = S.sc["features"]
+    # smooth features first (they set the level under sharp ones)
+    if want["diffuse_low_q"]:
+        _add_diffuse(S, feats)
+    for tag, kappa in (("halo_isotropic", 0.0), ("halo_anisotropic", 1.0)):
+        if want[tag]:
+            _add_halo(S, feats, anisotropic=kappa > 0)
+    if S.gi and (want["horizon"] or want["yoneda"]):
+        _add_gi_diffuse(S, feats)
+    S.ring_budget = 10**6 if many_style else 4
+    order = sorted(ring_styles, key=lambda s: (s != many_style, s != lam_style))
+    for k, style in enumerate(order):
+        S.rings_left = len(order) - k - 1
+        _add_rings(S, feats, style, materials[style], many=(style == many_style),
+                   lamellar=(style == lam_style))
+    if want["peaks_isolated"]:
+        _add_isolated(S, feats)
+    if want["peaks_lattice"]:
+        _add_lattice(S, feats)
+    if want["peaks_on_ring"]:
+        _add_on_ring(S, feats)
+    if S.gi and want["specular_rod"]:
+        _add_specular(S, feats)
+    if S.gi and want["bragg_rods"]:
+        _add_rods(S, feats)
+    if want["streaks"]:
+        _add_streaks(S, feats)
+    if not feats:
+        _add_halo(S, feats, anisotropic=False, force=True)
+    if mode == "normal":
+        _ensure_bright(S, feats)
+    total = sum(_feature_peak(f, ctx, S.sc) for f in feats) + 1.5 * B + ctx.dark
+    if S.gi:
+        total *= float(ph.grazing_factor_rows(ctx).max())
+    if total > 0.5 * cut:
+        for f in feats:
+            _scale_feature(f, 0.5 * cut / total)
+        total = 0.5 * cut
+    if S.gi:
+        # "strongly attenuated": below the horizon nothing reaches 1 count
+        S.gi["below"] = float(min(S.gi["below"], 1.0 / max(total, 1.0)))
+    if want["saturation"]:
+        before = [dict(f, **{k: list(v) for k, v in f.items() if isinstance(v, list)})
+                  for f in feats]
+        _add_saturation(S, feats)
+        # keep it only if it clips a clear region (no borderline partial clipping)
+        _, st = _label_state(complete_scene(S.sc))
+        if st is None or st.sat_area < 12.0:
+            feats[:] = before
