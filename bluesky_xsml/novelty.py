@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,10 +52,16 @@ import numpy as np
 __all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "energy_novelty", "auroc",
            "sidecar_path", "encode_embedding", "decode_embedding"]
 
-#: Novelty scores this module can compute (``"mahalanobis"`` is what taggers use).
-SCORES = ("mahalanobis", "pca_residual", "energy", "max_logit")
+#: Scores a :class:`NoveltyModel` can be fitted to give (:attr:`NoveltyModel.kind`).
+SCORES = ("knn", "mahalanobis")
 
-_VERSION = 1
+#: Sidecar/checkpoint format: 1 had the Mahalanobis score only; 2 adds ``kind``, ``bank``, ``k``.
+_VERSION = 2
+
+#: Reference frames a ``knn`` model keeps (a random subsample of the fit frames).
+BANK_SIZE = 4096
+#: Which nearest reference frame the ``knn`` score measures the distance to.
+KNN_K = 10
 
 #: Weight of the feature part of an embedding against its probability part.
 PCA_WEIGHT = 0.5
@@ -145,6 +151,12 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32))
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class NoveltyModel:
     """Feature statistics of in-distribution frames: novelty scores and embeddings.
@@ -164,6 +176,13 @@ class NoveltyModel:
         The in-distribution false-positive rate the threshold was set for.
     info : dict
         Provenance (data, frame counts, checkpoint id the features came from).
+    kind : {"knn", "mahalanobis"}
+        What :meth:`score` computes (see :meth:`fit`).
+    bank : (M, F) array or None
+        L2-normalised features of ``M`` reference frames (``kind="knn"`` only),
+        stored as float16.
+    k : int
+        The ``knn`` score is the cosine distance to the ``k``-th nearest row of ``bank``.
     """
 
     mean: np.ndarray
@@ -172,6 +191,9 @@ class NoveltyModel:
     threshold: float
     fpr: float = 0.01
     info: dict = field(default_factory=dict)
+    kind: str = "mahalanobis"
+    bank: np.ndarray | None = None
+    k: int = KNN_K
 
     def __post_init__(self):
         self.mean = _f32(self.mean).ravel()
@@ -183,6 +205,22 @@ class NoveltyModel:
             raise ValueError(f"novelty statistics do not fit together: mean {self.mean.shape}, "
                              f"precision {self.precision.shape}, components "
                              f"{self.components.shape}")
+        self.kind = str(self.kind)
+        if self.kind not in SCORES:
+            raise ValueError(f"unknown novelty score {self.kind!r}; known: {', '.join(SCORES)}")
+        self.k = int(self.k)
+        if self.kind == "knn":
+            if self.bank is None:
+                raise ValueError("a knn novelty model needs a reference bank")
+            self.bank = np.ascontiguousarray(np.asarray(self.bank, np.float16))
+            if self.bank.ndim != 2 or self.bank.shape[1] != f or \
+                    not 1 <= self.k <= self.bank.shape[0]:
+                raise ValueError(f"reference bank {self.bank.shape} does not fit {f} features "
+                                 f"and k={self.k}")
+            # scoring reads a float32 copy (float16 products are slow in numpy)
+            self._bank32 = self.bank.astype(np.float32)
+        else:
+            self.bank = None
         self.threshold = float(self.threshold)
         self.fpr = float(self.fpr)
 
@@ -190,7 +228,8 @@ class NoveltyModel:
     @classmethod
     def fit(cls, features: np.ndarray, val_features: np.ndarray | None = None, *,
             embedding_dim: int = 64, fpr: float = 0.01, shrinkage: float = 0.05,
-            info: Mapping[str, Any] | None = None) -> "NoveltyModel":
+            info: Mapping[str, Any] | None = None, score: str = "knn", k: int = KNN_K,
+            bank_size: int = BANK_SIZE, seed: int = 0) -> "NoveltyModel":
         """Fit on in-distribution features; set the threshold on ``val_features``.
 
         Parameters
@@ -200,13 +239,20 @@ class NoveltyModel:
         val_features : (M, F) array, optional
             Features of held-out in-distribution frames; the threshold is their
             ``1 - fpr`` score quantile. Without them the training scores are
-            used (optimistic: a lower threshold than held-out frames need).
+            used (optimistic: a lower threshold than held-out frames need; for
+            ``knn`` each training frame's own row is skipped).
         embedding_dim : int
             Principal directions kept for the embedding (at most ``F``).
         fpr : float
             Wanted rate of in-distribution frames flagged novel, in (0, 1).
         shrinkage : float
             Covariance shrinkage toward ``trace/F`` times the identity, in [0, 1).
+        score : {"knn", "mahalanobis"}
+            ``knn`` (the default): cosine distance of the L2-normalised features
+            to the ``k``-th nearest of up to ``bank_size`` fit frames (drawn at
+            random with ``seed``). ``mahalanobis``: distance to the one Gaussian
+            of all fit frames (the version 1 score; it fails when the training
+            frames form separate groups, see docs/novelty.md).
         """
         x = np.asarray(features, np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -217,6 +263,8 @@ class NoveltyModel:
             raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
         if not 0.0 <= shrinkage < 1.0:
             raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
+        if score not in SCORES:
+            raise ValueError(f"unknown novelty score {score!r}; known: {', '.join(SCORES)}")
         n, f = x.shape
         mean = x.mean(axis=0)
         xc = x - mean
@@ -227,14 +275,30 @@ class NoveltyModel:
         evals, evecs = np.linalg.eigh(cov)
         d = int(min(max(1, embedding_dim), f))
         components = evecs[:, ::-1][:, :d].T
+        bank, rows = None, None
+        if score == "knn":
+            rows = np.sort(np.random.default_rng(seed).permutation(n)[:max(2, int(bank_size))])
+            if val_features is None and len(rows) < 2:
+                raise ValueError("knn scores without held-out frames need at least 2 fit frames")
+            bank = _unit(x[rows])
+            k = int(min(max(1, k), len(rows) - (1 if val_features is None else 0)))
         model = cls(mean=mean, precision=precision, components=components, threshold=math.inf,
-                    fpr=fpr, info=dict(info or {}))
-        ref = x if val_features is None else np.asarray(val_features, np.float64)
-        scores = model.score(ref)
+                    fpr=fpr, info=dict(info or {}), kind=score, bank=bank, k=k)
+        if val_features is None:
+            ref = x
+            if score == "knn":  # a bank row is its own nearest neighbour: skip it
+                scores = model._knn(x, skip_rows=rows)
+            else:
+                scores = model.score(ref)
+        else:
+            ref = np.asarray(val_features, np.float64)
+            scores = model.score(ref)
         model.threshold = float(np.quantile(scores, 1.0 - fpr))
         model.info.update({"n_fit": int(n), "n_threshold": int(len(ref)),
                            "threshold_on": "train" if val_features is None else "validation",
-                           "shrinkage": float(shrinkage), "score": "mahalanobis"})
+                           "shrinkage": float(shrinkage), "score": score})
+        if score == "knn":
+            model.info.update({"k": model.k, "bank_size": int(len(bank))})
         return model
 
     # ---------------------------------------------------------------- scoring
@@ -255,10 +319,38 @@ class NoveltyModel:
         return x
 
     def score(self, features: np.ndarray) -> np.ndarray:
+        """Novelty score of each row, ``(N,)`` float32 (higher: less like the fit frames).
+
+        ``knn``: ``1 - cos`` between the row's features and its ``k``-th nearest
+        reference frame, in [0, 2]. ``mahalanobis``: :meth:`mahalanobis`.
+        """
+        if self.kind == "knn":
+            return self._knn(self._check(features))
+        return self.mahalanobis(features)
+
+    def mahalanobis(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row to the fitted mean, ``(N,)`` float32."""
         xc = self._check(features) - self.mean
         d2 = np.einsum("nf,nf->n", xc @ self.precision, xc)
         return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+
+    def _knn(self, x: np.ndarray, skip_rows: np.ndarray | None = None) -> np.ndarray:
+        """Cosine distance to the ``k``-th nearest bank row (``skip_rows[i]``: row i's own)."""
+        xn = _unit(np.asarray(x, np.float32)).astype(np.float32)
+        out = np.empty(len(xn), np.float32)
+        pos = None
+        if skip_rows is not None:  # where each input row sits in the bank, or -1
+            pos = np.full(len(xn), -1)
+            pos[skip_rows] = np.arange(len(skip_rows))
+        for a in range(0, len(xn), 256):
+            sims = xn[a:a + 256] @ self._bank32.T
+            if pos is not None:
+                own = pos[a:a + 256]
+                hit = np.flatnonzero(own >= 0)
+                sims[hit, own[hit]] = -np.inf
+            kth = np.partition(sims, sims.shape[1] - self.k, axis=1)[:, sims.shape[1] - self.k]
+            out[a:a + 256] = 1.0 - kth
+        return out
 
     def residual(self, features: np.ndarray) -> np.ndarray:
         """Norm of the part of each centred row outside the principal directions."""
@@ -308,17 +400,21 @@ class NoveltyModel:
         """A copy with another threshold (e.g. set at a beamline)."""
         if not math.isfinite(float(threshold)):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
-        return NoveltyModel(self.mean, self.precision, self.components, float(threshold),
-                            self.fpr, {**self.info, "threshold_set": "by hand"})
+        return replace(self, threshold=float(threshold),
+                       info={**self.info, "threshold_set": "by hand"})
 
     # ---------------------------------------------------------------- storage
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (what checkpoints and sidecar files hold)."""
-        return {"version": np.asarray(_VERSION, np.int64), "mean": self.mean,
-                "precision": self.precision, "components": self.components,
-                "threshold": np.asarray(self.threshold, np.float64),
-                "fpr": np.asarray(self.fpr, np.float64),
-                "info": np.asarray(json.dumps(self.info, sort_keys=True, default=str))}
+        out = {"version": np.asarray(_VERSION, np.int64), "mean": self.mean,
+               "precision": self.precision, "components": self.components,
+               "threshold": np.asarray(self.threshold, np.float64),
+               "fpr": np.asarray(self.fpr, np.float64),
+               "info": np.asarray(json.dumps(self.info, sort_keys=True, default=str)),
+               "kind": np.asarray(self.kind), "k": np.asarray(self.k, np.int64)}
+        if self.bank is not None:
+            out["bank"] = self.bank
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> "NoveltyModel":
@@ -340,9 +436,15 @@ class NoveltyModel:
                                  f"{_VERSION}")
             info = arrays.get("info", "{}")
             info = json.loads(str(info if isinstance(info, str) else np.asarray(info)))
+            extra = {}
+            if version >= 2:  # version 1 files are Mahalanobis models
+                kind = arrays["kind"]
+                extra = {"kind": str(kind if isinstance(kind, str) else np.asarray(kind)),
+                         "k": int(arr("k")),
+                         "bank": arr("bank") if "bank" in arrays else None}
             return cls(mean=arr("mean"), precision=arr("precision"),
                        components=arr("components"), threshold=float(arr("threshold")),
-                       fpr=float(arr("fpr")), info=info)
+                       fpr=float(arr("fpr")), info=info, **extra)
         except KeyError as err:
             raise ValueError(f"novelty statistics lack {err}") from None
 

@@ -67,6 +67,21 @@ def make_data(n: int, size: int, input_size: int, seed: int, cache: Path):
     return inputs, labels
 
 
+def split_indices(labels: np.ndarray, family: str) -> dict[str, np.ndarray]:
+    """Row indices of one family's splits: ``train``, ``val``, ``test_in`` (no family tag),
+    ``test_out`` (at least one of the family's tags; never used to fit anything)."""
+    from bluesky_xsml.tags import TAG_NAMES
+
+    cols = [TAG_NAMES.index(t) for t in FAMILIES[family]]
+    has = (labels[:, cols] > 0.5).any(axis=1)
+    rng = np.random.default_rng(0)
+    idx_in = rng.permutation(np.flatnonzero(~has))
+    idx_out = np.flatnonzero(has)
+    n_test = min(len(idx_in) // 5, 600)
+    return {"test_in": idx_in[:n_test], "val": idx_in[n_test:2 * n_test],
+            "train": idx_in[2 * n_test:], "test_out": idx_out[:600]}
+
+
 def train(inputs, labels, args, seed: int):
     import torch
 
@@ -108,14 +123,9 @@ def run_family(family: str, inputs, labels, args) -> dict:
     from bluesky_xsml.training.metrics import evaluate_scores
 
     cols = [TAG_NAMES.index(t) for t in FAMILIES[family]]
-    has = (labels[:, cols] > 0.5).any(axis=1)
-    rng = np.random.default_rng(0)
-    idx_in = rng.permutation(np.flatnonzero(~has))
-    idx_out = np.flatnonzero(has)
-    n_test = min(len(idx_in) // 5, 600)
-    test_in, val_in, train_in = (idx_in[:n_test], idx_in[n_test:2 * n_test],
-                                 idx_in[2 * n_test:])
-    test_out = idx_out[:600]
+    splits = split_indices(labels, family)
+    train_in, val_in = splits["train"], splits["val"]
+    test_in, test_out = splits["test_in"], splits["test_out"]
     y = labels[train_in].astype(np.float32).copy()
     y[:, cols] = np.nan  # the family is unknown to training, not taught as absent
     print(f"{family}: training on {len(train_in)} frames without {FAMILIES[family]}; "
