@@ -9,8 +9,20 @@ compact embedding for "find frames like this one".
 
 Fitted once on in-distribution frames (``xsml novelty-fit``), it holds:
 
-* ``mean`` and a shrunk pooled ``precision`` matrix of the features: the
-  score is the Mahalanobis distance ``sqrt((f - mean)^T P (f - mean))``;
+* a ``bank`` of reference frames: the L2-normalised features of up to
+  :data:`BANK_SIZE` fit frames. The score (``kind="knn"``) is the cosine
+  distance to the nearest of them (Sun et al. 2022, "Out-of-distribution
+  detection with deep nearest neighbors") plus :data:`NORM_WEIGHT` times how
+  much lower than usual the feature norm is (unfamiliar content activates the
+  features less; a higher norm takes nothing off), both standardised on
+  held-out in-distribution frames (``calibration``), so
+  0 is a typical frame and the unit is one in-distribution standard deviation;
+* ``mean`` and a shrunk pooled ``precision`` matrix of the features, for the
+  version 1 score (``kind="mahalanobis"``, :meth:`NoveltyModel.mahalanobis`),
+  the distance to one Gaussian of all training frames. Training frames form
+  separate groups (empty frames, ring patterns, grazing-incidence frames...);
+  a frame between the groups is near their common mean and scores low, which
+  is why it is no longer the default;
 * the top principal directions of the centred features. The embedding joins
   the (unit) projection onto the first of them, weighted by
   :data:`PCA_WEIGHT`, and the (unit) centred tag probabilities ``p - 0.5``,
@@ -25,13 +37,24 @@ Only numpy is needed here (no torch): the tagger hands in features.
 
 Examples
 --------
+Two groups of training frames and a new kind of frame halfway between them:
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
->>> train, val = rng.normal(size=(500, 16)), rng.normal(size=(300, 16))
+>>> def frames(n, a):  # non-negative features; pattern A with weight a, B with 1 - a
+...     x = np.abs(rng.normal(0.2, 0.1, size=(n, 16)))
+...     x[:, :8] += a
+...     x[:, 8:] += 1 - a
+...     return x
+>>> train = np.vstack([frames(300, 1), frames(300, 0)])
+>>> val = np.vstack([frames(150, 1), frames(150, 0)])
+>>> new = frames(20, 0.5)
 >>> model = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01)
->>> far = rng.normal(size=(5, 16)) + 6.0
->>> bool(model.score(far).min() > model.threshold)
+>>> bool(model.is_novel(model.score(new)).all())
 True
+>>> old = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01, score="mahalanobis")
+>>> bool(old.is_novel(old.score(new)).any())  # near the mean of all training frames
+False
 >>> model.embed(train[:3]).shape, model.embed(train[:3]).dtype
 ((3, 8), dtype('float16'))
 >>> model.embed(train[:3], probs=np.full((3, 2), 0.9)).shape  # 8 directions (the least) + 2
@@ -49,19 +72,25 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "energy_novelty", "auroc",
+__all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "KNN_K", "BANK_SIZE", "NORM_WEIGHT",
+           "energy_novelty", "auroc",
            "sidecar_path", "encode_embedding", "decode_embedding"]
 
 #: Scores a :class:`NoveltyModel` can be fitted to give (:attr:`NoveltyModel.kind`).
 SCORES = ("knn", "mahalanobis")
 
-#: Sidecar/checkpoint format: 1 had the Mahalanobis score only; 2 adds ``kind``, ``bank``, ``k``.
+#: Sidecar/checkpoint format: 1 had the Mahalanobis score only; 2 adds ``kind``, ``bank``,
+#: ``k`` and ``calibration``.
 _VERSION = 2
 
 #: Reference frames a ``knn`` model keeps (a random subsample of the fit frames).
 BANK_SIZE = 4096
-#: Which nearest reference frame the ``knn`` score measures the distance to.
-KNN_K = 10
+#: Which nearest reference frame the ``knn`` score measures the distance to (chosen on the
+#: development family of ``experiments/novelty_layers.py``, see docs/novelty.md).
+KNN_K = 1
+#: Weight of the (standardised) low-feature-norm term against the (standardised) kNN
+#: distance in the ``knn`` score (chosen the same way).
+NORM_WEIGHT = 2.0
 
 #: Weight of the feature part of an embedding against its probability part.
 PCA_WEIGHT = 0.5
@@ -182,7 +211,11 @@ class NoveltyModel:
         L2-normalised features of ``M`` reference frames (``kind="knn"`` only),
         stored as float16.
     k : int
-        The ``knn`` score is the cosine distance to the ``k``-th nearest row of ``bank``.
+        The ``knn`` distance is the cosine distance to the ``k``-th nearest row of ``bank``.
+    calibration : (5,) array or None
+        ``knn`` only: median and standard deviation of the kNN distance, median
+        and standard deviation of the negative log feature norm (on the frames
+        the threshold was set on), and the weight of the norm term.
     """
 
     mean: np.ndarray
@@ -194,6 +227,7 @@ class NoveltyModel:
     kind: str = "mahalanobis"
     bank: np.ndarray | None = None
     k: int = KNN_K
+    calibration: np.ndarray | None = None
 
     def __post_init__(self):
         self.mean = _f32(self.mean).ravel()
@@ -219,8 +253,14 @@ class NoveltyModel:
                                  f"and k={self.k}")
             # scoring reads a float32 copy (float16 products are slow in numpy)
             self._bank32 = self.bank.astype(np.float32)
+            cal = np.zeros(5) if self.calibration is None else self.calibration
+            self.calibration = np.asarray(cal, np.float64).ravel()
+            if self.calibration.shape != (5,) or not np.isfinite(self.calibration).all():
+                raise ValueError(f"knn calibration must be 5 finite numbers, got "
+                                 f"{self.calibration!r}")
         else:
             self.bank = None
+            self.calibration = None
         self.threshold = float(self.threshold)
         self.fpr = float(self.fpr)
 
@@ -229,7 +269,8 @@ class NoveltyModel:
     def fit(cls, features: np.ndarray, val_features: np.ndarray | None = None, *,
             embedding_dim: int = 64, fpr: float = 0.01, shrinkage: float = 0.05,
             info: Mapping[str, Any] | None = None, score: str = "knn", k: int = KNN_K,
-            bank_size: int = BANK_SIZE, seed: int = 0) -> "NoveltyModel":
+            bank_size: int = BANK_SIZE, norm_weight: float = NORM_WEIGHT,
+            seed: int = 0) -> "NoveltyModel":
         """Fit on in-distribution features; set the threshold on ``val_features``.
 
         Parameters
@@ -248,11 +289,17 @@ class NoveltyModel:
         shrinkage : float
             Covariance shrinkage toward ``trace/F`` times the identity, in [0, 1).
         score : {"knn", "mahalanobis"}
-            ``knn`` (the default): cosine distance of the L2-normalised features
-            to the ``k``-th nearest of up to ``bank_size`` fit frames (drawn at
-            random with ``seed``). ``mahalanobis``: distance to the one Gaussian
-            of all fit frames (the version 1 score; it fails when the training
-            frames form separate groups, see docs/novelty.md).
+            ``knn`` (the default): the cosine distance of the features to the
+            ``k``-th nearest of up to ``bank_size`` fit frames (drawn at random
+            with ``seed``) plus ``norm_weight`` times the negative log of the
+            feature norm, each standardised by its median and standard
+            deviation on the threshold frames (the norm term counts only
+            where it is positive: weaker features than usual). ``mahalanobis``: the distance to
+            the one Gaussian of all fit frames (the version 1 score; it fails
+            when the training frames form separate groups, see docs/novelty.md).
+        k, bank_size, norm_weight, seed
+            Options of the ``knn`` score (defaults :data:`KNN_K`,
+            :data:`BANK_SIZE`, :data:`NORM_WEIGHT`).
         """
         x = np.asarray(features, np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -284,21 +331,26 @@ class NoveltyModel:
             k = int(min(max(1, k), len(rows) - (1 if val_features is None else 0)))
         model = cls(mean=mean, precision=precision, components=components, threshold=math.inf,
                     fpr=fpr, info=dict(info or {}), kind=score, bank=bank, k=k)
-        if val_features is None:
-            ref = x
-            if score == "knn":  # a bank row is its own nearest neighbour: skip it
-                scores = model._knn(x, skip_rows=rows)
-            else:
-                scores = model.score(ref)
+        ref = x if val_features is None else np.asarray(val_features, np.float64)
+        if val_features is not None and (ref.ndim != 2 or ref.shape[1] != f or len(ref) < 2):
+            raise ValueError(f"need (M >= 2, {f}) held-out features, got shape {ref.shape}")
+        if score == "knn":
+            # without held-out frames a bank row is its own nearest neighbour: skip it
+            dist = model._knn(ref, skip_rows=rows if val_features is None else None)
+            lnorm = model._log_inv_norm(ref)
+            model.calibration = np.array([np.median(dist), max(dist.std(), 1e-6),
+                                          np.median(lnorm), max(lnorm.std(), 1e-6),
+                                          float(norm_weight)])
+            scores = model._combine(dist, lnorm)
         else:
-            ref = np.asarray(val_features, np.float64)
             scores = model.score(ref)
         model.threshold = float(np.quantile(scores, 1.0 - fpr))
         model.info.update({"n_fit": int(n), "n_threshold": int(len(ref)),
                            "threshold_on": "train" if val_features is None else "validation",
                            "shrinkage": float(shrinkage), "score": score})
         if score == "knn":
-            model.info.update({"k": model.k, "bank_size": int(len(bank))})
+            model.info.update({"k": model.k, "bank_size": int(len(bank)),
+                               "norm_weight": float(norm_weight)})
         return model
 
     # ---------------------------------------------------------------- scoring
@@ -321,12 +373,33 @@ class NoveltyModel:
     def score(self, features: np.ndarray) -> np.ndarray:
         """Novelty score of each row, ``(N,)`` float32 (higher: less like the fit frames).
 
-        ``knn``: ``1 - cos`` between the row's features and its ``k``-th nearest
-        reference frame, in [0, 2]. ``mahalanobis``: :meth:`mahalanobis`.
+        ``knn``: ``(d - d_med) / d_sd + w * max(0, (m - m_med) / m_sd)`` with ``d`` the
+        cosine distance (``1 - cos``) between the row's features and its
+        ``k``-th nearest reference frame, ``m = -log |features|`` and the
+        medians, deviations and ``w`` in :attr:`calibration`; 0 is a typical
+        in-distribution frame. ``mahalanobis``: :meth:`mahalanobis`.
         """
         if self.kind == "knn":
-            return self._knn(self._check(features))
+            x = self._check(features)
+            return self._combine(self._knn(x), self._log_inv_norm(x))
         return self.mahalanobis(features)
+
+    def knn_distance(self, features: np.ndarray) -> np.ndarray:
+        """Cosine distance to the ``k``-th nearest reference frame (``knn`` models only)."""
+        if self.kind != "knn":
+            raise ValueError("this novelty model keeps no reference frames")
+        return self._knn(self._check(features))
+
+    @staticmethod
+    def _log_inv_norm(x: np.ndarray) -> np.ndarray:
+        return -np.log(np.maximum(np.linalg.norm(np.asarray(x, np.float32), axis=1), 1e-12))
+
+    def _combine(self, dist: np.ndarray, lnorm: np.ndarray) -> np.ndarray:
+        d_med, d_sd, m_med, m_sd, w = self.calibration
+        # a weaker response than usual adds to the score; a stronger one takes nothing off
+        # (else a frame far brighter than any training frame would look familiar)
+        return ((dist - d_med) / d_sd + w * np.maximum((lnorm - m_med) / m_sd, 0.0)
+                ).astype(np.float32)
 
     def mahalanobis(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row to the fitted mean, ``(N,)`` float32."""
@@ -414,6 +487,7 @@ class NoveltyModel:
                "kind": np.asarray(self.kind), "k": np.asarray(self.k, np.int64)}
         if self.bank is not None:
             out["bank"] = self.bank
+            out["calibration"] = np.asarray(self.calibration, np.float64)
         return out
 
     @classmethod
@@ -441,7 +515,9 @@ class NoveltyModel:
                 kind = arrays["kind"]
                 extra = {"kind": str(kind if isinstance(kind, str) else np.asarray(kind)),
                          "k": int(arr("k")),
-                         "bank": arr("bank") if "bank" in arrays else None}
+                         "bank": arr("bank") if "bank" in arrays else None,
+                         "calibration": arr("calibration") if "calibration" in arrays
+                         else None}
             return cls(mean=arr("mean"), precision=arr("precision"),
                        components=arr("components"), threshold=float(arr("threshold")),
                        fpr=float(arr("fpr")), info=info, **extra)
