@@ -22,7 +22,10 @@ frames without it) of each candidate score:
 * ``local_L``: the largest per-position Mahalanobis distance of the channel vector of
   stage ``L`` (one Gaussian over all positions of all training frames), for small local
   features that pooling dilutes; ``local_multi`` their standardised sum;
-* ``energy`` (the logits' negative joint energy) and standardised sums with it.
+* ``energy`` (the logits' negative joint energy) and standardised sums with it;
+* ``lownorm_pooled``: the negative log norm of the pooled features, and
+  ``knn1+2relu(lownorm)``, the score :mod:`bluesky_xsml.novelty` ships (there with a
+  reference bank of at most 4096 training frames, here all of them).
 
 Everything is fitted on the training frames of that family's model; standardisation and
 the 1% false-positive threshold use its validation frames (in distribution); the
@@ -214,6 +217,7 @@ def scores_for(fam, net, inputs, labels, args):
             s, tr["glob_" + s].std(0) + 1e-6)
         fns[f"local_{s}"] = (lambda s: lambda f: f["local_" + s])(s)
     fns["energy"] = lambda f: energy(f["logits"][:, seen])
+    fns["lownorm_pooled"] = lambda f: -np.log(np.linalg.norm(f["pooled"], axis=1))
 
     raw = {name: {k: fn(feats[k]) for k in ("val", "test_in", "test_out")}
            for name, fn in fns.items()}
@@ -241,6 +245,9 @@ def scores_for(fam, net, inputs, labels, args):
     }
     for name, parts in combos.items():
         raw[name] = combo(parts)
+    # the shipped score (bluesky_xsml.novelty, kind "knn") over the whole training set
+    knn, low = zs("knn1_pooled"), zs("lownorm_pooled")
+    raw["knn1+2relu(lownorm)"] = {k: knn[k] + 2.0 * np.maximum(low[k], 0) for k in knn}
 
     if args.keep:
         np.savez(Path(args.models) / f"{fam}-scores.npz",
