@@ -72,9 +72,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "KNN_K", "BANK_SIZE", "NORM_WEIGHT",
-           "energy_novelty", "auroc",
-           "sidecar_path", "encode_embedding", "decode_embedding"]
+__all__ = ["BANK_SIZE", "KNN_K", "NORM_WEIGHT", "SCORES", "FrameAnalysis", "NoveltyModel",
+           "auroc", "decode_embedding", "encode_embedding", "energy_novelty", "sidecar_path"]
 
 #: Scores a :class:`NoveltyModel` can be fitted to give (:attr:`NoveltyModel.kind`).
 SCORES = ("knn", "mahalanobis")

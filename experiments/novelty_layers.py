@@ -197,11 +197,11 @@ def scores_for(fam, net, inputs, labels, args):
     gp = Gaussian(tr["pooled"])
     fns["maha_pooled"] = lambda f: gp(f["pooled"])
     for k in (1, 10, 50):
-        fns[f"knn{k}_pooled"] = (lambda k: lambda f: knn_dist(tr["pooled"], f["pooled"], k))(k)
+        fns[f"knn{k}_pooled"] = lambda f, k=k: knn_dist(tr["pooled"], f["pooled"], k)
     zsd = tr["pooled"].std(0) + 1e-6
     fns["knn10_pooled_std"] = lambda f: knn_dist(tr["pooled"] / zsd, f["pooled"] / zsd, 10)
     fns["knn10_logits"] = lambda f: knn_dist(tr["logits"][:, seen], f["logits"][:, seen], 10)
-    cent, assign = kmeans(tr["pooled"] / zsd, 16)
+    _, assign = kmeans(tr["pooled"] / zsd, 16)
     cm = NearestMean(tr["pooled"], [assign == j for j in range(16) if (assign == j).sum() > 5])
     fns["cluster_pooled"] = lambda f: cm(f["pooled"])
     ytr = labels[splits["train"]]
@@ -211,11 +211,11 @@ def scores_for(fam, net, inputs, labels, args):
     stages = [k[5:] for k in tr if k.startswith("glob_")]
     for s in stages:
         g = Gaussian(tr["glob_" + s])
-        fns[f"maha_{s}"] = (lambda g, s: lambda f: g(f["glob_" + s]))(g, s)
-        fns[f"knn10_{s}"] = (lambda s, sd: lambda f: knn_dist(tr["glob_" + s] / sd,
-                                                              f["glob_" + s] / sd, 10))(
-            s, tr["glob_" + s].std(0) + 1e-6)
-        fns[f"local_{s}"] = (lambda s: lambda f: f["local_" + s])(s)
+        sd = tr["glob_" + s].std(0) + 1e-6
+        fns[f"maha_{s}"] = lambda f, g=g, s=s: g(f["glob_" + s])
+        fns[f"knn10_{s}"] = lambda f, s=s, sd=sd: knn_dist(tr["glob_" + s] / sd,
+                                                          f["glob_" + s] / sd, 10)
+        fns[f"local_{s}"] = lambda f, s=s: f["local_" + s]
     fns["energy"] = lambda f: energy(f["logits"][:, seen])
     fns["lownorm_pooled"] = lambda f: -np.log(np.linalg.norm(f["pooled"], axis=1))
 
