@@ -260,6 +260,9 @@ def scores_for(fam, net, inputs, labels, args):
                            [TAG_NAMES[i] for i in seen]).mean_ap
     result = {"family": fam, "held_in_mAP_of_trained_tags": round(float(m_ap), 4),
               "n_train": int(len(splits["train"])),
+              "tags_per_frame_in": round(float((labels[splits["test_in"]] > 0.5).sum(1).mean()), 2),
+              "tags_per_frame_out": round(float((labels[splits["test_out"]] > 0.5).sum(1).mean()),
+                                          2),
               "n_val": int(len(splits["val"])), "n_in": int(len(splits["test_in"])),
               "n_out": int(len(splits["test_out"])), "extract_seconds": round(extract_s, 1),
               "auroc": {}, "flagged_out_at_1pct": {}}
