@@ -9,8 +9,20 @@ compact embedding for "find frames like this one".
 
 Fitted once on in-distribution frames (``xsml novelty-fit``), it holds:
 
-* ``mean`` and a shrunk pooled ``precision`` matrix of the features: the
-  score is the Mahalanobis distance ``sqrt((f - mean)^T P (f - mean))``;
+* a ``bank`` of reference frames: the L2-normalised features of up to
+  :data:`BANK_SIZE` fit frames. The score (``kind="knn"``) is the cosine
+  distance to the nearest of them (Sun et al. 2022, "Out-of-distribution
+  detection with deep nearest neighbors") plus :data:`NORM_WEIGHT` times how
+  much lower than usual the feature norm is (unfamiliar content activates the
+  features less; a higher norm takes nothing off), both standardised on
+  held-out in-distribution frames (``calibration``), so
+  0 is a typical frame and the unit is one in-distribution standard deviation;
+* ``mean`` and a shrunk pooled ``precision`` matrix of the features, for the
+  version 1 score (``kind="mahalanobis"``, :meth:`NoveltyModel.mahalanobis`),
+  the distance to one Gaussian of all training frames. Training frames form
+  separate groups (empty frames, ring patterns, grazing-incidence frames...);
+  a frame between the groups is near their common mean and scores low, which
+  is why it is no longer the default;
 * the top principal directions of the centred features. The embedding joins
   the (unit) projection onto the first of them, weighted by
   :data:`PCA_WEIGHT`, and the (unit) centred tag probabilities ``p - 0.5``,
@@ -25,13 +37,24 @@ Only numpy is needed here (no torch): the tagger hands in features.
 
 Examples
 --------
+Two groups of training frames and a new kind of frame halfway between them:
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
->>> train, val = rng.normal(size=(500, 16)), rng.normal(size=(300, 16))
+>>> def frames(n, a):  # non-negative features; pattern A with weight a, B with 1 - a
+...     x = np.abs(rng.normal(0.2, 0.1, size=(n, 16)))
+...     x[:, :8] += a
+...     x[:, 8:] += 1 - a
+...     return x
+>>> train = np.vstack([frames(300, 1), frames(300, 0)])
+>>> val = np.vstack([frames(150, 1), frames(150, 0)])
+>>> new = frames(20, 0.5)
 >>> model = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01)
->>> far = rng.normal(size=(5, 16)) + 6.0
->>> bool(model.score(far).min() > model.threshold)
+>>> bool(model.is_novel(model.score(new)).all())
 True
+>>> old = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01, score="mahalanobis")
+>>> bool(old.is_novel(old.score(new)).any())  # near the mean of all training frames
+False
 >>> model.embed(train[:3]).shape, model.embed(train[:3]).dtype
 ((3, 8), dtype('float16'))
 >>> model.embed(train[:3], probs=np.full((3, 2), 0.9)).shape  # 8 directions (the least) + 2
@@ -43,19 +66,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["NoveltyModel", "FrameAnalysis", "SCORES", "energy_novelty", "auroc",
-           "sidecar_path", "encode_embedding", "decode_embedding"]
+__all__ = ["BANK_SIZE", "KNN_K", "NORM_WEIGHT", "SCORES", "FrameAnalysis", "NoveltyModel",
+           "auroc", "decode_embedding", "encode_embedding", "energy_novelty", "sidecar_path"]
 
-#: Novelty scores this module can compute (``"mahalanobis"`` is what taggers use).
-SCORES = ("mahalanobis", "pca_residual", "energy", "max_logit")
+#: Scores a :class:`NoveltyModel` can be fitted to give (:attr:`NoveltyModel.kind`).
+SCORES = ("knn", "mahalanobis")
 
-_VERSION = 1
+#: Sidecar/checkpoint format: 1 had the Mahalanobis score only; 2 adds ``kind``, ``bank``,
+#: ``k`` and ``calibration``.
+_VERSION = 2
+
+#: Reference frames a ``knn`` model keeps (a random subsample of the fit frames).
+BANK_SIZE = 4096
+#: Which nearest reference frame the ``knn`` score measures the distance to (chosen on the
+#: development family of ``experiments/novelty_layers.py``, see docs/novelty.md).
+KNN_K = 1
+#: Weight of the (standardised) low-feature-norm term against the (standardised) kNN
+#: distance in the ``knn`` score (chosen the same way).
+NORM_WEIGHT = 2.0
 
 #: Weight of the feature part of an embedding against its probability part.
 PCA_WEIGHT = 0.5
@@ -145,6 +179,12 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32))
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class NoveltyModel:
     """Feature statistics of in-distribution frames: novelty scores and embeddings.
@@ -164,6 +204,17 @@ class NoveltyModel:
         The in-distribution false-positive rate the threshold was set for.
     info : dict
         Provenance (data, frame counts, checkpoint id the features came from).
+    kind : {"knn", "mahalanobis"}
+        What :meth:`score` computes (see :meth:`fit`).
+    bank : (M, F) array or None
+        L2-normalised features of ``M`` reference frames (``kind="knn"`` only),
+        stored as float16.
+    k : int
+        The ``knn`` distance is the cosine distance to the ``k``-th nearest row of ``bank``.
+    calibration : (5,) array or None
+        ``knn`` only: median and standard deviation of the kNN distance, median
+        and standard deviation of the negative log feature norm (on the frames
+        the threshold was set on), and the weight of the norm term.
     """
 
     mean: np.ndarray
@@ -172,6 +223,10 @@ class NoveltyModel:
     threshold: float
     fpr: float = 0.01
     info: dict = field(default_factory=dict)
+    kind: str = "mahalanobis"
+    bank: np.ndarray | None = None
+    k: int = KNN_K
+    calibration: np.ndarray | None = None
 
     def __post_init__(self):
         self.mean = _f32(self.mean).ravel()
@@ -183,6 +238,28 @@ class NoveltyModel:
             raise ValueError(f"novelty statistics do not fit together: mean {self.mean.shape}, "
                              f"precision {self.precision.shape}, components "
                              f"{self.components.shape}")
+        self.kind = str(self.kind)
+        if self.kind not in SCORES:
+            raise ValueError(f"unknown novelty score {self.kind!r}; known: {', '.join(SCORES)}")
+        self.k = int(self.k)
+        if self.kind == "knn":
+            if self.bank is None:
+                raise ValueError("a knn novelty model needs a reference bank")
+            self.bank = np.ascontiguousarray(np.asarray(self.bank, np.float16))
+            if self.bank.ndim != 2 or self.bank.shape[1] != f or \
+                    not 1 <= self.k <= self.bank.shape[0]:
+                raise ValueError(f"reference bank {self.bank.shape} does not fit {f} features "
+                                 f"and k={self.k}")
+            # scoring reads a float32 copy (float16 products are slow in numpy)
+            self._bank32 = self.bank.astype(np.float32)
+            cal = np.zeros(5) if self.calibration is None else self.calibration
+            self.calibration = np.asarray(cal, np.float64).ravel()
+            if self.calibration.shape != (5,) or not np.isfinite(self.calibration).all():
+                raise ValueError(f"knn calibration must be 5 finite numbers, got "
+                                 f"{self.calibration!r}")
+        else:
+            self.bank = None
+            self.calibration = None
         self.threshold = float(self.threshold)
         self.fpr = float(self.fpr)
 
@@ -190,7 +267,9 @@ class NoveltyModel:
     @classmethod
     def fit(cls, features: np.ndarray, val_features: np.ndarray | None = None, *,
             embedding_dim: int = 64, fpr: float = 0.01, shrinkage: float = 0.05,
-            info: Mapping[str, Any] | None = None) -> "NoveltyModel":
+            info: Mapping[str, Any] | None = None, score: str = "knn", k: int = KNN_K,
+            bank_size: int = BANK_SIZE, norm_weight: float = NORM_WEIGHT,
+            seed: int = 0) -> "NoveltyModel":
         """Fit on in-distribution features; set the threshold on ``val_features``.
 
         Parameters
@@ -200,13 +279,26 @@ class NoveltyModel:
         val_features : (M, F) array, optional
             Features of held-out in-distribution frames; the threshold is their
             ``1 - fpr`` score quantile. Without them the training scores are
-            used (optimistic: a lower threshold than held-out frames need).
+            used (optimistic: a lower threshold than held-out frames need; for
+            ``knn`` each training frame's own row is skipped).
         embedding_dim : int
             Principal directions kept for the embedding (at most ``F``).
         fpr : float
             Wanted rate of in-distribution frames flagged novel, in (0, 1).
         shrinkage : float
             Covariance shrinkage toward ``trace/F`` times the identity, in [0, 1).
+        score : {"knn", "mahalanobis"}
+            ``knn`` (the default): the cosine distance of the features to the
+            ``k``-th nearest of up to ``bank_size`` fit frames (drawn at random
+            with ``seed``) plus ``norm_weight`` times the negative log of the
+            feature norm, each standardised by its median and standard
+            deviation on the threshold frames (the norm term counts only
+            where it is positive: weaker features than usual). ``mahalanobis``: the distance to
+            the one Gaussian of all fit frames (the version 1 score; it fails
+            when the training frames form separate groups, see docs/novelty.md).
+        k, bank_size, norm_weight, seed
+            Options of the ``knn`` score (defaults :data:`KNN_K`,
+            :data:`BANK_SIZE`, :data:`NORM_WEIGHT`).
         """
         x = np.asarray(features, np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -217,6 +309,8 @@ class NoveltyModel:
             raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
         if not 0.0 <= shrinkage < 1.0:
             raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage!r}")
+        if score not in SCORES:
+            raise ValueError(f"unknown novelty score {score!r}; known: {', '.join(SCORES)}")
         n, f = x.shape
         mean = x.mean(axis=0)
         xc = x - mean
@@ -227,14 +321,35 @@ class NoveltyModel:
         evals, evecs = np.linalg.eigh(cov)
         d = int(min(max(1, embedding_dim), f))
         components = evecs[:, ::-1][:, :d].T
+        bank, rows = None, None
+        if score == "knn":
+            rows = np.sort(np.random.default_rng(seed).permutation(n)[:max(2, int(bank_size))])
+            if val_features is None and len(rows) < 2:
+                raise ValueError("knn scores without held-out frames need at least 2 fit frames")
+            bank = _unit(x[rows])
+            k = int(min(max(1, k), len(rows) - (1 if val_features is None else 0)))
         model = cls(mean=mean, precision=precision, components=components, threshold=math.inf,
-                    fpr=fpr, info=dict(info or {}))
+                    fpr=fpr, info=dict(info or {}), kind=score, bank=bank, k=k)
         ref = x if val_features is None else np.asarray(val_features, np.float64)
-        scores = model.score(ref)
+        if val_features is not None and (ref.ndim != 2 or ref.shape[1] != f or len(ref) < 2):
+            raise ValueError(f"need (M >= 2, {f}) held-out features, got shape {ref.shape}")
+        if score == "knn":
+            # without held-out frames a bank row is its own nearest neighbour: skip it
+            dist = model._knn(ref, skip_rows=rows if val_features is None else None)
+            lnorm = model._log_inv_norm(ref)
+            model.calibration = np.array([np.median(dist), max(dist.std(), 1e-6),
+                                          np.median(lnorm), max(lnorm.std(), 1e-6),
+                                          float(norm_weight)])
+            scores = model._combine(dist, lnorm)
+        else:
+            scores = model.score(ref)
         model.threshold = float(np.quantile(scores, 1.0 - fpr))
         model.info.update({"n_fit": int(n), "n_threshold": int(len(ref)),
                            "threshold_on": "train" if val_features is None else "validation",
-                           "shrinkage": float(shrinkage), "score": "mahalanobis"})
+                           "shrinkage": float(shrinkage), "score": score})
+        if score == "knn":
+            model.info.update({"k": model.k, "bank_size": int(len(bank)),
+                               "norm_weight": float(norm_weight)})
         return model
 
     # ---------------------------------------------------------------- scoring
@@ -255,10 +370,59 @@ class NoveltyModel:
         return x
 
     def score(self, features: np.ndarray) -> np.ndarray:
+        """Novelty score of each row, ``(N,)`` float32 (higher: less like the fit frames).
+
+        ``knn``: ``(d - d_med) / d_sd + w * max(0, (m - m_med) / m_sd)`` with ``d`` the
+        cosine distance (``1 - cos``) between the row's features and its
+        ``k``-th nearest reference frame, ``m = -log |features|`` and the
+        medians, deviations and ``w`` in :attr:`calibration`; 0 is a typical
+        in-distribution frame. ``mahalanobis``: :meth:`mahalanobis`.
+        """
+        if self.kind == "knn":
+            x = self._check(features)
+            return self._combine(self._knn(x), self._log_inv_norm(x))
+        return self.mahalanobis(features)
+
+    def knn_distance(self, features: np.ndarray) -> np.ndarray:
+        """Cosine distance to the ``k``-th nearest reference frame (``knn`` models only)."""
+        if self.kind != "knn":
+            raise ValueError("this novelty model keeps no reference frames")
+        return self._knn(self._check(features))
+
+    @staticmethod
+    def _log_inv_norm(x: np.ndarray) -> np.ndarray:
+        return -np.log(np.maximum(np.linalg.norm(np.asarray(x, np.float32), axis=1), 1e-12))
+
+    def _combine(self, dist: np.ndarray, lnorm: np.ndarray) -> np.ndarray:
+        d_med, d_sd, m_med, m_sd, w = self.calibration
+        # a weaker response than usual adds to the score; a stronger one takes nothing off
+        # (else a frame far brighter than any training frame would look familiar)
+        return ((dist - d_med) / d_sd + w * np.maximum((lnorm - m_med) / m_sd, 0.0)
+                ).astype(np.float32)
+
+    def mahalanobis(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row to the fitted mean, ``(N,)`` float32."""
         xc = self._check(features) - self.mean
         d2 = np.einsum("nf,nf->n", xc @ self.precision, xc)
         return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+
+    def _knn(self, x: np.ndarray, skip_rows: np.ndarray | None = None) -> np.ndarray:
+        """Cosine distance to the ``k``-th nearest bank row (``skip_rows[i]``: row i's own)."""
+        xn = _unit(np.asarray(x, np.float32)).astype(np.float32)
+        out = np.empty(len(xn), np.float32)
+        pos = None
+        if skip_rows is not None:  # where each input row sits in the bank, or -1
+            pos = np.full(len(xn), -1)
+            pos[skip_rows] = np.arange(len(skip_rows))
+        for a in range(0, len(xn), 256):
+            sims = xn[a:a + 256] @ self._bank32.T
+            if pos is not None:
+                own = pos[a:a + 256]
+                hit = np.flatnonzero(own >= 0)
+                sims[hit, own[hit]] = -np.inf
+            kth = np.partition(sims, sims.shape[1] - self.k, axis=1)[:, sims.shape[1] - self.k]
+            out[a:a + 256] = 1.0 - kth
+        return out
 
     def residual(self, features: np.ndarray) -> np.ndarray:
         """Norm of the part of each centred row outside the principal directions."""
@@ -308,17 +472,22 @@ class NoveltyModel:
         """A copy with another threshold (e.g. set at a beamline)."""
         if not math.isfinite(float(threshold)):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
-        return NoveltyModel(self.mean, self.precision, self.components, float(threshold),
-                            self.fpr, {**self.info, "threshold_set": "by hand"})
+        return replace(self, threshold=float(threshold),
+                       info={**self.info, "threshold_set": "by hand"})
 
     # ---------------------------------------------------------------- storage
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (what checkpoints and sidecar files hold)."""
-        return {"version": np.asarray(_VERSION, np.int64), "mean": self.mean,
-                "precision": self.precision, "components": self.components,
-                "threshold": np.asarray(self.threshold, np.float64),
-                "fpr": np.asarray(self.fpr, np.float64),
-                "info": np.asarray(json.dumps(self.info, sort_keys=True, default=str))}
+        out = {"version": np.asarray(_VERSION, np.int64), "mean": self.mean,
+               "precision": self.precision, "components": self.components,
+               "threshold": np.asarray(self.threshold, np.float64),
+               "fpr": np.asarray(self.fpr, np.float64),
+               "info": np.asarray(json.dumps(self.info, sort_keys=True, default=str)),
+               "kind": np.asarray(self.kind), "k": np.asarray(self.k, np.int64)}
+        if self.bank is not None:
+            out["bank"] = self.bank
+            out["calibration"] = np.asarray(self.calibration, np.float64)
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> "NoveltyModel":
@@ -340,9 +509,17 @@ class NoveltyModel:
                                  f"{_VERSION}")
             info = arrays.get("info", "{}")
             info = json.loads(str(info if isinstance(info, str) else np.asarray(info)))
+            extra = {}
+            if version >= 2:  # version 1 files are Mahalanobis models
+                kind = arrays["kind"]
+                extra = {"kind": str(kind if isinstance(kind, str) else np.asarray(kind)),
+                         "k": int(arr("k")),
+                         "bank": arr("bank") if "bank" in arrays else None,
+                         "calibration": arr("calibration") if "calibration" in arrays
+                         else None}
             return cls(mean=arr("mean"), precision=arr("precision"),
                        components=arr("components"), threshold=float(arr("threshold")),
-                       fpr=float(arr("fpr")), info=info)
+                       fpr=float(arr("fpr")), info=info, **extra)
         except KeyError as err:
             raise ValueError(f"novelty statistics lack {err}") from None
 

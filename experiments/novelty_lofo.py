@@ -6,8 +6,10 @@ that carry none of the family's tags (the family's label columns are unknown, no
 on those training frames, the ``novel`` threshold is set on held-out frames without the
 family (1% false positives), and the script reports how well each score separates
 held-out frames *of* the family from held-out frames without it (AUROC), and the share
-of family frames flagged novel at the threshold. Scores compared: the Mahalanobis
-distance the tagger ships (``mahalanobis``), the residual outside the 64 principal
+of family frames flagged novel at the threshold. Scores compared: the score the
+tagger ships (``knn``: nearest-reference-frame distance plus the low-feature-norm term,
+:mod:`bluesky_xsml.novelty`), its distance part alone (``knn_distance_only``), the
+version 1 Mahalanobis distance (``mahalanobis``), the residual outside the 64 principal
 directions (``pca_residual``) and the negative joint energy of the logits (``energy``,
 needs no statistics).
 
@@ -15,8 +17,9 @@ One command per run; the defaults are the default model's shape on the default m
 input size, which takes hours on a CPU. A reduced run (what docs/novelty.md reports,
 labelled as such)::
 
-    python experiments/novelty_lofo.py --families peaks,grazing,rings \\
-        --n 3000 --epochs 4 --input-size 64 --widths 16,32,64 --depths 1,1,1 --stem-width 16
+    OMP_NUM_THREADS=1 python experiments/novelty_lofo.py --families peaks,grazing,rings \\
+        --n 10000 --epochs 8 --input-size 64 --widths 16,32,64,96 --depths 1,1,1,1 \\
+        --stem-width 16 --threads 1 --models /tmp/xsml-lofo-models
 
 The rendered frames are cached in ``--cache`` (preprocessed inputs and labels), shared
 by the families of one invocation and by reruns with the same data options.
@@ -67,6 +70,21 @@ def make_data(n: int, size: int, input_size: int, seed: int, cache: Path):
     return inputs, labels
 
 
+def split_indices(labels: np.ndarray, family: str) -> dict[str, np.ndarray]:
+    """Row indices of one family's splits: ``train``, ``val``, ``test_in`` (no family tag),
+    ``test_out`` (at least one of the family's tags; never used to fit anything)."""
+    from bluesky_xsml.tags import TAG_NAMES
+
+    cols = [TAG_NAMES.index(t) for t in FAMILIES[family]]
+    has = (labels[:, cols] > 0.5).any(axis=1)
+    rng = np.random.default_rng(0)
+    idx_in = rng.permutation(np.flatnonzero(~has))
+    idx_out = np.flatnonzero(has)
+    n_test = min(len(idx_in) // 5, 600)
+    return {"test_in": idx_in[:n_test], "val": idx_in[n_test:2 * n_test],
+            "train": idx_in[2 * n_test:], "test_out": idx_out[:600]}
+
+
 def train(inputs, labels, args, seed: int):
     import torch
 
@@ -100,6 +118,33 @@ def train(inputs, labels, args, seed: int):
     return net.eval()
 
 
+def load_or_train(family: str, inputs, labels, args):
+    """Train a tagger network without ``family``, or reload the one saved in ``args.models``.
+
+    Training is deterministic for given data and options (one thread), so a saved network
+    is the one this run would train; ``experiments/novelty_layers.py`` saves to the same
+    names.
+    """
+    import torch
+
+    from bluesky_xsml.model import TaggerNet, TaggerNetConfig
+
+    path = None
+    if getattr(args, "models", None):
+        Path(args.models).mkdir(parents=True, exist_ok=True)
+        path = Path(args.models) / f"{family}-{args.n}-{args.epochs}-{args.input_size}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            net = TaggerNet(TaggerNetConfig.from_dict(saved["config"]))
+            net.load_state_dict(saved["state"])
+            print(f"{family}: reloaded {path}", flush=True)
+            return net.eval()
+    net = train(inputs, labels, args, seed=args.seed)
+    if path is not None:
+        torch.save({"config": net.config.to_dict(), "state": net.state_dict()}, path)
+    return net
+
+
 def run_family(family: str, inputs, labels, args) -> dict:
     from bluesky_xsml import Tagger
     from bluesky_xsml.novelty import NoveltyModel, auroc, energy_novelty
@@ -108,20 +153,15 @@ def run_family(family: str, inputs, labels, args) -> dict:
     from bluesky_xsml.training.metrics import evaluate_scores
 
     cols = [TAG_NAMES.index(t) for t in FAMILIES[family]]
-    has = (labels[:, cols] > 0.5).any(axis=1)
-    rng = np.random.default_rng(0)
-    idx_in = rng.permutation(np.flatnonzero(~has))
-    idx_out = np.flatnonzero(has)
-    n_test = min(len(idx_in) // 5, 600)
-    test_in, val_in, train_in = (idx_in[:n_test], idx_in[n_test:2 * n_test],
-                                 idx_in[2 * n_test:])
-    test_out = idx_out[:600]
+    splits = split_indices(labels, family)
+    train_in, val_in = splits["train"], splits["val"]
+    test_in, test_out = splits["test_in"], splits["test_out"]
     y = labels[train_in].astype(np.float32).copy()
     y[:, cols] = np.nan  # the family is unknown to training, not taught as absent
     print(f"{family}: training on {len(train_in)} frames without {FAMILIES[family]}; "
           f"{len(test_in)} held-out frames without, {len(test_out)} with", flush=True)
     t0 = time.perf_counter()
-    net = train(inputs[train_in], y, args, seed=args.seed)
+    net = load_or_train(family, inputs[train_in], y, args)
     train_s = time.perf_counter() - t0
     tagger = Tagger(net, TAG_NAMES, preprocess=PreprocessConfig(size=inputs.shape[-1]),
                     precision="fp32")
@@ -139,7 +179,8 @@ def run_family(family: str, inputs, labels, args) -> dict:
     _, f_val = analyse(val_in)
     p_in, f_in = analyse(test_in)
     p_out, f_out = analyse(test_out)
-    model = NoveltyModel.fit(f_train, f_val, embedding_dim=64, fpr=0.01)
+    model = NoveltyModel.fit(f_train, f_val, embedding_dim=64, fpr=0.01)  # the shipped score
+    maha = NoveltyModel.fit(f_train, f_val, embedding_dim=64, fpr=0.01, score="mahalanobis")
     seen = [i for i in range(len(TAG_NAMES)) if i not in cols]
     metrics = evaluate_scores(labels[test_in][:, seen], p_in[:, seen],
                               [TAG_NAMES[i] for i in seen])
@@ -150,8 +191,13 @@ def run_family(family: str, inputs, labels, args) -> dict:
               "threshold": round(model.threshold, 3),
               "flagged_in": round(float(model.is_novel(model.score(f_in)).mean()), 4),
               "flagged_out": round(float(model.is_novel(model.score(f_out)).mean()), 4),
+              "flagged_out_mahalanobis": round(float(maha.is_novel(maha.score(f_out)).mean()),
+                                               4),
               "auroc": {
-                  "mahalanobis": round(auroc(model.score(f_in), model.score(f_out)), 4),
+                  "knn": round(auroc(model.score(f_in), model.score(f_out)), 4),
+                  "knn_distance_only": round(auroc(model.knn_distance(f_in),
+                                                   model.knn_distance(f_out)), 4),
+                  "mahalanobis": round(auroc(maha.score(f_in), maha.score(f_out)), 4),
                   "pca_residual": round(auroc(model.residual(f_in), model.residual(f_out)), 4),
                   "energy": round(auroc(energy_novelty(p_in[:, seen]),
                                         energy_novelty(p_out[:, seen])), 4)}}
@@ -177,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=None, help="npz of rendered inputs (default in /tmp)")
     p.add_argument("--out", default=None, help="also write the results (JSON) here")
+    p.add_argument("--models", default=None,
+                   help="save trained networks here, and reload them when present")
     args = p.parse_args(argv)
 
     import torch

@@ -16,10 +16,11 @@ condition, frames that differ from them:
   detector geometries (``detectors=heldout``), on which the model's mAP is 0.93 in the
   model card. A high AUROC there would mean "novel" just means "a detector it has not seen".
 
-For each condition it prints the AUROC against the "in" frames of the Mahalanobis score
-(what the tagger ships), of the residual outside the embedding's principal directions and
-of the negative joint energy of the logits, and the share flagged ``novel`` at the
-shipped threshold::
+For each condition it prints the AUROC against the "in" frames of the score the tagger
+ships (``shipped``: with version 2 statistics the kNN score), of the version 1
+Mahalanobis distance (from the same statistics), of the residual outside the embedding's
+principal directions and of the negative joint energy of the logits, and the share
+flagged ``novel`` at the shipped threshold::
 
     python experiments/novelty_ood.py --n 300
 """
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
 
     def scores(frames):
         out = tagger.analyse(frames, keep_features=True)
-        return {"mahalanobis": out.novelty, "pca_residual": nov.residual(out.features),
+        return {"shipped": out.novelty, "mahalanobis": nov.mahalanobis(out.features),
+                "pca_residual": nov.residual(out.features),
                 "energy": energy_novelty(out.probs), "novel": out.novel,
                 "features": out.features, "probs": out.probs}
 
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         kept[f"c{k}_name"] = np.asarray(name)
         report[name] = {"flagged": round(float(s["novel"].mean()), 4),
                         **{f"auroc_{k}": round(auroc(s_in[k], s[k]), 4)
-                           for k in ("mahalanobis", "pca_residual", "energy")}}
+                           for k in ("shipped", "mahalanobis", "pca_residual", "energy")}}
         print(name, report[name], flush=True)
     print(json.dumps(report, indent=1))
     if args.save:

@@ -9,7 +9,8 @@ score against the "in" frames, per condition::
     python experiments/novelty_retrieval.py --cache /tmp/retrieval.npz
     python experiments/novelty_scores.py --ood /tmp/ood.npz --bank /tmp/retrieval.npz
 
-Scores: the shipped Mahalanobis distance; Mahalanobis with almost no shrinkage, on the
+Scores: the shipped score (kNN with version 2 statistics); the version 1 Mahalanobis
+distance; Mahalanobis with almost no shrinkage, on the
 mean-pooled or max-pooled half, or on log features (fitted on the bank); the cosine
 distance to the 1st and 10th nearest bank frame; the negative joint energy; mean
 closeness of the probabilities to 0.5; the feature norm (low and high).
@@ -47,12 +48,14 @@ def main(argv=None) -> int:
         return -np.sort(fn @ bankn.T, axis=1)[:, -kth]
 
     h = bank.shape[1] // 2
-    m_low = NoveltyModel.fit(bank, embedding_dim=8, shrinkage=0.001)
-    m_mean = NoveltyModel.fit(bank[:, :h], embedding_dim=8)
-    m_max = NoveltyModel.fit(bank[:, h:], embedding_dim=8)
-    m_log = NoveltyModel.fit(np.log1p(np.maximum(bank, 0)), embedding_dim=8)
+    m_low = NoveltyModel.fit(bank, embedding_dim=8, shrinkage=0.001, score="mahalanobis")
+    m_mean = NoveltyModel.fit(bank[:, :h], embedding_dim=8, score="mahalanobis")
+    m_max = NoveltyModel.fit(bank[:, h:], embedding_dim=8, score="mahalanobis")
+    m_log = NoveltyModel.fit(np.log1p(np.maximum(bank, 0)), embedding_dim=8,
+                             score="mahalanobis")
     scores = {
-        "mahalanobis": lambda f, q: nov.score(f),
+        "shipped": lambda f, q: nov.score(f),
+        "mahalanobis": lambda f, q: nov.mahalanobis(f),
         "maha_lowshrink": lambda f, q: m_low.score(f),
         "maha_meanhalf": lambda f, q: m_mean.score(f[:, :h]),
         "maha_maxhalf": lambda f, q: m_max.score(f[:, h:]),

@@ -44,21 +44,110 @@ def fitted():
     return t
 
 
+def grouped_features(rng, n, a, dim=16):
+    """Non-negative features like a network's: pattern A with weight ``a``, B with ``1 - a``."""
+    x = np.abs(rng.normal(0.2, 0.1, size=(n, dim)))
+    x[:, :dim // 2] += a
+    x[:, dim // 2:] += 1 - a
+    return x
+
+
+def two_groups(rng, n):
+    return np.vstack([grouped_features(rng, n // 2, 1.0), grouped_features(rng, n - n // 2, 0.0)])
+
+
 # ------------------------------------------------------------------ the statistics
-def test_threshold_sits_at_the_asked_false_positive_rate_on_held_out_frames():
+@pytest.mark.parametrize("score", ["knn", "mahalanobis"])
+def test_threshold_sits_at_the_asked_false_positive_rate_on_held_out_frames(score):
     rng = np.random.default_rng(0)
-    train, val, test = (rng.normal(size=(n, 12)) for n in (2000, 2000, 4000))
-    model = NoveltyModel.fit(train, val, embedding_dim=6, fpr=0.05)
+    train, val, test = (two_groups(rng, n) for n in (2000, 2000, 4000))
+    model = NoveltyModel.fit(train, val, embedding_dim=6, fpr=0.05, score=score)
     flagged = model.is_novel(model.score(test)).mean()
     assert 0.03 < flagged < 0.07, flagged
-    assert model.info["threshold_on"] == "validation"
-    far = rng.normal(size=(50, 12)) + 4.0
+    assert model.info["threshold_on"] == "validation" and model.kind == score
+    far = np.abs(rng.normal(0.2, 0.1, size=(50, 16)))
+    far[:, [0, 1, 8, 9]] += 3.0  # another pattern, and brighter than any fit frame
     assert auroc(model.score(test), model.score(far)) > 0.99
+
+
+def test_a_kind_of_frame_absent_from_fitting_scores_above_the_fitted_kinds():
+    """The fit frames form two groups; a new kind lies between them, near their common mean.
+
+    The version 1 score (one Gaussian of all fit frames) misses it; the kNN score flags it.
+    """
+    rng = np.random.default_rng(5)
+    train, val, test = two_groups(rng, 600), two_groups(rng, 300), two_groups(rng, 400)
+    new = grouped_features(rng, 60, 0.5)
+    knn = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01)
+    assert knn.kind == "knn" and knn.info["score"] == "knn"
+    assert auroc(knn.score(test), knn.score(new)) > 0.99
+    assert knn.is_novel(knn.score(new)).mean() > 0.95
+    assert knn.is_novel(knn.score(test)).mean() < 0.05
+    maha = NoveltyModel.fit(train, val, embedding_dim=8, fpr=0.01, score="mahalanobis")
+    assert auroc(maha.score(test), maha.score(new)) < 0.7
+    assert maha.is_novel(maha.score(new)).mean() < 0.1
+
+
+def test_weaker_features_than_usual_add_to_the_score_stronger_ones_take_nothing_off():
+    rng = np.random.default_rng(6)
+    model = NoveltyModel.fit(two_groups(rng, 400), two_groups(rng, 200), embedding_dim=4)
+    x = two_groups(rng, 50)
+    base = model.score(x)
+    d_med, d_sd = model.calibration[:2]
+    knn_part = (model.knn_distance(x) - d_med) / d_sd
+    # the kNN part is scale free; far brighter frames keep it and nothing else
+    np.testing.assert_allclose(model.knn_distance(3.0 * x), model.knn_distance(x), atol=1e-5)
+    np.testing.assert_allclose(model.score(3.0 * x), knn_part, atol=1e-3)
+    assert (base >= knn_part - 1e-3).all()
+    assert (model.score(0.3 * x) > base + 1.0).all()
+
+
+def test_knn_threshold_without_held_out_frames_skips_each_frames_own_row():
+    rng = np.random.default_rng(7)
+    model = NoveltyModel.fit(two_groups(rng, 1000), embedding_dim=4, fpr=0.05)
+    assert model.info["threshold_on"] == "train" and model.k == 1
+    flagged = model.is_novel(model.score(two_groups(rng, 2000))).mean()
+    # a bank row matched with itself would give distance 0 and a far too low threshold
+    assert flagged < 0.12, flagged
+
+
+def test_the_reference_bank_is_a_capped_float16_subsample():
+    rng = np.random.default_rng(8)
+    model = NoveltyModel.fit(two_groups(rng, 300), two_groups(rng, 100), embedding_dim=4,
+                             bank_size=64, k=3)
+    assert model.bank.shape == (64, 16) and model.bank.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(model.bank.astype(np.float32), axis=1), 1.0,
+                               atol=2e-3)
+    assert model.k == 3 and model.info["bank_size"] == 64
+    with pytest.raises(ValueError, match="unknown novelty score"):
+        NoveltyModel.fit(two_groups(rng, 30), score="energy")
+
+
+def test_statistics_round_trip_and_version_1_files_still_load(tmp_path):
+    rng = np.random.default_rng(9)
+    train, val, x = two_groups(rng, 300), two_groups(rng, 100), two_groups(rng, 20)
+    model = NoveltyModel.fit(train, val, embedding_dim=4)
+    back, cid = NoveltyModel.load(model.save(tmp_path / "m.novelty.npz", checkpoint_id="abc"))
+    assert cid == "abc" and back.kind == "knn" and back.digest() == model.digest()
+    np.testing.assert_array_equal(back.score(x), model.score(x))
+    # a version 1 sidecar (Mahalanobis only) reads as a Mahalanobis model
+    old = NoveltyModel.fit(train, val, embedding_dim=4, score="mahalanobis").to_arrays()
+    v1 = {k: v for k, v in old.items() if k not in ("kind", "k", "bank", "calibration")}
+    v1["version"] = np.asarray(1)
+    m1 = NoveltyModel.from_arrays(v1)
+    assert m1.kind == "mahalanobis" and m1.bank is None
+    np.testing.assert_allclose(m1.score(x), m1.mahalanobis(x))
+    with pytest.raises(ValueError, match="version 3"):
+        NoveltyModel.from_arrays({**old, "version": np.asarray(3)})
+    broken = dict(model.to_arrays())
+    broken["bank"] = broken["bank"][:, :5]
+    with pytest.raises(ValueError, match="reference bank"):
+        NoveltyModel.from_arrays(broken)
 
 
 def test_novel_is_exactly_score_above_threshold_and_nan_is_never_novel():
     rng = np.random.default_rng(1)
-    model = NoveltyModel.fit(rng.normal(size=(300, 5)), embedding_dim=3)
+    model = NoveltyModel.fit(np.abs(rng.normal(size=(300, 5))), embedding_dim=3)
     s = np.array([model.threshold - 1e-3, model.threshold, model.threshold + 1e-3, np.nan],
                  np.float32)
     assert model.is_novel(s).tolist() == [False, False, True, False]
