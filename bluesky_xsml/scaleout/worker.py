@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import logging
-import math
 import queue
 import signal
 import sys
@@ -41,8 +40,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..catalog.append import TagStreamExistsError, append_tag_stream, tagged_checkpoints
+from ..documents.callback import TaggingCallback
+from ..documents.compose import FrameResult, TagStreamComposer
+from ..inference.results import FrameItem, frames_to_results
+from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
 from .partition import Partition
+from .retag import is_server_error
 from .transport import DocumentSource
 
 __all__ = [
@@ -66,8 +71,6 @@ PAGE_SIZE = 500
 # ------------------------------------------------------------------ helpers
 def frame_results_from_page(page: Mapping[str, Any], tags: Sequence[str]) -> list:
     """FrameResults back from a tag-stream event page (as the callback emits them)."""
-    from ..documents.compose import FrameResult
-
     data = page["data"]
     out = []
     for i in range(len(page["seq_num"])):
@@ -95,65 +98,25 @@ def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32) -> list:
     Returns
     -------
     list of FrameResult
-        One per item, in order; frames the model refuses are skipped with the
-        reason it gives.
+        One per item, in order (see
+        :func:`~bluesky_xsml.inference.results.frames_to_results`); frames the
+        model refuses are skipped with the reason it gives.
     """
-    import numpy as np
-
-    from ..documents.compose import FrameResult
-    from ..errors import FrameError
-
-    def result(item, probs=None, reason=""):
-        stream, seq, uid, key, index, _frame, _ = item
-        tags = tuple(tagger.decide(np.asarray(probs))[0]) if probs is not None else ()
-        return FrameResult(stream=stream, seq_num=int(seq), event_uid=uid or "", key=key,
-                           frame_index=int(index), probs=None if probs is None else
-                           [float(p) for p in probs], skip_reason=reason,
-                           checkpoint=tagger.checkpoint_id, tags=tags, latency=math.nan)
-
-    out: list = [None] * len(items)
-    todo = []
-    for i, item in enumerate(items):
-        if item[5] is None:
-            out[i] = result(item, reason=item[6] or "not_in_catalog")
-        else:
-            todo.append(i)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        try:
-            probs = tagger.predict([items[i][5] for i in chunk], batch_size=batch_size)
-            for i, p in zip(chunk, probs):
-                out[i] = result(items[i], probs=p)
-        except FrameError:
-            for i in chunk:  # find the frames the model refuses, tag the rest
-                try:
-                    out[i] = result(items[i], probs=tagger.predict(items[i][5])[0])
-                except FrameError as err:
-                    out[i] = result(items[i], reason=f"{err.reason}: {err}")
+    frames = [FrameItem(stream=stream, seq_num=int(seq), event_uid=uid or "", key=key,
+                        frame_index=int(index), frame=frame,
+                        skip_reason="" if frame is not None else (reason or "not_in_catalog"))
+              for stream, seq, uid, key, index, frame, reason in items]
+    out: list = []
+    for start in range(0, len(frames), batch_size):
+        out.extend(frames_to_results(tagger, frames[start:start + batch_size]))
     return out
 
 
 def summarize(results: Sequence, *, stream_name: str, checkpoint_id: str) -> dict[str, Any]:
     """The stop summary of a run's tag results (same keys as :class:`TaggingCallback`)."""
-    counts: collections.Counter = collections.Counter()
-    skipped: collections.Counter = collections.Counter()
-    models: list[str] = []
-    for r in results:
-        if r.skip_reason:
-            skipped[r.skip_reason.split(":")[0]] += 1
-        else:
-            counts.update(r.tags)
-            if r.checkpoint and r.checkpoint not in models:
-                models.append(r.checkpoint)
-    return {
-        "xsml_stream": stream_name,
-        "xsml_tags": sorted(counts),
-        "xsml_tag_counts": {t: int(n) for t, n in sorted(counts.items())},
-        "xsml_model": models[-1] if models else checkpoint_id,
-        "xsml_models": models,
-        "xsml_frames": len(results),
-        "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
-    }
+    summary = RunSummary()
+    summary.add(results)
+    return summary.as_dict(stream_name=stream_name, checkpoint_id=checkpoint_id)
 
 
 def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagger, *,
@@ -163,8 +126,6 @@ def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagg
     The descriptor is bound to ``start`` with event-model; every document is
     schema-validated.
     """
-    from ..documents.compose import TagStreamComposer
-
     composer = TagStreamComposer(start, tagger.tags, tagger.thresholds, tagger.describe(),
                                  stream_name, validate_pages=True)
     ordered = sorted(results, key=lambda r: (r.stream, r.key, r.seq_num, r.frame_index))
@@ -224,8 +185,6 @@ class BusWorker:
                  give_up_after: int = 10, store_timeout: float = 60.0,
                  report: Callable[[dict], None] | None = None,
                  callback_options: Mapping[str, Any] | None = None):
-        from ..documents.callback import TaggingCallback
-
         if catalog is None and republish is None:
             raise ValueError("a worker needs somewhere to put tags: give a catalog (--tiled) "
                              "and/or a republish target (--republish)")
@@ -505,8 +464,6 @@ class BusWorker:
                                      stream_name=self.stream_name)
         written = None
         if node is not None:
-            from ..catalog.append import tagged_checkpoints
-
             done = tagged_checkpoints(plain(node.metadata))
             if self.tagger.checkpoint_id in done:  # e.g. this worker restarted mid-run
                 self.report("run_done", run=uid, frames=len(all_results), live=len(keep),
@@ -532,9 +489,6 @@ class BusWorker:
 
     def _append(self, node, descriptor, pages, summary):
         """``append_tag_stream``, retried after a server error (a partial stream removed)."""
-        from ..catalog.append import TagStreamExistsError, append_tag_stream
-        from .retag import is_server_error
-
         for attempt in range(3):
             try:
                 return append_tag_stream(node, descriptor, pages, summary)
@@ -555,8 +509,6 @@ class BusWorker:
     def _recover(self, node, lost: Mapping[str, list[int]],
                  retry: Mapping[tuple[str, str], set[int]]) -> list:
         """Tag, from the catalog, the frames of ``lost`` events and of ``retry`` frames."""
-        from ..documents.compose import FrameResult
-
         wanted: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
         for (stream, key), seqs in retry.items():
             wanted[(stream, key)] |= seqs
@@ -687,7 +639,7 @@ def main(args: argparse.Namespace) -> int:
 
         republisher = publisher(args.republish, prefix=args.prefix.encode(),
                                 serializer=serializer)
-    report_file = open(args.report, "a", buffering=1) if args.report else None  # noqa: SIM115
+    report_file = open(args.report, "a", buffering=1) if args.report else None
 
     def report(line: dict) -> None:
         text = json.dumps(line, default=str)
