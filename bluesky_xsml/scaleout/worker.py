@@ -40,9 +40,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from event_model import DocumentRouter
+
 from ..catalog.append import TagStreamExistsError, append_tag_stream, tagged_checkpoints
 from ..documents.callback import TaggingCallback
 from ..documents.compose import FrameResult, TagStreamComposer
+from ..documents.routing import RunRouter
 from ..inference.results import FrameItem, frames_to_results
 from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
@@ -141,9 +144,34 @@ def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagg
 class _Run:
     uid: str
     results: list = field(default_factory=list)
-    tag_descriptor: str | None = None
     queued: bool = False
     stale_checks: int = 0
+
+
+class _TagCapture(DocumentRouter):
+    """One run's documents as the callback emits them: keeps its tag pages' results."""
+
+    def __init__(self, worker: BusWorker, run_uid: str) -> None:
+        super().__init__()
+        self.worker = worker
+        self.run_uid = run_uid
+        self.tag_descriptor: str | None = None
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.worker.stream_name:
+            self.tag_descriptor = doc["uid"]
+
+    def event_page(self, doc: dict) -> None:
+        if self.tag_descriptor is None or doc["descriptor"] != self.tag_descriptor:
+            return
+        results = frame_results_from_page(doc, self.worker.tagger.tags)
+        with self.worker._lock:
+            run = self.worker._runs.get(self.run_uid)
+            if run is not None:
+                run.results.extend(results)
+
+    def stop(self, doc: dict) -> None:
+        self.worker._queue_finish(self.run_uid)
 
 
 # ------------------------------------------------------------------ the worker
@@ -208,6 +236,8 @@ class BusWorker:
         self._inject: queue.Queue = queue.Queue()   # documents recovered from the catalog
         self._stopping = threading.Event()
         self.counts = collections.Counter()
+        # the callback's output, routed per run: each run collects its own tag pages
+        self._captured = RunRouter([self._capture_factory], on_unrouted=self._capture_unrouted)
         opts = {"stop_timeout": 120.0, **dict(callback_options or {})}
         self.callback = TaggingCallback(tagger, downstream=[self._capture],
                                         stream_name=stream_name, **opts)
@@ -268,19 +298,15 @@ class BusWorker:
 
     def _capture(self, name: str, doc: dict) -> None:
         """Downstream of the callback (its delivery thread): collect tag pages and stops."""
-        if name == "descriptor" and doc.get("name") == self.stream_name:
-            with self._lock:
-                run = self._runs.get(doc["run_start"])
-                if run is not None:
-                    run.tag_descriptor = doc["uid"]
-        elif name == "event_page":
-            with self._lock:
-                run = next((r for r in self._runs.values()
-                            if r.tag_descriptor == doc["descriptor"]), None)
-                if run is not None:
-                    run.results.extend(frame_results_from_page(doc, self.tagger.tags))
-        elif name == "stop":
-            self._queue_finish(doc["run_start"])
+        self._captured(name, doc)
+
+    def _capture_factory(self, name: str, start: dict):
+        """Per run, downstream of the callback: the run's own tag pages, then its stop."""
+        return [_TagCapture(self, start["uid"])], []
+
+    def _capture_unrouted(self, name: str, doc: dict, reason: str, run_uid: str | None) -> None:
+        if name == "stop":  # a stop the callback passed through: finish the run all the same
+            self._queue_finish(doc.get("run_start"))
 
     def _queue_finish(self, run_uid: str) -> None:
         with self._lock:
