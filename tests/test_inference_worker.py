@@ -219,3 +219,39 @@ def test_dead_worker_is_noticed_without_new_frames(tagger):
         time.sleep(0.02)
     assert worker._thread.is_alive() and xsml.status()["worker_restarts"] == 1
     xsml.close()
+
+
+# ------------------------------------------- frames to results (one path for all)
+def test_frames_to_results_gives_one_result_per_item_in_order(tagger):
+    """Read failures, bad values, model failures and good frames each get their own result."""
+    from bluesky_xsml.inference.results import FrameItem, frames_to_results, split_value
+
+    def same(inputs, real):
+        return real(inputs)
+
+    def nan(inputs, real):
+        return np.full_like(real(inputs), np.nan)
+
+    rng = np.random.default_rng(1)
+    good = rng.poisson(4, (64, 64)).astype(np.uint32)
+    ident = dict(stream="primary", event_uid="e", key="cam", t_in=0.0)
+    items = [FrameItem(seq_num=1, skip_reason="read_error: gone", **ident),
+             *split_value(np.stack([good, good]), seq_num=2, **ident),
+             *split_value("not an image", seq_num=3, **ident),
+             FrameItem(seq_num=4, frame=np.ones(5, np.uint32), **ident),   # 1-D: refused
+             FrameItem(seq_num=5, frame=good, **ident)]
+    seen = []
+    results = frames_to_results(WrappedTagger(tagger, same), items, clock=lambda: 2.0,
+                                on_inputs=lambda rows: seen.extend(i.seq_num for i, _ in rows))
+    assert [(r.seq_num, r.frame_index) for r in results] == [
+        (1, 0), (2, 0), (2, 1), (3, 0), (4, 0), (5, 0)]
+    reasons = [r.skip_reason.split(":")[0] for r in results]
+    assert reasons[0] == "read_error" and reasons[3] == "bad_frame" and reasons[4] != ""
+    assert reasons[1] == reasons[2] == reasons[5] == ""
+    tagged = [r for r in results if not r.skip_reason]
+    assert all(len(r.probs) == len(tagger.tags) and np.isfinite(r.probs).all() for r in tagged)
+    assert all(r.latency == 2.0 and r.checkpoint == tagger.checkpoint_id for r in results)
+    assert sorted(seen) == [2, 2, 5]                     # inputs of the tagged frames only
+    broken = frames_to_results(WrappedTagger(tagger, nan),
+                               [FrameItem(seq_num=9, frame=good, **ident)])[0]
+    assert broken.skip_reason == "model_error: non-finite output" and broken.probs is None

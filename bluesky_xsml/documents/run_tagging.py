@@ -116,6 +116,16 @@ class RunTagRouter(DocumentRouter):
 
     # ------------------------------------------------------------ documents
     def start(self, doc: dict) -> None:
+        try:
+            self._setup(doc)
+        except Exception as err:  # the run is tagged with the defaults
+            # never raise here: event-model's RunRouter would then route none of the run's
+            # documents to this object, and its stop would be lost
+            self.host.count_error(f"start: {type(err).__name__}")
+            log.exception("xsml could not read the start of run %s; tagging it with defaults",
+                          doc.get("uid"))
+
+    def _setup(self, doc: dict) -> None:
         host, run = self.host, self.state
         with host._lock:
             run.beam_centers = dict(host.beam_centers)
