@@ -35,6 +35,7 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import tempfile
@@ -307,8 +308,6 @@ class TaggingCallback:
                       "bluesky_xsml.api.serve.serve(callback, port=...)",
                       DeprecationWarning, stacklevel=2)
         if _service_starter is None:
-            import importlib
-
             importlib.import_module(_SERVICE_MODULE)  # it registers its starter
         if _service_starter is None:  # pragma: no cover - the module always registers
             raise RuntimeError(f"{_SERVICE_MODULE} did not register a service starter")
