@@ -246,7 +246,8 @@ def test_frames_to_results_gives_one_result_per_item_in_order(tagger):
     assert [(r.seq_num, r.frame_index) for r in results] == [
         (1, 0), (2, 0), (2, 1), (3, 0), (4, 0), (5, 0)]
     reasons = [r.skip_reason.split(":")[0] for r in results]
-    assert reasons[0] == "read_error" and reasons[3] == "bad_frame" and reasons[4] != ""
+    # refused by the preprocessing, each with its reason (a string, a 1-D array)
+    assert reasons[0] == "read_error" and reasons[3] == "bad_dtype" and reasons[4] != ""
     assert reasons[1] == reasons[2] == reasons[5] == ""
     tagged = [r for r in results if not r.skip_reason]
     assert all(len(r.probs) == len(tagger.tags) and np.isfinite(r.probs).all() for r in tagged)
