@@ -537,7 +537,7 @@ class ExternalFrames:
             if list_files is not None:
                 try:
                     files = list(list_files([datum_kwargs]))
-                except Exception:  # noqa: BLE001 - a handler that cannot list still reads
+                except Exception:  # a handler that cannot list still reads
                     logger.debug("%r cannot list its files", handler, exc_info=True)
             for name in files:
                 self._check_file(ref, str(name))
