@@ -268,7 +268,9 @@ def main(argv=None) -> int:
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)
     RE.subscribe(on_doc)
-    service = xsml.serve(port=0, announce=False)
+    from bluesky_xsml.api.serve import serve
+
+    service = serve(xsml, port=0, announce=False)
     tmp = tempfile.mkdtemp(prefix="xsml-bench-")
     n_paced = int(args.rate * args.seconds)
     results = {}

@@ -159,7 +159,9 @@ def run_demo(out: Path | None = None, *, size: int = 256, grid: int = 9, lines: 
         engine = PolicyEngine(boundary_policy())
     try:
         if serve:   # before the scans, so the page shows them live
-            handle = xsml.serve(port=port, policy_engine=engine, announce=False)
+            from .api.serve import serve as start_service
+
+            handle = start_service(xsml, port=port, policy_engine=engine, announce=False)
             result.service_url = str(handle.url)
             _say(console, f"  service: live page {handle.page_url}\n  API docs "
                           f"{handle.url}/docs (API key {handle.api_key})")

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
+from event_model import DocumentRouter
+
+from .documents.routing import RunRouter
 from .tags import TAGS
 
 __all__ = ["LiveTagView"]
@@ -29,6 +32,36 @@ __all__ = ["LiveTagView"]
 log = logging.getLogger(__name__)
 
 _GROUP = {t.name: t.group for t in TAGS}
+_MAX_POSITIONS = 100_000  # per run; a longer run forgets the oldest
+_RUNS_KEPT = 16           # runs whose positions are kept (results come after the stop)
+
+
+class _RunPositions(DocumentRouter):
+    """One run, as the view sees it: its streams and its events' positions."""
+
+    def __init__(self, view: LiveTagView, start: dict) -> None:
+        super().__init__()
+        self.view = view
+        self.uid = start["uid"]
+        self.streams: dict[str, str] = {}            # descriptor uid -> stream name
+        self.positions: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+
+    def start(self, doc: dict) -> None:
+        self.view._add_run(self, doc)
+
+    def descriptor(self, doc: dict) -> None:
+        self.streams[doc["uid"]] = doc.get("name", "primary")
+
+    def event_page(self, doc: dict) -> None:
+        keys = [k for k in self.view.positions if k in doc["data"]]
+        if not keys:
+            return
+        stream = self.streams.get(doc["descriptor"], "?")
+        with self.view._lock:
+            for i, seq in enumerate(doc["seq_num"]):
+                self.positions[(stream, int(seq))] = {k: doc["data"][k][i] for k in keys}
+            while len(self.positions) > _MAX_POSITIONS:
+                self.positions.popitem(last=False)
 
 
 class LiveTagView:
@@ -64,8 +97,8 @@ class LiveTagView:
         self.hide = set(hide)
         self._rows: deque = deque(maxlen=int(rows))
         self._lock = threading.Lock()
-        self._pos: dict[tuple[str, int], dict[str, Any]] = {}
-        self._desc_stream: dict[str, str] = {}
+        self._runs: OrderedDict[str, _RunPositions] = OrderedDict()
+        self._router = RunRouter([self._run_factory])
         self._scan: dict[str, Any] = {}
         self._task: dict[str, Any] = {}
         self._done: dict[str, int] = {}
@@ -81,37 +114,37 @@ class LiveTagView:
     def document(self, name: str, doc: dict) -> None:
         """RunEngine subscriber: learns each run's size and each event's position."""
         try:
-            if name == "start":
-                total = doc.get("num_points")
-                label = f"scan {doc.get('scan_id', '?')} {doc.get('plan_name', '')}".strip()
-                with self._lock:
-                    self._scan[doc["uid"]] = doc.get("scan_id", "?")
-                    self._done[doc["uid"]] = 0
-                    self._task[doc["uid"]] = self.progress.add_task(
-                        label, total=int(total) if isinstance(total, int) else None)
-            elif name == "descriptor":
-                self._desc_stream[doc["uid"]] = doc.get("name", "primary")
-            elif name in ("event", "event_page") and self.positions:
-                stream = self._desc_stream.get(doc["descriptor"], "?")
-                data = doc["data"]
-                seqs = doc["seq_num"] if name == "event_page" else [doc["seq_num"]]
-                for i, seq in enumerate(seqs):
-                    pos = {k: (data[k][i] if name == "event_page" else data[k])
-                           for k in self.positions if k in data}
-                    if pos:
-                        with self._lock:
-                            self._pos[(stream, int(seq))] = pos
-                            if len(self._pos) > 100_000:
-                                self._pos.clear()
+            if name == "event":  # only what the view reads: a page of one
+                name, doc = "event_page", {"descriptor": doc["descriptor"],
+                                           "seq_num": [doc["seq_num"]],
+                                           "data": {k: [v] for k, v in doc["data"].items()}}
+            self._router(name, doc)
         except Exception:  # never let the view break the RunEngine
             log.exception("LiveTagView could not read a %s document", name)
+
+    def _run_factory(self, name: str, start: dict):
+        return [_RunPositions(self, start)], []
+
+    def _add_run(self, run: _RunPositions, doc: dict) -> None:
+        total = doc.get("num_points")
+        label = f"scan {doc.get('scan_id', '?')} {doc.get('plan_name', '')}".strip()
+        with self._lock:
+            self._runs[run.uid] = run
+            while len(self._runs) > _RUNS_KEPT:
+                self._runs.popitem(last=False)
+            self._scan[doc["uid"]] = doc.get("scan_id", "?")
+            self._done[doc["uid"]] = 0
+            self._task[doc["uid"]] = self.progress.add_task(
+                label, total=int(total) if isinstance(total, int) else None)
 
     def results(self, run_uid: str, results: Sequence[Any]) -> None:
         """TaggingCallback result listener: adds rows and advances the run's bar."""
         try:
             with self._lock:
+                run = self._runs.get(run_uid)
+                where = run.positions if run is not None else {}
                 for r in results:
-                    pos = self._pos.get((r.stream, int(r.seq_num)), {})
+                    pos = where.get((r.stream, int(r.seq_num)), {})
                     self._rows.append((self._scan.get(run_uid, "?"), int(r.seq_num), pos,
                                        list(r.tags or []), r.skip_reason or "",
                                        float(r.latency or 0.0)))

@@ -20,6 +20,7 @@ from bluesky.plans import count
 
 from bluesky_xsml import Tagger, TaggingCallback
 from bluesky_xsml.api.app import create_app
+from bluesky_xsml.api.serve import serve
 from bluesky_xsml.api.settings import ServiceSettings
 from bluesky_xsml.model import TaggerNetConfig
 
@@ -130,7 +131,7 @@ def test_healthz_openapi_and_loopback_default(client, live):
 
 
 def test_server_binds_loopback_and_announces_key(live, capsys):
-    handle = live.xsml.serve(port=0)
+    handle = serve(live.xsml, port=0)
     try:
         assert handle.url.startswith("http://127.0.0.1:")
         out = capsys.readouterr().out
@@ -142,6 +143,17 @@ def test_server_binds_loopback_and_announces_key(live, capsys):
     assert not handle.running
     with pytest.raises(httpx.ConnectError):
         httpx.get(handle.url + "/healthz", timeout=2)
+
+
+def test_callback_serve_is_deprecated_and_delegates_to_api_serve(live, capsys):
+    """``TaggingCallback.serve`` warns and starts the same service (the api registers it)."""
+    with pytest.warns(DeprecationWarning, match=r"api\.serve\.serve\(callback"):
+        handle = live.xsml.serve(port=0, announce=False)
+    try:
+        assert httpx.get(handle.url + "/healthz").json()["callback"] is True
+        assert handle.app.state.service.callback is live.xsml
+    finally:
+        handle.stop()
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789"])

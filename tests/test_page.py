@@ -26,6 +26,7 @@ from bluesky.plans import count, scan
 from ophyd.sim import SynAxis
 
 from bluesky_xsml import Tagger, TaggingCallback
+from bluesky_xsml.api.serve import serve
 from bluesky_xsml.model import TaggerNetConfig
 from bluesky_xsml.steering.policy import Policy, PolicyEngine, Rule
 from bluesky_xsml.tags import TAG_NAMES
@@ -71,7 +72,7 @@ def test_page_shows_live_tags_and_sends_a_correction(browser, tmp_path):
     # every tagged frame asks to refine: decisions (and their history) are certain
     engine = PolicyEngine(Policy(name="refine-everything", rules=[
         Rule(name="any_tag", kind="latest", tags=list(TAG_NAMES), action="refine")]))
-    service = xsml.serve(port=0, announce=False, policy_engine=engine)
+    service = serve(xsml, port=0, announce=False, policy_engine=engine)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors = _watch(page)
     answers: list[bool] = []  # what to answer the page's confirm() dialogs, in order
@@ -267,7 +268,7 @@ def test_page_without_fine_tuning_never_shows_a_blank_frame(browser, tmp_path):
     xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)
-    service = xsml.serve(port=0, announce=False)
+    service = serve(xsml, port=0, announce=False)
     det = make_image_detector(shape=(64, 80), seed=2)
     RE(count([det], 5))  # before the page opens
     assert xsml.flush(60)
@@ -363,7 +364,7 @@ def test_pinned_frame_lists_frames_like_it(browser, tmp_path):
     xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)
-    service = xsml.serve(port=0, announce=False)
+    service = serve(xsml, port=0, announce=False)
     RE(count([make_image_detector(shape=(64, 80), seed=2)], 6))
     assert xsml.flush(60)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -20,6 +20,7 @@ from bluesky.plans import count
 
 from bluesky_xsml import Tagger, TaggingCallback
 from bluesky_xsml.api.security import read_cookie_name, read_token
+from bluesky_xsml.api.serve import serve
 from bluesky_xsml.api.settings import ServiceSettings
 
 from .conftest import make_image_detector
@@ -39,7 +40,7 @@ def keyed(tmp_path):
     xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
     RE = RunEngine({}, call_returns_result=False)
     RE.subscribe(xsml)
-    service = xsml.serve(port=0, announce=False,
+    service = serve(xsml, port=0, announce=False,
                          settings=ServiceSettings(keyed_reads=True))
     try:
         yield RE, xsml, service
@@ -149,7 +150,7 @@ def test_page_without_the_key_shows_one_notice_then_starts(browser, keyed):  # n
 def test_page_with_a_wrong_key_and_open_reads_says_so(browser, tmp_path):  # noqa: F811
     """Loopback, reads open: the page shows data, and that its key will not change anything."""
     xsml = TaggingCallback(Tagger.untrained(seed=6, config=TINY), threads=1, max_wait=0.01)
-    service = xsml.serve(port=0, announce=False)
+    service = serve(xsml, port=0, announce=False)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors = _watch(page)
     try:

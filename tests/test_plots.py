@@ -127,20 +127,35 @@ def test_phase_map_groups_frames_by_structure(tmp_path):
 
 
 def test_live_view_shows_progress_and_latest_frames():
+    import event_model
     from rich.console import Console
 
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
     view = LiveTagView(positions=["sample_x"], rows=2, console=console)
-    view.document("start", {"uid": "u1", "scan_id": 7, "plan_name": "scan", "num_points": 3})
-    view.document("descriptor", {"uid": "d1", "name": "primary"})
+    run = event_model.compose_run(metadata={"scan_id": 7, "plan_name": "scan", "num_points": 3})
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "sample_x": {"dtype": "number", "shape": [], "source": "sim"},
+        "img": {"dtype": "array", "shape": [2, 2], "source": "sim"}})
+    # a second run, interleaved, at the same seq_nums: its positions must not leak into run 1
+    other = event_model.compose_run(metadata={"scan_id": 8, "plan_name": "scan"})
+    other_desc = other.compose_descriptor(name="primary", data_keys={
+        "sample_x": {"dtype": "number", "shape": [], "source": "sim"}})
+    view.document("start", run.start_doc)
+    view.document("descriptor", desc.descriptor_doc)
+    view.document("start", other.start_doc)
+    view.document("descriptor", other_desc.descriptor_doc)
     for seq, x in ((1, 0.5), (2, 1.5), (3, 2.5)):
-        view.document("event", {"descriptor": "d1", "seq_num": seq,
-                                "data": {"sample_x": x, "img": None}})
+        view.document("event", desc.compose_event(data={"sample_x": x, "img": None},
+                                                  timestamps={"sample_x": 0, "img": 0},
+                                                  seq_num=seq))
+        view.document("event", other_desc.compose_event(data={"sample_x": 90 + x},
+                                                        timestamps={"sample_x": 0}, seq_num=seq))
     view.document("event", {"descriptor": "unknown", "seq_num": 1})   # malformed: ignored
+    uid = run.start_doc["uid"]
     with view:
-        view.results("u1", [FrameResult("primary", 1, "e1", "img", 0, [0.1], tags=("beam_off",),
-                                         latency=0.02)])
-        view.results("u1", [
+        view.results(uid, [FrameResult("primary", 1, "e1", "img", 0, [0.1], tags=("beam_off",),
+                                       latency=0.02)])
+        view.results(uid, [
             FrameResult("primary", 2, "e2", "img", 0, [0.9], tags=("ring_isotropic",
                                                                    "detector_gaps")),
             FrameResult("primary", 3, "e3", "img", 0, None, skip_reason="read_error: gone")])
@@ -150,6 +165,7 @@ def test_live_view_shows_progress_and_latest_frames():
     assert "detector_gaps" not in text                 # hidden instrument tag
     assert "beam_off" not in text                      # only the 2 latest rows are kept
     assert "1.50" in text and "2.50" in text
+    assert "91.50" not in text and "92.50" not in text  # run 8's positions stay with run 8
     assert view.frames == 3 and view.skipped == 1
 
 

@@ -4,7 +4,7 @@
 
     from bluesky_xsml.api.app import create_app
     app = create_app(xsml)          # xsml: a live TaggingCallback
-    # uvicorn.run(app, host="127.0.0.1", port=8765), or xsml.serve(port=8765)
+    # uvicorn.run(app, host="127.0.0.1", port=8765), or api.serve.serve(xsml, port=8765)
 
 The app publishes its OpenAPI schema at ``/openapi.json`` (docs at ``/docs``),
 answers ``/healthz``, serves the live page at ``/page/`` and the JSON API under

@@ -2,11 +2,17 @@
 
 From IPython (the service shares the live callback's state)::
 
+    from bluesky_xsml.api.serve import serve
+
     xsml = TaggingCallback(Tagger.load(), downstream=[writer])
     RE.subscribe(xsml)
-    service = xsml.serve(port=8765)     # prints the page URL and the API key
+    service = serve(xsml, port=8765)    # prints the page URL and the API key
     ...
     service.stop()
+
+(``xsml.serve(port=8765)`` still works and warns: it is deprecated, the
+service is started from here, above the callback. Importing this module
+registers :func:`serve` as what that method calls.)
 
 From a shell, ``xsml serve`` loads the model, tags the documents of a 0MQ
 bus (``--zmq 127.0.0.1:5578``, the output port of ``bluesky-0MQ-proxy``) and
@@ -24,7 +30,9 @@ import sys
 import threading
 import time
 
-__all__ = ["ServiceHandle", "serve", "serve_app", "add_arguments", "main"]
+from ..documents.callback import TaggingCallback, set_service_starter
+
+__all__ = ["ServiceHandle", "add_arguments", "main", "serve", "serve_app"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,7 @@ class ServiceHandle:
         except OSError:  # pragma: no cover
             pass
 
-    def __enter__(self) -> "ServiceHandle":
+    def __enter__(self) -> ServiceHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,6 +191,10 @@ def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "
     return handle
 
 
+# TaggingCallback.serve (deprecated) delegates here without importing this module
+set_service_starter(serve)
+
+
 # ------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="interface (default 127.0.0.1; XSML_HOST)")
@@ -206,8 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..documents.callback import TaggingCallback
-    from ..inference.tagger import Tagger
+    from ..inference.tagger import Tagger  # torch: only when the service tags here
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     isolation = getattr(args, "isolation", "thread")

@@ -35,15 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from ..documents.beam_center import parse_beam_center
+from ..documents.compose import TagStreamComposer
+from ..documents.frames import find_image_keys
 from ..errors import XsmlError
+from ..inference.results import FrameItem, frames_to_results, split_value
+from ..summary import SUMMARY_KEYS, RunSummary
 
 __all__ = [
     "SUMMARY_KEYS",
     "AppendResult",
     "FrameBlock",
     "RetagResult",
-    "TaggedRun",
     "TagStreamExistsError",
+    "TaggedRun",
     "append_tag_stream",
     "lazy_frame_blocks",
     "retag_run",
@@ -54,9 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Stop keys of the current tagging (as written by ``TaggingCallback``).
-SUMMARY_KEYS = ("xsml_stream", "xsml_tags", "xsml_tag_counts", "xsml_model", "xsml_models",
-                "xsml_frames", "xsml_skipped")
 
 _STRUCTURAL = {"name", "object_keys", "run_start"}  # descriptor keys TiledWriter leaves out
 _NUMPY_OF_JSON = {"number": "<f8", "integer": "<i8", "boolean": "|b1", "string": "<U0"}
@@ -420,8 +422,6 @@ def _pointer(key: str) -> str:
 
 # ------------------------------------------------------------------ re-tag
 def _image_keys(stream_node, image_keys: Sequence[str] | None) -> list[str]:
-    from ..documents.frames import find_image_keys
-
     meta = stream_node.metadata
     keys = find_image_keys({"data_keys": meta.get("data_keys") or {}}, image_keys)
     out = []
@@ -447,7 +447,7 @@ def _read_rows(array, lo: int, hi: int):
     for i in range(lo, hi):
         try:
             out.append(np.asarray(array[i:i + 1])[0])
-        except Exception as err:  # a missing external file, a server error
+        except Exception as err:  # noqa: BLE001 - a missing external file, a server error
             out.append(err)
     return out
 
@@ -455,49 +455,16 @@ def _read_rows(array, lo: int, hi: int):
 def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float,
               beam_center=None):
     """FrameResults for the event values ``rows`` (arrays or read errors)."""
-    from ..documents.compose import FrameResult
-    from ..documents.frames import split_frames
-
-    checkpoint = tagger.checkpoint_id
-    results: list = []
-    frames: list = []
-    slots: list = []
-    for seq, value in zip(seq_nums, rows):
+    items: list[FrameItem] = []
+    for seq, value in zip(seq_nums, rows, strict=False):
+        ident = dict(stream=stream, seq_num=seq, event_uid="", key=key, beam_center=beam_center,
+                     t_in=t_read)
         if isinstance(value, Exception):
-            results.append(FrameResult(stream=stream, seq_num=seq, event_uid="", key=key,
-                                       frame_index=0, probs=None, checkpoint=checkpoint,
-                                       skip_reason=f"read_error: {type(value).__name__}: "
-                                                   f"{value}"))
-            continue
-        for idx, frame in enumerate(split_frames(value)):
-            results.append(None)
-            slots.append((len(results) - 1, seq, idx))
-            frames.append(frame)
-    if frames:
-        inputs, ok, errors = tagger.preprocess(frames)
-        if not len(ok):
-            probs = np.zeros((0, len(tagger.tags)))
-        elif beam_center is not None and getattr(tagger, "uses_beam_center", False):
-            centers = tagger.input_centers([np.shape(frames[i]) for i in ok], beam_center)
-            probs = tagger.predict_inputs(inputs, centers)
+            items.append(FrameItem(skip_reason=f"read_error: {type(value).__name__}: {value}",
+                                   **ident))
         else:
-            probs = tagger.predict_inputs(inputs)
-        row_of = {int(i): r for r, i in enumerate(ok)}
-        decided = tagger.decide(probs) if len(probs) else []
-        now = time.time()
-        for i, (pos, seq, idx) in enumerate(slots):
-            common = dict(stream=stream, seq_num=seq, event_uid="", key=key, frame_index=idx,
-                          checkpoint=checkpoint, latency=now - t_read)
-            if i in row_of and np.isfinite(probs[row_of[i]]).all():
-                r = row_of[i]
-                results[pos] = FrameResult(probs=probs[r].tolist(), tags=tuple(decided[r]),
-                                           **common)
-            else:
-                err = errors.get(i)
-                reason = (f"{getattr(err, 'reason', 'bad_frame')}: {err}" if err is not None
-                          else "model_error: non-finite output")
-                results[pos] = FrameResult(probs=None, skip_reason=reason, **common)
-    return results
+            items.extend(split_value(value, **ident))
+    return frames_to_results(tagger, items, clock=time.time)
 
 
 @dataclass
@@ -558,9 +525,6 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
     event page per batch. The pages are not schema-validated here:
     :func:`append_tag_stream` validates each one before it writes anything.
     """
-    from ..documents.callback import parse_beam_center
-    from ..documents.compose import TagStreamComposer
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     uid = metadata["start"]["uid"]
@@ -577,9 +541,7 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
     composer = TagStreamComposer(metadata["start"], tagger.tags, tagger.thresholds,
                                  tagger.describe(), name, validate_pages=False)
     pages: list[dict] = []
-    frames = 0
-    tag_counts: dict[str, int] = {}
-    skipped: dict[str, int] = {}
+    summary = RunSummary()
     for block in blocks:
         n = len(block.seq_nums)
         for lo in range(0, n, batch_size):
@@ -588,29 +550,14 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
             rows = block.read(lo, hi)
             results = _tag_rows(tagger, block.stream, block.key, block.seq_nums[lo:hi], rows,
                                 t_read, centers.get(block.key, centers.get("*")))
-            for r in results:
-                frames += 1
-                if r.skip_reason:
-                    slug = r.skip_reason.split(":")[0]
-                    skipped[slug] = skipped.get(slug, 0) + 1
-                for t in r.tags:
-                    tag_counts[t] = tag_counts.get(t, 0) + 1
+            summary.add(results)
             if results:
                 pages.append(composer.page(results))
-    tagged_any = frames > sum(skipped.values())
-    summary = {
-        "xsml_stream": name,
-        "xsml_tags": sorted(tag_counts),
-        "xsml_tag_counts": {t: int(tag_counts[t]) for t in sorted(tag_counts)},
-        "xsml_model": checkpoint,
-        "xsml_models": [checkpoint] if tagged_any else [],
-        "xsml_frames": int(frames),
-        "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
-    }
     # the descriptor is the composer's, validated by event_model.compose_descriptor
     return TaggedRun(uid=uid, stream=name, checkpoint=checkpoint,
-                     descriptor=composer.descriptor, pages=pages, summary=summary,
-                     frames=frames)
+                     descriptor=composer.descriptor, pages=pages,
+                     summary=summary.as_dict(stream_name=name, checkpoint_id=checkpoint),
+                     frames=summary.frames)
 
 
 def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: int = 16,

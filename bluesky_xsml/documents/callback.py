@@ -19,131 +19,60 @@ index of the tagged frames (``xsml_index``) that frame-level queries read.
 
 The callback never raises into the RunEngine: problems are logged, counted in
 :meth:`TaggingCallback.status`, and recorded as skipped frames.
+
+How it is built: documents go to a
+:class:`~bluesky_xsml.documents.routing.RunRouter` whose factory makes one
+:class:`~bluesky_xsml.documents.run_tagging.RunTagRouter` per run (that run's
+state, its frames, its held stop and its summary); a
+:class:`~bluesky_xsml.documents.labelling.Labeller` listens to the results for
+labelling; this class wires them to the inference worker and the delivery
+outbox. The steering service is started from :mod:`bluesky_xsml.api.serve`.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
+import dataclasses
+import importlib
 import logging
-import math
+import os
+import tempfile
 import threading
 import time
+import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from ..frame_cache import FrameCache
 from ..inference.worker import FrameJob, InferenceWorker
-from .compose import FrameResult, TagStreamComposer
-from .frame_index import INDEX_KEY, FrameIndex, motor_keys
-from .frames import find_image_keys, is_image_value, split_frames
+from .beam_center import parse_beam_center
+from .compose import FrameResult
+from .labelling import Labeller, document_labels
 from .outbox import Outbox, RetryPolicy
+from .routing import ROUTED_NAMES, RunRouter
+from .run_tagging import RunTagRouter, RunTagState, by_run
 
-__all__ = ["TaggingCallback", "RunTagState", "document_labels", "parse_beam_center"]
+__all__ = ["RunTagState", "TaggingCallback", "document_labels", "parse_beam_center",
+           "set_service_starter"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class RunTagState:
-    """What the callback knows about one run."""
-
-    start: dict
-    composer: TagStreamComposer | None = None
-    descriptors: dict = field(default_factory=dict)      # uid -> (stream name, {key: kind})
-    event_uids: dict = field(default_factory=dict)       # (descriptor uid, seq_num) -> uid
-    external: Any = None                                  # ExternalFrames, created on demand
-    pending: dict = field(default_factory=dict)          # id(job) -> job
-    held_stop: dict | None = None
-    stop_received_at: float | None = None
-    finalized: bool = False
-    frames: int = 0
-    tag_counts: collections.Counter = field(default_factory=collections.Counter)
-    skipped: collections.Counter = field(default_factory=collections.Counter)
-    novel: int = 0  # tagged frames flagged novel (xsml_novel)
-    checkpoints: list = field(default_factory=list)
-    event_labels: dict = field(default_factory=dict)     # (stream, seq_num) -> {tag: value}
-    start_labels: dict = field(default_factory=dict)     # validated start xsml_labels
-    motor_keys: dict = field(default_factory=dict)       # descriptor uid -> motor data keys
-    positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
-    index: Any = None                                     # FrameIndex, with the tag stream
-    beam_centers: dict = field(default_factory=dict)     # image key (or "*") -> (x, y)
-
-    @property
-    def uid(self) -> str:
-        return self.start["uid"]
-
-    def beam_center_for(self, key: str):
-        """The beam centre ``(x, y)`` of frames under data key ``key``, or None."""
-        return self.beam_centers.get(key, self.beam_centers.get("*"))
+# The steering service lives above this module (bluesky_xsml.api); it registers how to start
+# itself here when it is imported, so the deprecated TaggingCallback.serve needs no import of it.
+_service_starter: Callable[..., Any] | None = None
+_SERVICE_MODULE = "bluesky_xsml.api.serve"
 
 
-def document_labels(value: Any, *, run_uid: str, stream: str, seq_num: int) -> dict:
-    """Labels a document declares (``xsml_labels``), checked as the API checks a label.
+def set_service_starter(starter: Callable[..., Any] | None) -> None:
+    """Register ``starter(callback, **options)``, what :meth:`TaggingCallback.serve` calls.
 
-    Documents may come from a network (the 0MQ bus), so their labels are
-    validated with the API's :class:`~bluesky_xsml.api.schemas.LabelIn`: tag
-    names are identifiers of at most 64 characters, not names that address a
-    frame, at most 512 of them, values True/False/None.
-
-    Parameters
-    ----------
-    value : dict or str
-        ``{"ring_oriented": True, ...}``, or the same as a JSON string.
-
-    Raises
-    ------
-    ValueError
-        Anything else (pydantic's ``ValidationError`` is a ``ValueError``).
+    :mod:`bluesky_xsml.api.serve` registers :func:`~bluesky_xsml.api.serve.serve`
+    when it is imported.
     """
-    from ..api.schemas import LabelIn
-
-    if isinstance(value, str):
-        import json
-
-        value = json.loads(value)
-    if not isinstance(value, Mapping):
-        raise ValueError(f"xsml_labels must map tag names to True/False/None, "
-                         f"got {type(value).__name__}")
-    label = LabelIn.model_validate({"run_uid": run_uid, "seq_num": seq_num, "stream": stream,
-                                    "tags": dict(value)})
-    return dict(label.tags)
-
-
-def parse_beam_center(value, what: str = "xsml_beam_center") -> dict:
-    """Read a beam centre setting: ``[x, y]`` for every image key, or ``{key: [x, y]}``.
-
-    Returns a dict of image key (``"*"``: any) to an ``(x, y)`` pair of floats
-    (detector pixels, column then row; off the detector is allowed). ``None``
-    gives an empty dict.
-
-    Raises
-    ------
-    ValueError
-        If the value is neither form or holds non-finite numbers.
-
-    Examples
-    --------
-    >>> parse_beam_center([512, 300.5])
-    {'*': (512.0, 300.5)}
-    >>> parse_beam_center({"pilatus_image": [10, -40]})
-    {'pilatus_image': (10.0, -40.0)}
-    """
-    if value is None:
-        return {}
-    items = value.items() if isinstance(value, Mapping) else [("*", value)]
-    out = {}
-    for key, pair in items:
-        try:
-            x, y = (float(v) for v in pair)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what} must be [x, y] in detector pixels or {{image key: [x, y]}}; "
-                             f"got {value!r}") from None
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise ValueError(f"{what} must hold finite numbers; got {value!r}")
-        out[str(key)] = (x, y)
-    return out
+    global _service_starter
+    _service_starter = starter
 
 
 class TaggingCallback:
@@ -264,9 +193,9 @@ class TaggingCallback:
         if isolation == "thread":
             self._set_threads(threads)
         self._lock = threading.RLock()
-        self._runs: dict[str, RunTagState] = {}
-        self._by_descriptor: dict[str, RunTagState] = {}
-        self._by_resource: dict[str, RunTagState] = {}
+        # runs started and not finished (their stop may be held): where results go
+        self._active: dict[str, RunTagRouter] = {}
+        self.router = RunRouter([self._run_factory], on_unrouted=self._unrouted)
         self._errors: collections.Counter = collections.Counter()
         self._finished_runs: collections.deque = collections.deque(maxlen=100)
         # The worker first: it checks its settings before it starts a thread, so a bad setting
@@ -287,18 +216,14 @@ class TaggingCallback:
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
         self._input_listeners: list[Callable[[list], None]] = []
         self._document_listeners: list[Callable[[str, dict], None]] = []
-        self.frame_cache = FrameCache(label_cache_size)
-        #: The :class:`~bluesky_xsml.training.live.LiveFineTuner`; None until
-        #: :meth:`enable_finetuning`.
-        self.finetuner = None
-        self._labels_ignored = 0
+        #: Labelling: the label cache, labels after the fact and declared in documents.
+        self.labeller = Labeller(self, label_cache_size)
+        self.add_input_listener(self.labeller.on_inputs)
+        self.add_result_listener(self.labeller.on_results)
         # Finish and stop the threads before the interpreter tears down torch/numba under them.
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def _process_worker(self, tagger, options, threads, **worker_options):
-        import dataclasses
-        import os
-
         from ..inference.process import ProcessInferenceWorker, ProcessOptions
 
         options = options or ProcessOptions()
@@ -307,8 +232,6 @@ class TaggingCallback:
         checkpoint = tagger
         if tagger is not None and not isinstance(tagger, (str, os.PathLike)):
             # a Tagger built here: the child loads the same weights from a private file
-            import tempfile
-
             fd, path = tempfile.mkstemp(prefix="xsml-tagger-", suffix=".pt")
             os.close(fd)
             tagger.save(path)
@@ -317,14 +240,12 @@ class TaggingCallback:
             options = dataclasses.replace(
                 options, device=options.device or (str(device) if device is not None else None),
                 precision=options.precision or getattr(tagger, "precision", None))
-        external = self._external_options()
+        external = self.external_options()
         return ProcessInferenceWorker(checkpoint, self._on_results, on_inputs=self._on_inputs,
                                       external_options=external, options=options,
                                       **worker_options)
 
     def _set_threads(self, threads: int | None) -> None:
-        import os
-
         n = threads if threads is not None else max(1, (os.cpu_count() or 2) - 1)
         if n < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -377,14 +298,20 @@ class TaggingCallback:
         self._document_listeners.append(listener)
 
     def serve(self, *, port: int | None = None, **options):
-        """Start the steering service for this callback in a background thread.
+        """Start the steering service for this callback (deprecated).
 
-        ``xsml.serve(port=8765)`` returns a handle with ``.url``, ``.api_key``
-        and ``.stop()``; ``options`` go to :func:`bluesky_xsml.api.serve.serve`.
+        Use ``bluesky_xsml.api.serve.serve(callback, port=...)``: the service is
+        started from :mod:`bluesky_xsml.api`, above the callback. This method
+        warns and delegates to it.
         """
-        from ..api.serve import serve
-
-        return serve(self, port=port, **options)
+        warnings.warn("TaggingCallback.serve() is deprecated; use "
+                      "bluesky_xsml.api.serve.serve(callback, port=...)",
+                      DeprecationWarning, stacklevel=2)
+        if _service_starter is None:
+            importlib.import_module(_SERVICE_MODULE)  # it registers its starter
+        if _service_starter is None:  # pragma: no cover - the module always registers
+            raise RuntimeError(f"{_SERVICE_MODULE} did not register a service starter")
+        return _service_starter(self, port=port, **options)
 
     def __call__(self, name: str, doc: dict) -> None:
         """Receive one document from the RunEngine (or a document bus)."""
@@ -397,10 +324,13 @@ class TaggingCallback:
                 listener(name, doc)
             except Exception:
                 log.exception("xsml document listener failed on a %r document", name)
+        if name not in ROUTED_NAMES:
+            return
         try:
-            handler = getattr(self, "_on_" + name, None)
-            if handler is not None:
-                handler(doc)
+            if name == "start" and doc["uid"] in self._active:
+                log.warning("xsml saw start %s twice; keeping the first", doc["uid"])
+                return
+            self.router(name, doc)
         except Exception as err:
             self._errors[f"{name}: {type(err).__name__}"] += 1
             log.exception("xsml failed to handle a %r document; it was passed through", name)
@@ -419,10 +349,8 @@ class TaggingCallback:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
         ok = self.worker.flush(left())
-        with self._lock:
-            held = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized]
-        for run in held:  # runs whose last frames were just reported
-            self._maybe_finalize(run)
+        for run in self._held():  # runs whose last frames were just reported
+            run.maybe_finalize()
         return ok and self.outbox.flush(left())
 
     def close(self, timeout: float = 30.0) -> None:
@@ -431,19 +359,13 @@ class TaggingCallback:
             return
         self._closed = True
         self.flush(timeout)
-        with self._lock:
-            runs = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized]
-        for run in runs:
-            self._finalize(run, reason="stop_timeout")
+        for run in self._held():
+            run.finalize(reason="stop_timeout")
         self.worker.close(timeout)
         self.outbox.close(timeout)
-        if self.finetuner is not None:
-            self.finetuner.close(timeout)
+        self.labeller.close(timeout)
         path = getattr(self, "_tagger_file", None)
         if path is not None:
-            import contextlib
-            import os
-
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
@@ -451,7 +373,7 @@ class TaggingCallback:
         """Counters and latency figures (JSON-able)."""
         s = self.worker.stats
         with self._lock:
-            open_runs = len(self._runs)
+            open_runs = len(self._active)
         return {
             "checkpoint_id": self.tagger.checkpoint_id,
             "device": str(self.tagger.device),
@@ -473,13 +395,28 @@ class TaggingCallback:
             "delivery_losses": self.outbox.losses(),
             "delivery_backlog": self.outbox.backlogs(),
             "document_errors": dict(self._errors),
-            "label_cache_frames": len(self.frame_cache),
-            "labels_ignored": self._labels_ignored,
+            "label_cache_frames": len(self.labeller.frame_cache),
+            "labels_ignored": self.labeller.ignored,
             **({"tagger_process": self.worker.describe_process()}
                if self.isolation == "process" else {}),
         }
 
-    # ------------------------------------------------------------ fine-tuning
+    # ------------------------------------------------------ labelling (Labeller)
+    @property
+    def frame_cache(self):
+        """The label cache (:class:`~bluesky_xsml.frame_cache.FrameCache`) of the labeller."""
+        return self.labeller.frame_cache
+
+    @property
+    def finetuner(self):
+        """The :class:`~bluesky_xsml.training.live.LiveFineTuner`; None until
+        :meth:`enable_finetuning`."""
+        return self.labeller.finetuner
+
+    @finetuner.setter
+    def finetuner(self, value) -> None:
+        self.labeller.finetuner = value
+
     def enable_finetuning(self, directory, **options):
         """Start live fine-tuning into ``directory``; returns the :class:`LiveFineTuner`.
 
@@ -487,16 +424,7 @@ class TaggingCallback:
         (``min_labels``, ``steps``, ``synthetic``, ``nice``, ...). Calling it
         again returns the running fine-tuner.
         """
-        if self.finetuner is None and self.isolation == "process":
-            # trained in the tagging process; this process never imports torch
-            from ..inference.process import RemoteFineTuner
-
-            self.finetuner = RemoteFineTuner(self.worker, directory, options)
-        if self.finetuner is None:
-            from ..training.live import LiveFineTuner
-
-            self.finetuner = LiveFineTuner(self.tagger, directory, **options)
-        return self.finetuner
+        return self.labeller.enable_finetuning(directory, **options)
 
     def label(self, run_uid: str, seq_num: int, *, stream: str = "primary",
               key: str | None = None, frame_index: int = 0, **tags) -> dict:
@@ -521,26 +449,8 @@ class TaggingCallback:
         ValueError
             No tags, or a value other than True/False/1/0/None.
         """
-        import math
-
-        from ..errors import ConfigurationError
-        from ..training.live import parse_tag_labels
-
-        if self.finetuner is None:
-            raise ConfigurationError("fine-tuning is not enabled; call "
-                                     "enable_finetuning(directory) first")
-        names, row = parse_tag_labels(tags)
-        ident, entry = self.frame_cache.find(run_uid, seq_num, stream=stream, key=key,
-                                             frame_index=frame_index)
-        prov = {"source": "label", "run_uid": ident[0], "stream": ident[1],
-                "seq_num": ident[2], "key": ident[3], "frame_index": ident[4],
-                "checkpoint": entry.get("checkpoint", "")}
-        receipt = self.finetuner.add_labels(entry["input"][None], row[None], [prov], tags=names)
-        self.frame_cache.mark_labeled(ident)
-        return {"run_uid": ident[0], "stream": ident[1], "seq_num": ident[2], "key": ident[3],
-                "frame_index": ident[4],
-                "labels": {t: (None if math.isnan(v) else bool(v)) for t, v in zip(names, row)},
-                "new_tags": [t for t in names if t not in self.tagger.tags], **receipt}
+        return self.labeller.label(run_uid, seq_num, stream=stream, key=key,
+                                   frame_index=frame_index, **tags)
 
     def suggest_labels(self, k: int = 10) -> list[dict]:
         """The ``k`` recent unlabeled frames the model is least sure about.
@@ -548,415 +458,127 @@ class TaggingCallback:
         Each is a dict with ``run_uid, stream, seq_num, key, frame_index, score``
         (1 = every one of its three most uncertain tags sits at its threshold).
         """
-        return self.frame_cache.suggest(k)
+        return self.labeller.suggest_labels(k)
 
-    def _on_inputs(self, items: list) -> None:
-        """Worker thread: cache inputs; queue labels that documents declared."""
-        self.frame_cache.put_inputs(items)
-        for listener in self._input_listeners:
-            try:
-                listener(items)
-            except Exception:
-                log.exception("xsml input listener failed")
-        todo = []
+    # ---------------------------------------------------------- per-run routing
+    def _run_factory(self, name: str, start_doc: dict):
+        """The :class:`RunRouter` factory: one :class:`RunTagRouter` per run."""
+        router = RunTagRouter(self, start_doc)
         with self._lock:
-            for job, idx, x in items:
-                run = self._runs.get(job.run_uid)
-                if run is None:
-                    continue
-                declared = dict(run.start_labels)
-                declared.update(run.event_labels.get((job.stream, job.seq_num), {}))
-                if declared:
-                    todo.append((job, idx, x, declared))
-        if not todo:
+            self._active[start_doc["uid"]] = router
+        return [router], []
+
+    def _unrouted(self, name: str, doc: dict, reason: str, run_uid: str | None) -> None:
+        """A document of no open run: counted and logged; a stop is passed on unchanged."""
+        if reason == "datum for unknown resource":
+            return  # as before the routing was per run: no count
+        if reason == "start seen twice":
+            log.warning("xsml saw start %s twice; keeping the first", run_uid)
             return
-        if self.finetuner is None:
-            self._labels_ignored += len(todo)
+        if reason == "event after stop":
+            self.count_error(reason)
+            log.warning("xsml got events after the stop of run %s; passed through untagged",
+                        run_uid)
             return
-        from ..training.live import parse_tag_labels
+        self.count_error(reason)
+        if name == "stop":
+            log.warning("xsml got a stop for a run it has no start for; passed through")
+            self.outbox.put("stop", doc)
+        elif name == "event_page":
+            log.warning("xsml got events for unknown descriptor %s; passed through",
+                        doc.get("descriptor"))
+        elif name == "descriptor":
+            log.warning("xsml got a descriptor for a run it has no start for (%s); "
+                        "passed through", run_uid)
 
-        for job, idx, x, declared in todo:
-            try:
-                names, row = parse_tag_labels(declared)
-            except ValueError as err:
-                self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
-                continue
-            prov = {"source": "document", "run_uid": job.run_uid, "stream": job.stream,
-                    "seq_num": int(job.seq_num), "key": job.key, "frame_index": int(idx)}
-            self.finetuner.add_labels_async(x[None], row[None], [prov], tags=names)
-
-    # ----------------------------------------------------------- documents
-    def _on_start(self, doc: dict) -> None:
+    def _held(self) -> list[RunTagRouter]:
         with self._lock:
-            if doc["uid"] in self._runs:
-                log.warning("xsml saw start %s twice; keeping the first", doc["uid"])
-                return
-            run = self._runs[doc["uid"]] = RunTagState(start=doc)
-            run.beam_centers = dict(self.beam_centers)
-            try:  # the run's own centre replaces the beamline's
-                run.beam_centers = (parse_beam_center(doc.get("xsml_beam_center"))
-                                    or run.beam_centers)
-            except ValueError as err:  # recorded; the run is tagged without a centre
-                run.beam_centers = {}
-                self._errors[f"bad xsml_beam_center: {err}"] += 1
-                log.warning("xsml: %s (run %s)", err, doc["uid"])
-            if doc.get("xsml_labels"):
-                try:
-                    run.start_labels = document_labels(doc["xsml_labels"], run_uid=doc["uid"],
-                                                       stream="primary", seq_num=0)
-                except (ValueError, TypeError) as err:  # the frames are tagged anyway
-                    self._errors[f"bad xsml_labels: {type(err).__name__}"] += 1
-                    log.warning("xsml: refused xsml_labels of run %s: %s", doc["uid"],
-                                str(err)[:300])
-            if (not run.beam_centers and getattr(self.tagger, "uses_beam_center", False)
-                    and not self._told_no_beam_center):
-                self._told_no_beam_center = True  # once per callback
-                log.info("xsml: the model reads the beam centre but run %s has none "
-                         "(TaggingCallback(beam_center=...) or md['xsml_beam_center']); "
-                         "its frames are tagged from the image alone", doc["uid"])
+            return [r for r in self._active.values() if r.holds_stop]
 
-    def _run_for(self, uid: str | None, what: str) -> RunTagState | None:
-        run = self._runs.get(uid) if uid else None
-        if run is None:
-            self._errors[f"{what} for unknown run"] += 1
-            log.warning("xsml got a %s for a run it has no start for (%s); passed through", what, uid)
-        return run
-
-    def _on_descriptor(self, doc: dict) -> None:
+    def _emit_stop_unchanged(self, doc: dict) -> None:
         with self._lock:
-            run = self._run_for(doc.get("run_start"), "descriptor")
-            if run is None:
-                return
-            name = doc.get("name", "primary")
-            keys = {}
-            if name != self.stream_name and (self.streams is None or name in self.streams):
-                keys = find_image_keys(doc, self.image_keys)
-            run.descriptors[doc["uid"]] = (name, keys)
-            if keys:
-                run.motor_keys[doc["uid"]] = motor_keys(doc, run.start)
-            self._by_descriptor[doc["uid"]] = run
-            if any(kind in ("datum", "stream") for kind in keys.values()):
-                self._external(run).register("descriptor", doc)
-            if keys:
-                self._ensure_tag_stream(run)
+            run = self._active.pop(doc.get("run_start"), None)
+        if run is not None:
+            run.mark_finalized()
+        self.outbox.put("stop", doc)
 
-    def _ensure_tag_stream(self, run: RunTagState) -> None:
-        if run.composer is None:
-            run.composer = TagStreamComposer(run.start, self.tagger.tags, self.tagger.thresholds,
-                                             self.tagger.describe(), self.stream_name,
-                                             validate_pages=self.validate_pages)
-            run.index = FrameIndex(run.composer.tags, self.stream_name,
-                                   min_prob=self.index_min_prob, limit=self.index_limit)
-            self.outbox.put("descriptor", run.composer.descriptor)
+    # what a RunTagRouter uses of its host (RunHost)
+    def emit(self, name: str, doc: dict) -> None:
+        """Queue a document (of the tag stream) for delivery downstream."""
+        self.outbox.put(name, doc)
 
-    def _external(self, run: RunTagState):
-        if run.external is None:
-            from .external import ExternalFrames
+    def submit(self, jobs: list[FrameJob]) -> None:
+        """Hand frames to the inference worker (called outside the lock)."""
+        for job in jobs:
+            self.worker.submit(job)
 
-            run.external = ExternalFrames(**self._external_options())
-        return run.external
+    def count_error(self, what: str, n: int = 1) -> None:
+        """Count a document problem in ``status()["document_errors"]``."""
+        self._errors[what] += n
 
-    def _external_options(self) -> dict:
+    def external_options(self) -> dict:
         """How frame files are read: here, or in the tagging process (the same rules)."""
         return {"handler_registry": self.handler_registry, "root_map": self.root_map,
                 "retries": self.read_retries, "retry_delay": self.read_retry_delay,
                 "allowed_roots": self.allowed_roots, "read_timeout": self.read_timeout}
 
-    def _on_event(self, doc: dict) -> None:
-        self._take_events(doc["descriptor"], [doc["seq_num"]], [doc["uid"]], [doc["time"]],
-                          {k: [v] for k, v in doc.get("data", {}).items()})
+    def note_run_without_beam_center(self, run_uid: str) -> None:
+        if not self._told_no_beam_center:
+            self._told_no_beam_center = True  # once per callback
+            log.info("xsml: the model reads the beam centre but run %s has none "
+                     "(TaggingCallback(beam_center=...) or md['xsml_beam_center']); "
+                     "its frames are tagged from the image alone", run_uid)
 
-    def _on_event_page(self, doc: dict) -> None:
-        self._take_events(doc["descriptor"], list(doc["seq_num"]), list(doc["uid"]),
-                          list(doc["time"]), doc.get("data", {}))
-
-    def _take_events(self, descriptor_uid, seq_nums, uids, times, data) -> None:
+    def run_finished(self, router: RunTagRouter) -> None:
+        """A run's stop went out: forget the run, keep its summary, close its files."""
         with self._lock:
-            run = self._by_descriptor.get(descriptor_uid)
-            if run is None:
-                self._errors["event for unknown descriptor"] += 1
-                log.warning("xsml got events for unknown descriptor %s; passed through",
-                            descriptor_uid)
-                return
-            if run.finalized or run.held_stop is not None:
-                self._errors["event after stop"] += 1
-                log.warning("xsml got events after the stop of run %s; passed through untagged",
-                            run.uid)
-                return
-            stream, keys = run.descriptors[descriptor_uid]
-            for key in list(keys):
-                if keys[key] == "probe":  # dtype "array" with no shape: decide now
-                    values = data.get(key) or []
-                    keys[key] = "inline" if values and is_image_value(values[0]) else "none"
-                    if keys[key] == "inline":
-                        self._ensure_tag_stream(run)
-            jobs = []
-            motors = run.motor_keys.get(descriptor_uid) or []
-            declared = data.get("xsml_labels")  # per-event labels (dicts or JSON strings)
-            for i, (seq, uid) in enumerate(zip(seq_nums, uids)):
-                run.event_uids[(descriptor_uid, seq)] = uid
-                if declared is not None and i < len(declared) and declared[i]:
-                    try:
-                        run.event_labels[(stream, seq)] = document_labels(
-                            declared[i], run_uid=run.uid, stream=stream, seq_num=seq)
-                    except (ValueError, TypeError) as err:  # the frames are tagged anyway
-                        self._errors[f"bad xsml_labels in event: {type(err).__name__}"] += 1
-                        log.warning("xsml: refused xsml_labels of event %s of run %s: %s",
-                                    seq, run.uid, str(err)[:300])
-                for key, kind in keys.items():
-                    if kind == "inline":
-                        values = data.get(key)
-                        value = values[i] if values is not None and i < len(values) else None
-                        if value is None:
-                            job = FrameJob(run.uid, stream, seq, uid, key, skip_reason="no_data")
-                        else:
-                            nbytes = int(getattr(value, "nbytes", 0))
-                            job = FrameJob(run.uid, stream, seq, uid, key, source=value,
-                                           nbytes=nbytes)
-                    elif kind == "datum":
-                        values = data.get(key)
-                        datum_id = values[i] if values is not None and i < len(values) else None
-                        job = self._datum_job(run, stream, seq, uid, key, datum_id)
-                    else:  # "stream": frames come with stream_datum; "none": not an image
-                        continue
-                    # the event's motor positions, kept until all its jobs come back
-                    entry = run.positions.get((stream, seq))
-                    if entry is None:
-                        where = {}
-                        for m in motors:
-                            values = data.get(m)
-                            if values is not None and i < len(values):
-                                where[m] = values[i]
-                        entry = run.positions[(stream, seq)] = [0, where]
-                    entry[0] += 1
-                    jobs.append(job)
-                    run.pending[id(job)] = job
-        for job in jobs:
-            job.beam_center = run.beam_center_for(job.key)
-            self.worker.submit(job)
+            if self._active.get(router.uid) is router:
+                del self._active[router.uid]
+            self._finished_runs.append({"uid": router.uid, **router.summary()})
+        if router.state.external is not None:
+            forget_run = getattr(self.worker, "forget_run", None)
+            if forget_run is not None:
+                forget_run(router.uid)  # the tagging process closes the run's files
+            router.release_files()
 
-    def _datum_job(self, run, stream, seq, uid, key, datum_id) -> FrameJob:
-        if not isinstance(datum_id, str):
-            return FrameJob(run.uid, stream, seq, uid, key, skip_reason="no_datum_id")
-        ext = self._external(run)
-        try:
-            ref = ext.datum_ref(datum_id)
-        except Exception as err:
-            reason = getattr(err, "reason", "unknown_datum")
-            return FrameJob(run.uid, stream, seq, uid, key, skip_reason=f"{reason}: {err}")
-        return FrameJob(run.uid, stream, seq, uid, key, source=lambda: ext.read(ref), ref=ref,
-                        ref_docs=ext.documents_for(ref))
-
-    # external-data documents
-    def _register_resource(self, name: str, doc: dict) -> None:
+    def declared_labels(self, run_uid: str, stream: str, seq_num: int) -> dict:
+        """Labels an open run's documents declared for one event ({} if none)."""
         with self._lock:
-            run = self._runs.get(doc.get("run_start") or "") or self._latest_open_run()
-            if run is None:
-                self._errors[f"{name} for unknown run"] += 1
-                return
-            self._by_resource[doc["uid"]] = run
-            self._external(run).register(name, doc)
+            run = self._active.get(run_uid)
+        return run.declared_labels(stream, seq_num) if run is not None else {}
 
-    def _on_resource(self, doc: dict) -> None:
-        self._register_resource("resource", doc)
+    # ------------------------------------------------------------ worker side
+    def _on_inputs(self, items: list) -> None:
+        """Worker thread: the preprocessed inputs of a batch, to the input listeners."""
+        for listener in list(self._input_listeners):
+            try:
+                listener(items)
+            except Exception:
+                log.exception("xsml input listener failed")
 
-    def _on_datum(self, doc: dict) -> None:
-        with self._lock:
-            run = self._by_resource.get(doc.get("resource"))
-            if run is not None:
-                self._external(run).register("datum", doc)
-
-    def _on_datum_page(self, doc: dict) -> None:
-        with self._lock:
-            run = self._by_resource.get(doc.get("resource"))
-            if run is not None:
-                self._external(run).register("datum_page", doc)
-
-    def _on_stream_resource(self, doc: dict) -> None:
-        self._register_resource("stream_resource", doc)
-
-    def _on_stream_datum(self, doc: dict) -> None:
-        with self._lock:
-            run = self._by_resource.get(doc.get("stream_resource"))
-            if run is None:
-                self._errors["stream_datum for unknown stream_resource"] += 1
-                return
-            desc = run.descriptors.get(doc.get("descriptor"))
-            ext = self._external(run)
-            ext.register("stream_datum", doc)
-            if desc is None:
-                return
-            stream, keys = desc
-            jobs = []
-            for key, seq, ref in ext.stream_refs(doc):
-                if keys.get(key) != "stream":
-                    continue
-                uid = run.event_uids.get((doc["descriptor"], seq), "")
-                job = FrameJob(run.uid, stream, seq, uid, key,
-                               source=(lambda r=ref: ext.read(r)), ref=ref,
-                               ref_docs=ext.documents_for(ref))
-                jobs.append(job)
-                run.pending[id(job)] = job
-        for job in jobs:
-            job.beam_center = run.beam_center_for(job.key)
-            self.worker.submit(job)
-
-    def _latest_open_run(self) -> RunTagState | None:
-        open_runs = [r for r in self._runs.values() if r.held_stop is None]
-        return open_runs[-1] if len(open_runs) == 1 else None
-
-    def _on_stop(self, doc: dict) -> None:
-        with self._lock:
-            run = self._runs.get(doc.get("run_start"))
-            if run is None:
-                self._errors["stop for unknown run"] += 1
-                log.warning("xsml got a stop for a run it has no start for; passed through")
-                self.outbox.put("stop", doc)
-                return
-            run.held_stop = doc
-            run.stop_received_at = time.monotonic()
-        self._maybe_finalize(run)
-
-    # -------------------------------------------------------------- results
     def _on_results(self, batch: list) -> None:
-        """Worker thread: compose tag pages per run, then finish runs that are done."""
-        by_run: dict[str, list[FrameResult]] = collections.OrderedDict()
-        done: dict[str, list] = collections.defaultdict(list)
-        for job, results in batch:
-            by_run.setdefault(job.run_uid, []).extend(results)
-            done[job.run_uid].append(job)
-        for run_uid, results in by_run.items():
+        """Worker thread: each run's results to its router, then finish runs that are done."""
+        for run_uid, (results, jobs) in by_run(batch).items():
             with self._lock:
-                run = self._runs.get(run_uid)
-                if run is None or run.finalized:
-                    self._errors["late results"] += len(results)
-                    continue
-                for r in results:
-                    if not r.event_uid:
-                        r.event_uid = run.event_uids.get(self._desc_uid(run, r), "")
-                self._record(run, results)
-                self._index(run, results)
-                n_tags = len(run.composer.tags)  # tags may have grown/shrunk by a hot swap
-                for r in results:
-                    if r.probs is not None and len(r.probs) != n_tags:
-                        r.probs = (list(r.probs) + [float("nan")] * n_tags)[:n_tags]
-                self.outbox.put("event_page", run.composer.page(results))
-                for job in done[run_uid]:
-                    run.pending.pop(id(job), None)
-                    entry = run.positions.get((job.stream, job.seq_num))
-                    if entry is not None:
-                        entry[0] -= 1
-                        if entry[0] <= 0:
-                            del run.positions[(job.stream, job.seq_num)]
-            self.frame_cache.put_probs(run_uid, results, self.tagger.thresholds)
+                run = self._active.get(run_uid)
+            if run is None:
+                self.count_error("late results", len(results))
+                continue
+            if not run.take_results(results, jobs):
+                continue
             for listener in list(self._listeners):
                 try:
                     listener(run_uid, results)
                 except Exception:
                     log.exception("xsml result listener failed")
-            self._maybe_finalize(run)
-
-    @staticmethod
-    def _desc_uid(run: RunTagState, r: FrameResult):
-        for uid, (stream, keys) in run.descriptors.items():
-            if stream == r.stream and r.key in keys:
-                return (uid, r.seq_num)
-        return None
-
-    def _record(self, run: RunTagState, results: list[FrameResult]) -> None:
-        for r in results:
-            run.frames += 1
-            if r.skip_reason:
-                run.skipped[r.skip_reason.split(":")[0]] += 1
-            else:
-                run.tag_counts.update(r.tags)
-                run.novel += bool(getattr(r, "novel", False))
-                if r.checkpoint and r.checkpoint not in run.checkpoints:
-                    run.checkpoints.append(r.checkpoint)
-
-    @staticmethod
-    def _index(run: RunTagState, results: list[FrameResult]) -> None:
-        if run.index is None or not run.index.complete:
-            return
-        for r in results:
-            entry = run.positions.get((r.stream, r.seq_num))
-            run.index.add(r, entry[1] if entry is not None else None)
-
-    def _maybe_finalize(self, run: RunTagState) -> None:
-        with self._lock:
-            if run.finalized or run.held_stop is None or run.pending:
-                return
-        self._finalize(run)
-
-    def _finalize(self, run: RunTagState, reason: str | None = None) -> None:
-        with self._lock:
-            if run.finalized or run.held_stop is None:
-                return
-            if run.pending and reason:
-                leftovers = list(run.pending.values())
-                run.pending.clear()
-                results = [FrameResult(stream=j.stream, seq_num=j.seq_num, event_uid=j.event_uid,
-                                       key=j.key, frame_index=0, probs=None, skip_reason=reason,
-                                       checkpoint=self.tagger.checkpoint_id,
-                                       latency=time.monotonic() - j.t_in) for j in leftovers]
-                self._record(run, results)
-                self.outbox.put("event_page", run.composer.page(results))
-                log.warning("xsml: %d frames of run %s still pending at stop timeout; recorded "
-                            "as skipped", len(results), run.uid)
-            run.finalized = True
-            stop = run.held_stop
-            if run.composer is not None:
-                stop = run.composer.stop(stop, self._summary(run))
-            self.outbox.put("stop", stop)
-            del self._runs[run.uid]
-            for uid in run.descriptors:
-                self._by_descriptor.pop(uid, None)
-            for uid in [u for u, r in self._by_resource.items() if r is run]:
-                del self._by_resource[uid]
-            self._finished_runs.append({"uid": run.uid, **self._search_summary(run)})
-        forget_run = getattr(self.worker, "forget_run", None)
-        if forget_run is not None and run.external is not None:
-            forget_run(run.uid)  # the tagging process closes the run's files
-        if run.external is not None:
-            try:
-                run.external.forget()
-            except Exception:
-                log.exception("xsml could not release file handles of run %s", run.uid)
-
-    def _summary(self, run: RunTagState) -> dict[str, Any]:
-        out = self._search_summary(run)
-        if run.index is not None:
-            out[INDEX_KEY] = run.index.summary()
-        return out
-
-    def _search_summary(self, run: RunTagState) -> dict[str, Any]:
-        return {
-            "xsml_stream": self.stream_name,
-            "xsml_tags": sorted(run.tag_counts),
-            "xsml_tag_counts": {t: int(n) for t, n in sorted(run.tag_counts.items())},
-            "xsml_model": run.checkpoints[-1] if run.checkpoints else self.tagger.checkpoint_id,
-            "xsml_models": list(run.checkpoints),
-            "xsml_frames": int(run.frames),
-            "xsml_skipped": {k: int(v) for k, v in sorted(run.skipped.items())},
-            "xsml_novel": int(run.novel),
-        }
+            run.maybe_finalize()
 
     def _check_held_stops(self) -> None:
         """Outbox thread: release stops held longer than ``stop_timeout``."""
         self.worker.ensure_alive()  # supervise the inference thread about every 0.1 s
         now = time.monotonic()
-        with self._lock:
-            late = [r for r in self._runs.values() if r.held_stop is not None and not r.finalized
-                    and now - r.stop_received_at > self.stop_timeout]
-        for run in late:
-            self._finalize(run, reason="stop_timeout")
-
-    def _emit_stop_unchanged(self, doc: dict) -> None:
-        with self._lock:
-            run = self._runs.pop(doc.get("run_start"), None)
-            if run is not None:
-                run.finalized = True
-        self.outbox.put("stop", doc)
+        for run in [r for r in self._held() if r.overdue(now, self.stop_timeout)]:
+            run.finalize(reason="stop_timeout")
 
     @property
     def finished_runs(self) -> list[dict]:
@@ -964,7 +586,7 @@ class TaggingCallback:
         return list(self._finished_runs)
 
 
-def _close_at_exit(ref: "weakref.ref[TaggingCallback]") -> None:
+def _close_at_exit(ref: weakref.ref[TaggingCallback]) -> None:
     callback = ref()
     if callback is not None:
         try:

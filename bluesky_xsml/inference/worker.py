@@ -23,20 +23,20 @@ vanished without that clean-up.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..documents.compose import FrameResult
-from ..documents.frames import split_frames
-from ..errors import FrameError, FrameSourceError
+from ..errors import FrameSourceError
+from .results import FrameItem, frames_to_results, split_value
 
 __all__ = ["FrameJob", "InferenceWorker", "WorkerStats", "admit"]
 
@@ -64,7 +64,7 @@ class FrameJob:
     ref_docs: tuple = ()
 
 
-def admit(job: FrameJob, stats: "WorkerStats", budget: threading.Condition, *,
+def admit(job: FrameJob, stats: WorkerStats, budget: threading.Condition, *,
           max_pending_bytes: int, overflow: str, hand_off_timeout: float) -> None:
     """Count ``job``'s inline bytes against the budget, or turn it into an ``overflow`` skip.
 
@@ -167,7 +167,7 @@ class InferenceWorker:
         """Thread body: run the loop; if it dies, account for its batch and hand over."""
         try:
             self._loop()
-        except BaseException as err:  # noqa: BLE001 - the thread is dying either way
+        except BaseException as err:  # the thread is dying either way
             log.critical("xsml inference thread died (%s: %s); frames it held are skipped "
                          "and a new thread takes over", type(err).__name__, err, exc_info=True)
             self._account_lost_batch(f"worker_died: {type(err).__name__}")
@@ -290,134 +290,40 @@ class InferenceWorker:
                            latency=time.monotonic() - job.t_in)
 
     def _process(self, batch: list[FrameJob]) -> list:
-        per_job: list[list] = []  # per job: list of FrameResult or frame placeholders
-        frames: list[np.ndarray] = []
-        owners: list[tuple[int, int]] = []  # (job position, frame index)
-        for pos, job in enumerate(batch):
-            slots: list = []
-            per_job.append(slots)
+        """Read, split and tag the frames of ``batch``: ``[(job, [FrameResult, ...]), ...]``."""
+        items: list[FrameItem] = []
+        for job in batch:
+            ident = dict(stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid,
+                         key=job.key, beam_center=job.beam_center, t_in=job.t_in, owner=job)
             if job.source is None:
-                slots.append(self._skip(job, 0, job.skip_reason or "no_data"))
+                items.append(FrameItem(skip_reason=job.skip_reason or "no_data", **ident))
                 continue
             try:
                 value = job.source() if callable(job.source) else job.source
             except FrameSourceError as err:
-                slots.append(self._skip(job, 0, f"{err.reason}: {err}"))
+                items.append(FrameItem(skip_reason=f"{err.reason}: {err}", **ident))
                 continue
-            except Exception as err:
-                slots.append(self._skip(job, 0, f"read_error: {type(err).__name__}: {err}"))
+            except Exception as err:  # noqa: BLE001 - any read failure is the frame's skip
+                items.append(FrameItem(skip_reason=f"read_error: {type(err).__name__}: {err}",
+                                       **ident))
                 continue
-            try:
-                parts = split_frames(value)
-            except Exception as err:
-                slots.append(self._skip(job, 0, f"bad_frame: {err}"))
-                continue
-            for idx, frame in enumerate(parts):
-                slots.append(None)
-                frames.append(frame)
-                owners.append((pos, idx))
-
-        probs_by_frame: dict[int, np.ndarray] = {}
-        errors_by_frame: dict[int, str] = {}
-        input_rows: dict[int, int] = {}  # frame -> row of ``inputs``
-        # no weight swap between the model call and reading which checkpoint made it
-        with getattr(self.tagger, "hold", contextlib.nullcontext)():
-            if frames:
-                inputs, ok, errors = self.tagger.preprocess(frames)
-                for i, err in errors.items():
-                    errors_by_frame[i] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
-                centers = self._input_centers(batch, frames, owners, ok)
-                extras: dict = {}
-                probs, failed = self._predict_resilient(inputs, centers, extras)
-                for row, i in enumerate(ok):
-                    if row in failed:
-                        errors_by_frame[i] = failed[row]
-                    else:
-                        probs_by_frame[i] = probs[row]
-                        input_rows[i] = row
-            checkpoint = self.tagger.checkpoint_id
-            tags = self.tagger.tags
-            thresholds = self.tagger.thresholds
-        if input_rows and self.on_inputs is not None:
-            try:  # e.g. the callback's label cache; never fails the batch
-                self.on_inputs([(batch[owners[i][0]], owners[i][1], inputs[row])
-                                for i, row in input_rows.items()])
-            except Exception:
-                log.exception("xsml inputs handler failed")
-        rows = sorted(probs_by_frame)
-        above = {}  # tags at or above threshold, decided once per batch
-        if rows:
-            hits = np.stack([probs_by_frame[i] for i in rows]) >= thresholds
-            above = {i: tuple(tags[j] for j in np.flatnonzero(h)) for i, h in zip(rows, hits)}
-        now = time.monotonic()
-        for i, (pos, idx) in enumerate(owners):
-            job = batch[pos]
-            if i in probs_by_frame:
-                self.stats.frames_tagged += 1
-                latency = now - job.t_in
-                self.stats.latencies.append(latency)
-                per_job[pos][idx] = FrameResult(
-                    stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid, key=job.key,
-                    frame_index=idx, probs=probs_by_frame[i].tolist(), checkpoint=checkpoint,
-                    tags=above[i], latency=latency, **_novelty_of(extras, input_rows[i]))
+            items.extend(split_value(value, **ident))
+        on_inputs = None
+        if self.on_inputs is not None:
+            def on_inputs(rows):
+                self.on_inputs([(item.owner, item.frame_index, x) for item, x in rows])
+        results = frames_to_results(self.tagger, items, analyse=True, on_inputs=on_inputs)
+        per_job: dict[int, list] = {id(job): [] for job in batch}
+        for item, r in zip(items, results, strict=True):
+            per_job[id(item.owner)].append(r)
+            if r.skip_reason:
+                self.stats.frames_skipped += 1
+                self.stats.skipped_by_reason[r.skip_reason.split(":")[0]] += 1
             else:
-                per_job[pos][idx] = self._skip(job, idx, errors_by_frame.get(i, "bad_frame"))
+                self.stats.frames_tagged += 1
+                self.stats.latencies.append(r.latency)
         self.stats.batches += 1
-        return list(zip(batch, per_job))
-
-    def _input_centers(self, batch, frames, owners, ok) -> np.ndarray | None:
-        """Beam centres on the model input of the usable frames, when the model reads them."""
-        if not getattr(self.tagger, "uses_beam_center", False):
-            return None
-        raw = [batch[owners[i][0]].beam_center for i in ok]
-        if all(c is None for c in raw):
-            return None
-        pairs = [(np.nan, np.nan) if c is None else c for c in raw]
-        try:
-            return self.tagger.input_centers([np.shape(frames[i]) for i in ok], pairs)
-        except ValueError:  # validated where jobs are made; never fail a batch over it
-            log.exception("xsml: unusable beam centres; tagging without them")
-            return None
-
-    def _predict_resilient(self, inputs: np.ndarray,
-                           centers: np.ndarray | None = None, extras: dict | None = None
-                           ) -> tuple[np.ndarray, dict[int, str]]:
-        """Predict, splitting the batch on failure; returns probs and failed rows.
-
-        With ``extras`` (a dict) and a tagger that has ``analyse_inputs``, the
-        novelty scores, flags and embeddings of the rows are put in it.
-        """
-        n = len(inputs)
-        probs = np.full((n, len(self.tagger.tags)), np.nan, np.float32)
-        analyse = _analyser(self.tagger) if extras is not None else None
-        failed: dict[int, str] = {}
-        stack = [(0, n)]
-        while stack:
-            lo, hi = stack.pop()
-            if hi <= lo:
-                continue
-            try:
-                if analyse is not None:
-                    _keep_analysis(extras, n, lo, hi, analyse(
-                        inputs[lo:hi], None if centers is None else centers[lo:hi]))
-                    probs[lo:hi] = extras["probs"][lo:hi]
-                elif centers is None:
-                    probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi])
-                else:
-                    probs[lo:hi] = self.tagger.predict_inputs(inputs[lo:hi], centers[lo:hi])
-            except Exception as err:
-                _free_accelerator_memory()
-                if hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    log.warning("model failed on a batch of %d (%s); retrying in halves",
-                                hi - lo, type(err).__name__)
-                    stack.extend([(mid, hi), (lo, mid)])
-                else:
-                    failed[lo] = f"model_error: {type(err).__name__}: {err}"
-        bad = ~np.isfinite(probs).all(axis=1)
-        for row in np.flatnonzero(bad):
-            failed.setdefault(int(row), "model_error: non-finite output")
-        return probs, failed
+        return [(job, per_job[id(job)]) for job in batch]
 
     # ------------------------------------------------------------ lifecycle
     def flush(self, timeout: float | None = None) -> bool:
@@ -438,54 +344,3 @@ class InferenceWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
-
-def _analyser(tagger):
-    """``tagger.analyse_inputs`` when it runs the same model call as ``predict_inputs``.
-
-    A wrapper that replaces ``predict_inputs`` (fault injection, a remote model)
-    and passes other attributes through must keep being called, so the
-    analysis is used only where the class defining ``analyse_inputs`` also
-    defines the ``predict_inputs`` in use.
-    """
-    cls = type(tagger)
-
-    def owner(name):
-        return next((c for c in cls.__mro__ if name in vars(c)), None)
-
-    where = owner("analyse_inputs")
-    if where is None or where is not owner("predict_inputs"):
-        return None
-    return tagger.analyse_inputs
-
-
-def _keep_analysis(extras: dict, n: int, lo: int, hi: int, analysis) -> None:
-    """Put rows ``lo:hi`` of a :class:`~bluesky_xsml.novelty.FrameAnalysis` into ``extras``."""
-    if "novelty" not in extras:
-        extras["probs"] = np.full((n, analysis.probs.shape[1]), np.nan, np.float32)
-        extras["novelty"] = np.full(n, np.nan, np.float32)
-        extras["novel"] = np.zeros(n, bool)
-        extras["embedding"] = [None] * n
-    extras["probs"][lo:hi] = analysis.probs
-    extras["novelty"][lo:hi] = analysis.novelty
-    extras["novel"][lo:hi] = analysis.novel
-    if analysis.embedding is not None:
-        extras["embedding"][lo:hi] = list(analysis.embedding)
-
-
-def _novelty_of(extras: dict, row: int) -> dict:
-    """FrameResult keywords (novelty, novel, embedding) of one input row."""
-    if "novelty" not in extras:
-        return {}
-    return {"novelty": float(extras["novelty"][row]), "novel": bool(extras["novel"][row]),
-            "embedding": extras["embedding"][row]}
-
-
-def _free_accelerator_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover
-        pass

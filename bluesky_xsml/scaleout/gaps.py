@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from ..documents.frames import find_image_keys, split_frames
+
 __all__ = ["Gap", "GapDetector", "RunTrack", "read_stored_frames", "stored_image_keys"]
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,11 @@ class RunTrack:
 
 class GapDetector:
     """Per-run bookkeeping of received documents, and the gaps in them.
+
+    Unlike the per-run routing of :class:`~bluesky_xsml.documents.routing.RunRouter`
+    (which drops documents of runs it has no start for), this index keeps them:
+    a descriptor or stop whose start was lost opens a track of its own, since
+    what was lost is exactly what it reports.
 
     Parameters
     ----------
@@ -312,8 +319,6 @@ class GapDetector:
 # ----------------------------------------------------------------- recovery
 def stored_image_keys(run_node, stream: str) -> dict[str, str]:
     """Image data keys of a stored stream (from its descriptor in the catalog)."""
-    from ..documents.frames import find_image_keys
-
     meta = run_node[stream].metadata
     return find_image_keys({"name": stream, "data_keys": dict(meta.get("data_keys") or {})})
 
@@ -338,8 +343,6 @@ def read_stored_frames(run_node, stream: str, key: str,
         One entry per frame (a stack value gives several); ``frame`` is
         ``None`` and ``reason`` says why when the catalog does not have it.
     """
-    from ..documents.frames import split_frames
-
     wanted = sorted({int(s) for s in seq_nums})
     out: list[tuple[int, int, np.ndarray | None, str]] = []
     try:

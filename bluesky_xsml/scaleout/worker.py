@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import logging
-import math
 import queue
 import signal
 import sys
@@ -41,8 +40,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from event_model import DocumentRouter
+
+from ..catalog.append import TagStreamExistsError, append_tag_stream, tagged_checkpoints
+from ..documents.callback import TaggingCallback
+from ..documents.compose import FrameResult, TagStreamComposer
+from ..documents.routing import RunRouter
+from ..inference.results import FrameItem, frames_to_results
+from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
 from .partition import Partition
+from .retag import is_server_error
 from .transport import DocumentSource
 
 __all__ = [
@@ -66,8 +74,6 @@ PAGE_SIZE = 500
 # ------------------------------------------------------------------ helpers
 def frame_results_from_page(page: Mapping[str, Any], tags: Sequence[str]) -> list:
     """FrameResults back from a tag-stream event page (as the callback emits them)."""
-    from ..documents.compose import FrameResult
-
     data = page["data"]
     out = []
     for i in range(len(page["seq_num"])):
@@ -95,65 +101,25 @@ def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32) -> list:
     Returns
     -------
     list of FrameResult
-        One per item, in order; frames the model refuses are skipped with the
-        reason it gives.
+        One per item, in order (see
+        :func:`~bluesky_xsml.inference.results.frames_to_results`); frames the
+        model refuses are skipped with the reason it gives.
     """
-    import numpy as np
-
-    from ..documents.compose import FrameResult
-    from ..errors import FrameError
-
-    def result(item, probs=None, reason=""):
-        stream, seq, uid, key, index, _frame, _ = item
-        tags = tuple(tagger.decide(np.asarray(probs))[0]) if probs is not None else ()
-        return FrameResult(stream=stream, seq_num=int(seq), event_uid=uid or "", key=key,
-                           frame_index=int(index), probs=None if probs is None else
-                           [float(p) for p in probs], skip_reason=reason,
-                           checkpoint=tagger.checkpoint_id, tags=tags, latency=math.nan)
-
-    out: list = [None] * len(items)
-    todo = []
-    for i, item in enumerate(items):
-        if item[5] is None:
-            out[i] = result(item, reason=item[6] or "not_in_catalog")
-        else:
-            todo.append(i)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        try:
-            probs = tagger.predict([items[i][5] for i in chunk], batch_size=batch_size)
-            for i, p in zip(chunk, probs):
-                out[i] = result(items[i], probs=p)
-        except FrameError:
-            for i in chunk:  # find the frames the model refuses, tag the rest
-                try:
-                    out[i] = result(items[i], probs=tagger.predict(items[i][5])[0])
-                except FrameError as err:
-                    out[i] = result(items[i], reason=f"{err.reason}: {err}")
+    frames = [FrameItem(stream=stream, seq_num=int(seq), event_uid=uid or "", key=key,
+                        frame_index=int(index), frame=frame,
+                        skip_reason="" if frame is not None else (reason or "not_in_catalog"))
+              for stream, seq, uid, key, index, frame, reason in items]
+    out: list = []
+    for start in range(0, len(frames), batch_size):
+        out.extend(frames_to_results(tagger, frames[start:start + batch_size]))
     return out
 
 
 def summarize(results: Sequence, *, stream_name: str, checkpoint_id: str) -> dict[str, Any]:
     """The stop summary of a run's tag results (same keys as :class:`TaggingCallback`)."""
-    counts: collections.Counter = collections.Counter()
-    skipped: collections.Counter = collections.Counter()
-    models: list[str] = []
-    for r in results:
-        if r.skip_reason:
-            skipped[r.skip_reason.split(":")[0]] += 1
-        else:
-            counts.update(r.tags)
-            if r.checkpoint and r.checkpoint not in models:
-                models.append(r.checkpoint)
-    return {
-        "xsml_stream": stream_name,
-        "xsml_tags": sorted(counts),
-        "xsml_tag_counts": {t: int(n) for t, n in sorted(counts.items())},
-        "xsml_model": models[-1] if models else checkpoint_id,
-        "xsml_models": models,
-        "xsml_frames": len(results),
-        "xsml_skipped": {k: int(v) for k, v in sorted(skipped.items())},
-    }
+    summary = RunSummary()
+    summary.add(results)
+    return summary.as_dict(stream_name=stream_name, checkpoint_id=checkpoint_id)
 
 
 def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagger, *,
@@ -163,8 +129,6 @@ def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagg
     The descriptor is bound to ``start`` with event-model; every document is
     schema-validated.
     """
-    from ..documents.compose import TagStreamComposer
-
     composer = TagStreamComposer(start, tagger.tags, tagger.thresholds, tagger.describe(),
                                  stream_name, validate_pages=True)
     ordered = sorted(results, key=lambda r: (r.stream, r.key, r.seq_num, r.frame_index))
@@ -180,9 +144,34 @@ def compose_tag_documents(start: Mapping, stop: Mapping, results: Sequence, tagg
 class _Run:
     uid: str
     results: list = field(default_factory=list)
-    tag_descriptor: str | None = None
     queued: bool = False
     stale_checks: int = 0
+
+
+class _TagCapture(DocumentRouter):
+    """One run's documents as the callback emits them: keeps its tag pages' results."""
+
+    def __init__(self, worker: BusWorker, run_uid: str) -> None:
+        super().__init__()
+        self.worker = worker
+        self.run_uid = run_uid
+        self.tag_descriptor: str | None = None
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.worker.stream_name:
+            self.tag_descriptor = doc["uid"]
+
+    def event_page(self, doc: dict) -> None:
+        if self.tag_descriptor is None or doc["descriptor"] != self.tag_descriptor:
+            return
+        results = frame_results_from_page(doc, self.worker.tagger.tags)
+        with self.worker._lock:
+            run = self.worker._runs.get(self.run_uid)
+            if run is not None:
+                run.results.extend(results)
+
+    def stop(self, doc: dict) -> None:
+        self.worker._queue_finish(self.run_uid)
 
 
 # ------------------------------------------------------------------ the worker
@@ -224,8 +213,6 @@ class BusWorker:
                  give_up_after: int = 10, store_timeout: float = 60.0,
                  report: Callable[[dict], None] | None = None,
                  callback_options: Mapping[str, Any] | None = None):
-        from ..documents.callback import TaggingCallback
-
         if catalog is None and republish is None:
             raise ValueError("a worker needs somewhere to put tags: give a catalog (--tiled) "
                              "and/or a republish target (--republish)")
@@ -249,6 +236,8 @@ class BusWorker:
         self._inject: queue.Queue = queue.Queue()   # documents recovered from the catalog
         self._stopping = threading.Event()
         self.counts = collections.Counter()
+        # the callback's output, routed per run: each run collects its own tag pages
+        self._captured = RunRouter([self._capture_factory], on_unrouted=self._capture_unrouted)
         opts = {"stop_timeout": 120.0, **dict(callback_options or {})}
         self.callback = TaggingCallback(tagger, downstream=[self._capture],
                                         stream_name=stream_name, **opts)
@@ -309,19 +298,15 @@ class BusWorker:
 
     def _capture(self, name: str, doc: dict) -> None:
         """Downstream of the callback (its delivery thread): collect tag pages and stops."""
-        if name == "descriptor" and doc.get("name") == self.stream_name:
-            with self._lock:
-                run = self._runs.get(doc["run_start"])
-                if run is not None:
-                    run.tag_descriptor = doc["uid"]
-        elif name == "event_page":
-            with self._lock:
-                run = next((r for r in self._runs.values()
-                            if r.tag_descriptor == doc["descriptor"]), None)
-                if run is not None:
-                    run.results.extend(frame_results_from_page(doc, self.tagger.tags))
-        elif name == "stop":
-            self._queue_finish(doc["run_start"])
+        self._captured(name, doc)
+
+    def _capture_factory(self, name: str, start: dict):
+        """Per run, downstream of the callback: the run's own tag pages, then its stop."""
+        return [_TagCapture(self, start["uid"])], []
+
+    def _capture_unrouted(self, name: str, doc: dict, reason: str, run_uid: str | None) -> None:
+        if name == "stop":  # a stop the callback passed through: finish the run all the same
+            self._queue_finish(doc.get("run_start"))
 
     def _queue_finish(self, run_uid: str) -> None:
         with self._lock:
@@ -505,8 +490,6 @@ class BusWorker:
                                      stream_name=self.stream_name)
         written = None
         if node is not None:
-            from ..catalog.append import tagged_checkpoints
-
             done = tagged_checkpoints(plain(node.metadata))
             if self.tagger.checkpoint_id in done:  # e.g. this worker restarted mid-run
                 self.report("run_done", run=uid, frames=len(all_results), live=len(keep),
@@ -532,9 +515,6 @@ class BusWorker:
 
     def _append(self, node, descriptor, pages, summary):
         """``append_tag_stream``, retried after a server error (a partial stream removed)."""
-        from ..catalog.append import TagStreamExistsError, append_tag_stream
-        from .retag import is_server_error
-
         for attempt in range(3):
             try:
                 return append_tag_stream(node, descriptor, pages, summary)
@@ -555,8 +535,6 @@ class BusWorker:
     def _recover(self, node, lost: Mapping[str, list[int]],
                  retry: Mapping[tuple[str, str], set[int]]) -> list:
         """Tag, from the catalog, the frames of ``lost`` events and of ``retry`` frames."""
-        from ..documents.compose import FrameResult
-
         wanted: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
         for (stream, key), seqs in retry.items():
             wanted[(stream, key)] |= seqs
@@ -687,7 +665,7 @@ def main(args: argparse.Namespace) -> int:
 
         republisher = publisher(args.republish, prefix=args.prefix.encode(),
                                 serializer=serializer)
-    report_file = open(args.report, "a", buffering=1) if args.report else None  # noqa: SIM115
+    report_file = open(args.report, "a", buffering=1) if args.report else None
 
     def report(line: dict) -> None:
         text = json.dumps(line, default=str)

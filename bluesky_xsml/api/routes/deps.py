@@ -41,7 +41,8 @@ async def get_state(request: Request) -> ServiceState:
 async def get_callback(state: ServiceState = Depends(get_state)):
     if state.callback is None:
         raise HTTPException(503, "no tagging callback is attached to this service: create "
-                                 "the app with create_app(callback) or use callback.serve()")
+                                 "the app with create_app(callback) or use "
+                                 "bluesky_xsml.api.serve.serve(callback)")
     return state.callback
 
 

@@ -1,17 +1,17 @@
-"""Fault injection on a real RunEngine: the model, the inference thread and the writers fail.
+"""``InferenceWorker`` (bluesky_xsml.inference.worker) under faults, on a real RunEngine.
 
-Each test runs real plans on a real ``RunEngine`` with ophyd ``SynSignal``
-detectors through :class:`~bluesky_xsml.TaggingCallback` and checks that the
-run completes, the RunEngine never sees an exception, every frame is accounted
-for (tagged, or skipped with a reason) and every document reaches the writers
-in order.
+The model fails (a batch, one poison frame, out of memory), and the inference
+thread dies (``SystemExit`` from inside the model, an exception injected from
+outside, a thread that simply vanished). Each test runs real plans on a real
+``RunEngine`` with ophyd ``SynSignal`` detectors through
+:class:`~bluesky_xsml.TaggingCallback` and checks that the run completes, the
+RunEngine never sees an exception and every frame is accounted for (tagged, or
+skipped with a reason).
 
-Stand-ins: the failing model wraps the real (untrained) ``Tagger`` and raises
+Stand-in: the failing model wraps the real (untrained) ``Tagger`` and raises
 the error a GPU would (``torch.cuda.OutOfMemoryError`` or the ``RuntimeError``
-message of older torch) because there is no GPU here; the failing writers are
-small callables because the failure (a raise, a sleep, ``ConnectionError`` for
-a while) is the point. The same outage against a real Tiled server is in
-tests/test_reliability_catalog.py.
+message of older torch) because there is no GPU here.
+(Moved from tests/test_reliability_faults.py; still marked ``reliability``.)
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import torch
 from bluesky.plans import count
 
 from bluesky_xsml import TaggingCallback
-from bluesky_xsml.documents.outbox import RetryPolicy
 from bluesky_xsml.tags import TAG_NAMES
 
-from .conftest import DocumentRecorder, make_image_detector, validate_all
+from .conftest import make_image_detector, validate_all
 
 pytestmark = pytest.mark.reliability
 
@@ -222,143 +221,38 @@ def test_dead_worker_is_noticed_without_new_frames(tagger):
     xsml.close()
 
 
-# -------------------------------------------------------------- the writers
-def test_slow_writer_blocks_the_runengine_at_most_max_block(RE, tagger):
-    """Delivery queue bound 5 documents, max_block 0.05 s, writer 30 ms per document."""
-    received = DocumentRecorder()
+# ------------------------------------------- frames to results (one path for all)
+def test_frames_to_results_gives_one_result_per_item_in_order(tagger):
+    """Read failures, bad values, model failures and good frames each get their own result."""
+    from bluesky_xsml.inference.results import FrameItem, frames_to_results, split_value
 
-    def slow(name, doc):
-        time.sleep(0.03)
-        received(name, doc)
+    def same(inputs, real):
+        return real(inputs)
 
-    xsml = TaggingCallback(tagger, downstream=[slow], max_pending_documents=5, max_block=0.05)
-    waits = []
+    def nan(inputs, real):
+        return np.full_like(real(inputs), np.nan)
 
-    def timed(name, doc):
-        t0 = time.perf_counter()
-        xsml(name, doc)
-        waits.append(time.perf_counter() - t0)
-
-    seen = DocumentRecorder()
-    RE.subscribe(seen)
-    RE.subscribe(timed)
-    RE(count([make_image_detector(shape=(64, 64))], 30))
-    assert xsml.flush(60)
-    assert xsml.status()["delivery_overruns"] >= 1  # the bound was reached ...
-    assert max(waits) < 0.05 + 0.25  # ... and the RunEngine waited at most max_block (+ slack)
-    # nothing lost or reordered: the RunEngine's documents, in its order, then tags, stop last
-    theirs = [id(d) for n, d in seen.docs if n != "stop"]
-    ours = [id(d) for _, d in received.docs if id(d) in set(theirs)]
-    assert ours == theirs
-    assert len(received.tag_events()) == 30 and received.names()[-1] == "stop"
-
-
-def test_writer_bug_skips_one_document_and_reports_it(RE, tagger, recorder, caplog):
-    """A non-transient error: that document is skipped for that writer only, counted per run."""
-    got = DocumentRecorder()
-
-    def buggy(name, doc):
-        if name == "event" and doc["seq_num"] == 3:
-            raise ValueError("cannot serialize")
-        got(name, doc)
-
-    xsml = TaggingCallback(tagger, downstream=[buggy, recorder])
-    RE.subscribe(xsml)
-    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
-        RE(count([make_image_detector()], 5))
-        assert xsml.flush(30)
-    run = recorder.of("start")[0]["uid"]
-    assert [d["seq_num"] for d in got.of("event")] == [1, 2, 4, 5]
-    assert len(recorder.of("event")) == 5
-    assert [n for n, _ in got.docs] == [n for n, d in recorder.docs
-                                        if not (n == "event" and d["seq_num"] == 3)]
-    assert xsml.status()["delivery_losses"] == {run: {"failed": 1}}
-    assert f"raised on a event document of run {run}" in caplog.text
-
-
-class Outage:
-    """A writer that raises ConnectionRefusedError while ``down`` is set, else records."""
-
-    def __init__(self):
-        self.down = threading.Event()
-        self.docs = DocumentRecorder()
-        self.refused = 0
-
-    def __call__(self, name, doc):
-        if self.down.is_set():
-            self.refused += 1
-            raise ConnectionRefusedError(111, "Connection refused")
-        self.docs(name, doc)
-
-
-FAST_RETRY = RetryPolicy(initial_delay=0.02, max_delay=0.1)
-
-
-def test_unreachable_writer_is_buffered_and_caught_up_in_order(RE, tagger, recorder, caplog):
-    outage = Outage()
-    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=FAST_RETRY)
-    calls = iter(range(100))
-
-    def frame():  # the writer goes away at the 3rd frame and comes back at the 9th
-        i = next(calls)
-        if i == 2:
-            outage.down.set()
-        if i == 8:
-            assert xsml.outbox.flush(0.3) is False  # documents are waiting for the writer
-            assert xsml.status()["delivery_backlog"]
-            outage.down.clear()
-        return np.random.default_rng(i).poisson(4, (64, 64)).astype(np.uint32)
-
-    RE.subscribe(xsml)
-    with caplog.at_level(logging.WARNING, logger="bluesky_xsml"):
-        RE(count([make_image_detector(func=frame)], 12))
-        assert xsml.flush(60)
-    assert outage.refused >= 2  # the first try and at least one retry failed
-    key = [(n, d.get("uid")) for n, d in recorder.docs]
-    assert [(n, d.get("uid")) for n, d in outage.docs.docs] == key  # same documents, same order
-    assert len(outage.docs.tag_events()) == 12
-    status = xsml.status()
-    assert status["delivery_losses"] == {} and status["delivery_backlog"] == {}
-    assert "is unreachable (ConnectionRefusedError" in caplog.text
-    assert "is back after" in caplog.text
-
-
-def test_outage_longer_than_the_backlog_reports_losses_per_run(RE, tagger, recorder, caplog):
-    outage = Outage()
-    retry = RetryPolicy(initial_delay=0.02, max_delay=0.05, max_backlog=4)
-    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=retry)
-    RE.subscribe(xsml)
-    outage.down.set()
-    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
-        RE(count([make_image_detector(shape=(64, 64))], 6))
-        assert xsml.outbox.flush(0.5) is False
-        first = recorder.of("start")[0]["uid"]
-        n_first = len(recorder.docs)
-        outage.down.clear()
-        assert xsml.outbox.flush(10)  # the kept documents go out once it is back
-        RE(count([make_image_detector(shape=(64, 64))], 3))
-        assert xsml.flush(60)
-    second = recorder.of("start")[1]["uid"]
-    names = [n for n, _ in outage.docs.docs]
-    # the oldest 4 documents of the first run were kept and delivered; the rest were dropped
-    assert [(n, d["uid"]) for n, d in outage.docs.docs[:4]] == \
-        [(n, d["uid"]) for n, d in recorder.docs[:4]]
-    assert names[4] == "start" and outage.docs.docs[4][1]["uid"] == second
-    assert len(outage.docs.docs) == 4 + len(recorder.docs) - n_first
-    losses = xsml.status()["delivery_losses"]
-    assert losses == {first: {"dropped": n_first - 4}}
-    assert f"dropping documents of run {first}" in caplog.text
-
-
-def test_writer_still_down_at_close_is_counted_undelivered(RE, tagger, recorder, caplog):
-    outage = Outage()
-    xsml = TaggingCallback(tagger, downstream=[outage, recorder], delivery_retry=FAST_RETRY)
-    RE.subscribe(xsml)
-    outage.down.set()
-    RE(count([make_image_detector(shape=(64, 64))], 3))
-    assert xsml.flush(0.5) is False
-    with caplog.at_level(logging.ERROR, logger="bluesky_xsml"):
-        xsml.close(timeout=0.5)
-    run = recorder.of("start")[0]["uid"]
-    assert xsml.status()["delivery_losses"] == {run: {"undelivered": len(recorder.docs)}}
-    assert "still unreachable at close" in caplog.text
+    rng = np.random.default_rng(1)
+    good = rng.poisson(4, (64, 64)).astype(np.uint32)
+    ident = dict(stream="primary", event_uid="e", key="cam", t_in=0.0)
+    items = [FrameItem(seq_num=1, skip_reason="read_error: gone", **ident),
+             *split_value(np.stack([good, good]), seq_num=2, **ident),
+             *split_value("not an image", seq_num=3, **ident),
+             FrameItem(seq_num=4, frame=np.ones(5, np.uint32), **ident),   # 1-D: refused
+             FrameItem(seq_num=5, frame=good, **ident)]
+    seen = []
+    results = frames_to_results(WrappedTagger(tagger, same), items, clock=lambda: 2.0,
+                                on_inputs=lambda rows: seen.extend(i.seq_num for i, _ in rows))
+    assert [(r.seq_num, r.frame_index) for r in results] == [
+        (1, 0), (2, 0), (2, 1), (3, 0), (4, 0), (5, 0)]
+    reasons = [r.skip_reason.split(":")[0] for r in results]
+    # refused by the preprocessing, each with its reason (a string, a 1-D array)
+    assert reasons[0] == "read_error" and reasons[3] == "bad_dtype" and reasons[4] != ""
+    assert reasons[1] == reasons[2] == reasons[5] == ""
+    tagged = [r for r in results if not r.skip_reason]
+    assert all(len(r.probs) == len(tagger.tags) and np.isfinite(r.probs).all() for r in tagged)
+    assert all(r.latency == 2.0 and r.checkpoint == tagger.checkpoint_id for r in results)
+    assert sorted(seen) == [2, 2, 5]                     # inputs of the tagged frames only
+    broken = frames_to_results(WrappedTagger(tagger, nan),
+                               [FrameItem(seq_num=9, frame=good, **ident)])[0]
+    assert broken.skip_reason == "model_error: non-finite output" and broken.probs is None
