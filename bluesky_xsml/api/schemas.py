@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from ..label_schema import RESERVED_LABEL_NAMES, LabelIn, TagName
 from ..steering.policy import Decision, FrameRef, Policy
 
 __all__ = [
@@ -22,13 +23,9 @@ __all__ = [
 ]
 
 #: Names that cannot be tags in a label (they are the frame's address).
-RESERVED_LABEL_NAMES = frozenset({"run_uid", "seq_num", "stream", "key", "frame_index", "self"})
 
-Uid = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 #: A position read from a document: a number, or what a non-numeric reading became.
 Position = float | int | bool | str | None
-TagName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 
 
 def finite(value: Any) -> Any:
@@ -178,27 +175,6 @@ class ThresholdsIn(BaseModel):
 
     thresholds: dict[TagName, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         min_length=1, max_length=512)
-
-
-class LabelIn(BaseModel):
-    """A correction of one frame: ``tags`` maps tag names to True/False/None (unknown)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_uid: Uid
-    seq_num: int = Field(ge=0, le=2**53)
-    stream: Name = "primary"
-    key: Name | None = None
-    frame_index: int = Field(0, ge=0, le=2**31)
-    tags: dict[TagName, bool | None] = Field(min_length=1, max_length=512)
-
-    @field_validator("tags")
-    @classmethod
-    def _not_reserved(cls, v: dict) -> dict:
-        bad = sorted(set(v) & RESERVED_LABEL_NAMES)
-        if bad:
-            raise ValueError(f"{bad} cannot be tag names (they address the frame)")
-        return v
 
 
 class LabelReceipt(BaseModel):

@@ -46,8 +46,7 @@ def document_labels(value: Any, *, run_uid: str, stream: str, seq_num: int) -> d
     ValueError
         Anything else (pydantic's ``ValidationError`` is a ``ValueError``).
     """
-    # pydantic and the service's schemas: only when a document declares labels
-    from ..api.schemas import LabelIn
+    from ..label_schema import LabelIn  # pydantic: only when a document declares labels
 
     if isinstance(value, str):
         value = json.loads(value)

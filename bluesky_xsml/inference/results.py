@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from ..documents.compose import FrameResult
-from ..documents.frames import split_frames
+from ..frames import split_frames
+from ..results import FrameResult
 
 __all__ = ["FrameItem", "frames_to_results", "predict_resilient", "split_value"]
 

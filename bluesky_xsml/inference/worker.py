@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..documents.compose import FrameResult
 from ..errors import FrameSourceError
+from ..results import FrameResult
 from .results import FrameItem, frames_to_results, split_value
 
 __all__ = ["FrameJob", "InferenceWorker", "WorkerStats", "admit"]

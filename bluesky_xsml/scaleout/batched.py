@@ -47,6 +47,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from .retries import with_server_retries
+
 __all__ = [
     "DirectReadRefused",
     "PreparedRun",
@@ -368,9 +370,7 @@ def _run_client(catalog, item: Mapping):
 def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: str | None,
            retries: int) -> dict:
     """Write a tagged run; a partial stream of an interrupted re-tag is replaced."""
-    from ..catalog.append import (TagStreamExistsError, _fresh, append_tag_stream,
-                                  tagged_checkpoints)
-    from .retag import with_server_retries
+    from ..catalog.append import TagStreamExistsError, _fresh, append_tag_stream, tagged_checkpoints
 
     base = _run_client(catalog, item)
     md = item["attributes"]["metadata"]
@@ -444,7 +444,6 @@ def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str |
         ``direct_blocks``.
     """
     from ..catalog.append import tag_run
-    from .retag import with_server_retries
 
     items = list(items)
     checkpoint = tagger.checkpoint_id

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .retries import is_server_error, with_server_retries  # noqa: F401 (re-exported)
+
 __all__ = [
     "Progress",
     "RetagReport",
@@ -188,27 +190,6 @@ def retag_runs_task(catalog_uri: str, runs: Sequence[str | Mapping], model: Any,
         rows[0]["stats"] = {k: round(v, 4) if isinstance(v, float) else v
                             for k, v in stats.items()}
     return rows
-
-
-def is_server_error(err: BaseException) -> bool:
-    """Whether ``err`` is an HTTP 5xx from the Tiled server (worth a retry)."""
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", 0) >= 500
-
-
-def with_server_retries(fn: Callable[[], Any], *, retries: int = 2, delay: float = 1.0,
-                        what: str = "a catalog call") -> Any:
-    """``fn()``, called again (up to ``retries`` times) after a Tiled server error."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as err:
-            if attempt >= retries or not is_server_error(err):
-                raise
-            log.warning("%s: server error (%s); retrying (%d/%d)", what, err, attempt + 1,
-                        retries)
-            time.sleep(delay * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ------------------------------------------------------------ driver side

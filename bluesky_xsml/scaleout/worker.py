@@ -50,7 +50,7 @@ from ..inference.results import FrameItem, frames_to_results
 from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
 from .partition import Partition
-from .retag import is_server_error
+from .retries import is_server_error
 from .transport import DocumentSource
 
 __all__ = [
