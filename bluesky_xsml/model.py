@@ -78,7 +78,7 @@ class TaggerNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaggerNetConfig":
+    def from_dict(cls, d: dict) -> TaggerNetConfig:
         fields = cls.__dataclass_fields__
         kw = {k: v for k, v in d.items() if k in fields}
         for key in ("widths", "depths"):

@@ -631,8 +631,8 @@ def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
                                            min(max_frames, len(tags.seq_nums))).round()
                                .astype(int)))
         frames = read_frames(run, tags, picks)
-        caps = [f"#{tags.seq_nums[i]}: " + (tags.skip_reasons[i] and "skipped: "
-                                             + tags.skip_reasons[i]
+        caps = [f"#{tags.seq_nums[i]}: " + ((tags.skip_reasons[i] and "skipped: "
+                                             + tags.skip_reasons[i])
                                              or ", ".join(tags.tags[i]) or "(no tag)")
                 for i in picks]
         written.append(save_figure(frame_montage(frames, captions=caps, title=label),

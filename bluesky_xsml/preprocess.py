@@ -104,7 +104,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         keys = {"size", "sentinels", "saturation_level", "min_plateau", "min_saturation_counts"}
         return cls(**{k: (tuple(v) if k == "sentinels" else v) for k, v in d.items() if k in keys})
 

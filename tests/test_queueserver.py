@@ -17,11 +17,11 @@ import pytest
 
 pytest.importorskip("bluesky_queueserver_api")
 
-from bluesky_xsml.documents.compose import FrameResult  # noqa: E402
-from bluesky_xsml.errors import ConfigurationError  # noqa: E402
-from bluesky_xsml.steering.local_server import LocalQueueServer, free_port  # noqa: E402
-from bluesky_xsml.steering.policy import Decision, FrameRef, PolicyEngine  # noqa: E402
-from bluesky_xsml.steering.queue import (  # noqa: E402
+from bluesky_xsml.documents.compose import FrameResult
+from bluesky_xsml.errors import ConfigurationError
+from bluesky_xsml.steering.local_server import LocalQueueServer, free_port
+from bluesky_xsml.steering.policy import Decision, FrameRef, PolicyEngine
+from bluesky_xsml.steering.queue import (
     PlanTemplate,
     QueueSteering,
     QueueSteeringError,

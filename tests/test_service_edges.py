@@ -293,7 +293,7 @@ def _closed_within(s: socket.socket, seconds: float) -> float | None:
             data = s.recv(4096)
             if not data:
                 return time.monotonic() - t0
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return None
     except ConnectionResetError:
         return time.monotonic() - t0

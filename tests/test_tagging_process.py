@@ -233,9 +233,9 @@ def test_a_checkpoint_the_process_cannot_load_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_swap_reaches_the_tagging_process(RE, recorder, tmp_path, fp32_tagger):
-    from bluesky_xsml import Tagger
-
     import torch
+
+    from bluesky_xsml import Tagger
 
     other = Tagger.load(precision="fp32")  # the same network with other weights
     with torch.no_grad():

@@ -119,8 +119,8 @@ class ServiceState:
         self._lock = threading.Lock()
         self._next_id = 0
         self._latest: collections.deque = collections.deque(maxlen=settings.latest_frames)
-        self._runs: "collections.OrderedDict[str, _Run]" = collections.OrderedDict()
-        self._thumbs: "collections.OrderedDict[tuple, Thumbnail]" = collections.OrderedDict()
+        self._runs: collections.OrderedDict[str, _Run] = collections.OrderedDict()
+        self._thumbs: collections.OrderedDict[tuple, Thumbnail] = collections.OrderedDict()
         self._rate: collections.deque = collections.deque()  # (monotonic time, n results)
         self._clients: list[FeedClient] = []
         self._feed_dropped = 0

@@ -22,9 +22,10 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ class Tagger:
     # ------------------------------------------------------------ construction
     @classmethod
     def untrained(cls, *, seed: int = 0, config: TaggerNetConfig | None = None,
-                  tags: Sequence[str] = TAG_NAMES, **kwargs) -> "Tagger":
+                  tags: Sequence[str] = TAG_NAMES, **kwargs) -> Tagger:
         """A randomly initialised tagger (deterministic for a seed)."""
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -205,7 +206,7 @@ class Tagger:
         return cls(net, tags, metadata=md, **kwargs)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> "Tagger":
+    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Tagger:
         """Load a checkpoint; with no ``path``, the packaged default model.
 
         If the package ships no trained default (a development checkout before
@@ -241,7 +242,7 @@ class Tagger:
         return tagger
 
     @classmethod
-    def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> "Tagger":
+    def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> Tagger:
         """Build a tagger from a loaded checkpoint dictionary (validated)."""
         check_format(ckpt, source)
         try:
@@ -541,7 +542,7 @@ class Tagger:
                 for row in probs]
 
     # -------------------------------------------------------------- hot swap
-    def swap_weights(self, other: "Tagger", *, allow_tag_change: bool = False) -> None:
+    def swap_weights(self, other: Tagger, *, allow_tag_change: bool = False) -> None:
         """Adopt ``other``'s weights, thresholds and metadata between batches.
 
         With ``allow_tag_change``, ``other`` may have more or fewer tags as long
@@ -586,7 +587,7 @@ class Tagger:
         """
         return self._lock
 
-    def finetune(self, frames, labels, **options) -> "Tagger":
+    def finetune(self, frames, labels, **options) -> Tagger:
         """Fine-tune a copy of this tagger on labeled frames (deprecated).
 
         .. deprecated::

@@ -368,8 +368,7 @@ def _run_client(catalog, item: Mapping):
 def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: str | None,
            retries: int) -> dict:
     """Write a tagged run; a partial stream of an interrupted re-tag is replaced."""
-    from ..catalog.append import (TagStreamExistsError, _fresh, append_tag_stream,
-                                  tagged_checkpoints)
+    from ..catalog.append import TagStreamExistsError, _fresh, append_tag_stream, tagged_checkpoints
     from .retag import with_server_retries
 
     base = _run_client(catalog, item)

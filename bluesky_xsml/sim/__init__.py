@@ -39,11 +39,15 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dataset import open_dataset, write_dataset
-    from .generator import (SceneGenerator, complete_scene, render_scene, sample_scene,
-                            scene_labels)
+    from .generator import SceneGenerator, complete_scene, render_scene, sample_scene, scene_labels
     from .geometry import DETECTORS
-    from .sample import (CombinatorialSample, SampleStageDetector, hdf5_stage_detector,
-                         make_beamline, stream_stage_detector)
+    from .sample import (
+        CombinatorialSample,
+        SampleStageDetector,
+        hdf5_stage_detector,
+        make_beamline,
+        stream_stage_detector,
+    )
 
 
 def __getattr__(name: str):

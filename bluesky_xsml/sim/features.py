@@ -411,7 +411,7 @@ def _add_streaks(S, feats):
             a = 90.0 * int(rng.integers(2)) + rng.uniform(-2, 2)
         else:
             a = rng.uniform(0, 180)
-        if S.gi and abs(((a % 180) - 90)) < 25:
+        if S.gi and abs((a % 180) - 90) < 25:
             a += 45.0
         a = float(a % 180)
         if all(min(abs(a - b), 180 - abs(a - b)) >= 20.0 for b in angs):

@@ -376,7 +376,7 @@ def scene_labels(scene: Mapping) -> np.ndarray:
     return _label_state(complete_scene(scene))[0]
 
 
-def _label_state(sc: dict) -> tuple[np.ndarray, "_LabelState | None"]:
+def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
     det = sc["detector"]

@@ -32,7 +32,8 @@ import queue as _queue
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -96,7 +96,7 @@ class SynthSpec:
     start: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "SynthSpec":
+    def parse(cls, text: str) -> SynthSpec:
         """Parse ``synth:seed=0,n=100,sizes=256+512,detectors=train``."""
         body = text[len("synth:"):] if text.startswith("synth:") else text
         kw: dict = {}
@@ -123,7 +123,7 @@ class SynthSpec:
         """Rendered size of frame index ``i`` (counted from 0, not from ``start``)."""
         return self.sizes[i % len(self.sizes)]
 
-    def shards(self, size: int) -> list["SynthSpec"]:
+    def shards(self, size: int) -> list[SynthSpec]:
         """This spec cut into consecutive specs of at most ``size`` frames.
 
         Shards are cached separately, so a larger ``n`` reuses the frames of a
@@ -173,7 +173,7 @@ class CachedArrays:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index) -> "CachedArrays":
+    def subset(self, index) -> CachedArrays:
         """Rows ``index`` (a boolean mask or integer index array), loaded in memory."""
         index = np.asarray(index)
         if index.dtype == bool:

@@ -90,7 +90,7 @@ async def feed(request: Request,
                     break
                 try:
                     message = await asyncio.wait_for(client.queue.get(), wait)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     if await request.is_disconnected():
                         break
                     yield ": keep-alive\n\n"
