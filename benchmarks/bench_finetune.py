@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                "shifted_before": shift_before, "original_before": orig_before, "runs": []}
     print(f"{'labels':>6} {'steps':>5} {'shifted mAP':>19} {'gain':>6} {'original mAP':>19} "
           f"{'change':>7} {'seconds':>7} gate")
-    for n, st in zip(label_ns, steps):
+    for n, st in zip(label_ns, steps, strict=True):
         new, rep = finetune(tagger, x_shift[:n], y_shift[:n], synthetic=replay,
                             synthetic_val=gate_val, steps=st, batch_size=args.batch_size,
                             lr=args.lr, freeze=args.freeze, distill=args.distill,
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                "original_after": o_after, "original_change_points": 100 * (o_after - orig_before),
                "gate_passed": rep.passed, "gate_reason": rep.reason}
         run["shifted_ap_by_tag"] = {t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
-                                    zip(before_tags.tags, before_tags.ap, after_tags.ap)}
+                                    zip(before_tags.tags, before_tags.ap, after_tags.ap, strict=True)}
         results["runs"].append(run)
         print(f"{n:>6} {rep.steps:>5} {shift_before:.4f} -> {s_after:.4f} "
               f"{run['gain_points']:>+6.1f} {orig_before:.4f} -> {o_after:.4f} "

@@ -21,6 +21,7 @@ The last line reads ``decision_p50_ms <..> decision_p99_ms <..> points_ratio
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 
@@ -81,7 +82,7 @@ def bench_latency(tagger, frames: int, rate: float, size: int) -> dict:
 def _brackets(sample, positions, y=2.0):
     ordered = sorted(positions)
     out = []
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         ra, rb = sample.region_at(a, y), sample.region_at(b, y)
         if ra != rb and not {ra, rb} <= {"amorphous", "mixed"}:
             out.append((ra, rb, b - a))

@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     xsml.close(30)
 
     # ------------------------------------------------------------ figures
-    lat = list(zip(sink.arrivals, sink.latencies))
+    lat = list(zip(sink.arrivals, sink.latencies, strict=False))
     rows = []
     n_windows = max(1, int(np.ceil(scan_s / window)))
     for w in range(n_windows):

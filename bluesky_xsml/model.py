@@ -203,7 +203,7 @@ class TaggerNet(nn.Module):
         )
         blocks: list[nn.Module] = []
         c = config.stem_width
-        for width, depth in zip(config.widths, config.depths):
+        for width, depth in zip(config.widths, config.depths, strict=True):
             for d in range(depth):
                 blocks.append(ResidualBlock(c, width, 2 if d == 0 else 1))
                 c = width

@@ -190,7 +190,7 @@ def test_runengine_documents_round_trip_through_the_proxy(RE, proxy):
         frames = [d["data"]["img"] for n, d in got if n == "event"]
         assert [f.dtype for f in frames] == [np.dtype("<u2")] * 3
         for (_, a), (_, b) in zip([x for x in sent if x[0] == "event"],
-                                  [x for x in got if x[0] == "event"]):
+                                  [x for x in got if x[0] == "event"], strict=True):
             np.testing.assert_array_equal(a["data"]["img"], b["data"]["img"])
         assert not source.rejected
         assert event_model.DocumentNames[got[0][0]] is event_model.DocumentNames.start

@@ -362,7 +362,7 @@ def test_two_workers_tag_every_frame_exactly_once(bus):
             if name == "event_page":
                 run = runs_of[doc["descriptor"]]
                 seen += [(run, k, s) for k, s in zip(doc["data"]["source_key"],
-                                                     doc["data"]["source_seq_num"])]
+                                                     doc["data"]["source_seq_num"], strict=True)]
         assert sorted(seen) == sorted((u, "ad_image", s) for u in uids
                                       for s in range(1, FRAMES + 1))
         assert {d["run_start"] for n, d in docs if n == "stop"} == set(uids)

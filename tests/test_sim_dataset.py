@@ -42,9 +42,9 @@ def test_round_trip_is_exact(straight):
         assert same_frame(ds.frames(i), frames[i]), i
         assert ds.params(i) == params[i]
     assert {f.dtype.name for f in frames} >= {"int32", "float32"}     # mixed dtypes stored
-    assert all(same_frame(a, b) for a, b in zip(ds[2:9], frames[2:9]))
+    assert all(same_frame(a, b) for a, b in zip(ds[2:9], frames[2:9], strict=True))
     assert all(same_frame(a, b) for a, b in zip(ds.frames([0, 13, 5]),
-                                                [frames[0], frames[13], frames[5]]))
+                                                [frames[0], frames[13], frames[5]], strict=True))
     assert same_frame(ds[-1], frames[-1]) and same_frame(ds.frame(4), frames[4])
     bits, shapes, dtypes = ds.read_padded(0, 3)
     assert bits.shape == (3, SIZE, SIZE) and bits.dtype == np.uint32

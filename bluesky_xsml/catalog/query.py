@@ -333,7 +333,7 @@ def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
             [*[k for k in positions if k not in fields], *fields]
         sample = _sample_metadata(start, sample_keys)
         rows = []
-        for i, p in zip(hits["row"], hits["prob"]):
+        for i, p in zip(hits["row"], hits["prob"], strict=True):
             if not p >= min_prob:
                 continue
             if novel is not None and bool(frames["novel"][i]) != novel:
@@ -455,7 +455,7 @@ def _position_columns(runs, per_run: Sequence[list[dict]], fields: Sequence[str]
                       sample_keys) -> list[str]:
     """The position columns of a table: those any run's rows hold, then ``fields``."""
     cols: dict[str, None] = {}
-    for run, rows in zip(runs, per_run):
+    for run, rows in zip(runs, per_run, strict=True):
         if not rows:
             continue
         sample = _sample_metadata(run.metadata.get("start") or {}, sample_keys)
@@ -604,7 +604,7 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     if threads == 1 or len(runs) <= 1:
         per_run = [one(r) for r in runs]
         wanted = _position_columns(runs, per_run, fields, sample_keys)
-        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run)]
+        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run, strict=True)]
     else:
         with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="xsml-query") as ex:
             per_run = list(ex.map(one, runs))

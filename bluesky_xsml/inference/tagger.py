@@ -538,7 +538,7 @@ class Tagger:
     def decide(self, probs: np.ndarray) -> list[list[str]]:
         """Tag names at or above threshold, per row of ``probs``."""
         probs = np.atleast_2d(probs)
-        return [[t for t, p, th in zip(self.tags, row, self.thresholds) if p >= th]
+        return [[t for t, p, th in zip(self.tags, row, self.thresholds, strict=True) if p >= th]
                 for row in probs]
 
     # -------------------------------------------------------------- hot swap

@@ -341,7 +341,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
                                  threads=model_threads or threads_per_worker, options=options,
                                  read_files_under=roots, prefetch=prefetch, pure=False)
 
-        futures = as_completed([submit(g) for _, g in zip(range(window), pending)])
+        futures = as_completed([submit(g) for _, g in zip(range(window), pending, strict=False)])
         for future in futures:
             for row in future.result():
                 report.rows.append(row)

@@ -227,7 +227,7 @@ def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
             keep.append(k)
             total += sizes[k]
         pending = keep
-    n_done = sum(s for s, d in zip(sizes, done) if d)
+    n_done = sum(s for s, d in zip(sizes, done, strict=True) if d)
     workers = workers or _cpus()
     bar = None
     if progress:

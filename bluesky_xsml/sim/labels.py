@@ -135,7 +135,7 @@ def _label_rings(f, sc, ctx, st, cut):
             st.sat_area += float(np.sum(width) * circ[k] / n_az)
     orders = f.get("orders")
     if orders:
-        pres = {int(n) for n, ok in zip(orders, present) if ok}
+        pres = {int(n) for n, ok in zip(orders, present, strict=False) if ok}
         if len(pres) >= 3 or {1, 2} <= pres:
             st.tags.add("higher_orders")
 

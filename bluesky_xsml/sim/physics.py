@@ -139,7 +139,7 @@ def crystal_reflections(name: str, q_max: float):
         raise KeyError(f"unknown crystal {name!r}; known: {', '.join(CRYSTALS)}")
     q, f2, hkl = _crystal_table(name, 14)
     m = q <= q_max
-    return q[m], f2[m], tuple(h for h, keep in zip(hkl, m) if keep)
+    return q[m], f2[m], tuple(h for h, keep in zip(hkl, m, strict=True) if keep)
 
 
 def lattice_reflections(kind: str, a: float, c: float, q_max: float, rng: np.random.Generator):
@@ -225,7 +225,7 @@ def sphere_intensity(q, radius: float, polydispersity: float):
     w = weights * radii**6
     w = w / w.sum()
     out = np.zeros_like(q)
-    for rad, wi in zip(radii, w):
+    for rad, wi in zip(radii, w, strict=True):
         x = np.maximum(q * rad, 1e-6)
         p = 3 * (np.sin(x) - x * np.cos(x)) / x**3
         out += wi * p * p
@@ -303,7 +303,7 @@ def textured_grains(f: dict, ctx: SceneGeometry, r, sig, amp):
     rng = np.random.Generator(np.random.PCG64(int(f.get("seed", 0))))
     gs = float(f.get("grain_sigma_px") or 0.0)
     xs, ys, amps, sigs, idx = [], [], [], [], []
-    for k, (rk, sk, ak, nk) in enumerate(zip(r, sig, amp, grains)):
+    for k, (rk, sk, ak, nk) in enumerate(zip(r, sig, amp, grains, strict=False)):
         nk = int(nk)
         phi = rng.uniform(0, 2 * np.pi, nk)
         rr = rk + rng.normal(0, 0.25 * sk, nk)
@@ -462,7 +462,7 @@ def grazing_factor_rows(ctx: SceneGeometry):
 
 def ring_profile(nr: int, r, sig, amp) -> np.ndarray:
     prof = np.zeros(nr, np.float64)
-    for rk, sk, ak in zip(r, sig, amp):
+    for rk, sk, ak in zip(r, sig, amp, strict=False):
         if not math.isfinite(rk) or ak <= 0:
             continue
         half = 5.0 * sk + 1.0

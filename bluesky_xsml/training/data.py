@@ -203,7 +203,7 @@ def _frames_features(frames, centers, config: PreprocessConfig):
     if errors:
         i, err = min(errors.items())
         raise RuntimeError(f"generated frame {i} could not be preprocessed: {err}")
-    feats = np.stack([profile_features(f, c) for f, c in zip(frames, centers)])
+    feats = np.stack([profile_features(f, c) for f, c in zip(frames, centers, strict=True)])
     return inputs.astype(np.float16), feats
 
 
@@ -517,5 +517,5 @@ def describe(arrays: CachedArrays) -> dict:
     dets, counts = np.unique(arrays.detectors, return_counts=True)
     freq = label_frequencies(arrays.labels)
     return {"source": arrays.source, "n": len(arrays),
-            "detectors": {str(d): int(c) for d, c in zip(dets, counts)},
-            "positive_fraction": {t: round(float(f), 4) for t, f in zip(arrays.tags, freq)}}
+            "detectors": {str(d): int(c) for d, c in zip(dets, counts, strict=True)},
+            "positive_fraction": {t: round(float(f), 4) for t, f in zip(arrays.tags, freq, strict=True)}}

@@ -435,7 +435,7 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
             aps_after = [_tag_ap(y_val, after, j) for j in cols]
             report.new_domain_before = float(np.nanmean(aps_before))
             report.new_domain_after = float(np.nanmean(aps_after))
-            report.new_tag_ap = {out_tags[j]: round(a, 4) for j, a in zip(cols, aps_after)
+            report.new_tag_ap = {out_tags[j]: round(a, 4) for j, a in zip(cols, aps_after, strict=True)
                                  if out_tags[j] in new_tags}
             gain = report.new_domain_after - report.new_domain_before
             if not gain > min_improvement:

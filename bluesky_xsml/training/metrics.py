@@ -25,6 +25,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +101,7 @@ def roc_auc(labels, scores) -> float:
     ss = s[order]
     ranks = np.empty(s.size, np.float64)
     idx = np.r_[0, np.flatnonzero(np.diff(ss)) + 1, ss.size]
-    for a, b in zip(idx[:-1], idx[1:]):
+    for a, b in itertools.pairwise(idx):
         ranks[order[a:b]] = 0.5 * (a + b - 1) + 1.0
     u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
