@@ -105,7 +105,7 @@ def bench_scan(tagger, size: int) -> dict:
         xsml = TaggingCallback(tagger, max_wait=0.01)
         positions = []
 
-        def keep(name, doc):
+        def keep(name, doc, positions=positions):  # this mode's list
             if name == "event" and "sample_x" in doc["data"]:
                 positions.append(doc["data"]["sample_x"])
 

@@ -123,7 +123,7 @@ def test_decision_adds_a_plan_that_runs_with_the_decision_in_its_metadata(qs):
     qs.api.wait_for_idle(timeout=60)
     result = qs.api.history_get()["items"][-1]["result"]
     assert result["exit_status"] == "completed"
-    start = [s for s in qs.starts() if s["uid"] == result["run_uids"][0]][0]
+    start = next(s for s in qs.starts() if s["uid"] == result["run_uids"][0])
     md = start["xsml_decision"]
     assert (md["action"], md["rule"], md["run_uid"]) == ("remeasure", "saturation", "run-a")
     assert md["evidence"][0]["seq_num"] == 7

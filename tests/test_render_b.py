@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import numpy as np
@@ -248,7 +248,7 @@ def test_store_round_trips_through_the_project_reader(tmp_path):
 
 def test_sampler_is_declared_and_frozen():
     smp = SceneSampler()
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         smp.p_grazing = 0.5  # distributions change by building a new sampler
     assert isinstance(smp.ring_texture, Choice)
 

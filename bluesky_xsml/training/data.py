@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -496,7 +496,7 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     finally:
         bar.close()
     inputs.flush()
-    del inputs
+    inputs = None  # drop the memmap (and its open file) before the directory is moved
     np.save(tmp / "labels.npy", labels)
     np.save(tmp / "features.npy", feats)
     meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),

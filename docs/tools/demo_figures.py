@@ -108,7 +108,7 @@ def check(summary: dict, root: Path = ROOT, *, write: bool = False) -> list[str]
         if found[0] == want:
             continue
         if write:
-            path.write_text(_BLOCK.sub(lambda _: f"{BEGIN}\n{want}{END}", text))
+            path.write_text(_BLOCK.sub(lambda _, want=want: f"{BEGIN}\n{want}{END}", text))
             problems.append(f"{rel}: rewritten")
         else:
             problems.append(f"{rel}: stale demo figures\n  docs:  {found[0]!r}\n  run:   {want!r}")
