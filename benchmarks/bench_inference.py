@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         frames = [f for f, _, _ in scenes]
         beam = np.array([params["geometry"]["beam_center"] for _, _, params in scenes])
         source = "generator"
-    except Exception:
+    except (ImportError, ValueError):  # no sim extra, or a size the generator refuses
         frames = [rng.poisson(5, (args.size, args.size)).astype(np.uint32)
                   for _ in range(args.batch)]
         beam = np.array([[args.size / 2, args.size / 2]] * args.batch)

@@ -97,6 +97,6 @@ def is_image_value(value) -> bool:
     if shape is None:
         try:
             shape = np.shape(value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any document value: a value NumPy cannot shape is not an image
             return False
     return _looks_like_image_shape(shape)

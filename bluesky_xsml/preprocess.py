@@ -311,7 +311,7 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
             prepared[i] = _prepared(f, config)
         except FrameError as err:
             errors[i] = err
-        except Exception as err:  # any other failure is still a recorded skip
+        except Exception as err:  # noqa: BLE001 - any other failure is still a recorded skip
             errors[i] = FrameError(f"preprocessing failed: {type(err).__name__}: {err}",
                                    reason="preprocess_error")
     ok = sorted(prepared)

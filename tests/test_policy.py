@@ -297,7 +297,7 @@ def test_hot_reload_is_thread_safe():
             for i in range(300):
                 d = engine.update(uid, [result(i, "beam_off")])
                 assert d.action in ("continue", "pause")
-        except Exception as err:  # pragma: no cover - reported below
+        except Exception as err:  # noqa: BLE001 - reported below  # pragma: no cover
             errors.append(err)
 
     def swap():

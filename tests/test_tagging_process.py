@@ -306,7 +306,7 @@ def test_live_fine_tuning_runs_in_the_tagging_process(RE, recorder, tmp_path):
             try:
                 status = ft.status()
                 break
-            except Exception:  # the fine-tuner is resumed right after the restart
+            except Exception:  # noqa: BLE001 - the fine-tuner comes back right after the restart
                 time.sleep(0.5)
         assert status["labels"] == 1 and status["active_id"] == base
     finally:

@@ -194,7 +194,7 @@ def _iter_runs(catalog_or_runs) -> Iterable:
 def _spec_names(node) -> set[str]:
     try:
         return {s.name for s in node.specs}
-    except Exception:
+    except (AttributeError, TypeError):  # a plain sequence of runs, or a node without specs
         return set()
 
 

@@ -318,7 +318,7 @@ class Tagger:
                 for _ in range(3):  # the profiling executor optimises after a few runs
                     traced(*args)
             return traced, dtype, memory_format, takes_centers
-        except Exception as err:  # pragma: no cover - depends on the torch build
+        except Exception as err:  # noqa: BLE001 - any tracing failure: run eagerly  # pragma: no cover
             log.warning("TorchScript tracing failed (%s); inference runs eagerly", err)
             return module, dtype, memory_format, takes_centers
 

@@ -277,7 +277,7 @@ def _read_settings(path: str) -> dict | None:
 
     try:
         attrs = dict(zarr.open_group(path, mode="r").attrs)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no readable store there (zarr's errors vary): none
         return None
     return attrs if attrs.get("format") == FORMAT else None
 
