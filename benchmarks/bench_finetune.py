@@ -295,8 +295,9 @@ def main(argv=None) -> int:
                "shifted_after": s_after, "gain_points": 100 * (s_after - shift_before),
                "original_after": o_after, "original_change_points": 100 * (o_after - orig_before),
                "gate_passed": rep.passed, "gate_reason": rep.reason}
-        run["shifted_ap_by_tag"] = {t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
-                                    zip(before_tags.tags, before_tags.ap, after_tags.ap, strict=True)}
+        run["shifted_ap_by_tag"] = {
+            t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
+            zip(before_tags.tags, before_tags.ap, after_tags.ap, strict=True)}
         results["runs"].append(run)
         print(f"{n:>6} {rep.steps:>5} {shift_before:.4f} -> {s_after:.4f} "
               f"{run['gain_points']:>+6.1f} {orig_before:.4f} -> {o_after:.4f} "

@@ -333,7 +333,8 @@ def _pictures(catalog, result: DemoResult, sample, out: Path, console) -> None:
     phases = [phase_label(t) for t in tags]
     truth = [phase_label(sample.tags_at(x, y)) for x, y in zip(xs, ys, strict=True)]
     result.phases = dict(Counter(phases).most_common())
-    result.agreement = round(float(np.mean([a == b for a, b in zip(phases, truth, strict=True)])), 3)
+    agree = [a == b for a, b in zip(phases, truth, strict=True)]
+    result.agreement = round(float(np.mean(agree)), 3)
     fig = phase_map(xs, ys, tags, probs=np.array(probs), tag_names=names, xlabel="sample_x (mm)",
                     ylabel="sample_y (mm)", truth=sample.region_at,
                     title=f"phase map: {len(xs)} frames tagged live "

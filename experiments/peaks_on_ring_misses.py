@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         others = np.nansum(labels[bright_miss], axis=1) - 1
         print(f"bright misses (spots above the median ratio, probability < 0.5): "
               f"{len(bright_miss)}; they carry {others.mean():.1f} other tags on average "
-              f"(all tagged frames: {(np.nansum(labels[rows[:, 0].astype(int)], 1) - 1).mean():.1f})")
+              f"(all tagged frames: "
+              f"{(np.nansum(labels[rows[:, 0].astype(int)], 1) - 1).mean():.1f})")
         for other in ("peaks_lattice", "peaks_isolated", "ring_textured"):
             k = tags.index(other)
             print(f"  mean probability of {other}: {probs[bright_miss, k].mean():.2f} "

@@ -91,7 +91,8 @@ def emitted_by_frame(rec):
 
 def read_back_by_frame(ds):
     """Rows of the read-back tag stream keyed like :func:`emitted_by_frame`."""
-    keys = zip(ds["source_key"].values, ds["source_seq_num"].values, ds["frame_index"].values, strict=True)
+    keys = zip(ds["source_key"].values, ds["source_seq_num"].values, ds["frame_index"].values,
+               strict=True)
     return {(str(k), int(s), int(i)): row for row, (k, s, i) in enumerate(keys)}
 
 

@@ -71,7 +71,8 @@ def tag_run(run, checkpoint: str, probs: dict, *, stream: str | None = None):
             stream="primary", seq_num=i + 1, event_uid="", key="img", frame_index=0,
             probs=None if skipped else row, skip_reason="bad_shape: test" if skipped else "",
             checkpoint=checkpoint,
-            tags=() if skipped else tuple(t for t, p in zip(TAG_NAMES, row, strict=True) if p >= 0.5),
+            tags=() if skipped else tuple(t for t, p in zip(TAG_NAMES, row, strict=True)
+                                          if p >= 0.5),
             latency=0.01))
     counts = expected_counts(probs)
     skipped = sum(r.probs is None for r in results)

@@ -217,7 +217,8 @@ def bus(tmp_path):
         cmd = [sys.executable, str(HERE), "publish", "--proxy", proxy_in, "--tiled", cat.uri,
                "--data", str(data), "--runs", str(runs), "--partitions", str(partitions),
                "--drops", json.dumps(drops or {}), "--out", str(out)]
-        proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(out.read_text())
 

@@ -219,7 +219,8 @@ class ServiceState:
         self._next_id += 1
         probs = None
         if r.probs is not None:
-            probs = {t: (round(float(p), 5) if p == p else None) for t, p in zip(tags, r.probs, strict=False)}
+            probs = {t: (round(float(p), 5) if p == p else None)
+                     for t, p in zip(tags, r.probs, strict=False)}
         lat = float(r.latency)
         where = self.runbook.where(run_uid, r.stream, int(r.seq_num))
         return {"id": rid, "run_uid": run_uid, "stream": r.stream, "seq_num": int(r.seq_num),

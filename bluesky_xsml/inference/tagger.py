@@ -296,7 +296,8 @@ class Tagger:
             # the polar head is small (a few % of the cost) and its inputs span decades of
             # counts: it stays fp32 whatever the network's precision
             module.net.polar.float()
-        memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        memory_format = (torch.channels_last if self.device.type == "cpu"
+                         else torch.contiguous_format)
         module = module.to(memory_format=memory_format)
         S = self.preprocess_config.size
         example = torch.zeros(2, net.config.in_channels, S, S, device=self.device, dtype=dtype)

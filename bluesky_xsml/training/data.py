@@ -518,4 +518,5 @@ def describe(arrays: CachedArrays) -> dict:
     freq = label_frequencies(arrays.labels)
     return {"source": arrays.source, "n": len(arrays),
             "detectors": {str(d): int(c) for d, c in zip(dets, counts, strict=True)},
-            "positive_fraction": {t: round(float(f), 4) for t, f in zip(arrays.tags, freq, strict=True)}}
+            "positive_fraction": {t: round(float(f), 4)
+                                  for t, f in zip(arrays.tags, freq, strict=True)}}

@@ -317,7 +317,8 @@ def main(args: argparse.Namespace) -> int:
         summary["training"] = {k: tagger.metadata[k] for k in (
             "train_data", "val_data", "n_train", "epochs", "val_mAP", "train_seconds")
             if k in tagger.metadata}
-        summary["thresholds"] = {t: round(float(v), 4) for t, v in zip(tags, tagger.thresholds, strict=True)}
+        summary["thresholds"] = {t: round(float(v), 4)
+                                 for t, v in zip(tags, tagger.thresholds, strict=True)}
         summary[args.summary_key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")

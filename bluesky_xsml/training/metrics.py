@@ -192,7 +192,8 @@ class TagMetrics:
 
     def table(self) -> str:
         """A fixed-width text table, one row per tag."""
-        lines = [f"{'tag':<20} {'AP':>7} {'ROC-AUC':>8} {'F1':>6} {'thr':>6} {'pos':>6} {'known':>6}"]
+        lines = [f"{'tag':<20} {'AP':>7} {'ROC-AUC':>8} {'F1':>6} {'thr':>6} {'pos':>6} "
+                 f"{'known':>6}"]
         for i, t in enumerate(self.tags):
             def g(v, w=7, p=4):
                 return f"{v:>{w}.{p}f}" if np.isfinite(v) else f"{'-':>{w}}"
