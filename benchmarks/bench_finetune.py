@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         raise SystemExit("--steps needs one value per --labels value")
     tagger = Tagger.load(args.model)
     cfg = tagger.preprocess_config
-    n_shift = max(label_ns + [512]) + args.test_n
+    n_shift = max([*label_ns, 512]) + args.test_n
     shift = SHIFTS[args.shift]
     x_shift, y_shift, raw = shifted_data(n_shift, args.workers, shift)
     x_test, y_test = x_shift[-args.test_n:], y_shift[-args.test_n:]

@@ -27,7 +27,7 @@ _LAZY = {
     "PreprocessConfig": "bluesky_xsml.preprocess",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - `name as name`: re-exported for type checkers
     from .documents.callback import TaggingCallback as TaggingCallback

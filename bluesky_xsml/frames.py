@@ -87,7 +87,7 @@ def split_frames(value) -> list[np.ndarray]:
     if arr.ndim == 2:
         return [arr]
     if arr.ndim >= 3:
-        return list(arr.reshape((-1,) + arr.shape[-2:]))
+        return list(arr.reshape((-1, *arr.shape[-2:])))
     return [arr]
 
 

@@ -68,8 +68,8 @@ __all__ = [
 
 #: Tags that describe the sample's structure (used to name phases on a map);
 #: instrument tags such as ``detector_gaps`` are the same everywhere.
-STRUCTURE_TAGS: tuple[str, ...] = tuple(
-    t.name for t in TAGS if t.group in ("scattering", "grazing")) + ("beam_off",)
+STRUCTURE_TAGS: tuple[str, ...] = (
+    *(t.name for t in TAGS if t.group in ("scattering", "grazing")), "beam_off")
 
 
 def _figure(width: float, height: float):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import shutil
 import time
 
@@ -149,11 +150,11 @@ def test_arrays_of_every_detector_dtype_round_trip(dtype):
 
 
 def test_object_and_structured_arrays_are_refused_both_ways():
-    with pytest.raises(RejectedMessage, match="dtype '|O'"):
+    with pytest.raises(RejectedMessage, match=re.escape("dtype '|O'")):
         packb({"a": np.array([{"x": 1}], dtype=object)})
     header = msgpack.packb(["|O", [1]])
     crafted = msgpack.packb({"a": msgpack.ExtType(NDARRAY_EXT, header + pickle.dumps(os.getcwd))})
-    with pytest.raises(RejectedMessage, match="dtype '|O'"):
+    with pytest.raises(RejectedMessage, match=re.escape("dtype '|O'")):
         unpackb(crafted)
     structured = msgpack.packb({"a": msgpack.ExtType(NDARRAY_EXT,
                                                      msgpack.packb(["i4,O", [1]]) + b"\0" * 12)})

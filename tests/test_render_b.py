@@ -148,7 +148,7 @@ def test_grazing_frames_have_a_horizon_with_attenuation_below():
     smp = sampler(p_grazing=1.0, p_beam_off=0.0, p_weak=0.0, p_high_background=0.0)
     found = 0
     for i in range(10):
-        frame, y, scene = render_scene(9, i, smp)
+        _frame, y, scene = render_scene(9, i, smp)
         if not lab(y, "horizon"):
             continue
         found += 1

@@ -66,7 +66,7 @@ def test_frame_at_is_independent_of_stream_position():
 
 
 def test_params_are_json_and_rerender_exactly():
-    frame, labels, params = SceneGenerator(seed=11, size=128).frame_at(5)
+    _frame, labels, params = SceneGenerator(seed=11, size=128).frame_at(5)
     again = json.loads(json.dumps(params))
     rng_a = np.random.default_rng(99)
     rng_b = np.random.default_rng(99)
@@ -132,7 +132,7 @@ def test_detector_selection_and_heldout():
     held = SceneGenerator(seed=1, size=64, detectors=["619x1475", "2167x2070"])
     assert {held.one()[2]["detector"]["name"] for _ in range(20)} == set(HELDOUT)
     assert [d.name for d in resolve_detectors("eiger")][:2] == ["eiger_500k", "eiger_1m"]
-    with pytest.raises(ConfigurationError, match="unknown detector 'nope'.*pilatus_1m"):
+    with pytest.raises(ConfigurationError, match=r"unknown detector 'nope'.*pilatus_1m"):
         SceneGenerator(detectors=["nope"])
 
 

@@ -134,10 +134,12 @@ def _load_tagger(model: Any, threads: int | None):
 
     if isinstance(model, Mapping):
         key = ("tagger", str(model.get("metadata", {}).get("checkpoint_id")))
-        make = lambda: Tagger.from_checkpoint_dict(dict(model), source="<scattered>")
+        def make():
+            return Tagger.from_checkpoint_dict(dict(model), source="<scattered>")
     else:
         key = ("tagger", str(model))
-        make = lambda: Tagger.load(model)
+        def make():
+            return Tagger.load(model)
     tagger = _cached(key, make)
     if threads:
         import torch

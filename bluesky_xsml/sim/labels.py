@@ -356,7 +356,7 @@ def _label_beamstop(sc, ctx, st, beam_level):
             s_on = s[on]
             visible = beam_level(float(np.median(s_on))) >= rim_thr
             # or the rod's shadow cuts a visible ring or halo
-            for rk, hw, kappa, orient in st.crossing:
+            for rk, _hw, kappa, orient in st.crossing:
                 k = min(int(rk), len(on) - 1)
                 wgt = math.exp(kappa * (math.cos(2 * (a - math.radians(orient))) - 1.0))
                 if rk > 0.5 * float(bs["width_px"]) and on[k] and wgt >= 0.5:

@@ -199,7 +199,7 @@ def label_frequencies(labels: np.ndarray) -> np.ndarray:
 
 def _frames_features(frames, centers, config: PreprocessConfig):
     """Preprocess frames (float16 inputs) and compute baseline features."""
-    inputs, ok, errors = preprocess_batch(frames, config)
+    inputs, _ok, errors = preprocess_batch(frames, config)
     if errors:
         i, err = min(errors.items())
         raise RuntimeError(f"generated frame {i} could not be preprocessed: {err}")

@@ -25,7 +25,8 @@ from .deps import ERRORS, get_state
 
 router = APIRouter(prefix="/api", tags=["feed"], responses=ERRORS)
 
-#: A usable ``Last-Event-ID``: ASCII digits only (``str.isdigit`` also accepts "²", "١").
+#: A usable ``Last-Event-ID``: ASCII digits only (``str.isdigit`` also accepts superscripts and
+#: Arabic-Indic digits).
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
