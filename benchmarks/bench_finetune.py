@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         raise SystemExit("--steps needs one value per --labels value")
     tagger = Tagger.load(args.model)
     cfg = tagger.preprocess_config
-    n_shift = max(label_ns + [512]) + args.test_n
+    n_shift = max([*label_ns, 512]) + args.test_n
     shift = SHIFTS[args.shift]
     x_shift, y_shift, raw = shifted_data(n_shift, args.workers, shift)
     x_test, y_test = x_shift[-args.test_n:], y_shift[-args.test_n:]
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                "shifted_before": shift_before, "original_before": orig_before, "runs": []}
     print(f"{'labels':>6} {'steps':>5} {'shifted mAP':>19} {'gain':>6} {'original mAP':>19} "
           f"{'change':>7} {'seconds':>7} gate")
-    for n, st in zip(label_ns, steps):
+    for n, st in zip(label_ns, steps, strict=True):
         new, rep = finetune(tagger, x_shift[:n], y_shift[:n], synthetic=replay,
                             synthetic_val=gate_val, steps=st, batch_size=args.batch_size,
                             lr=args.lr, freeze=args.freeze, distill=args.distill,
@@ -295,8 +295,9 @@ def main(argv=None) -> int:
                "shifted_after": s_after, "gain_points": 100 * (s_after - shift_before),
                "original_after": o_after, "original_change_points": 100 * (o_after - orig_before),
                "gate_passed": rep.passed, "gate_reason": rep.reason}
-        run["shifted_ap_by_tag"] = {t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
-                                    zip(before_tags.tags, before_tags.ap, after_tags.ap)}
+        run["shifted_ap_by_tag"] = {
+            t: [round(float(a), 4), round(float(b), 4)] for t, a, b in
+            zip(before_tags.tags, before_tags.ap, after_tags.ap, strict=True)}
         results["runs"].append(run)
         print(f"{n:>6} {rep.steps:>5} {shift_before:.4f} -> {s_after:.4f} "
               f"{run['gain_points']:>+6.1f} {orig_before:.4f} -> {o_after:.4f} "

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         frames = [f for f, _, _ in scenes]
         beam = np.array([params["geometry"]["beam_center"] for _, _, params in scenes])
         source = "generator"
-    except Exception:
+    except (ImportError, ValueError):  # no sim extra, or a size the generator refuses
         frames = [rng.poisson(5, (args.size, args.size)).astype(np.uint32)
                   for _ in range(args.batch)]
         beam = np.array([[args.size / 2, args.size / 2]] * args.batch)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16) if native_bf16 else float("nan")
     same_peak = peak_bf16 if tagger.precision == "bf16" else peak
     flops = network_flops(tagger)
-    inputs, ok, _ = tagger.preprocess(frames)
+    inputs, _ok, _ = tagger.preprocess(frames)
     centers = tagger.input_centers([f.shape for f in frames], beam)
     net_rate = _rate(lambda: tagger.predict_inputs(inputs, centers), len(inputs), args.batches)
     fp32 = Tagger(tagger.net, tagger.tags, preprocess=tagger.preprocess_config,

@@ -100,7 +100,7 @@ def write_runs(catalog, n_runs: int, n_frames: int, size: int, *, tags: bool, se
                 results.append(FrameResult(
                     stream="primary", seq_num=s + 1, event_uid="", key="img", frame_index=0,
                     probs=row.tolist(), checkpoint="bench", latency=0.01,
-                    tags=tuple(t for t, p in zip(TAG_NAMES, row) if p >= 0.5)))
+                    tags=tuple(t for t, p in zip(TAG_NAMES, row, strict=True) if p >= 0.5)))
                 index.add(results[-1], {"x": xs[s]})
             writer("event_page", composer.page(results))
             hits = probs >= 0.5

@@ -194,10 +194,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
+    from facility_server import FacilityServer
 
     from bluesky_xsml import Tagger
     from bluesky_xsml.catalog.embedded import EmbeddedCatalog, connect, make_writer
-    from facility_server import FacilityServer
 
     workdir = tempfile.mkdtemp(prefix="bench_retag_")
     files = os.path.join(workdir, "detector_files")

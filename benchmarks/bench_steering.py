@@ -21,6 +21,7 @@ The last line reads ``decision_p50_ms <..> decision_p99_ms <..> points_ratio
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 
@@ -81,7 +82,7 @@ def bench_latency(tagger, frames: int, rate: float, size: int) -> dict:
 def _brackets(sample, positions, y=2.0):
     ordered = sorted(positions)
     out = []
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         ra, rb = sample.region_at(a, y), sample.region_at(b, y)
         if ra != rb and not {ra, rb} <= {"amorphous", "mixed"}:
             out.append((ra, rb, b - a))
@@ -104,7 +105,7 @@ def bench_scan(tagger, size: int) -> dict:
         xsml = TaggingCallback(tagger, max_wait=0.01)
         positions = []
 
-        def keep(name, doc):
+        def keep(name, doc, positions=positions):  # this mode's list
             if name == "event" and "sample_x" in doc["data"]:
                 positions.append(doc["data"]["sample_x"])
 

@@ -37,7 +37,7 @@ def _work(args):
     gen = SceneGenerator(seed=seed, size=size, detectors=detectors)
     pixels = 0
     for i in range(start, stop):
-        frame, labels, params = gen.frame_at(i)
+        frame, _labels, _params = gen.frame_at(i)
         pixels += frame.size
     return stop - start, pixels
 

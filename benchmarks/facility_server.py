@@ -1,4 +1,4 @@
-"""A Tiled server set up as a facility runs it: PostgreSQL catalog and tables, several uvicorn workers.
+"""A Tiled server as a facility runs it: PostgreSQL catalog and tables, several uvicorn workers.
 
     with FacilityServer(workdir, workers=2, readable=[files]) as server:
         server.uri          # http://127.0.0.1:PORT/api/v1?api_key=...

@@ -117,6 +117,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from bench_retag import make_frames, write_runs
+
     from bluesky_xsml import Tagger
     from bluesky_xsml.catalog.embedded import EmbeddedCatalog
 

@@ -31,14 +31,13 @@ def main() -> int:
     args = parser.parse_args()
 
     import numpy as np
-
+    import torch
     from bench_retag import write_runs
+
     from bluesky_xsml import Tagger
     from bluesky_xsml.catalog.append import tag_run
     from bluesky_xsml.catalog.embedded import EmbeddedCatalog
     from bluesky_xsml.scaleout.batched import _write, list_run_items, read_run
-
-    import torch
 
     torch.set_num_threads(1)  # as a re-tag worker with one thread (the server has the other core)
     reference = Tagger.load()

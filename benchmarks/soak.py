@@ -196,13 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the figures to this file")
     args = p.parse_args(argv)
 
+    import inspect
+
     import numpy as np
     from bluesky import RunEngine
     from ophyd.sim import SynSignal
 
     from bluesky_xsml import Tagger, TaggingCallback
-
-    import inspect
 
     duration = args.minutes * 60
     options = {}
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     xsml.close(30)
 
     # ------------------------------------------------------------ figures
-    lat = list(zip(sink.arrivals, sink.latencies))
+    lat = list(zip(sink.arrivals, sink.latencies, strict=False))
     rows = []
     n_windows = max(1, int(np.ceil(scan_s / window)))
     for w in range(n_windows):

@@ -27,13 +27,13 @@ _LAZY = {
     "PreprocessConfig": "bluesky_xsml.preprocess",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .documents.callback import TaggingCallback
-    from .inference.tagger import Tagger
-    from .preprocess import PreprocessConfig
-    from .tags import TAG_NAMES
+if TYPE_CHECKING:  # pragma: no cover - `name as name`: re-exported for type checkers
+    from .documents.callback import TaggingCallback as TaggingCallback
+    from .inference.tagger import Tagger as Tagger
+    from .preprocess import PreprocessConfig as PreprocessConfig
+    from .tags import TAG_NAMES as TAG_NAMES
 
 
 def __getattr__(name: str):

@@ -333,9 +333,10 @@ def _pictures(catalog, result: DemoResult, sample, out: Path, console) -> None:
         _say(console, "  no tagged frames to draw")
         return
     phases = [phase_label(t) for t in tags]
-    truth = [phase_label(sample.tags_at(x, y)) for x, y in zip(xs, ys)]
+    truth = [phase_label(sample.tags_at(x, y)) for x, y in zip(xs, ys, strict=True)]
     result.phases = dict(Counter(phases).most_common())
-    result.agreement = round(float(np.mean([a == b for a, b in zip(phases, truth)])), 3)
+    agree = [a == b for a, b in zip(phases, truth, strict=True)]
+    result.agreement = round(float(np.mean(agree)), 3)
     fig = phase_map(xs, ys, tags, probs=np.array(probs), tag_names=names, xlabel="sample_x (mm)",
                     ylabel="sample_y (mm)", truth=sample.region_at,
                     title=f"phase map: {len(xs)} frames tagged live "
@@ -347,7 +348,7 @@ def _pictures(catalog, result: DemoResult, sample, out: Path, console) -> None:
 
     # one frame per phase: the most confident one
     best: dict[str, tuple[float, int]] = {}
-    for k, (ph, p) in enumerate(zip(phases, probs)):
+    for k, (ph, p) in enumerate(zip(phases, probs, strict=True)):
         conf = float(np.nanmin([p[names.index(t)] for t in ph.split("+")])) \
             if ph != "nothing seen" else 0.0
         if ph not in best or conf > best[ph][0]:
@@ -363,7 +364,7 @@ def _pictures(catalog, result: DemoResult, sample, out: Path, console) -> None:
     fig = frame_montage(frames, captions=caps, title="one frame per phase, with its tags")
     result.files.append(str(save_figure(fig, out / "montage.png")))
 
-    steered = [(run, rt) for (run, rt), info in zip(loaded, result.runs)
+    steered = [(run, rt) for (run, rt), info in zip(loaded, result.runs, strict=True)
                if info["plan"] == "tag_steered_scan"]
     if steered:
         run, rt = max(steered, key=lambda v: len(v[1].seq_nums))

@@ -16,7 +16,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def split_frames(value) -> list[np.ndarray]:
     if arr.ndim == 2:
         return [arr]
     if arr.ndim >= 3:
-        return list(arr.reshape((-1,) + arr.shape[-2:]))
+        return list(arr.reshape((-1, *arr.shape[-2:])))
     return [arr]
 
 
@@ -97,6 +97,6 @@ def is_image_value(value) -> bool:
     if shape is None:
         try:
             shape = np.shape(value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any document value: a value NumPy cannot shape is not an image
             return False
     return _looks_like_image_shape(shape)

@@ -78,7 +78,7 @@ class TaggerNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaggerNetConfig":
+    def from_dict(cls, d: dict) -> TaggerNetConfig:
         fields = cls.__dataclass_fields__
         kw = {k: v for k, v in d.items() if k in fields}
         for key in ("widths", "depths"):
@@ -203,7 +203,7 @@ class TaggerNet(nn.Module):
         )
         blocks: list[nn.Module] = []
         c = config.stem_width
-        for width, depth in zip(config.widths, config.depths):
+        for width, depth in zip(config.widths, config.depths, strict=True):
             for d in range(depth):
                 blocks.append(ResidualBlock(c, width, 2 if d == 0 else 1))
                 c = width

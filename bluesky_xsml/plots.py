@@ -68,8 +68,8 @@ __all__ = [
 
 #: Tags that describe the sample's structure (used to name phases on a map);
 #: instrument tags such as ``detector_gaps`` are the same everywhere.
-STRUCTURE_TAGS: tuple[str, ...] = tuple(
-    t.name for t in TAGS if t.group in ("scattering", "grazing")) + ("beam_off",)
+STRUCTURE_TAGS: tuple[str, ...] = (
+    *(t.name for t in TAGS if t.group in ("scattering", "grazing")), "beam_off")
 
 
 def _figure(width: float, height: float):
@@ -227,7 +227,7 @@ def frame_montage(frames: Sequence[Any], *, captions: Sequence[str] | None = Non
     for ax in axes.flat:
         ax.set_axis_off()
     shown = None
-    for ax, img, cap in zip(axes.flat, images, captions):
+    for ax, img, cap in zip(axes.flat, images, captions, strict=False):
         shown = ax.imshow(img, cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(cap, 30)) or " ", fontsize=7)
     bar = fig.colorbar(shown, ax=axes, shrink=min(0.9, 0.45 + 0.15 * nrows), aspect=30)
@@ -537,7 +537,7 @@ def load_run_tags(run, *, stream: str | None = None, fields: Sequence[str] = ())
         for m in cols:
             vals = np.asarray(src_ds[m].values, dtype=np.float64)
             col = out.positions.setdefault(m, np.full(len(out.seq_nums), np.nan))
-            for i, (s, st) in enumerate(zip(out.seq_nums, out.source_stream)):
+            for i, (s, st) in enumerate(zip(out.seq_nums, out.source_stream, strict=True)):
                 if st == source and int(s) in where:
                     col[i] = vals[where[int(s)]]
     unread = [m for m in motors if m not in out.positions]
@@ -631,8 +631,8 @@ def plot_run(run, out_dir: str | os.PathLike, *, stream: str | None = None,
                                            min(max_frames, len(tags.seq_nums))).round()
                                .astype(int)))
         frames = read_frames(run, tags, picks)
-        caps = [f"#{tags.seq_nums[i]}: " + (tags.skip_reasons[i] and "skipped: "
-                                             + tags.skip_reasons[i]
+        caps = [f"#{tags.seq_nums[i]}: " + ((tags.skip_reasons[i] and "skipped: "
+                                             + tags.skip_reasons[i])
                                              or ", ".join(tags.tags[i]) or "(no tag)")
                 for i in picks]
         written.append(save_figure(frame_montage(frames, captions=caps, title=label),

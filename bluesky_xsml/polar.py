@@ -86,7 +86,7 @@ class PolarConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PolarConfig":
+    def from_dict(cls, d: dict) -> PolarConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @property

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         keys = {"size", "sentinels", "saturation_level", "min_plateau", "min_saturation_counts"}
         return cls(**{k: (tuple(v) if k == "sentinels" else v) for k, v in d.items() if k in keys})
 
@@ -311,7 +311,7 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
             prepared[i] = _prepared(f, config)
         except FrameError as err:
             errors[i] = err
-        except Exception as err:  # any other failure is still a recorded skip
+        except Exception as err:  # noqa: BLE001 - any other failure is still a recorded skip
             errors[i] = FrameError(f"preprocessing failed: {type(err).__name__}: {err}",
                                    reason="preprocess_error")
     ok = sorted(prepared)

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "_ext"))
 sys.path.insert(0, str(HERE.parent))
 
-import bluesky_xsml
+import bluesky_xsml  # noqa: E402 - this checkout's package, after the sys.path lines above
 
 project = "bluesky-xsml"
 author = "bluesky-xsml contributors"

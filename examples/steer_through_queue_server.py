@@ -63,14 +63,14 @@ try:
     run = catalog.catalog[uid]
     tags = load_run_tags(run)
     xs = tags.positions["sample_x"]
-    for x, t in zip(xs, tags.tags):
+    for x, t in zip(xs, tags.tags, strict=True):
         print(f"  sample_x = {x:5.2f}: {', '.join(t) or '(no tag)'}")
 
     # 3. the policy decides from the stored tags
     policy = Policy(rules=[Rule(name="boundary", kind="changes", tags=list(STRUCTURE_TAGS),
                                 action="refine")])
     engine = PolicyEngine(policy)
-    position = dict(zip(tags.seq_nums.tolist(), xs.tolist()))
+    position = dict(zip(tags.seq_nums.tolist(), xs.tolist(), strict=True))
 
     def finer_scan(decision):
         """Five points between the two frames whose structure differs."""
@@ -84,7 +84,7 @@ try:
                              require_approval=False)
     steering.attach(engine)
     refs = [FrameRef(run_uid=uid, seq_num=int(s), key=k, tags=t)
-            for s, k, t in zip(tags.seq_nums, tags.source_key, tags.tags)]
+            for s, k, t in zip(tags.seq_nums, tags.source_key, tags.tags, strict=True)]
     for ref in refs:                    # one frame at a time, as live results would arrive
         decision = engine.update(uid, [ref])
         if decision.action == "refine":

@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         known = ~np.isnan(pseudo)
         truth = extra_y[:args.self_train]
         print(f"self-training: pseudo-labels for {known.mean():.0%} of the "
-              f"{len(unlabeled)} x {y.shape[1]} entries, {(pseudo[known] == truth[known]).mean():.1%}"
+              f"{len(unlabeled)} x {y.shape[1]} entries, "
+              f"{(pseudo[known] == truth[known]).mean():.1%}"
               f" of them right ({time.perf_counter() - t0:.0f} s to label)")
         new, report = finetune(tagger, x[:128], y[:128], replay_inputs=unlabeled,
                                replay_labels=pseudo, steps=args.self_train_steps, **settings)

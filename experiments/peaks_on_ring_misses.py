@@ -20,6 +20,7 @@ model's four highest probabilities. Run (under a minute)::
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 
@@ -65,16 +66,16 @@ def draw(path, spec, frames, probs, tags):
     from bluesky_xsml.sim import generator as G
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 10))
-    for ax, i in zip(axes.flat, frames):
+    for ax, i in zip(axes.flat, frames, strict=False):
         gen = G.SceneGenerator(seed=spec.seed, size=spec.size_of(int(i)),
                                detectors=list(spec.detectors))
         frame, lab, _ = gen.frame_at(int(i))
         f = np.asarray(frame, float)
         f[~np.isfinite(f) | (f < 0)] = 0
         ax.imshow(np.log1p(np.minimum(f, np.percentile(f, 99.99))), cmap="magma")
-        top = sorted(zip(probs[i], tags))[::-1][:4]
+        top = sorted(zip(probs[i], tags, strict=True))[::-1][:4]
         ax.set_title(f"frame {i} {frame.shape}\ntags: "
-                     + ", ".join(t for t, v in zip(tags, lab) if v == 1)[:90]
+                     + ", ".join(t for t, v in zip(tags, lab, strict=True) if v == 1)[:90]
                      + "\nmodel: " + ", ".join(f"{t} {p:.2f}" for p, t in top)[:90], fontsize=7)
         ax.set_axis_off()
     for ax in axes.flat[len(frames):]:
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
           f"recall at 0.5: {found.mean():.2f}")
     edges = np.quantile(rows[:, 3], [0, 0.25, 0.5, 0.75, 1.0])
     print("median spot peak / visibility threshold (quartiles):")
-    for q, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    for q, (lo, hi) in enumerate(itertools.pairwise(edges)):
         sel = (rows[:, 3] >= lo) & ((rows[:, 3] <= hi) if q == 3 else (rows[:, 3] < hi))
         print(f"  {lo:9.2f} - {hi:<9.3g} n={int(sel.sum()):<4} recall {found[sel].mean():.2f}")
     for name, col in (("n-fold", 2), ("longest side", 1)):
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
         others = np.nansum(labels[bright_miss], axis=1) - 1
         print(f"bright misses (spots above the median ratio, probability < 0.5): "
               f"{len(bright_miss)}; they carry {others.mean():.1f} other tags on average "
-              f"(all tagged frames: {(np.nansum(labels[rows[:, 0].astype(int)], 1) - 1).mean():.1f})")
+              f"(all tagged frames: "
+              f"{(np.nansum(labels[rows[:, 0].astype(int)], 1) - 1).mean():.1f})")
         for other in ("peaks_lattice", "peaks_isolated", "ring_textured"):
             k = tags.index(other)
             print(f"  mean probability of {other}: {probs[bright_miss, k].mean():.2f} "

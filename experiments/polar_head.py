@@ -177,12 +177,12 @@ def main(argv=None):
     for name in ("val", "test", "unseen"):
         cnn, both, lab = scores(name)
         a0, a1 = per_tag_ap(lab, cnn), per_tag_ap(lab, both)
-        results["sets"][name] = {"cnn": dict(zip(tags, a0.tolist())),
-                                 "cnn+polar": dict(zip(tags, a1.tolist())),
+        results["sets"][name] = {"cnn": dict(zip(tags, a0.tolist(), strict=True)),
+                                 "cnn+polar": dict(zip(tags, a1.tolist(), strict=True)),
                                  "map": [float(np.nanmean(a0)), float(np.nanmean(a1))]}
         print(f"\n{name}: mAP {np.nanmean(a0):.4f} -> {np.nanmean(a1):.4f}")
         print(f"  {'tag':18s} {'CNN':>6s} {'+polar':>7s}")
-        for t, u, v in zip(tags, a0, a1):
+        for t, u, v in zip(tags, a0, a1, strict=True):
             print(f"  {t:18s} {u:6.3f} {v:7.3f}")
     if args.offsets:
         p, lg, _, k, lab = sets["test"]

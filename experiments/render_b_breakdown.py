@@ -76,7 +76,8 @@ def main() -> None:
                "ROC-AUC of all positives against them": _auc(
                    np.r_[np.ones(pos.sum()), np.zeros(m.sum())],
                    np.r_[scores[pos, g], scores[m, g]])}
-        for name, m in (("interpolated gaps", neg & interp), ("no gaps (one module)", neg & ~modular),
+        for name, m in (("interpolated gaps", neg & interp),
+                        ("no gaps (one module)", neg & ~modular),
                         ("0 stripes with no counts beside them", neg & modular & ~interp))}
     s = tag_index("saturation")
     top = np.array([q["detector"]["convention"]["dtype"] != "float32" and

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_service  # noqa: E402  (the benchmark's load generator and frames)
+import bench_service  # the benchmark's load generator and frames
 
 STAND_IN = """
 import sys

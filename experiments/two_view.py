@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                                    TAG_NAMES)
         results["models"][kind] = {
             "test_mAP": round(m_test.mean_ap, 4), "unseen_mAP": round(m_unseen.mean_ap, 4),
-            "test_ap": {t: round(float(a), 4) for t, a in zip(TAG_NAMES, m_test.ap)},
+            "test_ap": {t: round(float(a), 4) for t, a in zip(TAG_NAMES, m_test.ap, strict=True)},
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(train_s, 1)}
         print(f"{kind:9s} test mAP {m_test.mean_ap:.4f}  unseen mAP {m_unseen.mean_ap:.4f}  "

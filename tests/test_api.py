@@ -288,7 +288,8 @@ def test_labels_one_and_many_reach_fine_tuning(client, live):
     assert many.status_code == 200 and len(many.json()["receipts"]) == 2
     assert ft.status()["labels"] == n0 + 3
     _, labels, prov = ft.replay.merged()
-    last = {p["seq_num"]: row for p, row in zip(prov, labels) if p.get("run_uid") == live.uid}
+    last = {p["seq_num"]: row for p, row in zip(prov, labels, strict=True)
+            if p.get("run_uid") == live.uid}
     tags = list(ft.replay.tags)
     assert last[2][tags.index("ring_oriented")] == 1 and last[2][tags.index("beam_off")] == 0
     assert last[3][tags.index("saturation")] == 1 and np.isnan(last[4][tags.index("saturation")])

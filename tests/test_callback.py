@@ -202,8 +202,9 @@ def test_bad_frames_are_recorded_as_skipped(RE, tagger, recorder):
 class FailingTagger:
     """Wraps a tagger; the model raises on every batch larger than ``ok_up_to``."""
 
-    def __init__(self, tagger, ok_up_to=0, error=RuntimeError("boom")):
-        self._t, self.ok_up_to, self.error = tagger, ok_up_to, error
+    def __init__(self, tagger, ok_up_to=0, error=None):
+        self._t, self.ok_up_to = tagger, ok_up_to
+        self.error = RuntimeError("boom") if error is None else error
         self.calls = []
 
     def __getattr__(self, name):

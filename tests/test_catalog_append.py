@@ -87,7 +87,8 @@ def test_retag_writes_a_readable_tag_stream_and_updates_the_stop(stored, tagger)
     assert ds.sizes["time"] == 6
     keys = [str(k) for k in ds["source_key"].values]
     seqs = [int(s) for s in ds["source_seq_num"].values]
-    assert sorted(zip(keys, seqs)) == [(k, s) for k in ("img", "small") for s in (1, 2, 3)]
+    assert sorted(zip(keys, seqs, strict=True)) == [(k, s) for k in ("img", "small")
+                                                    for s in (1, 2, 3)]
     assert set(ds["source_uid"].values) == {""}        # Tiled keeps no event uids
     assert set(ds["checkpoint"].values) == {tagger.checkpoint_id}
     probs = np.stack([ds[t].values for t in TAG_NAMES], axis=1)

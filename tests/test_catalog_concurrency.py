@@ -42,7 +42,7 @@ def test_concurrent_writers_store_every_event_once(tmp_path, caplog):
             det = SynSignal(func=lambda: rng.random(3), name=f"det{k}", labels={"detectors"})
             for _ in range(RUNS):
                 uids[k].append(RE(count([det], EVENTS), writer=k)[0])
-        except Exception as exc:  # reported below with the thread it came from
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread it came from
             errors.append(f"writer {k}: {exc!r}")
 
     def read(k: int) -> None:
@@ -53,7 +53,7 @@ def test_concurrent_writers_store_every_event_once(tmp_path, caplog):
             for w, uid in done[k::READERS]:
                 try:
                     shape = node[uid]["primary"].read()[f"det{w}"].shape
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - reported below with the reader
                     errors.append(f"reader {k}, run {uid[:8]}: {exc!r}"[:300])
                     return
                 if shape != (EVENTS, 3):

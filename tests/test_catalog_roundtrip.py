@@ -23,13 +23,13 @@ pytest.importorskip("tiled.server", reason="needs tiled[server,client]")
 pytest.importorskip("tiled.client", reason="needs tiled[server,client]")
 pytest.importorskip("bluesky_tiled_plugins", reason="needs bluesky-tiled-plugins")
 
-from bluesky.plans import count, scan  # noqa: E402
-from ophyd.sim import det, motor  # noqa: E402
+from bluesky.plans import count, scan
+from ophyd.sim import det, motor
 
-from bluesky_xsml import TaggingCallback  # noqa: E402
-from bluesky_xsml.tags import TAG_NAMES  # noqa: E402
+from bluesky_xsml import TaggingCallback
+from bluesky_xsml.tags import TAG_NAMES
 
-from .conftest import DocumentRecorder, assert_probs_match, make_image_detector  # noqa: E402
+from .conftest import DocumentRecorder, assert_probs_match, make_image_detector
 
 STRING_KEYS = ("source_stream", "source_uid", "source_key", "tags", "skip_reason", "checkpoint")
 
@@ -91,7 +91,8 @@ def emitted_by_frame(rec):
 
 def read_back_by_frame(ds):
     """Rows of the read-back tag stream keyed like :func:`emitted_by_frame`."""
-    keys = zip(ds["source_key"].values, ds["source_seq_num"].values, ds["frame_index"].values)
+    keys = zip(ds["source_key"].values, ds["source_seq_num"].values, ds["frame_index"].values,
+               strict=True)
     return {(str(k), int(s), int(i)): row for row, (k, s, i) in enumerate(keys)}
 
 

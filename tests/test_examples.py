@@ -52,8 +52,8 @@ def test_example_runs(name, tmp_path):
             if shutil.which(exe) is None:
                 pytest.skip(f"{exe} is not installed (Debian redis-server; bluesky-queueserver)")
     args, expected = CASES[name]
-    res = subprocess.run([sys.executable, str(EXAMPLES / name), *args], check=False, capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
+    res = subprocess.run([sys.executable, str(EXAMPLES / name), *args], check=False,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     for text in expected:
         assert text in res.stdout, (text, res.stdout[-3000:])

@@ -71,7 +71,7 @@ class Recorder:
         return [d for n, d in self.docs if n == name]
 
     def assert_unchanged(self):
-        for (name, doc), (_, snap) in zip(self.docs, self.snapshots):
+        for (name, doc), (_, snap) in zip(self.docs, self.snapshots, strict=True):
             assert _equal(doc, snap), f"{name} document was modified"
 
 
@@ -79,7 +79,7 @@ def _equal(a, b):
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, np.ndarray):
         return np.array_equal(a, b)
     return a == b

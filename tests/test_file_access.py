@@ -206,7 +206,7 @@ def test_the_tagging_process_applies_the_same_rules(RE, recorder, site):
     """isolation="process": the child opens the files, under the callback's rules."""
     from bluesky_xsml.inference.process import ProcessOptions
 
-    beamline, secret = site
+    beamline, _secret = site
     xsml = TaggingCallback(None, downstream=[recorder], allowed_roots=[beamline],
                            read_retries=1, read_retry_delay=0.01, isolation="process",
                            process_options=ProcessOptions(priority="normal", threads=1))

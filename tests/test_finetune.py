@@ -89,7 +89,7 @@ def test_grow_head_keeps_old_outputs_and_learns_a_new_tag():
     tagger = tiny()
     x, y = toy(32, 0)
     grown = grow_head(tagger, ["ring_doubling"])
-    assert grown.tags == tagger.tags + ("ring_doubling",)
+    assert grown.tags == (*tagger.tags, "ring_doubling")
     p_old, p_new = tagger.predict_inputs(x[:4]), grown.predict_inputs(x[:4])
     np.testing.assert_allclose(p_new[:, :-1], p_old, atol=1e-3)
     np.testing.assert_allclose(p_new[:, -1], 0.5, atol=1e-3)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("tiled.server", reason="needs tiled[server,client]")
 pytest.importorskip("bluesky_tiled_plugins", reason="needs bluesky-tiled-plugins")
 
-from .conftest import make_image_detector  # noqa: E402
+from .conftest import make_image_detector
 
 LINE_Y = 3.5
 

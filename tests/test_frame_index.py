@@ -14,7 +14,7 @@ TAGS = ("ring_oriented", "beam_off", "saturation")
 
 
 def result(seq, probs, *, skip="", key="img"):
-    tags = () if skip else tuple(t for t, p in zip(TAGS, probs) if p >= 0.5)
+    tags = () if skip else tuple(t for t, p in zip(TAGS, probs, strict=True) if p >= 0.5)
     return FrameResult(stream="primary", seq_num=seq, event_uid=f"e{seq}", key=key,
                        frame_index=0, probs=None if skip else list(probs), skip_reason=skip,
                        checkpoint="ck1", tags=tags, latency=0.01, time=1000.0 + seq)

@@ -201,7 +201,7 @@ def test_page_shows_live_tags_and_sends_a_correction(browser, tmp_path):
         assert ft.status()["labels"] == 1
         _, labels, prov = ft.replay.merged()
         assert prov[0]["seq_num"] == 5 and prov[0]["source"] == "label"
-        row = dict(zip(ft.replay.tags, labels[0]))
+        row = dict(zip(ft.replay.tags, labels[0], strict=True))
         assert row["ring_oriented"] == float(not was)
         card_tags = card5.locator(".chip").all_inner_texts()
         shown = set(card_tags) - {"ring_oriented"}  # the other tags are sent as shown

@@ -109,8 +109,8 @@ def test_phase_map_groups_frames_by_structure(tmp_path):
     sample = CombinatorialSample(size=64)
     xs, ys = np.meshgrid(np.linspace(0.5, 9.8, 5), np.linspace(0.5, 9.5, 4))
     xs, ys = xs.ravel(), ys.ravel()
-    tags = [sample.tags_at(x, y) for x, y in zip(xs, ys)]
-    probs = np.array([sample.labels_at(x, y) for x, y in zip(xs, ys)])
+    tags = [sample.tags_at(x, y) for x, y in zip(xs, ys, strict=True)]
+    probs = np.array([sample.labels_at(x, y) for x, y in zip(xs, ys, strict=True)])
     fig = phase_map(xs, ys, tags, probs=probs, truth=sample.region_at, xlabel="x", ylabel="y")
     main = fig.axes[0]
     legend = [t.get_text() for t in _legends(fig)[0].get_texts()]

@@ -87,7 +87,7 @@ def test_the_head_corrects_only_frames_with_a_centre(tmp_path):
     assert "polar" not in base.net.config.to_dict()  # networks without it keep their ids
     rng = np.random.default_rng(1)
     frames = [rng.poisson(5, (96, 140)).astype(np.uint32) for _ in range(3)]
-    for f, (cx, cy) in zip(frames, [(20, 30), (70, 48), (130, 90)]):
+    for f, (cx, cy) in zip(frames, [(20, 30), (70, 48), (130, 90)], strict=True):
         f[cy - 1:cy + 2, cx - 1:cx + 2] += 5000  # something for the head to see
 
     plain = base.predict(frames)
@@ -123,7 +123,7 @@ def test_bf16_inference_stays_close_to_fp32():
     _, t32 = polar_tagger(precision="fp32")
     try:
         _, t16 = polar_tagger(precision="bf16")
-    except Exception as err:  # a CPU or torch build without bf16 autocast
+    except Exception as err:  # noqa: BLE001 - a CPU or torch build without bf16 autocast
         pytest.skip(f"no bf16 here: {err}")
     frames = np.random.default_rng(2).poisson(30, (4, 100, 100)).astype(np.int32)
     a = t32.predict(frames, beam_center=(40, 60))
@@ -170,7 +170,7 @@ def test_the_callback_gives_each_run_its_beam_centre(RE, caplog):
     expected = [tagger.predict(frames[0:3], beam_center=(101, 41)),
                 tagger.predict(frames[3:6], beam_center=(80, 64)),
                 base.predict(frames[6:9])]
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert g.shape == (3, len(TAG_NAMES))
         np.testing.assert_allclose(g, e, atol=2e-2)  # bf16 on CPUs that have it
     assert np.abs(got[0] - base.predict(frames[0:3])).max() > 0.05

@@ -57,7 +57,7 @@ def test_skipped_frames_neither_count_nor_break_a_streak():
     assert d.action == "pause"
     assert [f.seq_num for f in d.evidence] == [1, 3, 4]
     # A skipped newest frame never repeats an earlier decision.
-    assert decide(Policy(), frames + [ref(5, skip="missing_file")]).action == "continue"
+    assert decide(Policy(), [*frames, ref(5, skip="missing_file")]).action == "continue"
 
 
 def test_saturation_remeasures_with_shorter_exposure():
@@ -70,14 +70,14 @@ def test_saturation_remeasures_with_shorter_exposure():
 
 def test_new_feature_refines_only_when_new():
     base = [ref(1, "halo_isotropic"), ref(2, "halo_isotropic")]
-    d = decide(Policy(), base + [ref(3, "ring_oriented", "halo_isotropic")])
+    d = decide(Policy(), [*base, ref(3, "ring_oriented", "halo_isotropic")])
     assert d.action == "refine"
     assert d.params["tags"] == ["ring_oriented"]
     assert d.params["step_factor"] == 0.25
     assert [f.seq_num for f in d.evidence] == [2, 3]
     assert "ring_oriented appeared" in d.reason
     # Already present in the window: not new.
-    seen = base + [ref(3, "ring_oriented"), ref(4, "ring_oriented")]
+    seen = [*base, ref(3, "ring_oriented"), ref(4, "ring_oriented")]
     assert decide(Policy(), seen).action == "continue"
     # A run's first frame is not a change (min_history=1).
     assert decide(Policy(), [ref(1, "ring_oriented")]).action == "continue"
@@ -86,9 +86,9 @@ def test_new_feature_refines_only_when_new():
 def test_new_feature_returns_after_leaving_the_window():
     window = Policy().rules[2].window
     frames = [ref(0, "ring_oriented")] + [ref(i, "halo_isotropic") for i in range(1, window + 1)]
-    assert decide(Policy(), frames + [ref(99, "ring_oriented")]).action == "refine"
-    assert decide(Policy(), frames[1:-1] + [ref(0, "ring_oriented")] + frames[-1:]
-                  + [ref(99, "ring_oriented")]).action == "continue"
+    assert decide(Policy(), [*frames, ref(99, "ring_oriented")]).action == "refine"
+    assert decide(Policy(), [*frames[1:-1], ref(0, "ring_oriented"), *frames[-1:],
+                             ref(99, "ring_oriented")]).action == "continue"
 
 
 def test_weak_only_counts_longer_but_not_with_other_tags():
@@ -297,7 +297,7 @@ def test_hot_reload_is_thread_safe():
             for i in range(300):
                 d = engine.update(uid, [result(i, "beam_off")])
                 assert d.action in ("continue", "pause")
-        except Exception as err:  # pragma: no cover - reported below
+        except Exception as err:  # noqa: BLE001 - reported below  # pragma: no cover
             errors.append(err)
 
     def swap():
@@ -350,7 +350,7 @@ def test_yaml_written_by_hand(tmp_path):
     policy = Policy.from_file(path)
     frames = [ref(i, "beam_off") for i in range(4)]
     assert decide(policy, frames).action == "continue"
-    assert decide(policy, frames + [ref(4, "beam_off")]).action == "pause"
+    assert decide(policy, [*frames, ref(4, "beam_off")]).action == "pause"
 
 
 @pytest.mark.parametrize("data, message", [
@@ -379,7 +379,7 @@ def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigurationError,
                        match=r"must end in \.json, \.yaml or \.yml, not '.txt'"):
         Policy.from_file(tmp_path / "p.txt")
-    with pytest.raises(ConfigurationError, match="cannot read policy file .*missing.json"):
+    with pytest.raises(ConfigurationError, match=r"cannot read policy file .*missing\.json"):
         Policy.from_file(tmp_path / "missing.json")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules: [\n")

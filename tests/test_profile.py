@@ -28,7 +28,8 @@ uid, = RE(scan([det], sample_x, 1.0, 9.6, 3))
 assert xsml.flush(120)
 stop = catalog[uid].metadata["stop"]
 start = catalog[uid].metadata["start"]
-print("XSML-RESULT", json.dumps({"uid": uid, "stop": stop, "time_is_module": hasattr(ttime, "monotonic"),
+print("XSML-RESULT", json.dumps({"uid": uid, "stop": stop,
+                                 "time_is_module": hasattr(ttime, "monotonic"),
                                  "beam": start.get("xsml_beam_center"),
                                  "errors": xsml.status()["document_errors"],
                                  "torch": "torch" in sys.modules}))

@@ -17,11 +17,11 @@ import pytest
 
 pytest.importorskip("bluesky_queueserver_api")
 
-from bluesky_xsml.documents.compose import FrameResult  # noqa: E402
-from bluesky_xsml.errors import ConfigurationError  # noqa: E402
-from bluesky_xsml.steering.local_server import LocalQueueServer, free_port  # noqa: E402
-from bluesky_xsml.steering.policy import Decision, FrameRef, PolicyEngine  # noqa: E402
-from bluesky_xsml.steering.queue import (  # noqa: E402
+from bluesky_xsml.documents.compose import FrameResult
+from bluesky_xsml.errors import ConfigurationError
+from bluesky_xsml.steering.local_server import LocalQueueServer, free_port
+from bluesky_xsml.steering.policy import Decision, FrameRef, PolicyEngine
+from bluesky_xsml.steering.queue import (
     PlanTemplate,
     QueueSteering,
     QueueSteeringError,
@@ -123,7 +123,7 @@ def test_decision_adds_a_plan_that_runs_with_the_decision_in_its_metadata(qs):
     qs.api.wait_for_idle(timeout=60)
     result = qs.api.history_get()["items"][-1]["result"]
     assert result["exit_status"] == "completed"
-    start = [s for s in qs.starts() if s["uid"] == result["run_uids"][0]][0]
+    start = next(s for s in qs.starts() if s["uid"] == result["run_uids"][0])
     md = start["xsml_decision"]
     assert (md["action"], md["rule"], md["run_uid"]) == ("remeasure", "saturation", "run-a")
     assert md["evidence"][0]["seq_num"] == 7

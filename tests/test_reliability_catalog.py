@@ -30,14 +30,14 @@ import pytest
 pytest.importorskip("tiled.server", reason="needs tiled[server,client]")
 pytest.importorskip("bluesky_tiled_plugins", reason="needs bluesky-tiled-plugins")
 
-import httpx  # noqa: E402
-from bluesky.plans import count  # noqa: E402
+import httpx
+from bluesky.plans import count
 
-from bluesky_xsml import TaggingCallback  # noqa: E402
-from bluesky_xsml.documents.outbox import RetryPolicy  # noqa: E402
-from bluesky_xsml.tags import TAG_NAMES  # noqa: E402
+from bluesky_xsml import TaggingCallback
+from bluesky_xsml.documents.outbox import RetryPolicy
+from bluesky_xsml.tags import TAG_NAMES
 
-from .conftest import DocumentRecorder, make_image_detector  # noqa: E402
+from .conftest import DocumentRecorder, make_image_detector
 
 pytestmark = pytest.mark.reliability
 

@@ -188,7 +188,7 @@ def test_documents_with_missing_keys_are_logged_and_passed_through(caplog, tagge
 
 
 def test_event_for_unknown_descriptor_and_stop_without_start(caplog, tagger):
-    run, desc, (ev,) = _run_docs(1)
+    _run, desc, (ev,) = _run_docs(1)
     orphan_stop = {"uid": "s-1", "run_start": "never-started", "time": time.time(),
                    "exit_status": "success"}
     rec, status = _feed([("event", ev), ("stop", orphan_stop)], caplog, tagger)
@@ -278,7 +278,7 @@ def test_checkpoint_dicts_that_lie_are_refused(tmp_path):
             {**good, "state_dict": {k: torch.zeros(3) for k in good["state_dict"]}},
             "weights do not fit"),
     }
-    for what, (ckpt, message) in cases.items():
+    for _what, (ckpt, message) in cases.items():
         torch.save(ckpt, tmp_path / "x.pt")
         with pytest.raises(CheckpointError, match=message):
             Tagger.load(tmp_path / "x.pt")
@@ -289,7 +289,7 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(tmp_path):
     data = bytearray(path.read_bytes())
     rng = np.random.default_rng(0)
     refused = 0
-    for trial in range(5):
+    for _trial in range(5):
         damaged = bytearray(data)
         for i in rng.integers(len(data) // 4, len(data), 8):  # inside the weights
             damaged[i] ^= 0xFF

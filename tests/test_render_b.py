@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +148,7 @@ def test_grazing_frames_have_a_horizon_with_attenuation_below():
     smp = sampler(p_grazing=1.0, p_beam_off=0.0, p_weak=0.0, p_high_background=0.0)
     found = 0
     for i in range(10):
-        frame, y, scene = render_scene(9, i, smp)
+        _frame, y, scene = render_scene(9, i, smp)
         if not lab(y, "horizon"):
             continue
         found += 1
@@ -248,7 +248,7 @@ def test_store_round_trips_through_the_project_reader(tmp_path):
 
 def test_sampler_is_declared_and_frozen():
     smp = SceneSampler()
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         smp.p_grazing = 0.5  # distributions change by building a new sampler
     assert isinstance(smp.ring_texture, Choice)
 

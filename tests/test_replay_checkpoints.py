@@ -213,7 +213,7 @@ def test_sigkill_during_finetuning_loses_no_acknowledged_label(tmp_path):
     """Kill a live fine-tuner while it trains and takes labels; restart and check everything."""
     first_n = 0
     acked: dict[int, int] = {}
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = _child(_FINETUNER, str(tmp_path), str(first_n))
         lines = _read_until(
             proc, lambda ls: sum("training" in ln for ln in ls) >= 3, timeout=180)

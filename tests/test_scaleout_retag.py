@@ -154,8 +154,8 @@ def test_retag_resumes_after_a_limit_and_after_a_killed_writer(stored, cluster, 
         tagger = Tagger.load({str(path)!r})
         retag_run(connect({cat.uri!r})[{victim!r}], tagger, batch_size=1)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr[-2000:]
     run, name = stored_stream(cat, victim, tagger)
     assert name in run.base  # the partial stream is there...

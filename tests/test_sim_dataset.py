@@ -42,9 +42,9 @@ def test_round_trip_is_exact(straight):
         assert same_frame(ds.frames(i), frames[i]), i
         assert ds.params(i) == params[i]
     assert {f.dtype.name for f in frames} >= {"int32", "float32"}     # mixed dtypes stored
-    assert all(same_frame(a, b) for a, b in zip(ds[2:9], frames[2:9]))
+    assert all(same_frame(a, b) for a, b in zip(ds[2:9], frames[2:9], strict=True))
     assert all(same_frame(a, b) for a, b in zip(ds.frames([0, 13, 5]),
-                                                [frames[0], frames[13], frames[5]]))
+                                                [frames[0], frames[13], frames[5]], strict=True))
     assert same_frame(ds[-1], frames[-1]) and same_frame(ds.frame(4), frames[4])
     bits, shapes, dtypes = ds.read_padded(0, 3)
     assert bits.shape == (3, SIZE, SIZE) and bits.dtype == np.uint32
@@ -56,7 +56,7 @@ def test_round_trip_is_exact(straight):
 
 
 def test_resume_after_limit_and_interruption_matches_straight_run(straight, tmp_path):
-    path, _ = straight
+    _path, _ = straight
     part = tmp_path / "part.zarr"
     kw = dict(size=SIZE, seed=SEED, block=BLOCK, detectors=["train", "heldout"], progress=False)
     assert write_dataset(part, N, workers=1, limit=5, **kw) == 8       # two whole blocks
@@ -93,7 +93,7 @@ def test_cli_writes_and_resumes(tmp_path, capsys):
     args = ["synth", "--n", "6", "--size", "48", "--out", str(out), "--seed", "3",
             "--block", "2", "--workers", "1", "--no-progress", "--detectors", "eiger_1m",
             "pilatus_300kw"]
-    assert cli.main(args + ["--limit", "3"]) == 0
+    assert cli.main([*args, "--limit", "3"]) == 0
     assert "4/6 frames written" in capsys.readouterr().err
     assert cli.main(args) == 0
     ds = open_dataset(out)
@@ -111,7 +111,7 @@ def test_cli_writes_and_resumes(tmp_path, capsys):
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["synth", "--out", str(tmp_path / "bad.zarr")] + argv)
+        cli.main(["synth", "--out", str(tmp_path / "bad.zarr"), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 

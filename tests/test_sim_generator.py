@@ -50,11 +50,11 @@ def radial_mean(frame, cx, cy, r, half=0.7):
 def test_same_seed_same_frames_labels_and_params():
     f1, l1, p1 = SceneGenerator(seed=7, size=96).batch(6)
     f2, l2, p2 = SceneGenerator(seed=7, size=96).batch(6)
-    assert all(same_frame(a, b) for a, b in zip(f1, f2))
+    assert all(same_frame(a, b) for a, b in zip(f1, f2, strict=True))
     assert np.array_equal(l1, l2) and l1.dtype == np.float32 and l1.shape == (6, 23)
     assert p1 == p2
     f3, _, _ = SceneGenerator(seed=8, size=96).batch(6)
-    assert not all(same_frame(a, b) for a, b in zip(f1, f3))
+    assert not all(same_frame(a, b) for a, b in zip(f1, f3, strict=True))
 
 
 def test_frame_at_is_independent_of_stream_position():
@@ -66,7 +66,7 @@ def test_frame_at_is_independent_of_stream_position():
 
 
 def test_params_are_json_and_rerender_exactly():
-    frame, labels, params = SceneGenerator(seed=11, size=128).frame_at(5)
+    _frame, labels, params = SceneGenerator(seed=11, size=128).frame_at(5)
     again = json.loads(json.dumps(params))
     rng_a = np.random.default_rng(99)
     rng_b = np.random.default_rng(99)
@@ -132,7 +132,7 @@ def test_detector_selection_and_heldout():
     held = SceneGenerator(seed=1, size=64, detectors=["619x1475", "2167x2070"])
     assert {held.one()[2]["detector"]["name"] for _ in range(20)} == set(HELDOUT)
     assert [d.name for d in resolve_detectors("eiger")][:2] == ["eiger_500k", "eiger_1m"]
-    with pytest.raises(ConfigurationError, match="unknown detector 'nope'.*pilatus_1m"):
+    with pytest.raises(ConfigurationError, match=r"unknown detector 'nope'.*pilatus_1m"):
         SceneGenerator(detectors=["nope"])
 
 
@@ -244,7 +244,7 @@ def test_generated_saturation_labels_match_clipped_pixels(sample_256):
     frames, labels, params = sample_256
     js = tag_index("saturation")
     n_sat = 0
-    for frame, lab, p in zip(frames, labels, params):
+    for frame, lab, p in zip(frames, labels, params, strict=True):
         cut = p["detector"]["count_cutoff"]
         at_cut = int((frame == cut).sum())
         if lab[js]:
@@ -258,7 +258,7 @@ def test_generated_saturation_labels_match_clipped_pixels(sample_256):
 def test_weak_and_high_background_frames_look_like_it(sample_256):
     frames, labels, params = sample_256
     jw, jh = tag_index("weak_scattering"), tag_index("high_background")
-    for frame, lab, p in zip(frames, labels, params):
+    for frame, lab, p in zip(frames, labels, params, strict=True):
         if p["detector"]["family"] == "ccd" or not p["beam_on"]:
             continue
         valid = frame[(frame >= 0) & (frame < p["detector"]["count_cutoff"])].astype(float)
@@ -271,8 +271,8 @@ def test_weak_and_high_background_frames_look_like_it(sample_256):
 def test_tag_frequencies(sample_256):
     _, labels, _ = sample_256
     freq = labels.mean(axis=0)
-    assert (freq > 0).all(), [t for t, f in zip(TAG_NAMES, freq) if f == 0]
-    assert (freq < 0.7).all(), [t for t, f in zip(TAG_NAMES, freq) if f >= 0.7]
+    assert (freq > 0).all(), [t for t, f in zip(TAG_NAMES, freq, strict=True) if f == 0]
+    assert (freq < 0.7).all(), [t for t, f in zip(TAG_NAMES, freq, strict=True) if f >= 0.7]
     # most tags within the 5-45 % band of a balanced multi-label set
     assert ((freq > 0.05) & (freq < 0.45)).sum() >= 20
     assert labels.sum(axis=1).mean() > 2.5                  # many tags per frame

@@ -7,6 +7,7 @@ TaggingCallback, and the policy engine. Every emitted document is schema-validat
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import event_model
@@ -93,7 +94,7 @@ def test_scan_refines_where_the_structure_changes(RE, beamline, xsml, recorder):
     # the amorphous/crystalline boundary is now bracketed by points a refined step apart
     sample = beamline.sample
     ordered = sorted(positions)
-    crossings = [(a, b) for a, b in zip(ordered, ordered[1:])
+    crossings = [(a, b) for a, b in itertools.pairwise(ordered)
                  if sample.region_at(a, 2.0) == "amorphous" != sample.region_at(b, 2.0)]
     assert len(crossings) == 1
     a, b = crossings[0]

@@ -36,7 +36,7 @@ def test_the_suites_caches_resolve_under_basetemp(tmp_path_factory, writes_stay_
     assert _under(writes_stay_in_basetemp, base)
     assert _under(default_cache_dir(), base), default_cache_dir()
     assert not _under(default_cache_dir(), Path.home())
-    from hypothesis.configuration import storage_directory   # also what collection writes
+    from hypothesis.configuration import storage_directory  # also what collection writes
 
     assert _under(storage_directory("constants", intent_to_write=False).path, base)
     # a subprocess (the CLI, examples, workers) inherits the same places

@@ -34,7 +34,7 @@ def test_predict_accepts_one_frame_a_stack_and_a_ragged_list(tagger):
 @pytest.mark.reliability
 def test_predict_names_the_bad_frame(tagger):
     good = np.ones((64, 64), np.uint32)
-    with pytest.raises(FrameError, match="frame 1: .*2-D") as info:
+    with pytest.raises(FrameError, match=r"frame 1: .*2-D") as info:
         tagger.predict([good, np.ones(4096)])
     assert info.value.reason == "bad_shape"
     with pytest.raises(FrameError, match="dtype"):

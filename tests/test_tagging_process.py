@@ -66,7 +66,7 @@ def test_process_mode_tags_frames_as_the_model_does(RE, recorder, fp32_tagger):
     assert [t["data"]["skip_reason"] for t in tags] == [""] * len(frames)
     got = _probs(tags, fp32_tagger.tags)
     events = sorted(recorder.of("event"), key=lambda e: e["seq_num"])
-    assert len({e["data"]["saxs"].shape + (str(e["data"]["saxs"].dtype),) for e in events}) >= 3
+    assert len({(*e["data"]["saxs"].shape, str(e["data"]["saxs"].dtype)) for e in events}) >= 3
     expected = fp32_tagger.predict([e["data"]["saxs"] for e in events])
     # the tags' probabilities are far apart, so a swapped or shifted column cannot pass
     assert np.ptp(expected, axis=1).min() > 0.2
@@ -228,14 +228,14 @@ def test_a_crash_loop_stops_restarting_and_still_accounts_for_every_frame(RE, re
 
 def test_a_checkpoint_the_process_cannot_load_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope.pt"
-    with pytest.raises(TaggerProcessError, match="nope.pt.*does not exist"):
+    with pytest.raises(TaggerProcessError, match=r"nope\.pt.*does not exist"):
         TaggingCallback(str(missing), isolation="process", process_options=FAST)
 
 
 def test_checkpoint_swap_reaches_the_tagging_process(RE, recorder, tmp_path, fp32_tagger):
-    from bluesky_xsml import Tagger
-
     import torch
+
+    from bluesky_xsml import Tagger
 
     other = Tagger.load(precision="fp32")  # the same network with other weights
     with torch.no_grad():
@@ -306,7 +306,7 @@ def test_live_fine_tuning_runs_in_the_tagging_process(RE, recorder, tmp_path):
             try:
                 status = ft.status()
                 break
-            except Exception:  # the fine-tuner is resumed right after the restart
+            except Exception:  # noqa: BLE001 - the fine-tuner comes back right after the restart
                 time.sleep(0.5)
         assert status["labels"] == 1 and status["active_id"] == base
     finally:

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.security
 def test_old_torch_refuses_to_load_a_checkpoint(tmp_path, monkeypatch, old):
     path = Tagger.untrained(seed=0).save(tmp_path / "model.pt")
     monkeypatch.setattr(torch, "__version__", old)
-    with pytest.raises(CheckpointError, match=rf"torch {re.escape(old)} cannot load checkpoints safely.*"
-                                              r"Install torch>=2\.6"):
+    with pytest.raises(CheckpointError,
+                       match=rf"torch {re.escape(old)} cannot load checkpoints safely.*"
+                             r"Install torch>=2\.6"):
         Tagger.load(path)
 
 

@@ -206,7 +206,7 @@ def test_train_learns_toy_problem_and_resumes(toy, tmp_path, capsys):
     assert "resuming from" in text and "after epoch 1" in text
     hist_b = [json.loads(line) for line in (out_b / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist_b] == [1, 2, 3]
-    for h_a, h_b in zip(hist, hist_b):
+    for h_a, h_b in zip(hist, hist_b, strict=True):
         assert h_b["train_loss"] == pytest.approx(h_a["train_loss"], rel=1e-3, abs=1e-4)
     state_a = torch.load(out_a / "last.pt", weights_only=True)
     state_b = torch.load(out_b / "last.pt", weights_only=True)

@@ -63,11 +63,11 @@ class _Deadline:
                      self.header_timeout_s)
             self.transport.close()
 
-    def connection_made(self, transport) -> None:  # noqa: D102
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def connection_lost(self, exc) -> None:  # noqa: D102
+    def connection_lost(self, exc) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
 

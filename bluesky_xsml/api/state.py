@@ -119,8 +119,8 @@ class ServiceState:
         self._lock = threading.Lock()
         self._next_id = 0
         self._latest: collections.deque = collections.deque(maxlen=settings.latest_frames)
-        self._runs: "collections.OrderedDict[str, _Run]" = collections.OrderedDict()
-        self._thumbs: "collections.OrderedDict[tuple, Thumbnail]" = collections.OrderedDict()
+        self._runs: collections.OrderedDict[str, _Run] = collections.OrderedDict()
+        self._thumbs: collections.OrderedDict[tuple, Thumbnail] = collections.OrderedDict()
         self._rate: collections.deque = collections.deque()  # (monotonic time, n results)
         self._clients: list[FeedClient] = []
         self._feed_dropped = 0
@@ -219,7 +219,8 @@ class ServiceState:
         self._next_id += 1
         probs = None
         if r.probs is not None:
-            probs = {t: (round(float(p), 5) if p == p else None) for t, p in zip(tags, r.probs)}
+            probs = {t: (round(float(p), 5) if p == p else None)
+                     for t, p in zip(tags, r.probs, strict=False)}
         lat = float(r.latency)
         where = self.runbook.where(run_uid, r.stream, int(r.seq_num))
         return {"id": rid, "run_uid": run_uid, "stream": r.stream, "seq_num": int(r.seq_num),

@@ -126,10 +126,10 @@ def find_runs(catalog, tag: str, *, min_frames: int = 1, since: Any = None, unti
 
     Examples
     --------
-    >>> find_runs(None, "ring_orientd")
+    >>> find_runs(None, "ring_orientd")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: unknown tag 'ring_orientd'; did you mean ring_oriented? (known tags: see bluesky_xsml.tags.TAG_NAMES; pass strict=False for a custom vocabulary)
+    ValueError: unknown tag 'ring_orientd'; did you mean ring_oriented? (known tags: ...)
     """
     _check_tag(tag, strict)
     if isinstance(min_frames, bool) or not isinstance(min_frames, int) or min_frames < 1:
@@ -194,7 +194,7 @@ def _iter_runs(catalog_or_runs) -> Iterable:
 def _spec_names(node) -> set[str]:
     try:
         return {s.name for s in node.specs}
-    except Exception:
+    except (AttributeError, TypeError):  # a plain sequence of runs, or a node without specs
         return set()
 
 
@@ -333,7 +333,7 @@ def _frames_from_index(start: Mapping, stop: Mapping, tag: str, min_prob: float,
             [*[k for k in positions if k not in fields], *fields]
         sample = _sample_metadata(start, sample_keys)
         rows = []
-        for i, p in zip(hits["row"], hits["prob"]):
+        for i, p in zip(hits["row"], hits["prob"], strict=True):
             if not p >= min_prob:
                 continue
             if novel is not None and bool(frames["novel"][i]) != novel:
@@ -455,7 +455,7 @@ def _position_columns(runs, per_run: Sequence[list[dict]], fields: Sequence[str]
                       sample_keys) -> list[str]:
     """The position columns of a table: those any run's rows hold, then ``fields``."""
     cols: dict[str, None] = {}
-    for run, rows in zip(runs, per_run):
+    for run, rows in zip(runs, per_run, strict=True):
         if not rows:
             continue
         sample = _sample_metadata(run.metadata.get("start") or {}, sample_keys)
@@ -604,7 +604,7 @@ def find_frames(catalog_or_runs, tag: str, *, min_prob: float = 0.5, stream: str
     if threads == 1 or len(runs) <= 1:
         per_run = [one(r) for r in runs]
         wanted = _position_columns(runs, per_run, fields, sample_keys)
-        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run)]
+        per_run = [fill(run, rs, wanted) for run, rs in zip(runs, per_run, strict=True)]
     else:
         with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="xsml-query") as ex:
             per_run = list(ex.map(one, runs))

@@ -173,7 +173,7 @@ def export_run_xml(run, directory: str | os.PathLike, *, stream: str | None = No
         for path in paths:
             if path.exists():
                 raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    for path, data in zip(paths, docs.values()):
+    for path, data in zip(paths, docs.values(), strict=True):
         tmp = path.with_suffix(".xml.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)

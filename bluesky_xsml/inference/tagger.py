@@ -22,9 +22,10 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ class Tagger:
     # ------------------------------------------------------------ construction
     @classmethod
     def untrained(cls, *, seed: int = 0, config: TaggerNetConfig | None = None,
-                  tags: Sequence[str] = TAG_NAMES, **kwargs) -> "Tagger":
+                  tags: Sequence[str] = TAG_NAMES, **kwargs) -> Tagger:
         """A randomly initialised tagger (deterministic for a seed)."""
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -205,7 +206,7 @@ class Tagger:
         return cls(net, tags, metadata=md, **kwargs)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> "Tagger":
+    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Tagger:
         """Load a checkpoint; with no ``path``, the packaged default model.
 
         If the package ships no trained default (a development checkout before
@@ -241,7 +242,7 @@ class Tagger:
         return tagger
 
     @classmethod
-    def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> "Tagger":
+    def from_checkpoint_dict(cls, ckpt: Any, *, source: str = "<dict>", **kwargs) -> Tagger:
         """Build a tagger from a loaded checkpoint dictionary (validated)."""
         check_format(ckpt, source)
         try:
@@ -295,7 +296,8 @@ class Tagger:
             # the polar head is small (a few % of the cost) and its inputs span decades of
             # counts: it stays fp32 whatever the network's precision
             module.net.polar.float()
-        memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        memory_format = (torch.channels_last if self.device.type == "cpu"
+                         else torch.contiguous_format)
         module = module.to(memory_format=memory_format)
         S = self.preprocess_config.size
         example = torch.zeros(2, net.config.in_channels, S, S, device=self.device, dtype=dtype)
@@ -317,7 +319,7 @@ class Tagger:
                 for _ in range(3):  # the profiling executor optimises after a few runs
                     traced(*args)
             return traced, dtype, memory_format, takes_centers
-        except Exception as err:  # pragma: no cover - depends on the torch build
+        except Exception as err:  # noqa: BLE001 - any tracing failure: run eagerly  # pragma: no cover
             log.warning("TorchScript tracing failed (%s); inference runs eagerly", err)
             return module, dtype, memory_format, takes_centers
 
@@ -537,11 +539,11 @@ class Tagger:
     def decide(self, probs: np.ndarray) -> list[list[str]]:
         """Tag names at or above threshold, per row of ``probs``."""
         probs = np.atleast_2d(probs)
-        return [[t for t, p, th in zip(self.tags, row, self.thresholds) if p >= th]
+        return [[t for t, p, th in zip(self.tags, row, self.thresholds, strict=True) if p >= th]
                 for row in probs]
 
     # -------------------------------------------------------------- hot swap
-    def swap_weights(self, other: "Tagger", *, allow_tag_change: bool = False) -> None:
+    def swap_weights(self, other: Tagger, *, allow_tag_change: bool = False) -> None:
         """Adopt ``other``'s weights, thresholds and metadata between batches.
 
         With ``allow_tag_change``, ``other`` may have more or fewer tags as long
@@ -586,7 +588,7 @@ class Tagger:
         """
         return self._lock
 
-    def finetune(self, frames, labels, **options) -> "Tagger":
+    def finetune(self, frames, labels, **options) -> Tagger:
         """Fine-tune a copy of this tagger on labeled frames (deprecated).
 
         .. deprecated::

@@ -122,7 +122,7 @@ def gap_mask(det: DetectorModel) -> np.ndarray | None:
 def _interpolate_gaps(frame: np.ndarray, det: DetectorModel) -> None:
     """Fill the gaps in place by linear interpolation across them (float frame)."""
     (mh, mw), (nr, nc), (gr, gc) = det.module, det.tiling, det.gap
-    h, w = frame.shape
+    _h, _w = frame.shape
     for k in range(1, nc):
         a = k * mw + (k - 1) * gc
         left, right = frame[:, a - 1], frame[:, a + gc]

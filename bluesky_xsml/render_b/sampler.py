@@ -10,6 +10,7 @@ geometry, the beamstop, the exposure and the list of scattering components.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -338,7 +339,7 @@ class SceneSampler:
         """``n`` radii in ``[lo, hi]``, apart by ``min_sep`` and with no pair near 1:2 or 1:3."""
         for _ in range(50):
             rs = sorted(float(v) for v in rng.uniform(lo, hi, n))
-            ok = all(b - a >= max(min_sep, 0.04 * b) for a, b in zip(rs, rs[1:]))
+            ok = all(b - a >= max(min_sep, 0.04 * b) for a, b in itertools.pairwise(rs))
             ok = ok and not any(abs(b / a - k) < 0.04 for a in rs for b in rs if b > a
                                 for k in (2, 3, 4))
             if ok:

@@ -117,7 +117,8 @@ def azimuth_profile(phi: np.ndarray, form: str, *, fold: int = 2, phase: float =
     if form == "uniform":
         return np.ones_like(phi)
     if form == "cos":
-        m = np.abs(np.cos(np.float32(fold / 2) * (phi - np.float32(phase)))) ** np.float32(2 * power)
+        m = (np.abs(np.cos(np.float32(fold / 2) * (phi - np.float32(phase))))
+             ** np.float32(2 * power))
     elif form == "vonmises":
         m = np.exp(np.float32(kappa) * (np.cos(np.float32(fold) * (phi - np.float32(phase))) - 1))
     elif form == "arcs":

@@ -145,7 +145,7 @@ def write(path, n: int, *, seed: int = 0, workers: int = 1, block: int = 16,
 
         try:
             old = dict(zarr.open_group(path, mode="r").attrs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - no readable store there (zarr's errors vary): none
             old = None
         if old != json.loads(json.dumps(st)):
             if not overwrite:

@@ -258,7 +258,7 @@ class _Block:
             except DirectReadRefused as err:
                 log.info("reading over HTTP: %s", err)
                 self.direct_read = None
-            except Exception as err:  # a broken file: the server's read decides
+            except Exception as err:  # noqa: BLE001 - a broken file: the server's read decides
                 log.warning("direct read failed (%r); reading over HTTP", err)
                 self.direct_read = None
         return self.http_read(lo, hi)
@@ -267,7 +267,7 @@ class _Block:
         try:
             value = self._fetch(lo, hi)
             self.bytes += int(getattr(value, "nbytes", 0))
-        except Exception as err:  # read per batch then, row by row on failure
+        except Exception as err:  # noqa: BLE001 - kept; read row by row on failure
             value = err
         self.cache = (lo, hi, value)
 

@@ -136,10 +136,12 @@ def _load_tagger(model: Any, threads: int | None):
 
     if isinstance(model, Mapping):
         key = ("tagger", str(model.get("metadata", {}).get("checkpoint_id")))
-        make = lambda: Tagger.from_checkpoint_dict(dict(model), source="<scattered>")
+        def make():
+            return Tagger.from_checkpoint_dict(dict(model), source="<scattered>")
     else:
         key = ("tagger", str(model))
-        make = lambda: Tagger.load(model)
+        def make():
+            return Tagger.load(model)
     tagger = _cached(key, make)
     if threads:
         import torch
@@ -322,7 +324,7 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
                                  threads=model_threads or threads_per_worker, options=options,
                                  read_files_under=roots, prefetch=prefetch, pure=False)
 
-        futures = as_completed([submit(g) for _, g in zip(range(window), pending)])
+        futures = as_completed([submit(g) for _, g in zip(range(window), pending, strict=False)])
         for future in futures:
             for row in future.result():
                 report.rows.append(row)

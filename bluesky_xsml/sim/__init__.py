@@ -37,13 +37,20 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .dataset import open_dataset, write_dataset
-    from .generator import (SceneGenerator, complete_scene, render_scene, sample_scene,
-                            scene_labels)
-    from .geometry import DETECTORS
-    from .sample import (CombinatorialSample, SampleStageDetector, hdf5_stage_detector,
-                         make_beamline, stream_stage_detector)
+if TYPE_CHECKING:  # pragma: no cover - `name as name`: re-exported for type checkers
+    from .dataset import open_dataset as open_dataset
+    from .dataset import write_dataset as write_dataset
+    from .generator import SceneGenerator as SceneGenerator
+    from .generator import complete_scene as complete_scene
+    from .generator import render_scene as render_scene
+    from .generator import sample_scene as sample_scene
+    from .generator import scene_labels as scene_labels
+    from .geometry import DETECTORS as DETECTORS
+    from .sample import CombinatorialSample as CombinatorialSample
+    from .sample import SampleStageDetector as SampleStageDetector
+    from .sample import hdf5_stage_detector as hdf5_stage_detector
+    from .sample import make_beamline as make_beamline
+    from .sample import stream_stage_detector as stream_stage_detector
 
 
 def __getattr__(name: str):

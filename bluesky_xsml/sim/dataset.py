@@ -227,7 +227,7 @@ def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
             keep.append(k)
             total += sizes[k]
         pending = keep
-    n_done = sum(s for s, d in zip(sizes, done) if d)
+    n_done = sum(s for s, d in zip(sizes, done, strict=True) if d)
     workers = workers or _cpus()
     bar = None
     if progress:
@@ -277,7 +277,7 @@ def _read_settings(path: str) -> dict | None:
 
     try:
         attrs = dict(zarr.open_group(path, mode="r").attrs)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no readable store there (zarr's errors vary): none
         return None
     return attrs if attrs.get("format") == FORMAT else None
 

@@ -338,7 +338,7 @@ def _add_lattice(S, feats):
     # spots below 2x threshold are not drawn: with the smooth envelope and mild
     # structure factors the drawn spots fill a disc of the lattice
     f["min_amp"] = 2.0 * thr
-    x, y, a, s = ph.lattice_spots(f, ctx)
+    x, y, a, _s = ph.lattice_spots(f, ctx)
     lv = _level(S, np.hypot(x - ctx.cx, y - ctx.cy))
     if int((_seen_t(ctx, x, y) & (a >= 2.0 * _thr("spot", lv, S.read))).sum()) < 9:
         return
@@ -411,7 +411,7 @@ def _add_streaks(S, feats):
             a = 90.0 * int(rng.integers(2)) + rng.uniform(-2, 2)
         else:
             a = rng.uniform(0, 180)
-        if S.gi and abs(((a % 180) - 90)) < 25:
+        if S.gi and abs((a % 180) - 90) < 25:
             a += 45.0
         a = float(a % 180)
         if all(min(abs(a - b), 180 - abs(a - b)) >= 20.0 for b in angs):
@@ -504,12 +504,12 @@ def _add_saturation(S, feats):
         r_in = _diffuse_inner_radius(S.sc, ctx)
         # saturate an annulus of width ~area / (2 pi r_in) outside the inner edge
         width = max(3.0, area / (2 * np.pi * max(r_in, 3.0)) * 3.0)
-        s0, s1 = ph.radial_profile(f, ctx, [r_in, r_in + width])
+        _s0, s1 = ph.radial_profile(f, ctx, [r_in, r_in + width])
         if s1 <= 0:
             return
         f["i0"] = float(f["i0"]) * cut * _logu(rng, 1.2, 5.0) / s1
     elif kind == "ring":
-        r, sig, amp = ph.ring_geometry(f, ctx)
+        _r, _sig, amp = ph.ring_geometry(f, ctx)
         k = int(np.argmax(amp))
         ratio = _logu(rng, 3.0, 30.0)
         old = f["amp"][k]

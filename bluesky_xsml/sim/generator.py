@@ -201,9 +201,9 @@ class SceneGenerator:
         """The next ``n`` frames: list of frames, ``(n, 23)`` float32 labels, list of dicts."""
         frames, labels, params = [], [], []
         for _ in range(int(n)):
-            f, l, p = self.one()
+            f, y, p = self.one()
             frames.append(f)
-            labels.append(l)
+            labels.append(y)
             params.append(p)
         lab = np.stack(labels) if labels else np.zeros((0, len(TAG_NAMES)), np.float32)
         return frames, lab.astype(np.float32), params

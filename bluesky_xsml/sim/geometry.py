@@ -467,7 +467,7 @@ class SceneGeometry:
         return self.cy - self.D * np.tan(np.asarray(alpha) + self.alpha_i) / self.p
 
 
-def ring_points(ctx: "SceneGeometry", radii, n: int = 180):
+def ring_points(ctx: SceneGeometry, radii, n: int = 180):
     """Points of each ring at ``n`` azimuths: x, y arrays of shape (len(radii), n)."""
     radii = np.atleast_1d(np.asarray(radii, dtype=np.float64))
     radii = np.where(np.isfinite(radii), radii, 1e9)

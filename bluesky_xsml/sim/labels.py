@@ -135,7 +135,7 @@ def _label_rings(f, sc, ctx, st, cut):
             st.sat_area += float(np.sum(width) * circ[k] / n_az)
     orders = f.get("orders")
     if orders:
-        pres = {int(n) for n, ok in zip(orders, present) if ok}
+        pres = {int(n) for n, ok in zip(orders, present, strict=False) if ok}
         if len(pres) >= 3 or {1, 2} <= pres:
             st.tags.add("higher_orders")
 
@@ -356,7 +356,7 @@ def _label_beamstop(sc, ctx, st, beam_level):
             s_on = s[on]
             visible = beam_level(float(np.median(s_on))) >= rim_thr
             # or the rod's shadow cuts a visible ring or halo
-            for rk, hw, kappa, orient in st.crossing:
+            for rk, _hw, kappa, orient in st.crossing:
                 k = min(int(rk), len(on) - 1)
                 wgt = math.exp(kappa * (math.cos(2 * (a - math.radians(orient))) - 1.0))
                 if rk > 0.5 * float(bs["width_px"]) and on[k] and wgt >= 0.5:
@@ -376,7 +376,7 @@ def scene_labels(scene: Mapping) -> np.ndarray:
     return _label_state(complete_scene(scene))[0]
 
 
-def _label_state(sc: dict) -> tuple[np.ndarray, "_LabelState | None"]:
+def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
     det = sc["detector"]

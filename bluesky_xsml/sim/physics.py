@@ -139,7 +139,7 @@ def crystal_reflections(name: str, q_max: float):
         raise KeyError(f"unknown crystal {name!r}; known: {', '.join(CRYSTALS)}")
     q, f2, hkl = _crystal_table(name, 14)
     m = q <= q_max
-    return q[m], f2[m], tuple(h for h, keep in zip(hkl, m) if keep)
+    return q[m], f2[m], tuple(h for h, keep in zip(hkl, m, strict=True) if keep)
 
 
 def lattice_reflections(kind: str, a: float, c: float, q_max: float, rng: np.random.Generator):
@@ -225,7 +225,7 @@ def sphere_intensity(q, radius: float, polydispersity: float):
     w = weights * radii**6
     w = w / w.sum()
     out = np.zeros_like(q)
-    for rad, wi in zip(radii, w):
+    for rad, wi in zip(radii, w, strict=True):
         x = np.maximum(q * rad, 1e-6)
         p = 3 * (np.sin(x) - x * np.cos(x)) / x**3
         out += wi * p * p
@@ -284,7 +284,7 @@ def fresnel_t2(alpha_f, alpha_c: float, beta_ratio: float = 0.02):
 # :class:`~bluesky_xsml.sim.geometry.SceneGeometry`.
 
 
-def ring_geometry(f: dict, ctx: "SceneGeometry"):
+def ring_geometry(f: dict, ctx: SceneGeometry):
     """Radii (px), Gaussian sigmas (px) and amplitudes of a ring set."""
     q = np.asarray(f["q"], dtype=np.float64)
     amp = np.asarray(f["amp"], dtype=np.float64)
@@ -295,7 +295,7 @@ def ring_geometry(f: dict, ctx: "SceneGeometry"):
     return r, sig, amp
 
 
-def textured_grains(f: dict, ctx: "SceneGeometry", r, sig, amp):
+def textured_grains(f: dict, ctx: SceneGeometry, r, sig, amp):
     """Grain spots of a textured ring set: x, y, amp, sigma, ring index."""
     grains = f.get("grains")
     if grains is None:
@@ -303,7 +303,7 @@ def textured_grains(f: dict, ctx: "SceneGeometry", r, sig, amp):
     rng = np.random.Generator(np.random.PCG64(int(f.get("seed", 0))))
     gs = float(f.get("grain_sigma_px") or 0.0)
     xs, ys, amps, sigs, idx = [], [], [], [], []
-    for k, (rk, sk, ak, nk) in enumerate(zip(r, sig, amp, grains)):
+    for k, (rk, sk, ak, nk) in enumerate(zip(r, sig, amp, grains, strict=False)):
         nk = int(nk)
         phi = rng.uniform(0, 2 * np.pi, nk)
         rr = rk + rng.normal(0, 0.25 * sk, nk)
@@ -323,7 +323,7 @@ def textured_grains(f: dict, ctx: "SceneGeometry", r, sig, amp):
             np.concatenate(idx))
 
 
-def lattice_spots(f: dict, ctx: "SceneGeometry"):
+def lattice_spots(f: dict, ctx: SceneGeometry):
     """Spots of a 2-D reciprocal lattice: x, y, amp, sigma."""
     a = np.asarray(f["a_star"], dtype=np.float64)
     b = np.asarray(f["b_star"], dtype=np.float64)
@@ -346,7 +346,7 @@ def lattice_spots(f: dict, ctx: "SceneGeometry"):
     return x, y, amp, np.full(amp.size, float(f["sigma_px"]))
 
 
-def on_ring_spots(f: dict, ctx: "SceneGeometry"):
+def on_ring_spots(f: dict, ctx: SceneGeometry):
     n = int(f["n_fold"])
     r = float(ctx.r(float(f["q"])))
     phi = np.radians(float(f["orient_deg"])) + 2 * np.pi * np.arange(n) / n
@@ -357,7 +357,7 @@ def on_ring_spots(f: dict, ctx: "SceneGeometry"):
     return x, y, amp, np.full(n, float(f["sigma_px"]))
 
 
-def feature_spots(f: dict, ctx: "SceneGeometry"):
+def feature_spots(f: dict, ctx: SceneGeometry):
     """All Gaussian spots a feature draws: x, y, amp, sigma (arrays)."""
     t = f["type"]
     if t == "rings" and f["style"] == "textured":
@@ -392,7 +392,7 @@ def diffuse_shape(f: dict, q):
         f"unknown diffuse model {m!r}; use spheres, guinier_porod or debye_bueche")
 
 
-def radial_profile(f: dict, ctx: "SceneGeometry", r=None):
+def radial_profile(f: dict, ctx: SceneGeometry, r=None):
     """Radial intensity of a smooth feature (diffuse, halo) at radii ``r`` (default: grid)."""
     if r is None:
         q, cos3 = ctx.q_grid, ctx.cos3
@@ -406,7 +406,7 @@ def radial_profile(f: dict, ctx: "SceneGeometry", r=None):
     return float(f["amp"]) * gaussian_peak(q, q0, float(f["fwhm_rel"]) * q0)
 
 
-def grazing_terms(f: dict, ctx: "SceneGeometry"):
+def grazing_terms(f: dict, ctx: SceneGeometry):
     """Row and column factors (rank-1) of a grazing-incidence feature."""
     rows = np.arange(ctx.h)
     af = np.maximum(ctx.alpha_f(rows), 0.0)
@@ -429,7 +429,7 @@ def grazing_terms(f: dict, ctx: "SceneGeometry"):
     return R, C
 
 
-def rod_positions(f: dict, ctx: "SceneGeometry"):
+def rod_positions(f: dict, ctx: SceneGeometry):
     out = []
     for n, a in enumerate(f["amp"], start=1):
         dx = float(ctx.r(n * float(f["qy"])))
@@ -438,7 +438,7 @@ def rod_positions(f: dict, ctx: "SceneGeometry"):
     return out
 
 
-def grazing_factor(ctx: "SceneGeometry", y):
+def grazing_factor(ctx: SceneGeometry, y):
     """Grazing-incidence factor at rows ``y``: Fresnel transmission |t(alpha_f)|^2
     above the horizon (1 without a Yoneda peak), ``below`` under it."""
     y = np.asarray(y, dtype=np.float64)
@@ -455,14 +455,14 @@ def grazing_factor(ctx: "SceneGeometry", y):
     return below + (1.0 - below) * frac * above
 
 
-def grazing_factor_rows(ctx: "SceneGeometry"):
+def grazing_factor_rows(ctx: SceneGeometry):
     """Grazing-incidence factor of every image row (float32)."""
     return grazing_factor(ctx, np.arange(ctx.h, dtype=np.float64)).astype(np.float32)
 
 
 def ring_profile(nr: int, r, sig, amp) -> np.ndarray:
     prof = np.zeros(nr, np.float64)
-    for rk, sk, ak in zip(r, sig, amp):
+    for rk, sk, ak in zip(r, sig, amp, strict=False):
         if not math.isfinite(rk) or ak <= 0:
             continue
         half = 5.0 * sk + 1.0

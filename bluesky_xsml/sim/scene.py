@@ -288,7 +288,7 @@ def _two_theta(q, lam):
     return 2 * np.arcsin(np.clip(np.asarray(q) * lam / (4 * np.pi), 0, 1))
 
 
-def _complete_rings(f: dict, ctx: "SceneGeometry") -> None:
+def _complete_rings(f: dict, ctx: SceneGeometry) -> None:
     mat = f.get("material", "LaB6")
     q_max = float(q_from_r(ctx.r_far, ctx.p, ctx.D, ctx.lam))
     if mat in ph.CRYSTALS:

@@ -180,7 +180,7 @@ class LocalQueueServer:
                 try:
                     self.api.status()
                     break
-                except Exception:
+                except Exception:  # noqa: BLE001 - not answering yet: retry until the deadline
                     if time.monotonic() > deadline or self._manager.poll() is not None:
                         raise QueueServerStartError(
                             "the RE Manager did not start:\n" + self._log_tail()) from None
@@ -202,11 +202,11 @@ class LocalQueueServer:
                 if self._manager is not None and self._manager.poll() is None:
                     self.api.environment_close()
                     self.api.wait_for_idle(timeout=30)
-            except Exception:
+            except Exception:  # noqa: BLE001 - shutdown goes on whatever the manager says
                 pass
             try:
                 self.api.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - cleanup
                 pass
             self.api = None
         _stop(self._manager)

@@ -59,8 +59,9 @@ import threading
 import time as _time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -178,7 +179,7 @@ class FrameRef(BaseModel):
         return bool(self.skip_reason)
 
     @classmethod
-    def from_result(cls, run_uid: str, result: Any) -> "FrameRef":
+    def from_result(cls, run_uid: str, result: Any) -> FrameRef:
         """Build from a :class:`~bluesky_xsml.documents.compose.FrameResult`.
 
         A result with ``probs`` None is a skipped frame; when it carries no skip
@@ -261,7 +262,7 @@ class Rule(BaseModel):
         return {name: check_param(name, value) for name, value in v.items()}
 
     @model_validator(mode="after")
-    def _tags_needed(self) -> "Rule":
+    def _tags_needed(self) -> Rule:
         if self.kind not in ("skipped", "novel") and not self.tags:
             raise ValueError(f"rule {self.name!r} of kind {self.kind!r} needs at least one tag")
         return self
@@ -352,7 +353,7 @@ class Policy(BaseModel):
         return max([r.lookback for r in self.rules if r.enabled] + [1])
 
     @classmethod
-    def loads(cls, text: str, *, format: Literal["json", "yaml"] = "json") -> "Policy":
+    def loads(cls, text: str, *, format: Literal["json", "yaml"] = "json") -> Policy:
         """Parse a policy from JSON or YAML text.
 
         Raises
@@ -386,7 +387,7 @@ class Policy(BaseModel):
             raise ConfigurationError(f"invalid policy: {err}") from err
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Policy":
+    def from_file(cls, path: str | Path) -> Policy:
         """Load a policy from a ``.json``, ``.yaml`` or ``.yml`` file.
 
         Raises

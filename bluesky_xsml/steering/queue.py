@@ -32,7 +32,8 @@ import queue as _queue
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -410,7 +411,7 @@ class QueueSteering:
             with self._api_lock:
                 action.response = self._call(action)
             action.status = "done"
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - the worker records the failure and goes on
             action.status = "failed"
             action.detail = f"{type(err).__name__}: {err}"
             log.warning("queue action for decision %s failed: %s", action.uid, action.detail)

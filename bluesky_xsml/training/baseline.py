@@ -221,7 +221,7 @@ class ProfileBaseline:
         self.coef_: np.ndarray | None = None
         self.intercept_: np.ndarray | None = None
 
-    def fit(self, X, y) -> "ProfileBaseline":
+    def fit(self, X, y) -> ProfileBaseline:
         """Fit on features ``(N, F)`` and labels ``(N, T)`` (``NaN``: unknown)."""
         from sklearn.linear_model import LogisticRegression
 

@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,7 @@ class SynthSpec:
     start: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "SynthSpec":
+    def parse(cls, text: str) -> SynthSpec:
         """Parse ``synth:seed=0,n=100,sizes=256+512,detectors=train``."""
         body = text[len("synth:"):] if text.startswith("synth:") else text
         kw: dict = {}
@@ -123,7 +123,7 @@ class SynthSpec:
         """Rendered size of frame index ``i`` (counted from 0, not from ``start``)."""
         return self.sizes[i % len(self.sizes)]
 
-    def shards(self, size: int) -> list["SynthSpec"]:
+    def shards(self, size: int) -> list[SynthSpec]:
         """This spec cut into consecutive specs of at most ``size`` frames.
 
         Shards are cached separately, so a larger ``n`` reuses the frames of a
@@ -173,7 +173,7 @@ class CachedArrays:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index) -> "CachedArrays":
+    def subset(self, index) -> CachedArrays:
         """Rows ``index`` (a boolean mask or integer index array), loaded in memory."""
         index = np.asarray(index)
         if index.dtype == bool:
@@ -199,11 +199,11 @@ def label_frequencies(labels: np.ndarray) -> np.ndarray:
 
 def _frames_features(frames, centers, config: PreprocessConfig):
     """Preprocess frames (float16 inputs) and compute baseline features."""
-    inputs, ok, errors = preprocess_batch(frames, config)
+    inputs, _ok, errors = preprocess_batch(frames, config)
     if errors:
         i, err = min(errors.items())
         raise RuntimeError(f"generated frame {i} could not be preprocessed: {err}")
-    feats = np.stack([profile_features(f, c) for f, c in zip(frames, centers)])
+    feats = np.stack([profile_features(f, c) for f, c in zip(frames, centers, strict=True)])
     return inputs.astype(np.float16), feats
 
 
@@ -496,7 +496,7 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     finally:
         bar.close()
     inputs.flush()
-    del inputs
+    inputs = None  # drop the memmap (and its open file) before the directory is moved
     np.save(tmp / "labels.npy", labels)
     np.save(tmp / "features.npy", feats)
     meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),
@@ -517,5 +517,6 @@ def describe(arrays: CachedArrays) -> dict:
     dets, counts = np.unique(arrays.detectors, return_counts=True)
     freq = label_frequencies(arrays.labels)
     return {"source": arrays.source, "n": len(arrays),
-            "detectors": {str(d): int(c) for d, c in zip(dets, counts)},
-            "positive_fraction": {t: round(float(f), 4) for t, f in zip(arrays.tags, freq)}}
+            "detectors": {str(d): int(c) for d, c in zip(dets, counts, strict=True)},
+            "positive_fraction": {t: round(float(f), 4)
+                                  for t, f in zip(arrays.tags, freq, strict=True)}}

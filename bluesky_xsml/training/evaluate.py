@@ -24,6 +24,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -104,7 +105,7 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
     for j, tag in enumerate(tags):
         ax = axes[j // cols][j % cols]
-        for (name, scores), style in zip(curves.items(), ("-", "--", ":")):
+        for (name, scores), style in zip(curves.items(), ("-", "--", ":"), strict=False):
             p, r, _ = precision_recall_curve(labels[:, j], scores[:, j])
             if p.size:
                 ap = average_precision(labels[:, j], scores[:, j])
@@ -173,7 +174,7 @@ def size_groups(shapes, max_groups: int = 8):
         return [(str(int(v)), side == v) for v in values]
     edges = np.unique(np.quantile(side, [0, 0.25, 0.5, 0.75, 1.0]).astype(np.int64))
     groups = []
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
         last = i == len(edges) - 2
         sel = (side >= lo) & ((side <= hi) if last else (side < hi))
         groups.append((f"{lo}-{hi}" if last else f"{lo}-{hi - 1}", sel))
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
             ms = evaluate_scores(y[sel], scores[sel], tags)
             per[label] = {"n": int(sel.sum()), "mAP": round(ms.mean_ap, 4),
                           "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
-                                 for t, a in zip(tags, ms.ap)}}
+                                 for t, a in zip(tags, ms.ap, strict=True)}}
             print(f"  {label:>10} n={int(sel.sum()):<5} mAP {ms.mean_ap:.4f}; worst "
                   f"{', '.join(f'{t} {a:.3f}' for t, a in ms.worst(3))}")
         result["per_size"] = per
@@ -303,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
                  "precision": tagger.precision,
                  "beam_centers": arrays_centers(tagger, test, use_centers) is not None,
                  "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
-                        for t, a in zip(tags, m.ap)}}
+                        for t, a in zip(tags, m.ap, strict=True)}}
         if "baseline" in result:
             entry["baseline_mAP"] = result["baseline"]["mAP"]
             entry["baseline_ap"] = {t: v["ap"] for t, v in result["baseline"]["per_tag"].items()}
@@ -316,7 +317,8 @@ def main(args: argparse.Namespace) -> int:
         summary["training"] = {k: tagger.metadata[k] for k in (
             "train_data", "val_data", "n_train", "epochs", "val_mAP", "train_seconds")
             if k in tagger.metadata}
-        summary["thresholds"] = {t: round(float(v), 4) for t, v in zip(tags, tagger.thresholds)}
+        summary["thresholds"] = {t: round(float(v), 4)
+                                 for t, v in zip(tags, tagger.thresholds, strict=True)}
         summary[args.summary_key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")

@@ -435,12 +435,14 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
             aps_after = [_tag_ap(y_val, after, j) for j in cols]
             report.new_domain_before = float(np.nanmean(aps_before))
             report.new_domain_after = float(np.nanmean(aps_after))
-            report.new_tag_ap = {out_tags[j]: round(a, 4) for j, a in zip(cols, aps_after)
+            report.new_tag_ap = {out_tags[j]: round(a, 4)
+                                 for j, a in zip(cols, aps_after, strict=True)
                                  if out_tags[j] in new_tags}
             gain = report.new_domain_after - report.new_domain_before
             if not gain > min_improvement:
                 ok = False
-                reasons.append(f"held-out new-domain mAP did not improve ({report.new_domain_before:.4f}"
+                reasons.append(f"held-out new-domain mAP did not improve "
+                               f"({report.new_domain_before:.4f}"
                                f" -> {report.new_domain_after:.4f}, {len(x_val)} frames)")
             else:
                 reasons.append(f"held-out new-domain mAP {report.new_domain_before:.4f} -> "

@@ -299,7 +299,7 @@ class LiveFineTuner:
             try:
                 self._round(force)
                 self._last_error = None
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - a failed round is recorded; tagging goes on
                 failed = True
                 self._last_error = f"{type(err).__name__}: {err}"
                 log.error("xsml fine-tuning round failed:\n%s", traceback.format_exc())

@@ -25,6 +25,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +101,7 @@ def roc_auc(labels, scores) -> float:
     ss = s[order]
     ranks = np.empty(s.size, np.float64)
     idx = np.r_[0, np.flatnonzero(np.diff(ss)) + 1, ss.size]
-    for a, b in zip(idx[:-1], idx[1:]):
+    for a, b in itertools.pairwise(idx):
         ranks[order[a:b]] = 0.5 * (a + b - 1) + 1.0
     u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
@@ -191,7 +192,8 @@ class TagMetrics:
 
     def table(self) -> str:
         """A fixed-width text table, one row per tag."""
-        lines = [f"{'tag':<20} {'AP':>7} {'ROC-AUC':>8} {'F1':>6} {'thr':>6} {'pos':>6} {'known':>6}"]
+        lines = [f"{'tag':<20} {'AP':>7} {'ROC-AUC':>8} {'F1':>6} {'thr':>6} {'pos':>6} "
+                 f"{'known':>6}"]
         for i, t in enumerate(self.tags):
             def g(v, w=7, p=4):
                 return f"{v:>{w}.{p}f}" if np.isfinite(v) else f"{'-':>{w}}"

@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

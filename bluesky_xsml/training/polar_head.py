@@ -184,7 +184,7 @@ def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: flo
 
     cnn_metrics = evaluate_scores(val.labels, torch.sigmoid(va[1]).numpy(), tags)
     report.val_map_cnn = round(cnn_metrics.mean_ap, 4)
-    report.val_ap_cnn = {t: round(float(a), 4) for t, a in zip(tags, cnn_metrics.ap)}
+    report.val_ap_cnn = {t: round(float(a), 4) for t, a in zip(tags, cnn_metrics.ap, strict=True)}
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def fit_polar_head(tagger, train, val, *, config=None, epochs: int = 30, lr: flo
             print(json.dumps(row), flush=True)
     vm = evaluate_scores(val.labels, val_scores(), tags)
     report.val_map = round(vm.mean_ap, 4)
-    report.val_ap = {t: round(float(a), 4) for t, a in zip(tags, vm.ap)}
+    report.val_ap = {t: round(float(a), 4) for t, a in zip(tags, vm.ap, strict=True)}
     report.seconds = round(time.perf_counter() - t_start, 1)
     metadata = {k: v for k, v in tagger.metadata.items() if k != "checkpoint_id"}
     metadata.update({"parent_id": tagger.checkpoint_id, "polar_head": {

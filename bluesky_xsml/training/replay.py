@@ -232,7 +232,7 @@ class ReplayStore:
         keep_rows: list[int] = []
         keep_labels: list[np.ndarray] = []
         keep_prov: list[dict] = []
-        for i, (row, p) in enumerate(zip(y, prov)):
+        for i, (row, p) in enumerate(zip(y, prov, strict=False)):
             ident = frame_identity(p)
             if ident is not None and ident in where:
                 k = where[ident]

@@ -5,7 +5,7 @@ simulated truth, where each structure was found) sit between two HTML comments i
 each file, ``<!-- demo-figures: begin ... -->`` and ``<!-- demo-figures: end -->``,
 and are rendered here from the ``summary.json`` that ``xsml demo`` writes::
 
-    python docs/tools/demo_figures.py                        # run `xsml demo` (a few minutes), check
+    python docs/tools/demo_figures.py                        # run `xsml demo` (minutes), check
     python docs/tools/demo_figures.py --summary OUT/summary.json   # check against an existing run
     python docs/tools/demo_figures.py --write                # run it and rewrite the figures
 
@@ -108,7 +108,7 @@ def check(summary: dict, root: Path = ROOT, *, write: bool = False) -> list[str]
         if found[0] == want:
             continue
         if write:
-            path.write_text(_BLOCK.sub(lambda _: f"{BEGIN}\n{want}{END}", text))
+            path.write_text(_BLOCK.sub(lambda _, want=want: f"{BEGIN}\n{want}{END}", text))
             problems.append(f"{rel}: rewritten")
         else:
             problems.append(f"{rel}: stale demo figures\n  docs:  {found[0]!r}\n  run:   {want!r}")

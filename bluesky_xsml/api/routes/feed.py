@@ -25,7 +25,8 @@ from .deps import ERRORS, get_state
 
 router = APIRouter(prefix="/api", tags=["feed"], responses=ERRORS)
 
-#: A usable ``Last-Event-ID``: ASCII digits only (``str.isdigit`` also accepts "²", "١").
+#: A usable ``Last-Event-ID``: ASCII digits only (``str.isdigit`` also accepts superscripts and
+#: Arabic-Indic digits).
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
@@ -90,7 +91,7 @@ async def feed(request: Request,
                     break
                 try:
                     message = await asyncio.wait_for(client.queue.get(), wait)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     if await request.is_disconnected():
                         break
                     yield ": keep-alive\n\n"

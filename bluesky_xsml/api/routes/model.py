@@ -36,8 +36,8 @@ def _thresholds(tagger) -> dict:
     defaults = getattr(tagger, "default_thresholds", tagger.thresholds)
     return {"tags": list(tagger.tags),
             "thresholds": {t: round(float(v), 6)
-                           for t, v in zip(tagger.tags, tagger.thresholds)},
-            "defaults": {t: round(float(v), 6) for t, v in zip(tagger.tags, defaults)}}
+                           for t, v in zip(tagger.tags, tagger.thresholds, strict=True)},
+            "defaults": {t: round(float(v), 6) for t, v in zip(tagger.tags, defaults, strict=True)}}
 
 
 @router.get("/thresholds", response_model=ThresholdsOut)

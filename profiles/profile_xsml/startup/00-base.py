@@ -23,7 +23,7 @@ except ImportError:  # the queue server is optional
 
 def _ipython():
     try:
-        return get_ipython()  # noqa: F821  (defined by IPython)
+        return get_ipython()  # noqa: F405 - IPython defines it in the namespace it runs this in
     except NameError:
         return None
 
@@ -43,8 +43,8 @@ else:
     import bluesky.plans as bp  # noqa: F401
     import bluesky.preprocessors as bpp  # noqa: F401
     from bluesky import RunEngine, SupplementalData
-    from bluesky.plans import *  # noqa: F401,F403
-    from bluesky.simulators import *  # noqa: F401,F403  (rebinds `time`; use ttime)
+    from bluesky.plans import *  # noqa: F403
+    from bluesky.simulators import *  # noqa: F403  (rebinds `time`; use ttime)
 
     RE = RunEngine({})
     sd = SupplementalData()
