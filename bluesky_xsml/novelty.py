@@ -66,9 +66,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -269,7 +270,7 @@ class NoveltyModel:
             embedding_dim: int = 64, fpr: float = 0.01, shrinkage: float = 0.05,
             info: Mapping[str, Any] | None = None, score: str = "knn", k: int = KNN_K,
             bank_size: int = BANK_SIZE, norm_weight: float = NORM_WEIGHT,
-            seed: int = 0) -> "NoveltyModel":
+            seed: int = 0) -> NoveltyModel:
         """Fit on in-distribution features; set the threshold on ``val_features``.
 
         Parameters
@@ -318,7 +319,7 @@ class NoveltyModel:
         target = np.trace(cov) / f
         cov = (1.0 - shrinkage) * cov + shrinkage * target * np.eye(f)
         precision = np.linalg.inv(cov)
-        evals, evecs = np.linalg.eigh(cov)
+        _evals, evecs = np.linalg.eigh(cov)
         d = int(min(max(1, embedding_dim), f))
         components = evecs[:, ::-1][:, :d].T
         bank, rows = None, None
@@ -468,7 +469,7 @@ class NoveltyModel:
             z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         return z.astype(np.float16)
 
-    def with_threshold(self, threshold: float) -> "NoveltyModel":
+    def with_threshold(self, threshold: float) -> NoveltyModel:
         """A copy with another threshold (e.g. set at a beamline)."""
         if not math.isfinite(float(threshold)):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
@@ -490,7 +491,7 @@ class NoveltyModel:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any]) -> "NoveltyModel":
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> NoveltyModel:
         """Inverse of :meth:`to_arrays` (accepts numpy arrays or torch tensors).
 
         Raises
@@ -552,7 +553,7 @@ class NoveltyModel:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["NoveltyModel", str]:
+    def load(cls, path: str | Path) -> tuple[NoveltyModel, str]:
         """Read a sidecar written by :meth:`save`: ``(model, checkpoint_id)``."""
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

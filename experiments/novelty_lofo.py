@@ -60,7 +60,7 @@ def make_data(n: int, size: int, input_size: int, seed: int, cache: Path):
     t0 = time.perf_counter()
     for a in range(0, n, 64):
         frames, lab, _ = gen.batch(min(64, n - a))
-        x, ok, errors = preprocess_batch(frames, cfg)
+        x, ok, _errors = preprocess_batch(frames, cfg)
         xs.append(np.asarray(x, np.float16))
         ys.append(lab[ok])
         if (a // 64) % 10 == 0:

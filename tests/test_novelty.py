@@ -19,8 +19,14 @@ from bluesky.plans import count
 from bluesky_xsml import Tagger, TaggingCallback
 from bluesky_xsml.errors import CheckpointError
 from bluesky_xsml.model import TaggerNetConfig
-from bluesky_xsml.novelty import (NoveltyModel, auroc, decode_embedding, encode_embedding,
-                                  energy_novelty, sidecar_path)
+from bluesky_xsml.novelty import (
+    NoveltyModel,
+    auroc,
+    decode_embedding,
+    encode_embedding,
+    energy_novelty,
+    sidecar_path,
+)
 from bluesky_xsml.steering.policy import FrameRef, Policy, decide, default_rules, novelty_rule
 from bluesky_xsml.tags import TAG_NAMES
 
@@ -308,7 +314,7 @@ def test_tag_stream_carries_novelty_and_the_stop_counts_novel_frames(fitted):
         fitted.set_novelty(saved)
         xsml.close()
     validate_all(rec.docs)
-    desc = [d for d in rec.of("descriptor") if d["name"] == "xsml_tags"][0]
+    desc = next(d for d in rec.of("descriptor") if d["name"] == "xsml_tags")
     assert {"novelty", "novel", "embedding"} <= set(desc["data_keys"])
     dim = fitted.novelty.output_dim(len(fitted.tags))
     assert desc["configuration"]["xsml"]["data"]["embedding_dim"] == dim
@@ -354,10 +360,10 @@ def test_policy_pauses_on_three_novel_frames_in_a_row():
     assert (d.action, d.rule, d.params["ask_label"]) == ("pause", "novel_frames", True)
     assert [f.seq_num for f in d.evidence] == [1, 2, 3]
     assert decide(policy, frames[:2]).action == "continue"
-    broken = frames[:1] + [FrameRef(seq_num=2, tags=["ring_isotropic"])] + frames[2:]
+    broken = [*frames[:1], FrameRef(seq_num=2, tags=["ring_isotropic"]), *frames[2:]]
     assert decide(policy, broken).rule != "novel_frames"
     # a skipped newest frame repeats no decision
-    assert decide(policy, frames + [FrameRef(seq_num=4, skip_reason="bad")]).action == "continue"
+    assert decide(policy, [*frames, FrameRef(seq_num=4, skip_reason="bad")]).action == "continue"
 
 
 def test_novel_rule_round_trips_through_json():

@@ -60,7 +60,7 @@ def _union_branch(errors, body) -> list:
         if len(loc) > 1 and loc[1] in tags:
             if str(loc[1]).startswith("list[") != want_list:
                 continue
-            e = {**e, "loc": tuple([loc[0]] + loc[2:])}
+            e = {**e, "loc": tuple([loc[0], *loc[2:]])}
         out.append(e)
     return out or errors
 

@@ -35,8 +35,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class SimilarityIndex:
 
     # ------------------------------------------------------------ building
     @classmethod
-    def from_catalog(cls, catalog_or_runs, *, stream: str | None = None) -> "SimilarityIndex":
+    def from_catalog(cls, catalog_or_runs, *, stream: str | None = None) -> SimilarityIndex:
         """Read the embeddings of every tagged frame of the runs (one request per run).
 
         Frames without an embedding (skipped, or tagged by a model without
@@ -175,7 +176,7 @@ class SimilarityIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SimilarityIndex":
+    def load(cls, path: str | os.PathLike) -> SimilarityIndex:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["vectors"], json.loads(str(z["rows"])))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import event_model
 
@@ -87,7 +88,7 @@ class TagStreamComposer:
         self._streams: dict = {}
         self._counters: dict = {}
         data_keys: dict[str, dict] = {}
-        for tag, th in zip(self.tags, thresholds):
+        for tag, th in zip(self.tags, thresholds, strict=False):
             data_keys[tag] = {
                 "dtype": "number", "dtype_numpy": "<f8", "shape": [], "source": "xsml",
                 "units": "probability", "threshold": float(th),
@@ -145,7 +146,7 @@ class TagStreamComposer:
         data: dict[str, list] = {k: [] for k in self.data_keys}
         for r in results:
             probs = r.probs if r.probs is not None else [math.nan] * len(self.tags)
-            for tag, p in zip(self.tags, probs):
+            for tag, p in zip(self.tags, probs, strict=False):
                 data[tag].append(float(p))
             data["source_stream"].append(r.stream)
             data["source_seq_num"].append(int(r.seq_num))

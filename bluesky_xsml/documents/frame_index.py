@@ -32,7 +32,8 @@ Layout (columns are lists of equal length, one entry per indexed frame)::
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["FrameIndex", "INDEX_KEY", "INDEX_VERSION", "motor_keys"]
 
@@ -106,7 +107,7 @@ class FrameIndex:
         return len(self._frames["seq_num"])
 
     def add(self, result, positions: Mapping[str, Any] | None = None) -> bool:
-        """Index one :class:`~bluesky_xsml.documents.compose.FrameResult` if it reaches ``min_prob``.
+        """Index one :class:`~bluesky_xsml.results.FrameResult` if it reaches ``min_prob``.
 
         ``positions`` maps the run's motor data keys to their values at this
         frame (``{}`` when the run has no motors); ``None`` means they are not
@@ -115,7 +116,7 @@ class FrameIndex:
         """
         if not self.complete or result.skip_reason or result.probs is None:
             return False
-        hits = [(t, float(p)) for t, p in zip(self.tags, result.probs)
+        hits = [(t, float(p)) for t, p in zip(self.tags, result.probs, strict=False)
                 if p is not None and math.isfinite(p) and p >= self.min_prob]
         if not hits:
             return False

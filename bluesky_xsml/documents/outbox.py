@@ -74,8 +74,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 __all__ = ["Outbox", "RetryPolicy", "is_transient"]
 
@@ -223,7 +224,7 @@ class Outbox:
         """Thread body: deliver; if the loop dies, account for its document and hand over."""
         try:
             self._run()
-        except BaseException as err:  # noqa: BLE001 - the thread is dying either way
+        except BaseException as err:
             log.critical("xsml outbox delivery thread died (%s: %s); a new thread takes over",
                          type(err).__name__, err, exc_info=True)
             with self._restart_lock:
@@ -342,7 +343,7 @@ class Outbox:
                 last_idle = now
                 try:
                     self._on_idle()
-                except BaseException:  # noqa: BLE001 - housekeeping must not stop delivery
+                except BaseException:
                     log.exception("xsml outbox idle hook failed")
 
     def _lanes_now(self) -> list[_Lane]:
@@ -376,7 +377,7 @@ class Outbox:
                    else doc.get("resource") if name in ("datum", "datum_page")
                    else doc.get("stream_resource") if name == "stream_datum" else None)
             return self._doc_run.get(ref) if isinstance(ref, str) else None
-        except Exception:  # malformed documents are still delivered
+        except Exception:  # noqa: BLE001 - malformed documents are still delivered
             return None
 
     def _deliver(self, name: str, doc: dict) -> None:
@@ -425,7 +426,7 @@ class Outbox:
     def _is_transient(self, lane: _Lane, err: Exception) -> bool:
         try:
             return bool(lane.policy.transient(err))
-        except Exception:  # pragma: no cover - a broken classifier must not stop delivery
+        except Exception:  # noqa: BLE001  # pragma: no cover - a broken classifier must not stop delivery
             return False
 
     def _park(self, lane: _Lane, name: str, doc: dict, run: str | None) -> None:
@@ -487,7 +488,7 @@ class Outbox:
                 name, doc, run, nbytes = lane.backlog[0]
                 try:
                     lane.cb(name, doc)
-                except BaseException as err:  # noqa: BLE001 - SystemExit from a writer included
+                except BaseException as err:
                     if isinstance(err, Exception) and self._is_transient(lane, err):
                         self._backoff(lane)
                         if not lane.policy.resend_failed:
