@@ -29,6 +29,7 @@ from bluesky_xsml.novelty import (
 )
 from bluesky_xsml.steering.policy import FrameRef, Policy, decide, default_rules, novelty_rule
 from bluesky_xsml.tags import TAG_NAMES
+from bluesky_xsml.training.finetune import finetune_frames
 
 from .conftest import DocumentRecorder, make_image_detector, validate_all
 
@@ -530,7 +531,7 @@ def test_fine_tuning_refits_the_statistics_for_the_new_weights(fitted):
     frames = poisson_frames(24, 8)
     labels = np.full((24, len(TAG_NAMES)), np.nan, np.float32)
     labels[:, 0] = np.arange(24) % 2
-    new = fitted.finetune(frames, labels, steps=2, batch_size=8, synthetic=None,
+    new = finetune_frames(fitted, frames, labels, steps=2, batch_size=8, synthetic=None,
                           synthetic_val=None, val_fraction=0.25)
     assert new.checkpoint_id != fitted.checkpoint_id
     assert new.novelty is not None and new.novelty.digest() != fitted.novelty.digest()

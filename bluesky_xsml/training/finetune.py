@@ -316,8 +316,8 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
                                              tagger.preprocess_config.size):
         raise ValueError(f"inputs must be preprocessed (N, {tagger.net.config.in_channels}, "
                          f"{tagger.preprocess_config.size}, {tagger.preprocess_config.size}); got "
-                         f"{x_all.shape}. Use Tagger.preprocess(frames) or Tagger.finetune(frames,"
-                         " labels)")
+                         f"{x_all.shape}. Use Tagger.preprocess(frames) or finetune_frames(tagger, "
+                         "frames, labels)")
     if y_all.shape != (len(x_all), len(names)):
         raise ValueError(f"labels must be (N={len(x_all)}, {len(names)}) in tag order "
                          f"{list(names)[:3]}...; got {y_all.shape}")
