@@ -403,6 +403,6 @@ def test_bad_worker_settings_are_refused_before_any_thread_starts(tagger):
     before = set(threading.enumerate())
     with pytest.raises(ValueError, match="overflow must be 'skip' or 'wait'"):
         TaggingCallback(tagger, overflow="drop")
-    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
         TaggingCallback(tagger, max_batch=0)
     assert not [t for t in threading.enumerate() if t not in before and t.name.startswith("xsml")]

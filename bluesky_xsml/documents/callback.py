@@ -43,13 +43,14 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..inference.worker import FrameJob, InferenceWorker
 from .beam_center import parse_beam_center
 from .compose import FrameResult
 from .labelling import Labeller, document_labels
+from .options import CallbackOptions
 from .outbox import Outbox, RetryPolicy
 from .routing import ROUTED_NAMES, RunRouter
 from .run_tagging import RunTagRouter, RunTagState, by_run
@@ -85,6 +86,12 @@ class TaggingCallback:
     downstream : iterable of callables, optional
         Writers/serializers that receive every document, in order, including
         the tag stream. More can be added with :meth:`subscribe`.
+    options : CallbackOptions, optional
+        All the settings below as one validated object
+        (:class:`~bluesky_xsml.documents.options.CallbackOptions`); any of
+        them may also be given as a keyword, which overrides ``options``. An
+        unknown keyword raises ``TypeError``, a value that cannot work
+        :class:`~bluesky_xsml.errors.ConfigurationError` (a ``ValueError``).
     stream_name : str
         Name of the tag stream.
     image_keys : iterable of str, optional
@@ -151,47 +158,28 @@ class TaggingCallback:
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
-                 stream_name: str = "xsml_tags", image_keys: Iterable[str] | None = None,
-                 streams: Iterable[str] | None = None, max_batch: int = 32,
-                 max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
-                 overflow: str = "skip", hand_off_timeout: float = 0.05,
-                 stop_timeout: float = 300.0, max_pending_documents: int = 10_000,
-                 max_block: float = 0.5, handler_registry: Mapping | None = None,
-                 root_map: Mapping | None = None, read_retries: int = 5,
-                 read_retry_delay: float = 0.1, allowed_roots: Iterable[str] | None = None,
-                 read_timeout: float | None = 30.0, threads: int | None = None,
-                 validate_pages: bool = False, delivery_retry: RetryPolicy | None = None,
-                 label_cache_size: int = 2000, index_min_prob: float = 0.5,
-                 index_limit: int = 1000, beam_center=None, isolation: str = "thread",
-                 process_options=None):
-        if isolation not in ("thread", "process"):
-            raise ValueError(f"isolation must be 'thread' or 'process', got {isolation!r}")
-        self.isolation = isolation
-        if "." in stream_name or "/" in stream_name or not stream_name:
-            raise ValueError(f"stream_name may not be empty or contain '.' or '/': {stream_name!r}")
+                 options: CallbackOptions | None = None, **keywords: Any):
+        o = self.options = CallbackOptions.resolve(options, keywords)
+        isolation = self.isolation = o.isolation
         self.tagger = tagger
-        self.stream_name = stream_name
-        self.image_keys = list(image_keys) if image_keys is not None else None
-        self.streams = set(streams) if streams is not None else None
-        self.stop_timeout = float(stop_timeout)
-        self.handler_registry = dict(handler_registry) if handler_registry else None
-        self.root_map = dict(root_map) if root_map else None
-        self.read_retries = int(read_retries)
-        self.read_retry_delay = float(read_retry_delay)
-        self.allowed_roots = None if allowed_roots is None else tuple(map(str, allowed_roots))
-        self.read_timeout = read_timeout
-        self.validate_pages = bool(validate_pages)
-        if not 0.0 <= float(index_min_prob) <= 1.0:
-            raise ValueError(f"index_min_prob must be in [0, 1], got {index_min_prob!r}")
-        if int(index_limit) < 0:
-            raise ValueError(f"index_limit must be >= 0, got {index_limit!r}")
-        self.beam_centers = parse_beam_center(beam_center, "beam_center")
+        self.stream_name = o.stream_name
+        self.image_keys = list(o.image_keys) if o.image_keys is not None else None
+        self.streams = set(o.streams) if o.streams is not None else None
+        self.stop_timeout = o.stop_timeout
+        self.handler_registry = dict(o.handler_registry) if o.handler_registry else None
+        self.root_map = dict(o.root_map) if o.root_map else None
+        self.read_retries = o.read_retries
+        self.read_retry_delay = o.read_retry_delay
+        self.allowed_roots = o.allowed_roots
+        self.read_timeout = o.read_timeout
+        self.validate_pages = o.validate_pages
+        self.beam_centers = parse_beam_center(o.beam_center, "beam_center")
         self._told_no_beam_center = False
-        self.index_min_prob = float(index_min_prob)
-        self.index_limit = int(index_limit)
+        self.index_min_prob = o.index_min_prob
+        self.index_limit = o.index_limit
         self._closed = False
         if isolation == "thread":
-            self._set_threads(threads)
+            self._set_threads(o.threads)
         self._lock = threading.RLock()
         # runs started and not finished (their stop may be held): where results go
         self._active: dict[str, RunTagRouter] = {}
@@ -202,22 +190,25 @@ class TaggingCallback:
         # raises before any thread of this callback runs (the outbox's thread would be left).
         if isolation == "process":
             self.worker = self._process_worker(
-                tagger, process_options, threads, max_batch=max_batch, max_wait=max_wait,
-                max_pending_bytes=max_pending_bytes, overflow=overflow,
-                hand_off_timeout=hand_off_timeout)
+                tagger, o.process_options, o.threads, max_batch=o.max_batch,
+                max_wait=o.max_wait, max_pending_bytes=o.max_pending_bytes,
+                overflow=o.overflow, hand_off_timeout=o.hand_off_timeout)
             self.tagger = self.worker.tagger  # a RemoteTagger: what the child's model is
         else:
-            self.worker = InferenceWorker(tagger, self._on_results, max_batch=max_batch,
-                                          max_wait=max_wait, max_pending_bytes=max_pending_bytes,
-                                          overflow=overflow, hand_off_timeout=hand_off_timeout,
+            self.worker = InferenceWorker(tagger, self._on_results, max_batch=o.max_batch,
+                                          max_wait=o.max_wait,
+                                          max_pending_bytes=o.max_pending_bytes,
+                                          overflow=o.overflow,
+                                          hand_off_timeout=o.hand_off_timeout,
                                           on_inputs=self._on_inputs)
-        self.outbox = Outbox(downstream, max_pending=max_pending_documents, max_block=max_block,
-                             on_idle=self._check_held_stops, retry=delivery_retry)
+        self.outbox = Outbox(downstream, max_pending=o.max_pending_documents,
+                             max_block=o.max_block, on_idle=self._check_held_stops,
+                             retry=o.delivery_retry)
         self._listeners: list[Callable[[str, list[FrameResult]], None]] = []
         self._input_listeners: list[Callable[[list], None]] = []
         self._document_listeners: list[Callable[[str, dict], None]] = []
         #: Labelling: the label cache, labels after the fact and declared in documents.
-        self.labeller = Labeller(self, label_cache_size)
+        self.labeller = Labeller(self, o.label_cache_size)
         self.add_input_listener(self.labeller.on_inputs)
         self.add_result_listener(self.labeller.on_results)
         # Finish and stop the threads before the interpreter tears down torch/numba under them.
