@@ -51,6 +51,9 @@ __all__ = [
     "TaggedRun",
     "append_tag_stream",
     "lazy_frame_blocks",
+    "plain_container",
+    "read_rows",
+    "refreshed",
     "retag_run",
     "tag_run",
     "tag_stream_name",
@@ -109,14 +112,14 @@ def tag_stream_name(checkpoint_id: str, *, base: str = "xsml_tags") -> str:
     return name
 
 
-def _base(run_node):
+def plain_container(run_node):
     """The plain Tiled container of a run client (BlueskyRun or Container)."""
     return run_node.base if hasattr(run_node, "base") else run_node
 
 
-def _fresh(run_node):
+def refreshed(run_node):
     """Re-read the run node so its metadata and keys are current."""
-    base = _base(run_node)
+    base = plain_container(run_node)
     return base.refresh() if hasattr(base, "refresh") else base
 
 
@@ -299,7 +302,7 @@ def append_tag_stream(run_node, descriptor: Mapping, event_pages: Iterable[Mappi
     import pyarrow as pa
     from tiled.structures.core import Spec
 
-    base = _fresh(run_node) if metadata is None else _base(run_node)
+    base = refreshed(run_node) if metadata is None else plain_container(run_node)
     md = base.metadata if metadata is None else metadata
     uid = md["start"]["uid"]
     name = descriptor.get("name", "")
@@ -435,7 +438,7 @@ def _image_keys(stream_node, image_keys: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _read_rows(array, lo: int, hi: int):
+def read_rows(array, lo: int, hi: int):
     """Rows ``lo:hi`` of a Tiled array; on failure row by row, errors in their place."""
     try:
         block = np.asarray(array[lo:hi])
@@ -499,7 +502,7 @@ def lazy_frame_blocks(base, *, image_keys: Sequence[str] | None = None,
             array = node[key]
             n = min(int(array.shape[0]), len(seq_all))
             yield FrameBlock(stream, key, seq_all[:n],
-                             lambda lo, hi, array=array: _read_rows(array, lo, hi))
+                             lambda lo, hi, array=array: read_rows(array, lo, hi))
 
 
 @dataclass
@@ -621,7 +624,7 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    base = _fresh(run_node) if metadata is None else _base(run_node)
+    base = refreshed(run_node) if metadata is None else plain_container(run_node)
     md = base.metadata if metadata is None else metadata
     uid = md["start"]["uid"]
     checkpoint = tagger.checkpoint_id

@@ -47,6 +47,17 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from ..catalog.append import (
+    FrameBlock,
+    TagStreamExistsError,
+    append_tag_stream,
+    plain_container,
+    read_rows,
+    refreshed,
+    tag_run,
+    tagged_checkpoints,
+)
+from ..frames import find_image_keys
 from .retries import with_server_retries
 
 __all__ = [
@@ -288,8 +299,6 @@ def read_run(catalog, item: Mapping, checkpoint: str, *, stream_name: str | None
     """Read one run for tagging (see the module docstring); no request if it is already tagged."""
     from tiled.client.utils import client_for_item
 
-    from ..catalog.append import FrameBlock, _read_rows, tagged_checkpoints
-    from ..documents.frames import find_image_keys
 
     t0 = time.perf_counter()
     item = dict(item)
@@ -351,7 +360,7 @@ def read_run(catalog, item: Mapping, checkpoint: str, *, stream_name: str | None
                 block.load(0, min(n, block.step))  # read ahead, here in the reader thread
             prepared.blocks.append(FrameBlock(
                 stream, key, seq_all[:n],
-                lambda lo, hi, b=block, a=array: b.rows(lo, hi, lambda x, y: _read_rows(a, x, y))))
+                lambda lo, hi, b=block, a=array: b.rows(lo, hi, lambda x, y: read_rows(a, x, y))))
             prepared.bytes_read += block.bytes
             prepared.direct += int(block.direct_used)
     prepared.seconds = time.perf_counter() - t0
@@ -362,15 +371,13 @@ def read_run(catalog, item: Mapping, checkpoint: str, *, stream_name: str | None
 def _run_client(catalog, item: Mapping):
     from tiled.client.utils import client_for_item
 
-    from ..catalog.append import _base
 
-    return _base(client_for_item(catalog.context, catalog.structure_clients, dict(item)))
+    return plain_container(client_for_item(catalog.context, catalog.structure_clients, dict(item)))
 
 
 def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: str | None,
            retries: int) -> dict:
     """Write a tagged run; a partial stream of an interrupted re-tag is replaced."""
-    from ..catalog.append import TagStreamExistsError, _fresh, append_tag_stream, tagged_checkpoints
 
     base = _run_client(catalog, item)
     md = item["attributes"]["metadata"]
@@ -385,7 +392,7 @@ def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: s
     try:
         with_server_retries(lambda: write(md), retries=retries, what=f"writing run {uid}")
     except TagStreamExistsError:
-        fresh = _fresh(base)
+        fresh = refreshed(base)
         done = tagged_checkpoints(fresh.metadata)
         if tagged.checkpoint in done:  # another re-tag got there first
             return {"status": "skipped", "frames": 0, "stream": done[tagged.checkpoint],
@@ -443,7 +450,6 @@ def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str |
         ``wait_read_s``, ``wait_write_s``), ``bytes_read`` and
         ``direct_blocks``.
     """
-    from ..catalog.append import tag_run
 
     items = list(items)
     checkpoint = tagger.checkpoint_id
