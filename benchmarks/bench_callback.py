@@ -8,7 +8,10 @@ medians are reported.
 
 1. **stress**: ``scan([det], motor, 0, 10, N)`` as fast as the RunEngine goes, of
    1024x1024 uint32 frames: ``untagged``, ``thread`` (``TaggingCallback``
-   in this process) and ``process`` (``isolation="process"``).
+   in this process) and ``process`` (``isolation="process"``); with ``--ring``
+   also ``process-ring`` (inline frames copied into the shared ring by this
+   process instead of read by the tagging process), with ``--lean`` also
+   ``process-lean`` (no inputs sent back, no label cache).
 2. **rates**: ``count([det], num, delay)`` at 20 and 50 frames/s: scan time
    ratio to the untagged count and frame-to-tag latency (p50, p99).
 3. **files**: the stress scan with an ophyd area detector writing AD_HDF5
