@@ -42,7 +42,10 @@ def _probs(events, tags):
     return np.array([[e["data"][t] for t in tags] for e in events])
 
 
-def test_process_mode_tags_frames_as_the_model_does(RE, recorder, fp32_tagger):
+@pytest.mark.parametrize("transport", ["auto", "ring"])
+def test_process_mode_tags_frames_as_the_model_does(RE, recorder, fp32_tagger, transport):
+    import dataclasses
+
     rng = np.random.default_rng(7)
     frames = [rng.poisson(3 + i, (256, 300)).astype(np.uint32) for i in range(6)]
     frames += [rng.poisson(5, (200, 200)).astype(np.uint16) for _ in range(3)]
@@ -52,13 +55,18 @@ def test_process_mode_tags_frames_as_the_model_does(RE, recorder, fp32_tagger):
     it = itertools.cycle(frames)  # ophyd reads the signal beyond the events too
     det = make_image_detector("saxs", func=lambda: next(it))
     xsml = TaggingCallback(fp32_tagger, downstream=[recorder], isolation="process",
-                           process_options=FAST)
+                           process_options=dataclasses.replace(FAST, frame_transport=transport))
     try:
         assert xsml.worker.pid not in (None, os.getpid())
+        # same user, no Yama restriction here: "auto" reads frames out of our memory
+        assert xsml.worker.describe_process()["frame_transport"] == (
+            "peer" if transport == "auto" else "ring")
         assert xsml.tagger.checkpoint_id == fp32_tagger.checkpoint_id
         RE.subscribe(xsml)
         RE(count([det], num=len(frames)))
         assert xsml.flush(120)
+        # every frame handed over: none is still held (or counted) on this side
+        assert xsml.worker.stats.pending_bytes == 0
     finally:
         xsml.close()
     validate_all(recorder.docs)
@@ -311,6 +319,25 @@ def test_live_fine_tuning_runs_in_the_tagging_process(RE, recorder, tmp_path):
         assert status["labels"] == 1 and status["active_id"] == base
     finally:
         xsml.close()
+
+
+def test_peer_memory_reads_an_array_and_refuses_bad_addresses():
+    from bluesky_xsml.inference.child import PeerMemory
+
+    src = np.random.default_rng(3).integers(0, 2**32, (64, 48), dtype=np.uint32)
+    peer = PeerMemory(os.getpid())
+    out = np.empty_like(src)
+    peer.read_into(src.ctypes.data, out)
+    np.testing.assert_array_equal(out, src)
+    with pytest.raises(OSError):  # memory not mapped: an error, never a crash
+        peer.read_into(8, np.empty(16, np.uint8))
+    probe = np.arange(16, dtype=np.uint8)
+    spec = {"peer_pid": os.getpid(), "probe": (probe.ctypes.data, probe.tobytes())}
+    assert isinstance(PeerMemory.probe(spec), PeerMemory)
+    assert PeerMemory.probe({**spec, "probe": (probe.ctypes.data, bytes(16))}) is None
+    assert PeerMemory.probe({**spec, "frame_transport": "ring"}) is None
+    with pytest.raises(ValueError, match="frame_transport"):
+        ProcessOptions(frame_transport="pipe")
 
 
 def test_bad_isolation_value():

@@ -10,13 +10,31 @@ file that inline frames cross through. Used by
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import pickle
 import socket
 import subprocess
 import sys
 from multiprocessing.connection import Connection
 
-__all__ = ["ChildProcess", "SharedRing"]
+__all__ = ["ChildProcess", "SharedRing", "allow_reads_by"]
+
+_PR_SET_PTRACER = 0x59616D61  # prctl option of the Yama security module
+
+
+def allow_reads_by(pid: int) -> None:
+    """Let process ``pid`` read this process's memory (``process_vm_readv``).
+
+    Under Yama's ``ptrace_scope=1`` (the Ubuntu default) only an ancestor may
+    read a process's memory; ``PR_SET_PTRACER`` names the one other process
+    allowed (the latest call wins). Without Yama this changes nothing and
+    the kernel's same-user rule applies; under ``ptrace_scope`` 2 or 3 reads
+    stay refused and the tagging process falls back to the shared ring.
+    """
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PTRACER, ctypes.c_ulong(pid), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
 class ChildProcess:
@@ -43,6 +61,8 @@ class ChildProcess:
             raise
         finally:
             theirs.close()
+        if spec.get("frame_transport") != "ring":
+            allow_reads_by(popen.pid)  # before the child can read the spec and probe
         conn = Connection(ours.detach())
         conn.send_bytes(pickle.dumps(spec))
         return cls(popen), conn

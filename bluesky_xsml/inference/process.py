@@ -9,10 +9,13 @@ reads and (on a GPU) the CUDA context live in a *spawned* child process at low
 CPU priority (``SCHED_IDLE`` by default); this module does not import torch.
 
 How frames cross
-    Inline arrays are copied once, by a feeder thread (numpy's copy releases
-    the GIL for large arrays), into a ring of shared-memory slots; the child
-    copies each out and frees its slot at once. A frame larger than a slot
-    crosses through the pipe instead. Frames in files cross *by reference*
+    Inline arrays are copied once, by the child: it reads each straight out of
+    this process's memory (``process_vm_readv``, ``frame_transport="peer"``)
+    while this process holds the array, so the RunEngine's process makes no
+    copy. Where the kernel refuses such reads (``frame_transport="ring"``),
+    a feeder thread here copies each into a ring of shared-memory slots
+    (numpy's copy releases the GIL) and the child copies it out and frees the
+    slot at once; a frame larger than a slot then crosses through the pipe. Frames in files cross *by reference*
     (the :class:`~bluesky_xsml.documents.external.FrameRef` and the
     resource/datum documents it needs): the child opens the files, the
     RunEngine's process never does.
@@ -86,6 +89,15 @@ class ProcessOptions:
     send_inputs : bool
         Send each frame's preprocessed input back (float16) for the label
         cache and the live view's thumbnails.
+    frame_transport : {"auto", "peer", "ring"}
+        How inline frames cross. ``"peer"``: the tagging process copies each
+        frame straight out of this process's memory (``process_vm_readv``),
+        so this process makes no copy at all; the array is held (and counted
+        against ``max_pending_bytes``) until the tagging process has it.
+        ``"ring"``: a feeder thread here copies it into the shared ring.
+        ``"auto"`` (default) uses ``"peer"`` where the kernel allows the
+        read (same user; Yama ``ptrace_scope`` 0 or 1) and ``"ring"``
+        elsewhere; so does ``"peer"``, which also logs the fallback.
     """
 
     priority: str | int | None = "idle"
@@ -100,8 +112,12 @@ class ProcessOptions:
     device: str | None = None
     precision: str | None = None
     send_inputs: bool = True
+    frame_transport: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.frame_transport not in ("auto", "peer", "ring"):
+            raise ValueError(f"frame_transport must be 'auto', 'peer' or 'ring', got "
+                             f"{self.frame_transport!r}")
         if self.slots < 1 or self.slot_bytes < 1024:
             raise ValueError(f"need slots >= 1 and slot_bytes >= 1024; got {self.slots}, "
                              f"{self.slot_bytes}")
@@ -182,6 +198,9 @@ class ProcessInferenceWorker:
         self._gave_up = False
         self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
         self._shm = SharedRing(self.options.slots * self.options.slot_bytes)
+        # bytes the child reads back to check that it can read this process's memory
+        self._probe = np.frombuffer(os.urandom(16), np.uint8).copy()
+        self._peer = False  # the running child copies inline frames out of our memory
         self._proc = None
         self._conn = None
         self._last_beat = 0.0
@@ -211,7 +230,9 @@ class ProcessInferenceWorker:
                 "send_inputs": self.options.send_inputs and self.on_inputs is not None,
                 "external_options": self.external_options,
                 "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
-                "thresholds": self._thresholds, "finetune": self._finetune}
+                "thresholds": self._thresholds, "finetune": self._finetune,
+                "frame_transport": o.frame_transport, "peer_pid": os.getpid(),
+                "probe": (int(self._probe.ctypes.data), self._probe.tobytes())}
 
     def _start_child(self) -> None:
         """Start a child, wait for its hello; raises TaggerProcessError if it fails."""
@@ -250,6 +271,7 @@ class ProcessInferenceWorker:
             self._free = collections.deque(s for s in range(self.options.slots)
                                            if s not in self._unsent)
             self._slots_free.notify_all()
+            self._peer = payload.get("frame_transport") == "peer"
             self.process_starts += 1
         if self.tagger is None:
             self.tagger = RemoteTagger(payload, on_thresholds=self._send_thresholds)
@@ -345,7 +367,16 @@ class ProcessInferenceWorker:
         if callable(value):  # a loader without a ref: run it here, off the RunEngine thread
             value = job.source = value()
         arr = np.asarray(value)
-        if arr.dtype.hasobject or arr.nbytes > self.options.slot_bytes:
+        if arr.dtype.hasobject:
+            msg.update(kind="array", array=arr)
+            return msg
+        if self._peer:  # the child copies it out of our memory; we keep it alive till then
+            arr = np.ascontiguousarray(arr)
+            job.source = arr
+            msg.update(kind="peer", addr=int(arr.ctypes.data), shape=arr.shape,
+                       dtype=arr.dtype.str)
+            return msg
+        if arr.nbytes > self.options.slot_bytes:
             msg.update(kind="array", array=arr)
             return msg
         slot = self._take_slot(wait)
@@ -480,6 +511,12 @@ class ProcessInferenceWorker:
             with self._slots_free:
                 self._free.extend(payload)
                 self._slots_free.notify_all()
+        elif what == "got":  # the child has copied these frames out of our memory
+            with self._lock:
+                jobs = [self._in_flight.get(jid) for jid in payload]
+            for job in jobs:
+                if job is not None:
+                    self._release(job)
         elif what == "results":
             self._last_progress = self._last_beat = time.monotonic()
             out = []
@@ -606,7 +643,8 @@ class ProcessInferenceWorker:
         return {"pid": self.pid, "starts": self.process_starts,
                 "faults": dict(self.process_faults),
                 "priority": self.tagger.priority if self.tagger else "",
-                "restarting_stopped": self._gave_up}
+                "restarting_stopped": self._gave_up,
+                "frame_transport": "peer" if self._peer else "ring"}
 
     def ensure_alive(self) -> bool:
         """True if the link is up (faults are handled by the link thread)."""
