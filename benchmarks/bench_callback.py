@@ -60,9 +60,10 @@ def make_frames(n_distinct: int, size: int):
             out[:h, :w] = np.clip(np.nan_to_num(f[:h, :w]), 0, 2**32 - 1).astype(np.uint32)
             frames.append(out)
         return frames, "generator"
-    except Exception:  # the generator module is optional for this benchmark
+    except Exception:  # noqa: BLE001 - the generator module is optional for this benchmark
         rng = np.random.default_rng(0)
-        return [rng.poisson(5, (size, size)).astype(np.uint32) for _ in range(n_distinct)], "poisson"
+        frames = [rng.poisson(5, (size, size)).astype(np.uint32) for _ in range(n_distinct)]
+        return frames, "poisson"
 
 
 def _callback(mode: str, sink, frames_shape):

@@ -21,6 +21,7 @@ process and its parent hold (no network), so they are plain pickles.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -223,10 +224,9 @@ def main(conn, spec: dict, *, make_reader: Callable[..., Any],
         finally:
             os.close(fd)
     except BaseException as err:  # noqa: BLE001 - reported, then the process ends
-        try:
+        with contextlib.suppress(BaseException):  # the parent may be gone already
             link.send(("error", f"{type(err).__name__}: {err}"))
-        finally:
-            return
+        return
     info = describe(tagger)
     if spec.get("thresholds") is not None:  # set live before a restart: keep them
         tagger.thresholds = np.asarray(spec["thresholds"], np.float32)
@@ -342,7 +342,7 @@ class _Child:
             try:
                 value = getattr(self._target(target), method)(*args, **kwargs)
                 reply = ("reply", (cid, True, value))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any error goes back to the caller
                 reply = ("reply", (cid, False, err))
             if cid is None:  # fire and forget
                 if not reply[1][1]:
@@ -351,7 +351,7 @@ class _Child:
                 continue
             try:
                 self.link.send(reply)
-            except Exception:  # the value or the error does not pickle
+            except Exception:  # noqa: BLE001 - the value or the error does not pickle
                 self.link.send(("reply", (cid, False, RuntimeError(repr(reply[1][2])[:2000]))))
 
     def run(self) -> None:
@@ -418,7 +418,7 @@ class _Child:
             self.worker.flush(60.0)
             self.tagger.swap_weights(new, allow_tag_change=True)
             self.link.send(("swapped", describe(self.tagger)))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a failed swap keeps the old model, reported
             self.link.send(("swap_failed", f"{type(err).__name__}: {err}"))
 
 

@@ -15,7 +15,8 @@ How frames cross
     copy. Where the kernel refuses such reads (``frame_transport="ring"``),
     a feeder thread here copies each into a ring of shared-memory slots
     (numpy's copy releases the GIL) and the child copies it out and frees the
-    slot at once; a frame larger than a slot then crosses through the pipe. Frames in files cross *by reference*
+    slot at once; a frame larger than a slot then crosses through the pipe.
+    Frames in files cross *by reference*
     (the :class:`~bluesky_xsml.documents.external.FrameRef` and the
     resource/datum documents it needs): the child opens the files, the
     RunEngine's process never does.
@@ -42,8 +43,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -416,7 +418,7 @@ class ProcessInferenceWorker:
                     self._transmit(messages)
                     messages = []
                     msg = self._message(job, jid, wait=True)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - the frame is skipped with the reason
                 self._skip_jobs([job], f"read_error: {type(err).__name__}: {err}")
                 continue
             if msg["kind"] in ("slot", "array"):
