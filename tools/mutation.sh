@@ -36,19 +36,21 @@ declare -A TESTS=(
   [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_callback.py"
   [preprocess]="tests/test_preprocess_properties.py tests/test_tagger.py"
   [query]="tests/test_query.py tests/test_frame_index.py tests/test_boundaries.py"
-  [checkpoints]="tests/test_replay_checkpoints.py::test_registry_versions_activate_rollback_and_persist tests/test_replay_checkpoints.py::test_registry_refuses_tampered_checkpoint tests/test_replay_checkpoints.py::test_sigkill_during_checkpoint_writes_leaves_active_checkpoint_intact tests/test_service_edges.py::test_full_disk_leaves_registry_memory_and_file_agreeing tests/test_service_edges.py::test_registry_json_write_failing_midway_keeps_the_previous_file tests/test_service_edges.py::test_checkpoint_write_failing_midway_keeps_the_previous_file tests/test_finetune.py::test_a_round_that_fails_the_gate_changes_nothing_live tests/test_finetune.py::test_retrain_hot_swap_and_rollback_keep_tag_events_truthful"
+  [checkpoints]="tests/test_replay_checkpoints.py tests/test_service_edges.py tests/test_finetune.py"
   [security]="tests/test_security.py tests/test_api_session.py tests/test_service_edges.py"
   [protocol]="tests/test_service_edges.py"
   [gaps]="tests/test_gaps.py"
   [policy]="tests/test_policy.py"
 )
 # Extra pytest arguments of a group's test selection (a TOML list's items): the fast tests
-# of a file that also holds slow ones (-k also matches module names: name single tests by
-# their node id in TESTS instead, as the checkpoints group does). The security group leaves
-# out the tests that start a real uvicorn server (they test protocol.py, its own group).
+# of a file that also holds slow ones (-k also matches module names). The security group
+# leaves out the tests that start a real uvicorn server (they test protocol.py, its own
+# group). Tests that run the code in a child process (the SIGKILL tests, the 0MQ bus) see
+# the unmutated tree and cannot kill a mutant: they are left out, as are slow training tests.
 declare -A SELECT=(
   [security]='"-m", "security", "-k", "not endless and not half_sent and not connection_cap and not live_feed and not loopback_is_not_served"'
   [protocol]='"-k", "endless or half_sent or connection_cap or live_feed"'
+  [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
 )
 ORDER=(gaps policy security protocol preprocess query documents external inference checkpoints)
 
