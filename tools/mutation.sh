@@ -14,7 +14,8 @@
 # Prints, per group, the mutants killed / all mutants tested and the score; the per-mutant
 # results stay in the scratch copy (`cd build/mutation/<group> && mutmut results`).
 # Environment: MUTMUT (default: mutmut), MUTATION_CHILDREN (parallel mutants, default 1),
-# XSML_MUTATION_DIR (scratch root), MUTANTS (mutant-name patterns; default: all of the group's).
+# XSML_MUTATION_DIR (scratch root), MUTANTS (mutant-name patterns; default: all of the group's),
+# PYTEST_K (a -k expression for the group's tests, in place of its own: e.g. only the fast ones).
 # The score counts the mutants tested; with MUTANTS the others are "not checked" and left out.
 set -euo pipefail
 
@@ -33,7 +34,7 @@ declare -A MODULES=(
 declare -A TESTS=(
   [documents]="tests/test_callback.py tests/test_frame_index.py tests/test_external_frames.py"
   [external]="tests/test_external_frames.py tests/test_callback_external.py tests/test_file_access.py"
-  [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_callback.py"
+  [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_worker.py"
   [preprocess]="tests/test_preprocess_properties.py tests/test_tagger.py"
   [query]="tests/test_query.py tests/test_frame_index.py tests/test_boundaries.py"
   [checkpoints]="tests/test_replay_checkpoints.py tests/test_service_edges.py tests/test_finetune.py"
@@ -70,7 +71,12 @@ groups=("$@")
 
 toml_list() { local out="" x; for x in "$@"; do out+="\"$x\", "; done; echo "[${out%, }]"; }
 # shellcheck disable=SC2086
-selection() { local l; l=$(toml_list ${TESTS[$1]}); [[ -n "${SELECT[$1]:-}" ]] && l="${l%]}, ${SELECT[$1]}]"; echo "$l"; }
+selection() {
+  local l; l=$(toml_list ${TESTS[$1]})
+  [[ -n "${SELECT[$1]:-}" ]] && l="${l%]}, ${SELECT[$1]}]"
+  [[ -n "${PYTEST_K:-}" ]] && l="${l%]}, \"-k\", \"${PYTEST_K}\"]"
+  echo "$l"
+}
 read -r -a patterns <<< "${MUTANTS:-}"
 
 for g in "${groups[@]}"; do
