@@ -127,7 +127,7 @@ def test_request_key_problem_reads_with_a_cookie_only():
     (b" LocalHost. ", "localhost"), (b"example.org", "example.org"), (b"::1", "::1"),
     (b"fe80::1:8765", "fe80::1:8765"), (b"host:", "host"), (b"a.b:1", "a.b"),
     (b"[::1", None), (b"", None), (None, None), (b".", None), (b":80", None),
-    (b"h\xe9:1", "h\xe9"),
+    (b"h\xe9:1", "h\xe9"), (b"[::1]:80]", "::1"),
 ])
 def test_host_name(value, host):
     assert host_name(value) == host
@@ -163,9 +163,10 @@ def call(guard, scope, messages=(), *, extra=None):
 def app(saw):
     async def inner(scope, receive, send):
         saw["scope"] = scope
-        chunks = []
+        chunks, saw["messages"] = [], []
         while True:
             m = await receive()
+            saw["messages"].append(m)
             chunks.append(m.get("body", b""))
             if not m.get("more_body"):
                 break
@@ -297,6 +298,8 @@ def test_a_body_without_length_is_read_bounded_then_replayed():
              {"type": "http.request", "more_body": False}]
     status, _, _, saw = call(g, {"path": "/page/"}, parts)
     assert status == 200 and saw["body"] == b"0123456789"
+    assert saw["messages"] == [{"type": "http.request", "body": b"0123456789",
+                                "more_body": False}]  # replayed as one complete message
     # after the replayed body, the app reads the client's own next message
     assert saw["next"] == {"type": "http.disconnect"}
     over = [{"type": "http.request", "body": b"0123456", "more_body": True},
@@ -308,3 +311,33 @@ def test_a_body_without_length_is_read_bounded_then_replayed():
     gone = [{"type": "http.request", "body": b"01", "more_body": True},
             {"type": "http.disconnect"}]
     assert call(g, {"path": "/page/"}, gone) == (None, None, None, {})
+
+
+def test_minimal_scopes_and_messages_are_understood():
+    """ASGI leaves some keys out: a scope without headers or path, a request message without
+    ``more_body`` (the body is complete), a response start without headers."""
+    g = guard(keyed_reads=True)
+    for scope in ({"type": "http"}, {"type": "http", "path": "/api/x"},
+                  {"type": "http", "method": "POST", "path": "/api/x"}):
+        sent = []
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"abc"}  # no more_body: complete
+
+        async def bare(scope, receive, send):
+            assert (await receive()) == {"type": "http.request", "body": b"abc",
+                                         "more_body": False}
+            await send({"type": "http.response.start", "status": 204})  # no headers
+            await send({"type": "http.response.body", "body": b""})
+
+        g.app = bare
+        asyncio.run(g(scope, receive, send))
+        status = sent[0]["status"]
+        if scope.get("path") == "/api/x":   # keyed: refused with a challenge, not a crash
+            assert status == 401 and sent[0]["headers"][2:] == [(b"www-authenticate",
+                                                                 b"Bearer")]
+        else:
+            assert status == 204 and sent[0]["headers"] == SECURITY_HEADERS
