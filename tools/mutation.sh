@@ -15,6 +15,7 @@
 # results stay in the scratch copy (`cd build/mutation/<group> && mutmut results`).
 # Environment: MUTMUT (default: mutmut), MUTATION_CHILDREN (parallel mutants, default 1),
 # XSML_MUTATION_DIR (scratch root), MUTANTS (mutant-name patterns; default: all of the group's),
+# MUTATION_ISOLATION (fork or forkserver: where mutants are forked from; default per group),
 # PYTEST_K (a -k expression for the group's tests, in place of its own: e.g. only the fast ones).
 # The score counts the mutants tested; with MUTANTS the others are "not checked" and left out.
 set -euo pipefail
@@ -54,6 +55,11 @@ declare -A SELECT=(
   [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
 )
 ORDER=(gaps policy security protocol preprocess query documents external inference checkpoints)
+# Groups whose tests run torch: their mutants are forked from a clean fork server, not from
+# the process that ran the tests (a fork of a process whose torch thread pool has started
+# can deadlock in its first parallel op: the mutant then sits idle until the timeout).
+declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [preprocess]=forkserver
+                      [documents]=forkserver [external]=forkserver [query]=forkserver)
 
 if [[ "${1:-}" == "--list" ]]; then
   for g in "${ORDER[@]}"; do
@@ -96,7 +102,7 @@ also_copy = ["docs", "benchmarks", "examples", "profiles", "README.md"]
 only_mutate = $(toml_list ${MODULES[$g]})
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:faulthandler", "-o", "addopts=", "--timeout=300"]
 pytest_add_cli_args_test_selection = $(selection "$g")
-process_isolation = "fork"
+process_isolation = "${MUTATION_ISOLATION:-${ISOLATION[$g]:-fork}}"
 use_git_change_detection = false
 # generous: the per-mutant limit is derived from the measured test time, and a loaded machine
 # would otherwise turn slow runs into "timeouts" (counted as killed)
