@@ -323,8 +323,16 @@ def test_registry_list_is_oldest_first_and_files_are_checked(tmp_path, monkeypat
                                                         "missing")):
         reg.activate(ts[1].checkpoint_id)
     assert reg.active_id is None
-    loaded = reg.load(ts[2].checkpoint_id)
-    assert loaded.checkpoint_id == ts[2].checkpoint_id
+    loaded = reg.load(ts[2].checkpoint_id, precision="fp32", num_threads=1)
+    assert loaded.checkpoint_id == ts[2].checkpoint_id and loaded.precision == "fp32"
+    # a file that holds another checkpoint than its name says is refused
+    import shutil
+
+    shutil.copyfile(reg.path_of(ts[0].checkpoint_id), reg.path_of(ts[2].checkpoint_id))
+    wrong = f"{reg.path_of(ts[2].checkpoint_id)} holds {ts[0].checkpoint_id}, not " \
+            f"{ts[2].checkpoint_id}"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(wrong)}$"):
+        reg.load(ts[2].checkpoint_id)
 
 
 def test_registry_cleans_leftovers_and_refuses_an_unreadable_file(tmp_path):
