@@ -274,7 +274,8 @@ def test_registry_records_exactly_what_add_was_given(tmp_path):
     assert repr(reg) == f"<CheckpointRegistry {str(tmp_path)!r}: 1, active None>"
 
 
-def test_registry_add_again_only_activates_and_listeners_hear_only_activations(tmp_path):
+def test_registry_add_again_only_activates_and_listeners_hear_only_activations(tmp_path,
+                                                                              caplog):
     reg = CheckpointRegistry(tmp_path)
     a, b = tiny(0), tiny(1)
     heard = []
@@ -288,6 +289,10 @@ def test_registry_add_again_only_activates_and_listeners_hear_only_activations(t
     assert heard == [] and first["status"] == "kept"
     again = reg.add(a, parent_id="other", step=99, promote=True, reason="changed")
     assert heard == [(a.checkpoint_id, "active")]
+    failed = [r for r in caplog.records if r.name == "bluesky_xsml.training.checkpoints"]
+    assert [r.getMessage() for r in failed] == [f"checkpoint listener failed for "
+                                                f"{a.checkpoint_id}"]
+    assert failed[0].exc_info[1].args == ("listener failed",)
     assert (again["parent_id"], again["step"], again["reason"], again["promoted"]) == (
         "p0", 1, "first", False)   # the record is kept; only the activation changed
     assert again["status"] == "active" and "activated" in again
