@@ -290,8 +290,7 @@ def test_registry_add_again_only_activates_and_listeners_hear_only_activations(t
     again = reg.add(a, parent_id="other", step=99, promote=True, reason="changed")
     assert heard == [(a.checkpoint_id, "active")]
     failed = [r for r in caplog.records if r.name == "bluesky_xsml.training.checkpoints"]
-    assert [r.getMessage() for r in failed] == [f"checkpoint listener failed for "
-                                                f"{a.checkpoint_id}"]
+    assert [r.getMessage() for r in failed] == [f"checkpoint listener failed for {a.checkpoint_id}"]
     assert failed[0].exc_info[1].args == ("listener failed",)
     assert (again["parent_id"], again["step"], again["reason"], again["promoted"]) == (
         "p0", 1, "first", False)   # the record is kept; only the activation changed
