@@ -413,6 +413,11 @@ def test_frame_index_novel_filter():
     assert "novel" not in _from_index(stop)[0]
     stop["xsml_index"]["frames"]["novelty"][1] = None
     assert math.isnan(_from_index(stop, novel=True)[0]["novelty"])
+    # an index written before novelty scores answers plain queries, not novelty ones
+    for column in ("novel", "novelty"):
+        del stop["xsml_index"]["frames"][column]
+    assert len(_from_index(stop)) == 4
+    assert _from_index(stop, novel=True) is None and _from_index(stop, novel=False) is None
 
 
 @pytest.mark.parametrize("change", [

@@ -340,6 +340,8 @@ def test_registry_list_is_oldest_first_and_files_are_checked(tmp_path, monkeypat
 
 
 def test_registry_cleans_leftovers_and_refuses_an_unreadable_file(tmp_path):
+    nested = CheckpointRegistry(tmp_path / "new" / "checkpoints")  # folders made as needed
+    assert nested.directory.is_dir() and len(nested) == 0
     reg = CheckpointRegistry(tmp_path)
     t = tiny(0)
     reg.add(t, promote=True)
@@ -348,7 +350,7 @@ def test_registry_cleans_leftovers_and_refuses_an_unreadable_file(tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     again = CheckpointRegistry(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["registry.json", f"{t.checkpoint_id}.pt", "notes.txt"])
+        ["registry.json", f"{t.checkpoint_id}.pt", "notes.txt", "new"])
     assert again.active_id == t.checkpoint_id and len(again) == 1
     (tmp_path / "registry.json").write_text("{not json")
     path = str(tmp_path / "registry.json")
