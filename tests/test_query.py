@@ -392,6 +392,12 @@ def test_frame_index_rows_hold_every_column():
     # motors the index does not hold: every other indexed column, the asked fields last
     rows = _from_index(_indexed_stop(), start={**START, "motors": ["z"]}, fields=["x"])
     assert list(rows[0])[-2:] == ["y", "x"] and "z" not in rows[0]
+    # the start's motors, in their order, when they are all the indexed columns; fields that
+    # are all the indexed columns
+    rows = _from_index(_indexed_stop(), start={**START, "motors": ["y", "x"]})
+    assert list(rows[0])[-2:] == ["y", "x"]
+    rows = _from_index(_indexed_stop(), start={"uid": "u3"}, fields=["y", "x"])
+    assert list(rows[0])[-2:] == ["y", "x"] and len(rows) == 4
 
 
 def test_frame_index_min_prob_is_inclusive_and_never_below_the_index():
