@@ -170,6 +170,13 @@ def test_a_frame_the_model_fails_on_is_skipped_and_the_others_tagged(distinct_ta
     assert dict(stats.skipped_by_reason) == {"model_error": 2}
 
 
+def test_latency_percentiles():
+    stats = WorkerStats()
+    stats.latencies.extend(float(x) for x in range(101))
+    assert stats.latency_percentiles() == {"p50": 50.0, "p99": 99.0}
+    assert all(type(v) is float for v in stats.latency_percentiles().values())
+
+
 # ------------------------------------------------------------------ the memory budget
 def test_admit_counts_bytes_up_to_the_budget_inclusive():
     stats, budget = WorkerStats(), threading.Condition()
