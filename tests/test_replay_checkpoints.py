@@ -269,9 +269,15 @@ def test_registry_records_exactly_what_add_was_given(tmp_path):
     assert reg.path_of(t.checkpoint_id).exists()
     with pytest.raises(KeyError, match=f"known: {t.checkpoint_id}.$"):  # str(KeyError) quotes
         reg.get("abc")
+    plain = reg.add(tiny(6))  # the defaults: step 0, no reason, no parent
+    assert (plain["step"], plain["reason"], plain["parent_id"]) == (0, "", None)
+    with pytest.raises(KeyError) as info:
+        reg.get("abc")
+    assert info.value.args[0] == (f"no checkpoint 'abc' in {str(tmp_path)!r}; known: "
+                                  f"{t.checkpoint_id}, {plain['checkpoint_id']}")
     state = json.loads((tmp_path / "registry.json").read_text())
     assert state["format"] == "bluesky-xsml-registry" and state["history"] == []
-    assert repr(reg) == f"<CheckpointRegistry {str(tmp_path)!r}: 1, active None>"
+    assert repr(reg) == f"<CheckpointRegistry {str(tmp_path)!r}: 2, active None>"
 
 
 def test_registry_add_again_only_activates_and_listeners_hear_only_activations(tmp_path,
