@@ -69,7 +69,7 @@ def tagger():
     return t
 
 
-def make_distinct_tagger(*, spread: float = 0.15, **kwargs):
+def make_distinct_tagger(*, spread: float = 0.15, seed: int = 0, config=None, **kwargs):
     """A real :class:`~bluesky_xsml.Tagger` whose tags' probabilities are far apart.
 
     An untrained network puts every tag near 0.5 (0.49-0.51), so a test that compares
@@ -79,12 +79,14 @@ def make_distinct_tagger(*, spread: float = 0.15, **kwargs):
     to each other are far apart) plus ``spread`` times one feature direction, standardised
     on a few Poisson frames, so that different frames still get different probabilities.
     The shift is the same for every tag, so the tags keep their order on every frame.
+    ``seed`` and ``config`` choose the untrained network (as for ``Tagger.untrained``);
+    other keywords go to the :class:`~bluesky_xsml.Tagger`.
     """
     import torch
 
     from bluesky_xsml import Tagger
 
-    t = Tagger.untrained(seed=0, **kwargs)
+    t = Tagger.untrained(seed=seed, config=config, **kwargs)
     rng = np.random.default_rng(1)
     frames = [rng.poisson(rng.uniform(0.5, 50), (96, 120)).astype(np.int32) for _ in range(16)]
     inputs, _, _ = t.preprocess(frames)

@@ -5,7 +5,9 @@ Runs are acquired by a real RunEngine and stored by bluesky-tiled-plugins'
 live by ``TaggingCallback`` on the way in. Re-tagging reads the frames back
 through the Tiled HTTP client, and every check reads the catalog back the
 same way. The taggers are small untrained models: what matters here is where
-the numbers go, not their quality.
+the numbers go, not their quality; the main one (``distinct_tagger``) has tags
+whose probabilities are far apart, so a tag written into another tag's column
+cannot pass for it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ pytest.importorskip("bluesky_tiled_plugins", reason="needs bluesky-tiled-plugins
 
 from bluesky_xsml.tags import TAG_NAMES
 
-from .conftest import make_image_detector
+from .conftest import assert_probs_match, make_image_detector
+
+
+@pytest.fixture(scope="module")
+def tagger(distinct_tagger):
+    """Tags whose probabilities are far apart (an untrained model's sit in 0.49-0.51)."""
+    return distinct_tagger
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,7 @@ def test_retag_writes_a_readable_tag_stream_and_updates_the_stop(stored, tagger)
     img_rows = [i for i, k in enumerate(keys) if k == "img"]
     frames = np.asarray(run["primary"]["img"].read())
     order = [seqs[i] - 1 for i in img_rows]
-    np.testing.assert_allclose(probs[img_rows], tagger.predict(list(frames[order])), atol=2e-2)
+    assert_probs_match(probs[img_rows], tagger.predict(list(frames[order])))
     decided = tagger.decide(probs[img_rows])
     assert [str(ds["tags"].values[i]) for i in img_rows] == [",".join(d) for d in decided]
     # the small frames are accounted for: NaN and a reason
@@ -124,6 +132,20 @@ def test_retag_writes_a_readable_tag_stream_and_updates_the_stop(stored, tagger)
     # and the run is now found by tag
     present = sorted(counts)[0]
     assert stored.plain in set(find_runs(stored.catalog, present))
+
+
+def test_live_tag_stream_round_trips_column_by_column(stored, tagger):
+    """The stream tagged live, read back from the catalog: each tag's column holds that
+    tag's probability for the stored frame its row names."""
+    run = stored.catalog[stored.live]
+    ds = run["xsml_tags"].read()
+    seqs = [int(s) for s in ds["source_seq_num"].values]
+    assert sorted(seqs) == [1, 2, 3] and set(ds["skip_reason"].values) == {""}
+    frames = np.asarray(run["primary"]["img"].read())
+    row_of = {int(s): i for i, s in enumerate(run["primary"]["seq_num"].read())}
+    got = np.stack([ds[t].values for t in TAG_NAMES], axis=1)
+    assert_probs_match(got, tagger.predict([frames[row_of[s]] for s in seqs]))
+    assert [str(x) for x in ds["tags"].values] == [",".join(d) for d in tagger.decide(got)]
 
 
 def test_retag_gives_a_polar_head_the_runs_beam_centre(stored):

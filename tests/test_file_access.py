@@ -220,3 +220,106 @@ def test_the_tagging_process_applies_the_same_rules(RE, recorder, site):
         xsml.close()
     assert reasons == ["outside_allowed_roots: file outside the allowed roots"] * 3
     assert_no_paths(reasons, "/etc", "passwd")
+
+
+# ------------------------------------------------------ the path rules, one at a time
+def test_within_is_by_whole_directory_names():
+    from bluesky_xsml.documents.external import _within
+
+    assert _within("/data/run", "/data/run") and _within("/data/run/a.h5", "/data/run")
+    assert _within("/data/run/a.h5", "/data/run/") and _within("/data/run", "/data/run//")
+    assert not _within("/data/run2/a.h5", "/data/run") and not _within("/data", "/data/run")
+    assert _within("/etc/passwd", "/") and _within("/", "/") and _within("/x", "")
+
+
+def test_remap_prefix_takes_the_longest_directory_prefix():
+    from bluesky_xsml.documents.external import _remap_prefix
+
+    root_map = {"/data": "/mnt/d", "/data/cam/": "/fast/cam", "/": "/all"}
+    assert _remap_prefix("/data/cam/x/f.h5", root_map) == ("/fast/cam/x/f.h5", "/data/cam/")
+    assert _remap_prefix("/data/cam", root_map) == ("/fast/cam", "/data/cam/")
+    assert _remap_prefix("/data/camera/f.h5", root_map) == ("/mnt/d/camera/f.h5", "/data")
+    assert _remap_prefix("/data", root_map) == ("/mnt/d", "/data")
+    assert _remap_prefix("/other/f.h5", root_map) == ("/all/other/f.h5", "/")
+    assert _remap_prefix("/other/f.h5", {"/data": "/mnt"}) == ("/other/f.h5", None)
+    assert _remap_prefix("/datax/f.h5", {"/data": "/mnt"}) == ("/datax/f.h5", None)
+
+
+def test_reasons_name_files_without_their_directories():
+    from bluesky_xsml.documents.external import _scrub, _short
+
+    assert _short("/beamline/2024/scan_7.h5") == "scan_7.h5"
+    assert _short("/beamline/tiffs/") == "tiffs" and _short("/") == "/" and _short("") == "/"
+    assert _scrub("Unable to open '/beamline/2024/scan_7.h5' (x)") == \
+        "Unable to open 'scan_7.h5' (x)"
+    assert _scrub("/a/b c.h5 and /etc/passwd, done") == "b c.h5 and passwd, done"
+    assert _scrub("relative/path.h5 stays") == "relative/path.h5 stays"
+
+
+def test_allowed_roots_come_from_the_environment(monkeypatch):
+    from bluesky_xsml.documents.external import default_allowed_roots
+
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, os.pathsep.join(["/data", "", " ", "/scratch"]))
+    assert default_allowed_roots() == ("/data", "/scratch")
+    assert ExternalFrames().allowed_roots == ("/data", "/scratch")
+    assert ExternalFrames(allowed_roots=[]).allowed_roots == ()
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV)
+    assert default_allowed_roots() == () and ExternalFrames().allowed_roots == ()
+
+
+def test_allowed_roots_contain_by_real_path(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (allowed / "sub" / "f.h5").write_bytes(b"")
+    (outside / "g.h5").write_bytes(b"")
+    (allowed / "link.h5").symlink_to(outside / "g.h5")
+    ext = ExternalFrames(retries=0, allowed_roots=[str(tmp_path / "elsewhere"), str(allowed)])
+
+    def ref(path, root=""):
+        return FrameRef(kind="stream", key="k", resource="r", spec="application/x-hdf5",
+                        path=str(path), root=root)
+
+    good = ref(allowed / "sub" / ".." / "sub" / "f.h5")
+    assert ext._contained(good, good.path) == str((allowed / "sub" / "f.h5").resolve())
+    for bad in (outside / "g.h5", allowed / "link.h5", allowed / ".." / "outside" / "g.h5"):
+        with pytest.raises(FrameSourceError, match=r"^file outside the allowed roots$") as info:
+            ext._contained(ref(bad), str(bad))
+        assert info.value.reason == "outside_allowed_roots"
+    # the resource's root is checked first, and both must hold
+    with pytest.raises(FrameSourceError, match=r"^file outside its resource's root$") as info:
+        ext._contained(ref(allowed / "sub" / "f.h5", root=str(outside)), str(allowed / "sub"
+                                                                           / "f.h5"))
+    assert info.value.reason == "outside_allowed_roots"
+    with pytest.raises(FrameSourceError, match=r"^file outside the allowed roots$"):
+        ext._contained(ref(outside / "g.h5", root=str(outside)), str(outside / "g.h5"))
+    # no root and no allowed roots: anywhere
+    free = ExternalFrames(retries=0, allowed_roots=[])
+    assert free._contained(ref(outside / "g.h5"), str(outside / "g.h5")) == str(
+        (outside / "g.h5").resolve())
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "frames.h5"
+    os.mkfifo(fifo)
+    ext = ExternalFrames(retries=0, allowed_roots=[])
+    ref = FrameRef(kind="stream", key="k", resource="r", spec="application/x-hdf5",
+                   path=str(fifo), root=str(tmp_path))
+    with pytest.raises(FrameSourceError, match=r"^not a regular file$") as info:
+        ext._check_file(ref, ref.path)
+    assert info.value.reason == "not_regular_file"
+    with pytest.raises(FileNotFoundError):  # missing: retried by the caller
+        ext._check_file(ref, str(tmp_path / "later.h5"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"read_timeout": 0}, "read_timeout must be > 0 or None, got 0"),
+    ({"read_timeout": -1.0}, "read_timeout must be > 0 or None, got -1.0"),
+    ({"retries": -1}, "retries must be >= 0, got -1"),
+    ({"retry_delay": -0.5}, "retry_delay must be >= 0, got -0.5"),
+])
+def test_bad_reader_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ExternalFrames(**kwargs)
+    ok = ExternalFrames(read_timeout=None, retries=0, retry_delay=0)
+    assert (ok.read_timeout, ok.retries, ok.retry_delay) == (None, 0, 0.0)

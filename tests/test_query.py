@@ -327,3 +327,145 @@ def test_an_all_digit_uid_prefix_that_is_no_scan_id_finds_its_run(scenario):
     assert find_run(cat, "7").metadata["start"]["scan_id"] == 7         # a scan_id still is one
     with pytest.raises(KeyError, match="no uid starts with it"):
         find_run(cat, "99999999")  # no such scan_id, no such uid prefix
+
+
+# ------------------------------------------------- the stop document's frame index alone
+# ``_frames_from_index`` answers find_frames from a run's stop document without reading a
+# stream. These tests give it stop documents written by a real FrameIndex and hold each of
+# its rules: when it must decline (and leave the streams to answer), the inclusive
+# ``min_prob``, and every column of the rows it returns.
+def _indexed_stop(*, min_prob=0.5, positions=True, stream="xsml_tags"):
+    from bluesky_xsml.documents.compose import FrameResult
+    from bluesky_xsml.documents.frame_index import FrameIndex
+
+    idx = FrameIndex(["ring_oriented", "beam_off"], stream, min_prob=min_prob)
+    rows = [("primary", 3, "img", 1, [0.7, 0.2], {"x": 3.0, "y": None}),
+            ("primary", 1, "img", 0, [0.5, 0.9], {"x": 1.0, "y": 10.0}),
+            ("baseline", 1, "cam", 0, [0.6999, 0.0], {"x": 5.0, "y": 50.0}),
+            ("primary", 3, "img", 0, [0.95, 0.0], {"x": 3.0, "y": 30.0}),
+            ("primary", 2, "cam", 0, [0.2, 0.2], {"x": 2.0, "y": 20.0})]  # not indexed
+    for i, (src, seq, key, frame, probs, pos) in enumerate(rows):
+        idx.add(FrameResult(stream=src, seq_num=seq, event_uid="", key=key, frame_index=frame,
+                            probs=probs, checkpoint=f"ck{i}", time=100.0 + i,
+                            tags=tuple(t for t, p in zip(idx.tags, probs, strict=True) if p >= 0.5),
+                            novelty=float(i), novel=i % 2 == 1),
+                positions=pos if positions else None)
+    return {"xsml_index": idx.summary(), "xsml_stream": stream, "exit_status": "success"}
+
+
+START = {"uid": "u1", "scan_id": 12, "motors": ["x"], "sample": "S1",
+         "sample_info": {"name": "kapton", "layers": [1, 2]}, "operator": "o"}
+
+
+def _from_index(stop, tag="ring_oriented", min_prob=0.5, stream=None, model=None,
+                sample_keys=None, fields=(), novel=None, start=START):
+    from bluesky_xsml.catalog.query import _frames_from_index
+
+    return _frames_from_index(start, stop, tag, min_prob, stream, model, sample_keys, fields,
+                              novel)
+
+
+def test_frame_index_rows_hold_every_column():
+    rows = _from_index(_indexed_stop())
+    common = {"uid": "u1", "scan_id": 12, "tag": "ring_oriented", "tag_stream": "xsml_tags",
+              "sample": "S1", "sample_info.name": "kapton", "sample_info.layers": "1,2"}
+    assert rows == [  # sorted by stream, seq_num, key, frame index
+        {**common, "stream": "baseline", "seq_num": 1, "key": "cam", "frame_index": 0,
+         "probability": 0.6999, "tags": "ring_oriented", "model": "ck2", "time": 102.0,
+         "x": 5.0},
+        {**common, "stream": "primary", "seq_num": 1, "key": "img", "frame_index": 0,
+         "probability": 0.5, "tags": "ring_oriented,beam_off", "model": "ck1", "time": 101.0,
+         "x": 1.0},
+        {**common, "stream": "primary", "seq_num": 3, "key": "img", "frame_index": 0,
+         "probability": 0.95, "tags": "ring_oriented", "model": "ck3", "time": 103.0,
+         "x": 3.0},
+        {**common, "stream": "primary", "seq_num": 3, "key": "img", "frame_index": 1,
+         "probability": 0.7, "tags": "ring_oriented", "model": "ck0", "time": 100.0,
+         "x": 3.0},
+    ]
+    assert all(type(r["seq_num"]) is int and type(r["frame_index"]) is int for r in rows)
+    # asked-for fields join the motors; a missing position is NaN; chosen sample keys only
+    rows = _from_index(_indexed_stop(), fields=["y"], sample_keys=["operator"])
+    assert [(r["x"], r["y"]) for r in rows][2:] == [(3.0, 30.0), (3.0, rows[3]["y"])]
+    assert math.isnan(rows[3]["y"]) and rows[0]["operator"] == "o" and "sample" not in rows[0]
+    # a run without motors in its start: every indexed position column
+    rows = _from_index(_indexed_stop(), start={"uid": "u2"})
+    assert list(rows[0])[-2:] == ["x", "y"] and rows[0]["scan_id"] is None
+    # motors the index does not hold: every other indexed column, the asked fields last
+    rows = _from_index(_indexed_stop(), start={**START, "motors": ["z"]}, fields=["x"])
+    assert list(rows[0])[-2:] == ["y", "x"] and "z" not in rows[0]
+    # the start's motors, in their order, when they are all the indexed columns; fields that
+    # are all the indexed columns
+    rows = _from_index(_indexed_stop(), start={**START, "motors": ["y", "x"]})
+    assert list(rows[0])[-2:] == ["y", "x"]
+    rows = _from_index(_indexed_stop(), start={"uid": "u3"}, fields=["y", "x"])
+    assert list(rows[0])[-2:] == ["y", "x"] and len(rows) == 4
+
+
+def test_frame_index_min_prob_is_inclusive_and_never_below_the_index():
+    stop = _indexed_stop()
+    probs = [r["probability"] for r in _from_index(stop, min_prob=0.7)]
+    assert sorted(probs) == [0.7, 0.95]                       # 0.6999 is below
+    assert [r["probability"] for r in _from_index(stop, tag="beam_off")] == [0.9]
+    assert _from_index(stop, tag="saturation") == []          # no hits for that tag
+    assert _from_index(stop, min_prob=0.4999) is None         # below the index: streams
+    assert len(_from_index(_indexed_stop(min_prob=0.7), min_prob=0.7)) == 2
+
+
+def test_frame_index_novel_filter():
+    stop = _indexed_stop()
+    novel = _from_index(stop, novel=True)
+    assert [(r["model"], r["novel"], r["novelty"]) for r in novel] == [("ck1", True, 1.0),
+                                                                      ("ck3", True, 3.0)]
+    assert [r["model"] for r in _from_index(stop, novel=False)] == ["ck2", "ck0"]
+    assert "novel" not in _from_index(stop)[0]
+    stop["xsml_index"]["frames"]["novelty"][1] = None
+    assert math.isnan(_from_index(stop, novel=True)[0]["novelty"])
+    # an index written before novelty scores answers plain queries, not novelty ones
+    for column in ("novel", "novelty"):
+        del stop["xsml_index"]["frames"][column]
+    assert len(_from_index(stop)) == 4
+    assert _from_index(stop, novel=True) is None and _from_index(stop, novel=False) is None
+
+
+@pytest.mark.parametrize("change", [
+    "model", "no index", "index not a mapping", "version", "incomplete", "positions unknown",
+    "other stream", "stream asked", "stream renamed", "field not indexed", "malformed"])
+def test_frame_index_declines_when_it_cannot_answer(change, caplog):
+    stop = _indexed_stop()
+    idx = stop["xsml_index"]
+    kw = {}
+    if change == "model":
+        kw["model"] = "ck1"
+    elif change == "no index":
+        del stop["xsml_index"]
+    elif change == "index not a mapping":
+        stop["xsml_index"] = [idx]
+    elif change == "version":
+        idx["version"] = 2
+    elif change == "incomplete":
+        idx["complete"] = False
+    elif change == "positions unknown":
+        stop = _indexed_stop(positions=False)
+    elif change == "other stream":
+        stop["xsml_stream"] = "xsml_tags_ck9"
+    elif change == "stream asked":
+        kw["stream"] = "xsml_tags_ck9"
+    elif change == "stream renamed":
+        stop = _indexed_stop(stream="xsml_tags_ck9")
+        del stop["xsml_stream"]                   # the current stream is then xsml_tags
+    elif change == "field not indexed":
+        kw["fields"] = ["z"]
+    elif change == "malformed":
+        del idx["frames"]["seq_num"]
+    assert _from_index(stop, **kw) is None
+    assert ("is malformed" in caplog.text) == (change == "malformed")
+
+
+def test_frame_index_answers_for_the_current_stream_asked_by_name():
+    stop = _indexed_stop(stream="xsml_tags_ck9")
+    assert len(_from_index(stop, stream="xsml_tags_ck9")) == 4
+    del stop["xsml_stream"]
+    stop["xsml_index"]["stream"] = "xsml_tags"
+    rows = _from_index(stop, stream="xsml_tags")
+    assert len(rows) == 4 and rows[0]["tag_stream"] == "xsml_tags"

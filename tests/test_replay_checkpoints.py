@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +236,130 @@ def test_sigkill_during_finetuning_loses_no_acknowledged_label(tmp_path):
             assert labels[row, n % labels.shape[1]] == n % 2
         reg = CheckpointRegistry(tmp_path / "checkpoints")
         assert reg.load().checkpoint_id == reg.active_id
+
+
+# ------------------------------------------------------------ the registry, rule by rule
+def test_registry_records_exactly_what_add_was_given(tmp_path):
+    import numpy as np
+
+    reg = CheckpointRegistry(tmp_path)
+    assert len(reg) == 0 and reg.active_id is None and reg.list() == []
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint registry {str(tmp_path)!r} "
+                                                        "is empty")):
+        reg.load()
+    with pytest.raises(KeyError, match="known: none"):
+        reg.get("abc")
+    t = Tagger.untrained(seed=5, config=TINY, metadata={"parent_id": "from-metadata"})
+    rec = reg.add(t, step=7.0, label_counts={"ring_oriented": np.int64(3)},
+                  metrics={"auc": np.float32(0.5), "inf": float("inf"), "nested": [float("nan"),
+                                                                                   {1: 2.5}]},
+                  extra={"array": np.arange(2), "obj": Path("p")}, reason=42)
+    assert t.checkpoint_id in reg and "nope" not in reg and len(reg) == 1
+    assert rec == reg.get(t.checkpoint_id)
+    created = rec.pop("created")
+    assert abs(created - time.time()) < 60
+    assert rec == {"checkpoint_id": t.checkpoint_id, "parent_id": "from-metadata", "step": 7,
+                   "label_counts": {"ring_oriented": 3},
+                   "metrics": {"auc": 0.5, "inf": None, "nested": [None, {"1": 2.5}]},
+                   "tags": list(t.tags), "promoted": False, "reason": "42",
+                   "extra": {"array": [0, 1], "obj": "p"}, "active": False, "status": "kept"}
+    assert type(rec["step"]) is int
+    assert reg.active_id is None  # not promoted: nothing active
+    assert reg.path_of(t.checkpoint_id) == tmp_path / f"{t.checkpoint_id}.pt"
+    assert reg.path_of(t.checkpoint_id).exists()
+    with pytest.raises(KeyError, match=f"known: {t.checkpoint_id}.$"):  # str(KeyError) quotes
+        reg.get("abc")
+    plain = reg.add(tiny(6))  # the defaults: step 0, no reason, no parent
+    assert (plain["step"], plain["reason"], plain["parent_id"]) == (0, "", None)
+    with pytest.raises(KeyError) as info:
+        reg.get("abc")
+    assert info.value.args[0] == (f"no checkpoint 'abc' in {str(tmp_path)!r}; known: "
+                                  f"{t.checkpoint_id}, {plain['checkpoint_id']}")
+    state = json.loads((tmp_path / "registry.json").read_text())
+    assert state["format"] == "bluesky-xsml-registry" and state["history"] == []
+    assert repr(reg) == f"<CheckpointRegistry {str(tmp_path)!r}: 2, active None>"
+
+
+def test_registry_add_again_only_activates_and_listeners_hear_only_activations(tmp_path,
+                                                                              caplog):
+    reg = CheckpointRegistry(tmp_path)
+    a, b = tiny(0), tiny(1)
+    heard = []
+
+    def broken(rec):
+        raise RuntimeError("listener failed")
+
+    reg.add_listener(broken)  # a failing listener neither stops the change nor the others
+    reg.add_listener(lambda rec: heard.append((rec["checkpoint_id"], rec["status"])))
+    first = reg.add(a, parent_id="p0", step=1, reason="first")
+    assert heard == [] and first["status"] == "kept"
+    again = reg.add(a, parent_id="other", step=99, promote=True, reason="changed")
+    assert heard == [(a.checkpoint_id, "active")]
+    failed = [r for r in caplog.records if r.name == "bluesky_xsml.training.checkpoints"]
+    assert [r.getMessage() for r in failed] == [f"checkpoint listener failed for {a.checkpoint_id}"]
+    assert failed[0].exc_info[1].args == ("listener failed",)
+    assert (again["parent_id"], again["step"], again["reason"], again["promoted"]) == (
+        "p0", 1, "first", False)   # the record is kept; only the activation changed
+    assert again["status"] == "active" and abs(again["activated"] - time.time()) < 60
+    reg.add(b, promote=True)
+    reg.activate(b.checkpoint_id)  # the active one again: no second history entry
+    state = json.loads((tmp_path / "registry.json").read_text())
+    assert state["history"] == [a.checkpoint_id, b.checkpoint_id]
+    assert [r["status"] for r in reg.list()] == ["kept", "active"]  # a: activated, not promoted
+    assert reg.rollback()["checkpoint_id"] == a.checkpoint_id
+    assert heard[-1] == (a.checkpoint_id, "active")
+    assert [r["status"] for r in reg.list()] == ["active", "promoted"]
+    with pytest.raises(CheckpointError, match=r"^nothing to roll back to: only one checkpoint "
+                                              "was ever active$"):
+        reg.rollback()
+
+
+def test_registry_list_is_oldest_first_and_files_are_checked(tmp_path, monkeypatch):
+    reg = CheckpointRegistry(tmp_path)
+    from bluesky_xsml.training import checkpoints
+
+    clock = iter([300.0, 100.0, 200.0])  # the records' "created", in the order of adding
+    monkeypatch.setattr(checkpoints, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    ts = [tiny(s) for s in (0, 1, 2)]
+    for t in ts:
+        reg.add(t)
+    assert [r["checkpoint_id"] for r in reg.list()] == [ts[1].checkpoint_id,
+                                                        ts[2].checkpoint_id,
+                                                        ts[0].checkpoint_id]
+    monkeypatch.undo()
+    reg.path_of(ts[1].checkpoint_id).unlink()
+    missing = str(reg.path_of(ts[1].checkpoint_id))
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {missing!r} is "
+                                                        "missing")):
+        reg.activate(ts[1].checkpoint_id)
+    assert reg.active_id is None
+    loaded = reg.load(ts[2].checkpoint_id, precision="fp32", num_threads=1)
+    assert loaded.checkpoint_id == ts[2].checkpoint_id and loaded.precision == "fp32"
+    # a file that holds another checkpoint than its name says is refused
+    import shutil
+
+    shutil.copyfile(reg.path_of(ts[0].checkpoint_id), reg.path_of(ts[2].checkpoint_id))
+    wrong = f"{reg.path_of(ts[2].checkpoint_id)} holds {ts[0].checkpoint_id}, not " \
+            f"{ts[2].checkpoint_id}"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(wrong)}$"):
+        reg.load(ts[2].checkpoint_id)
+
+
+def test_registry_cleans_leftovers_and_refuses_an_unreadable_file(tmp_path):
+    nested = CheckpointRegistry(tmp_path / "new" / "checkpoints")  # folders made as needed
+    assert nested.directory.is_dir() and len(nested) == 0
+    reg = CheckpointRegistry(tmp_path)
+    t = tiny(0)
+    reg.add(t, promote=True)
+    (tmp_path / "registry.json.x1.tmp").write_text("{")
+    (tmp_path / "model.pt.tmp").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("kept")
+    again = CheckpointRegistry(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["registry.json", f"{t.checkpoint_id}.pt", "notes.txt", "new"])
+    assert again.active_id == t.checkpoint_id and len(again) == 1
+    (tmp_path / "registry.json").write_text("{not json")
+    path = str(tmp_path / "registry.json")
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint registry {path!r} is "
+                                                        "unreadable: ")):
+        CheckpointRegistry(tmp_path)

@@ -16,7 +16,8 @@ PUB/SUB loss is not deterministic, so the gap test makes the publisher drop
 chosen documents on purpose (a wrapper around bluesky's ``Publisher``); the
 catalog still gets every document, as it would from a beamline writer that
 does not go through the bus. The tagger is a tiny untrained network saved as
-a real checkpoint.
+a real checkpoint, its head set so that the tags' probabilities are far apart
+(``make_distinct_tagger``): a tag in another tag's column cannot pass.
 
 Run this file as a script (``python tests/test_scaleout_bus.py publish ...``)
 to get the publisher process.
@@ -179,15 +180,17 @@ def bus(tmp_path):
 
     if shutil.which("bluesky-0MQ-proxy") is None:
         pytest.skip("bluesky-0MQ-proxy (installed with bluesky and pyzmq) is not on PATH")
-    from bluesky_xsml import Tagger
     from bluesky_xsml.catalog.embedded import EmbeddedCatalog
     from bluesky_xsml.model import TaggerNetConfig
+
+    from .conftest import make_distinct_tagger
 
     data = tmp_path / "detector_files"
     data.mkdir()
     cat = EmbeddedCatalog(tmp_path / "catalog", readable_storage=[data])
-    tagger = Tagger.untrained(seed=7, config=TaggerNetConfig(stem_width=8, widths=(8, 16),
-                                                             depths=(1, 1)))
+    # tags far apart, so a tag written into another tag's column cannot pass for it
+    tagger = make_distinct_tagger(seed=7, config=TaggerNetConfig(stem_width=8, widths=(8, 16),
+                                                                 depths=(1, 1)))
     ckpt = tagger.save(tmp_path / "tiny.pt")
     procs: list[subprocess.Popen] = []
     proxy, proxy_in, proxy_out = start_proxy()
@@ -246,7 +249,9 @@ def assert_stored_tags(cat, uid, tagger, stream="xsml_tags"):
     frames = np.asarray(run["primary"]["ad_image"].read())[:, 0]
     order = np.argsort(seqs)
     got = np.stack([ds[t].values for t in TAG_NAMES], axis=1)[order]
-    np.testing.assert_allclose(got, tagger.predict(list(frames)), atol=2e-2)
+    from .conftest import assert_probs_match
+
+    assert_probs_match(got, tagger.predict(list(frames)))
     return ds
 
 
@@ -366,6 +371,21 @@ def test_two_workers_tag_every_frame_exactly_once(bus):
                                                      doc["data"]["source_seq_num"], strict=True)]
         assert sorted(seen) == sorted((u, "ad_image", s) for u in uids
                                       for s in range(1, FRAMES + 1))
+        # and each republished (live) tag column is that tag's probability for its frame
+        from bluesky_xsml.tags import TAG_NAMES
+
+        from .conftest import assert_probs_match
+
+        live = {}
+        for name, doc in docs:
+            if name == "event_page":
+                run = runs_of[doc["descriptor"]]
+                for i, s in enumerate(doc["data"]["source_seq_num"]):
+                    live[(run, int(s))] = [doc["data"][t][i] for t in TAG_NAMES]
+        for uid in uids:
+            frames = np.asarray(bus.cat.catalog[uid]["primary"]["ad_image"].read())[:, 0]
+            got = [live[(uid, s)] for s in range(1, FRAMES + 1)]
+            assert_probs_match(got, bus.tagger.predict(list(frames)))
         assert {d["run_start"] for n, d in docs if n == "stop"} == set(uids)
     finally:
         collector.close()

@@ -4,8 +4,9 @@ Real parts throughout: runs recorded by a RunEngine and stored by
 bluesky-tiled-plugins' ``TiledWriter`` in an embedded Tiled server, a
 ``dask.distributed`` ``LocalCluster`` of worker processes that read the frames
 back over HTTP, and :func:`bluesky_xsml.catalog.append.retag_run` writing the
-new streams. The tagger is a tiny untrained network (the model is not the
-point here), saved as a real checkpoint file the workers load.
+new streams. The tagger is a tiny untrained network with its tags' probabilities
+set far apart (the model is not the point here, where its numbers go is), saved
+as a real checkpoint file the workers load.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ FRAMES = 3
 
 
 def tiny_tagger(seed):
-    from bluesky_xsml import Tagger
+    """A tiny untrained network whose tags' probabilities are far apart, so a tag
+    written into another tag's column cannot pass for it."""
     from bluesky_xsml.model import TaggerNetConfig
 
-    return Tagger.untrained(seed=seed, config=TaggerNetConfig(stem_width=8, widths=(8, 16),
-                                                              depths=(1, 1)))
+    from .conftest import make_distinct_tagger
+
+    return make_distinct_tagger(seed=seed, config=TaggerNetConfig(stem_width=8, widths=(8, 16),
+                                                                  depths=(1, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,8 @@ def test_retag_tags_every_stored_frame_once_then_skips(stored, cluster, tmp_path
     from bluesky_xsml.scaleout.retag import retag_catalog
     from bluesky_xsml.tags import TAG_NAMES
 
+    from .conftest import assert_probs_match
+
     cat, uids = stored
     tagger, path = checkpoint(tmp_path, seed=3)
     import io
@@ -114,7 +120,7 @@ def test_retag_tags_every_stored_frame_once_then_skips(stored, cluster, tmp_path
         frames = run["primary"]["img"].read()
         got = np.stack([ds[t].values for t in TAG_NAMES], axis=1)
         order = np.argsort(ds["source_seq_num"].values)
-        np.testing.assert_allclose(got[order], tagger.predict(list(frames)), atol=2e-2)
+        assert_probs_match(got[order], tagger.predict(list(frames)))
 
     again = retag_catalog(cat.uri, model=path, scheduler=cluster)
     assert (again.tagged, again.skipped, again.errors, again.frames) == (0, N_RUNS, 0, 0)

@@ -38,3 +38,18 @@ def test_the_declared_floor_is_the_checked_one():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     torch_req = [d for d in meta["project"]["dependencies"] if d.startswith("torch")]
     assert torch_req and ">=2.6" in torch_req[0]
+
+
+@pytest.mark.parametrize("version", ["2.6", "2.6+cpu", "2.10.1", "10.0.0", "2.6.0a0+git1"])
+def test_floor_reads_major_and_minor_only(version):
+    require_safe_torch(version)
+
+
+@pytest.mark.parametrize("version", ["2", "2.5", "2.5.9+cu124", "2.x", "", "v2.6", "1.99"])
+def test_refusal_names_the_version_the_reason_and_the_fix(version):
+    with pytest.raises(CheckpointError) as info:
+        require_safe_torch(version)
+    assert str(info.value) == (
+        f"torch {version} cannot load checkpoints safely: before 2.6, "
+        "torch.load(weights_only=True) can be made to run code from the file "
+        "(CVE-2025-32434). Install torch>=2.6 (bluesky-xsml requires it).")
