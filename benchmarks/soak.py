@@ -206,10 +206,16 @@ def main(argv=None) -> int:
 
     duration = args.minutes * 60
     options = {}
-    cache = inspect.signature(TaggingCallback).parameters.get("label_cache_size")
-    if args.label_cache is not None and cache is not None:
+    try:  # the callback's options as one object (since the layers redesign)
+        from bluesky_xsml.documents.options import CallbackOptions
+
+        default_cache: int | None = CallbackOptions().label_cache_size
+    except ImportError:  # an older tree: the option is a keyword of TaggingCallback
+        cache = inspect.signature(TaggingCallback).parameters.get("label_cache_size")
+        default_cache = cache.default if cache is not None else None
+    if args.label_cache is not None and default_cache is not None:
         options["label_cache_size"] = args.label_cache
-    cache_frames = options.get("label_cache_size", cache.default if cache is not None else 0)
+    cache_frames = options.get("label_cache_size", default_cache or 0)
     fill_s = cache_frames / args.rate + 10 if cache_frames else 0.0
     warmup = (args.warmup if args.warmup is not None
               else min(max(min(120.0, 0.25 * duration), fill_s), 0.6 * duration))

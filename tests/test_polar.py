@@ -193,7 +193,8 @@ def test_the_callback_gives_each_run_its_beam_centre(RE, caplog):
     for g, e in zip(got, expected, strict=True):
         assert g.shape == (3, len(TAG_NAMES))
         assert_probs_match(g, e, atol=1e-4)  # tags apart: a swapped column cannot pass
-    assert np.abs(got[0] - base.predict(shown[starts[0]])).max() > 0.05
+    # the centre changes the tags (by far more than the match tolerance above)
+    assert np.abs(got[0] - base.predict(shown[starts[0]])).max() > 0.01
     errors = xsml.status()["document_errors"]
     assert any(k.startswith("bad xsml_beam_center") for k in errors), errors
     assert [s["xsml_frames"] for s in rec.of("stop")] == [3, 3, 3]

@@ -84,6 +84,9 @@ def _names(name: str, value: Any) -> tuple[str, ...] | None:
 class CallbackOptions:
     """Settings of a :class:`~bluesky_xsml.documents.callback.TaggingCallback`.
 
+    See :class:`~bluesky_xsml.documents.callback.TaggingCallback` for what
+    each setting does at run time.
+
     Parameters
     ----------
     stream_name : str
@@ -130,9 +133,6 @@ class CallbackOptions:
         Tag in the RunEngine's process or in a tagging process of its own.
     process_options : ProcessOptions, optional
         Settings of the tagging process (``isolation="process"``).
-
-    See :class:`~bluesky_xsml.documents.callback.TaggingCallback` for what
-    each setting does at run time.
     """
 
     stream_name: str = "xsml_tags"
