@@ -8,9 +8,9 @@ medians are reported.
 
 1. **stress**: ``scan([det], motor, 0, 10, N)`` as fast as the RunEngine goes, of
    1024x1024 uint32 frames: ``untagged``, ``thread`` (``TaggingCallback``
-   in this process) and ``process`` (``isolation="process"``); with ``--ring``
-   also ``process-ring`` (inline frames copied into the shared ring by this
-   process instead of read by the tagging process), with ``--lean`` also
+   in this process) and ``process`` (``isolation="process"``, frames through the
+   shared ring); with ``--peer`` also ``process-peer`` (inline frames read by
+   the tagging process out of this process's memory), with ``--lean`` also
    ``process-lean`` (no inputs sent back, no label cache).
 2. **rates**: ``count([det], num, delay)`` at 20 and 50 frames/s: scan time
    ratio to the untagged count and frame-to-tag latency (p50, p99).
@@ -78,11 +78,11 @@ def _callback(mode: str, sink, frames_shape):
 
         xsml = TaggingCallback(None, downstream=[sink], isolation="process", label_cache_size=0,
                                process_options=ProcessOptions(send_inputs=False))
-    elif mode == "process-ring":  # frames copied into the shared ring on this side
+    elif mode == "process-peer":  # frames read by the child out of this process's memory
         from bluesky_xsml.inference.process import ProcessOptions
 
         xsml = TaggingCallback(None, downstream=[sink], isolation="process",
-                               process_options=ProcessOptions(frame_transport="ring"))
+                               process_options=ProcessOptions(frame_transport="peer"))
     else:
         xsml = TaggingCallback(None, downstream=[sink], isolation="process")
     xsml.wait_ready(300)
@@ -214,10 +214,10 @@ def main(argv=None) -> int:
     p.add_argument("--lean", action="store_true",
                    help="also run 'process-lean': the tagging process with no preprocessed "
                         "inputs sent back and no label cache (the boundary's floor)")
-    p.add_argument("--ring", action="store_true",
-                   help="also run 'process-ring': the tagging process with inline frames "
-                        "copied into the shared ring by a feeder thread of the RunEngine's "
-                        "process (the fallback where the kernel refuses cross-process reads)")
+    p.add_argument("--peer", action="store_true",
+                   help="also run 'process-peer': the tagging process reading inline frames "
+                        "out of the RunEngine's process's memory (process_vm_readv) instead of "
+                        "the shared ring")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         return 0
     wanted = set(args.only or ["stress", "rate", "files", "capacity"])
     plan = []
-    tagged_modes = (("thread", "process") + (("process-ring",) if args.ring else ())
+    tagged_modes = (("thread", "process") + (("process-peer",) if args.peer else ())
                     + (("process-lean",) if args.lean else ()))
     for mode in ("untagged", *tagged_modes):
         if "stress" in wanted:

@@ -24,11 +24,10 @@ competes for):
 
 Each figure is over the scan only (``RE(...)`` start to end), and, after ``|``,
 the tail after it until the last tag is out (``flush``). Medians over repeats.
-Modes: ``untagged``, ``thread`` (in-process), ``process`` (frames read by
-the tagging process out of this process's memory where the kernel allows it),
-``process-ring`` (frames copied into the shared ring by a feeder thread here,
-as before 2026-12-06 05:00) and ``process-lean`` (no inputs sent back, no
-label cache).
+Modes: ``untagged``, ``thread`` (in-process), ``process`` (the default: frames
+copied into the shared ring by a feeder thread here), ``process-peer`` (frames
+read by the tagging process out of this process's memory) and
+``process-lean`` (no inputs sent back, no label cache).
 """
 
 from __future__ import annotations
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["untagged", "thread", "process",
-                                                  "process-ring"])
+                                                  "process-peer"])
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:

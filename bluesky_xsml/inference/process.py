@@ -9,13 +9,16 @@ reads and (on a GPU) the CUDA context live in a *spawned* child process at low
 CPU priority (``SCHED_IDLE`` by default); this module does not import torch.
 
 How frames cross
-    Inline arrays are copied once, by the child: it reads each straight out of
-    this process's memory (``process_vm_readv``, ``frame_transport="peer"``)
-    while this process holds the array, so the RunEngine's process makes no
-    copy. Where the kernel refuses such reads (``frame_transport="ring"``),
-    a feeder thread here copies each into a ring of shared-memory slots
-    (numpy's copy releases the GIL) and the child copies it out and frees the
-    slot at once; a frame larger than a slot then crosses through the pipe.
+    Inline arrays: by default (``frame_transport="ring"``) a feeder thread
+    here copies each into a ring of shared-memory slots (numpy's copy
+    releases the GIL) and the child copies it out and frees the slot at once;
+    a frame larger than a slot crosses through the pipe. With
+    ``frame_transport="peer"`` (or ``"auto"``, which falls back to the ring
+    where the kernel refuses) the child reads each frame straight out of this
+    process's memory (``process_vm_readv``) while this process holds the
+    array, so this process makes no copy; it needs the child allowed to trace
+    this process (``PR_SET_PTRACER``), and it measured slower in wall time
+    than the ring on 2 cores (docs/benchmarks.md), so it is opt-in.
     Frames in files cross *by reference*
     (the :class:`~bluesky_xsml.documents.external.FrameRef` and the
     resource/datum documents it needs): the child opens the files, the
@@ -96,10 +99,13 @@ class ProcessOptions:
         frame straight out of this process's memory (``process_vm_readv``),
         so this process makes no copy at all; the array is held (and counted
         against ``max_pending_bytes``) until the tagging process has it.
-        ``"ring"``: a feeder thread here copies it into the shared ring.
-        ``"auto"`` (default) uses ``"peer"`` where the kernel allows the
-        read (same user; Yama ``ptrace_scope`` 0 or 1) and ``"ring"``
-        elsewhere; so does ``"peer"``, which also logs the fallback.
+        ``"ring"`` (default): a feeder thread here copies it into the shared
+        ring. ``"auto"`` uses ``"peer"`` where the kernel allows the read
+        (same user; Yama ``ptrace_scope`` 0 or 1) and ``"ring"`` elsewhere;
+        so does ``"peer"``, which also logs the fallback. ``"peer"`` lets the
+        tagging process trace this one (``PR_SET_PTRACER``): choose it only
+        where that is acceptable; on 2 CPU cores it cost less CPU here but
+        measured slower than the ring (docs/benchmarks.md).
     """
 
     priority: str | int | None = "idle"
@@ -114,7 +120,7 @@ class ProcessOptions:
     device: str | None = None
     precision: str | None = None
     send_inputs: bool = True
-    frame_transport: str = "auto"
+    frame_transport: str = "ring"
 
     def __post_init__(self) -> None:
         if self.frame_transport not in ("auto", "peer", "ring"):
