@@ -148,17 +148,19 @@ def test_the_callback_gives_each_run_its_beam_centre(RE, caplog):
 
     from bluesky_xsml import TaggingCallback
 
-    from .conftest import DocumentRecorder, assert_probs_match, make_image_detector, validate_all
+    from .conftest import DocumentRecorder, make_image_detector, validate_all
 
     # fp32: the live batches and predict's agree to ~1e-6, well inside the smallest gap
     # between two tags (the polar head brings some within 1e-3 of each other)
     base, tagger = polar_tagger(seed=3, distinct=True, precision="fp32")
     rng = np.random.default_rng(5)
+    pool = [rng.poisson(4, (128, 160)).astype(np.uint32) for _ in range(3)]
+    for f in pool:
+        f[40:43, 100:103] += 3000
     frames = []
 
-    def frame():
-        f = rng.poisson(4, (128, 160)).astype(np.uint32)
-        f[40:43, 100:103] += 3000
+    def frame():  # from a fixed pool: how often ophyd reads outside events varies between runs
+        f = pool[len(frames) % len(pool)]
         frames.append(f)
         return f
 
@@ -192,7 +194,8 @@ def test_the_callback_gives_each_run_its_beam_centre(RE, caplog):
                 base.predict(shown[starts[2]])]
     for g, e in zip(got, expected, strict=True):
         assert g.shape == (3, len(TAG_NAMES))
-        assert_probs_match(g, e, atol=1e-4)  # tags apart: a swapped column cannot pass
+        # fp32 both ways (~1e-6 apart); column order is pinned by the catalog and bus tests
+        np.testing.assert_allclose(g, e, rtol=0, atol=2e-5)
     # the centre changes the tags (by far more than the match tolerance above)
     assert np.abs(got[0] - base.predict(shown[starts[0]])).max() > 0.01
     errors = xsml.status()["document_errors"]

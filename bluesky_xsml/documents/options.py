@@ -34,24 +34,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..option_checks import bad, integer
 from .outbox import RetryPolicy
 
 __all__ = ["CallbackOptions"]
 
 
 def _bad(name: str, need: str, value: Any) -> ConfigurationError:
-    return ConfigurationError(f"callback option {name} must be {need}, got {value!r}")
+    return bad("callback", name, need, value)
 
 
 def _int(name: str, value: Any, low: int) -> int:
-    try:
-        number = int(value)
-        whole = not isinstance(value, bool) and float(value) == number
-    except (TypeError, ValueError, OverflowError):
-        whole = False
-    if not whole or number < low:
-        raise _bad(name, f"an integer >= {low}", value)
-    return number
+    return integer("callback", name, value, low)
 
 
 def _seconds(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = True

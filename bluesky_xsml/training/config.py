@@ -27,7 +27,6 @@ bluesky_xsml.errors.ConfigurationError: fine-tuning option batch_size must be an
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
+from ..option_checks import bad, integer, number
 
 __all__ = [
     "DEFAULT_SYNTHETIC_REPLAY",
@@ -50,35 +50,16 @@ DEFAULT_SYNTHETIC_VAL = "synth:seed=1,n=256,sizes=256+512,detectors=train"
 
 
 def _bad(name: str, need: str, value: Any) -> ConfigurationError:
-    return ConfigurationError(f"fine-tuning option {name} must be {need}, got {value!r}")
+    return bad("fine-tuning", name, need, value)
 
 
 def _int(name: str, value: Any, low: int) -> int:
-    """``value`` as an int (numpy integers and whole floats too) that is at least ``low``."""
-    try:
-        number = int(value)
-        whole = not isinstance(value, bool) and float(value) == number
-    except (TypeError, ValueError, OverflowError):
-        whole = False
-    if not whole or number < low:
-        raise _bad(name, f"an integer >= {low}", value)
-    return number
+    return integer("fine-tuning", name, value, low)
 
 
 def _float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
            open_low: bool = False, open_high: bool = False) -> float:
-    """``value`` as a finite float within the bounds."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise _bad(name, "a finite number", value)
-    if low is not None and (number < low or (open_low and number == low)):
-        raise _bad(name, f"{'>' if open_low else '>='} {low}", value)
-    if high is not None and (number > high or (open_high and number == high)):
-        raise _bad(name, f"{'<' if open_high else '<='} {high}", value)
-    return number
+    return number("fine-tuning", name, value, low, high, open_low=open_low, open_high=open_high)
 
 
 def _bool(name: str, value: Any) -> bool:
