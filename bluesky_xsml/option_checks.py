@@ -16,12 +16,14 @@ bluesky_xsml.errors.ConfigurationError: fine-tuning option lr must be > 0.0, got
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["bad", "integer", "number"]
+__all__ = ["bad", "integer", "number", "with_keywords"]
 
 
 def bad(what: str, name: str, need: str, value: Any) -> ConfigurationError:
@@ -56,3 +58,23 @@ def number(what: str, name: str, value: Any, low: float | None = None,
     if high is not None and (result > high or (open_high and result == high)):
         raise bad(what, name, f"{'<' if open_high else '<='} {high}", value)
     return result
+
+
+def with_keywords(cls: type, base: Any, keywords: Mapping[str, Any], caller: str,
+                  argument: str = "config") -> Any:
+    """``base`` (a ``cls`` dataclass; ``None``: the defaults) with ``keywords`` replaced.
+
+    An unknown keyword raises ``TypeError`` naming the options, as a call with
+    an unexpected keyword argument does; ``dataclasses.replace`` checks the
+    new values again.
+    """
+    start = cls() if base is None else base
+    if not isinstance(start, cls):
+        raise ConfigurationError(f"{argument} must be a {cls.__name__}, got "
+                                 f"{type(base).__name__}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(keywords) - set(fields))
+    if unknown:
+        raise TypeError(f"{caller} got unexpected keyword arguments {unknown}; its options are "
+                        f"{fields}")
+    return dataclasses.replace(start, **keywords) if keywords else start

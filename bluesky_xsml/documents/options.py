@@ -27,14 +27,13 @@ bluesky_xsml.errors.ConfigurationError: callback option index_min_prob must be i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..option_checks import bad, integer
+from ..option_checks import bad, integer, with_keywords
 from .outbox import RetryPolicy
 
 __all__ = ["CallbackOptions"]
@@ -217,13 +216,4 @@ class CallbackOptions:
         ConfigurationError
             A value that cannot work.
         """
-        base = cls() if options is None else options
-        if not isinstance(base, cls):
-            raise ConfigurationError(
-                f"options must be a {cls.__name__}, got {type(options).__name__}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(keywords) - set(fields))
-        if unknown:
-            raise TypeError(f"TaggingCallback got unexpected keyword arguments {unknown}; its "
-                            f"options are {fields}")
-        return dataclasses.replace(base, **keywords) if keywords else base
+        return with_keywords(cls, options, keywords, "TaggingCallback", "options")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
-from ..option_checks import bad, integer, number
+from ..option_checks import bad, integer, number, with_keywords
 
 __all__ = [
     "DEFAULT_SYNTHETIC_REPLAY",
@@ -78,14 +78,7 @@ def _synthetic(name: str, value: Any) -> None:
 
 
 def _resolve(cls, config, options: Mapping[str, Any], what: str):
-    base = cls() if config is None else config
-    if not isinstance(base, cls):
-        raise ConfigurationError(f"config must be a {cls.__name__}, got {type(config).__name__}")
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise TypeError(f"{what} got unexpected keyword arguments {unknown}; its options are "
-                        f"{[f.name for f in dataclasses.fields(cls)]}")
-    return dataclasses.replace(base, **options) if options else base
+    return with_keywords(cls, config, options, what)
 
 
 @dataclass(frozen=True)
