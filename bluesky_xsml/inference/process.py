@@ -55,7 +55,7 @@ import numpy as np
 from ..results import FrameResult
 from .child_process import ChildProcess, SharedRing
 from .remote import RemoteDevice, RemoteFineTuner, RemoteRegistry, RemoteTagger
-from .worker import FrameJob, WorkerStats, admit
+from .worker import FrameJob, QueuedIntake, WorkerStats
 
 # their names before they moved to .child_process and .remote
 _ChildProcess, _SharedRing, _Device = ChildProcess, SharedRing, RemoteDevice
@@ -140,7 +140,7 @@ class TaggerProcessError(RuntimeError):
     """The tagging process could not be started."""
 
 
-class ProcessInferenceWorker:
+class ProcessInferenceWorker(QueuedIntake):
     """Tags frame jobs in a spawned process; the interface of ``InferenceWorker``.
 
     Parameters
@@ -297,25 +297,11 @@ class ProcessInferenceWorker:
     # ----------------------------------------------------------------- intake
     def submit(self, job: FrameJob) -> None:
         """Queue ``job``; the RunEngine's thread waits at most ``hand_off_timeout``."""
-        if job.source is not None and job.nbytes and getattr(job, "ref", None) is None:
-            admit(job, self.stats, self._budget, max_pending_bytes=self.max_pending_bytes,
-                  overflow=self.overflow, hand_off_timeout=self.hand_off_timeout)
-        with self._idle:
-            self._outstanding += 1
-        self.stats.submitted += 1
-        self._queue.put(job)
+        self._take(job)
 
-    @property
-    def outstanding(self) -> int:
-        """Jobs submitted whose results were not yet handed back."""
-        return self._outstanding
-
-    def _release(self, job: FrameJob) -> None:
-        if job.nbytes:
-            with self._budget:
-                self.stats.pending_bytes -= job.nbytes
-                self._budget.notify_all()
-        job.source, job.nbytes = None, 0
+    def _holds_bytes(self, job: FrameJob) -> bool:
+        # frames in files cross by reference: nothing of theirs waits in this process
+        return super()._holds_bytes(job) and getattr(job, "ref", None) is None
 
     def _feed(self) -> None:
         """Feeder thread: move queued jobs into the ring and over to the child."""
@@ -428,7 +414,7 @@ class ProcessInferenceWorker:
                 self._skip_jobs([job], f"read_error: {type(err).__name__}: {err}")
                 continue
             if msg["kind"] in ("slot", "array"):
-                self._release(job)  # the frame lives in the ring or the message now
+                self._release((job,))  # the frame lives in the ring or the message now
             messages.append((jid, job, msg))
         self._transmit(messages)
 
@@ -524,7 +510,7 @@ class ProcessInferenceWorker:
                 jobs = [self._in_flight.get(jid) for jid in payload]
             for job in jobs:
                 if job is not None:
-                    self._release(job)
+                    self._release((job,))
         elif what == "results":
             self._last_progress = self._last_beat = time.monotonic()
             out = []
@@ -573,7 +559,7 @@ class ProcessInferenceWorker:
         if not out:
             return
         for job, _ in out:
-            self._release(job)
+            self._release((job,))
         try:
             self.on_results(out)
         except Exception:

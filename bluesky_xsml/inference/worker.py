@@ -103,7 +103,46 @@ class WorkerStats:
         return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
-class InferenceWorker:
+class QueuedIntake:
+    """The intake both workers share: budget admission, the queue, the outstanding count.
+
+    A subclass sets ``stats``, ``_budget`` (a ``Condition``), ``_idle`` (a
+    ``Condition``), ``_queue``, ``_outstanding``, ``max_pending_bytes``,
+    ``overflow`` and ``hand_off_timeout``.
+    """
+
+    def _holds_bytes(self, job: FrameJob) -> bool:
+        """Whether ``job``'s frames count against the memory budget while it waits."""
+        return job.source is not None and bool(job.nbytes)
+
+    def _take(self, job: FrameJob) -> None:
+        """Admit ``job`` (bounded wait), count it outstanding and queue it."""
+        if self._holds_bytes(job):
+            admit(job, self.stats, self._budget, max_pending_bytes=self.max_pending_bytes,
+                  overflow=self.overflow, hand_off_timeout=self.hand_off_timeout)
+        with self._idle:
+            self._outstanding += 1
+        self.stats.submitted += 1
+        self._queue.put(job)
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted whose results were not yet handed back."""
+        return self._outstanding
+
+    def _release(self, jobs: Sequence[FrameJob]) -> None:
+        """Let the jobs' frames go and give their bytes back to the budget, once."""
+        freed = sum(job.nbytes for job in jobs)
+        for job in jobs:
+            job.source = None  # let the arrays go
+            job.nbytes = 0  # released once, even if a crash makes us come back here
+        if freed:
+            with self._budget:
+                self.stats.pending_bytes -= freed
+                self._budget.notify_all()
+
+
+class InferenceWorker(QueuedIntake):
     """Batches frame jobs through a :class:`~bluesky_xsml.Tagger` on a thread.
 
     Parameters
@@ -213,18 +252,7 @@ class InferenceWorker:
     def submit(self, job: FrameJob) -> None:
         """Queue ``job``; bounded wait, never raises for a full queue."""
         self.ensure_alive()
-        if job.source is not None and job.nbytes:
-            admit(job, self.stats, self._budget, max_pending_bytes=self.max_pending_bytes,
-                  overflow=self.overflow, hand_off_timeout=self.hand_off_timeout)
-        with self._idle:
-            self._outstanding += 1
-        self.stats.submitted += 1
-        self._queue.put(job)
-
-    @property
-    def outstanding(self) -> int:
-        """Jobs submitted whose results were not yet handed back."""
-        return self._outstanding
+        self._take(job)
 
     # ------------------------------------------------------------------- loop
     def _next_batch(self) -> list[FrameJob]:
@@ -270,16 +298,6 @@ class InferenceWorker:
                 out = [(job, [self._skip(job, 0, f"internal_error: {type(err).__name__}")])
                        for job in batch]
             self._deliver(batch, out)
-
-    def _release(self, batch: Sequence[FrameJob]) -> None:
-        freed = sum(job.nbytes for job in batch)
-        for job in batch:
-            job.source = None  # let the arrays go
-            job.nbytes = 0  # released once, even if a crash makes us come back here
-        if freed:
-            with self._budget:
-                self.stats.pending_bytes -= freed
-                self._budget.notify_all()
 
     def _skip(self, job: FrameJob, index: int, reason: str) -> FrameResult:
         self.stats.frames_skipped += 1
