@@ -92,69 +92,10 @@ class TaggingCallback:
         them may also be given as a keyword, which overrides ``options``. An
         unknown keyword raises ``TypeError``, a value that cannot work
         :class:`~bluesky_xsml.errors.ConfigurationError` (a ``ValueError``).
-    stream_name : str
-        Name of the tag stream.
-    image_keys : iterable of str, optional
-        Tag exactly these data keys instead of detecting images from descriptors.
-    streams : iterable of str, optional
-        Only tag frames from these streams (default: every stream with images).
-    max_batch, max_wait : int, float
-        Micro-batch size and the longest wait for a batch to fill (seconds).
-    max_pending_bytes : int
-        Memory budget of inline frames waiting for the model.
-    overflow : {"skip", "wait"}
-        What to do with a frame over budget (see :class:`InferenceWorker`).
-    hand_off_timeout : float
-        Longest wait of the RunEngine thread for budget with ``overflow="wait"``.
-    stop_timeout : float
-        Longest time a run's stop is held for its frames; frames still pending
-        then are recorded as skipped (``"stop_timeout"``) and the stop goes out.
-    max_pending_documents, max_block : int, float
-        Soft bound of the delivery queue and the longest the RunEngine waits
-        for room in it.
-    handler_registry, root_map : dict, optional
-        For frames stored in files (resource/datum): handlers by spec, and
-        root remapping as in databroker.
-    read_retries, read_retry_delay : int, float
-        Bounded retries for external files that are missing, truncated or
-        still being written, before the frame is recorded as skipped.
-    allowed_roots : sequence of str, optional
-        Directories every external file must lie under (symlinks resolved),
-        on top of its resource's own ``root``, which it may never leave.
-        Default: ``XSML_ALLOWED_ROOTS`` (``:``-separated), else none.
-    read_timeout : float or None
-        Seconds one read of an external file may take before the frame is
-        skipped (``"read_timeout"``); see :mod:`bluesky_xsml.documents.external`.
-    threads : int, optional
-        CPU threads for tagging (preprocessing and, on CPU, torch's intra-op
-        pool, which is process-wide). Default: one less than the machine's
-        cores, so the RunEngine keeps a core of its own.
-    validate_pages : bool
-        Schema-validate every tag event page at run time (descriptors and stops
-        are always validated). Off by default: jsonschema validation of each page
-        holds the GIL the RunEngine needs; the tests validate every document.
-    delivery_retry : RetryPolicy, optional
-        How a downstream callback that is unreachable (e.g. a catalog server
-        that is down) is buffered and retried; losses are counted per run in
-        ``status()["delivery_losses"]`` (see :mod:`bluesky_xsml.documents.outbox`).
-    label_cache_size : int
-        Recent frames whose preprocessed inputs are kept so they can be
-        labeled after the fact (:meth:`label`, :meth:`suggest_labels`); about
-        192 KiB each. 0 keeps none.
-    index_min_prob, index_limit : float, int
-        The stop document carries an index (``xsml_index``, see
-        :mod:`bluesky_xsml.documents.frame_index`) of up to ``index_limit``
-        frames whose probability for some tag is at least ``index_min_prob``,
-        with their motor positions; frame-level queries answer from it without
-        reading the run's streams. A run with more such frames gets no index.
-    beam_center : [x, y] or dict, optional
-        Where the direct beam hits the detector, in pixels (column, row), for
-        every image key or ``{image key: [x, y]}``: the beamline's calibration.
-        A run's start document may set its own (``xsml_beam_center``, same
-        forms), which wins; a malformed one is counted in ``status()["document_errors"]``
-        and its run is tagged without a centre. A tagger with a polar head
-        (:attr:`~bluesky_xsml.inference.tagger.Tagger.uses_beam_center`) reads
-        it; frames without one are tagged by the CNN alone.
+    **keywords
+        Any field of :class:`~bluesky_xsml.documents.options.CallbackOptions`
+        (``stream_name``, ``max_batch``, ``overflow``, ``allowed_roots``,
+        ``isolation``, ...), documented there.
     """
 
     def __init__(self, tagger, downstream: Iterable[Callable[[str, dict], Any]] = (), *,
