@@ -64,6 +64,15 @@ class PolarConfig:
         mean, dilated: high for spots narrower than a block).
     width : int
         Channels of the head's radial convolutions and hidden layer.
+    fill_unseen : bool
+        Replace the samples that fall where the detector saw nothing (outside
+        the detector or the input, masked pixels, module gaps) by the mean of
+        the seen samples at the same radius, before the harmonics are taken.
+        Without it the frame's edges and gaps cut every ring at the same
+        azimuths, which reads as structure along the ring: a beam at the
+        centre of a square frame meets all four edges at one radius and gives
+        a strong four-fold harmonic there. ``False`` (the default) keeps the
+        features of heads trained before this option existed.
     """
 
     radial_bins: int = 96
@@ -73,6 +82,7 @@ class PolarConfig:
     dilate: int = 5
     views: tuple[str, ...] = ("peaks", "relative")
     width: int = 64
+    fill_unseen: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "views", tuple(self.views))
@@ -170,7 +180,8 @@ def polar_features(x: torch.Tensor, centers: torch.Tensor,
     ----------
     x : torch.Tensor
         ``(N, C, S, S)`` preprocessed inputs (channel 1 the block maxima,
-        channel 2 the relative mean, as in :data:`bluesky_xsml.preprocess.CHANNELS`).
+        channel 2 the relative mean, channels 3 and 4 the masked and outside
+        fractions, as in :data:`bluesky_xsml.preprocess.CHANNELS`).
     centers : torch.Tensor
         ``(N, 2)`` beam centres on the input (:func:`input_centers`); rows
         that are not finite give zeros.
@@ -182,6 +193,7 @@ def polar_features(x: torch.Tensor, centers: torch.Tensor,
         ``(N, config.channels, radial_bins)`` float32.
     """
     S = x.shape[-1]
+    inputs = x
     x = x[:, :3].float().contiguous()  # log_mean, log_max, relative (contiguous: faster below)
     known = torch.isfinite(centers).all(1)
     c = torch.where(known[:, None], centers.float(), torch.zeros_like(centers, dtype=torch.float32))
@@ -193,10 +205,18 @@ def polar_features(x: torch.Tensor, centers: torch.Tensor,
             maps.append(x[:, 2:3])
         else:  # sharpness
             maps.append(_dilate(x[:, 1:2] - x[:, 0:1], config.dilate))
+    if config.fill_unseen:
+        # what the detector saw: not masked, not outside it (zero beyond the input)
+        maps.append(1 - (inputs[:, 3:4].float() + inputs[:, 4:5].float()).clamp(0, 1))
     views = torch.cat(maps, 1)                                            # (N, V, S, S)
     grid = _sampling_grid(c, S, config)
     polar = F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros",
-                          align_corners=False)                            # (N, 2, R, A)
+                          align_corners=False)                            # (N, V, R, A)
+    if config.fill_unseen:
+        polar, seen = polar[:, :-1], (polar[:, -1:] > 0.5).to(polar.dtype)
+        n_seen = seen.sum(-1, keepdim=True)
+        ring_mean = (polar * seen).sum(-1, keepdim=True) / n_seen.clamp(min=1)
+        polar = torch.where(seen > 0, polar, ring_mean)
     spectrum = torch.fft.rfft(polar, dim=-1)[..., : config.harmonics + 1].abs()
     spectrum = spectrum / config.angles
     top = polar.amax(-1, keepdim=True)

@@ -69,6 +69,55 @@ def test_polar_features_see_the_symmetry_and_not_the_rotation():
     assert torch.count_nonzero(unknown) == 0
 
 
+def smooth_ring(radius: float = 40.0, center=(63.5, 63.5), gap_rows=()) -> torch.Tensor:
+    """A 6-channel input with one even ring; ``gap_rows`` are masked across the frame."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    r = np.hypot(xx - center[0], yy - center[1])
+    x = np.zeros((6, 128, 128), np.float32)
+    x[0] = 0.05 + 0.5 * np.exp(-0.5 * ((r - radius) / 1.5) ** 2)
+    x[1] = x[0] * 1.2
+    for row in gap_rows:
+        x[:3, row] = 0.0
+        x[3, row] = 1.0
+    x[2] = x[0] / x[0].max()
+    return torch.from_numpy(x)
+
+
+def harmonic(features: torch.Tensor, cfg: PolarConfig, view: int, order: int) -> torch.Tensor:
+    """Magnitude of one azimuthal harmonic of one view at every radius, ``(N, R)``."""
+    return features[:, view * (cfg.harmonics + 2) + order]
+
+
+@pytest.mark.parametrize("gap_rows", [(), (60, 61, 62, 63, 64, 65, 66, 67)])
+def test_fill_unseen_keeps_the_edges_and_gaps_out_of_the_harmonics(gap_rows):
+    """A smooth ring with the beam at the centre of a square frame: without filling, the
+    four edges at one radius and a gap through the beam read as structure on the rings
+    (4-fold and 2-fold harmonics); with ``fill_unseen`` they add nothing."""
+    x = smooth_ring(gap_rows=gap_rows)[None]
+    center = torch.tensor([[63.5, 63.5]])
+    plain, filled = PolarConfig(), PolarConfig(fill_unseen=True)
+    radius_bin = lambda rad: int(rad * plain.radial_bins / (plain.reach * 128))  # noqa: E731
+    edge = radius_bin(70.0)        # past the edges' midpoints, inside the corners
+    ring = radius_bin(40.0)
+    f_plain, f_filled = polar_features(x, center, plain), polar_features(x, center, filled)
+    mean_filled = harmonic(f_filled, filled, 1, 0)      # the relative view's mean per radius
+    # the edges: a strong four-fold harmonic unfilled, none filled
+    assert harmonic(f_plain, plain, 1, 4)[0, edge] > 0.2 * harmonic(f_plain, plain, 1, 0)[0, edge]
+    assert harmonic(f_filled, filled, 1, 4)[0, edge] < 1e-3 * max(mean_filled[0, edge], 1e-3)
+    # the ring itself: even around the beam once what was not seen is filled
+    for order in (2, 4):
+        assert harmonic(f_filled, filled, 1, order)[0, ring] < 0.02 * mean_filled[0, ring]
+    if gap_rows:   # the gap cuts the ring at two azimuths: even harmonics without filling
+        cut = harmonic(f_plain, plain, 1, 2)[0, ring]
+        assert cut > 0.05 * harmonic(f_plain, plain, 1, 0)[0, ring]
+    # beyond the corners nothing was seen: zeros, not NaN
+    assert torch.isfinite(f_filled).all()
+    assert float(f_filled[0, :, -1].abs().max()) == 0.0
+    assert PolarConfig.from_dict(filled.to_dict()) == filled
+    assert PolarConfig.from_dict({k: v for k, v in plain.to_dict().items()
+                                  if k != "fill_unseen"}) == plain
+
+
 def polar_tagger(seed: int = 0, scale: float = 0.5, *, distinct: bool = False,
                  **kwargs) -> tuple[Tagger, Tagger]:
     """An untrained CNN, and the same CNN with a polar head whose output layer is random.

@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="azimuthal harmonics kept per radius (default 16)")
     parser.add_argument("--views", default="peaks,relative",
                         help="comma-separated: peaks, relative, sharpness")
+    parser.add_argument("--fill-unseen", action="store_true",
+                        help="fill what the detector did not see (edges, gaps, masks) with "
+                             "each radius's mean before the harmonics "
+                             "(PolarConfig.fill_unseen)")
     parser.add_argument("--replace-head", action="store_true",
                         help="the model already has a polar head: train a new one in its place "
                              "(e.g. after fine-tuning changed the CNN)")
@@ -228,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = PolarConfig(views=tuple(v.strip() for v in args.views.split(",") if v.strip()),
                              width=args.width, radial_bins=args.radial_bins,
-                             harmonics=args.harmonics)
+                             harmonics=args.harmonics, fill_unseen=args.fill_unseen)
     except ValueError as err:
         raise SystemExit(f"xsml polar-head: {err}") from None
     tagger = Tagger.load(args.model, precision="fp32")
