@@ -93,6 +93,8 @@ class PolarConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["views"] = list(self.views)
+        if not self.fill_unseen:   # as written before the option existed: same checkpoint ids
+            del d["fill_unseen"]
         return d
 
     @classmethod
