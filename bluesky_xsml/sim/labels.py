@@ -30,6 +30,7 @@ from .scene import (
     _thr,
     complete_scene,
 )
+from .variety import FORM_ANISO_MAX_CONTRAST, FORM_ISO_MIN_CONTRAST, gaps_visible, readout_cut
 
 
 def _smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
@@ -52,8 +53,8 @@ class _LabelState:
         self.amps: list[tuple[float, float]] = []   # (peak, typical) counts of visible features
         self.sat_area = 0.0
         self.rings: list[tuple[float, float]] = []   # (radius, fwhm px) of visible sharp rings
-        # (r, half width, kappa, orient) of visible rings and halos
-        self.crossing: list[tuple[float, float, float, float]] = []
+        # (r, half width, kappa, orient, n-fold form or None) of visible rings and halos
+        self.crossing: list[tuple[float, float, float, float, dict | None]] = []
         self.gi_seen = False    # grazing-incidence scattering seen above the horizon
 
 
@@ -102,14 +103,29 @@ def _label_rings(f, sc, ctx, st, cut):
             st.tags.add("ring_textured")
         return
     px, py = ring_points(ctx, r)
-    wgt = ph.azimuth_weight(kappa, float(f["orient_deg"]), px.shape[1])
+    wgt = ph.feature_azimuth_weight(f, px.shape[1])
     thr = _thr("ext", level, ctx.read)
     expected = amp[:, None] * wgt[None, :] * ph.grazing_factor(ctx, py)
     cov = ctx.fp.seen(px, py) & (expected >= thr[:, None])
     sharp = fwhm <= SHARP_MAX_REL * r
     circ = 2 * np.pi * r
     present = np.zeros(len(r), bool)
-    if kappa <= ISO_MAX_KAPPA:
+    az = f.get("azimuth")
+    if az:
+        # n-fold forms: the modulation seen on the detector decides
+        on = ctx.fp.seen(px, py)
+        contrast = _form_contrast(wgt, on)
+        if (contrast >= FORM_ISO_MIN_CONTRAST).any():
+            arc = cov.mean(axis=1) * circ
+            present = sharp & (arc >= 0.15 * L) & (contrast >= FORM_ISO_MIN_CONTRAST)
+            if present.any():
+                st.tags.add("ring_isotropic")
+        lit = (cov & (wgt >= 0.5)[None, :]).mean(axis=1) * circ
+        oriented = sharp & (lit >= 0.03 * L) & (contrast <= FORM_ANISO_MAX_CONTRAST)
+        if oriented.any():
+            st.tags.add("ring_oriented")
+        present = present | oriented
+    elif kappa <= ISO_MAX_KAPPA:
         arc = cov.mean(axis=1) * circ
         present = sharp & (arc >= 0.15 * L)
         if present.any():
@@ -125,7 +141,7 @@ def _label_rings(f, sc, ctx, st, cut):
     for k in np.flatnonzero(present):
         st.rings.append((float(r[k]), float(fwhm[k])))
         st.amp(float(amp[k]))
-        st.crossing.append((float(r[k]), float(fwhm[k]), kappa, float(f["orient_deg"])))
+        st.crossing.append((float(r[k]), float(fwhm[k]), kappa, float(f["orient_deg"]), az))
     for k in np.flatnonzero(present & (amp > cut)):
         n_az = cov.shape[1]
         v = amp[k] * wgt * ph.grazing_factor(ctx, py[k])
@@ -154,13 +170,27 @@ def _label_halo(f, sc, ctx, st, cut):
     circ = 2 * np.pi * r0
     if not _halo_flanks_seen(ctx, q0, rel):
         return
-    if kappa <= ISO_MAX_KAPPA:
+    az = f.get("azimuth")
+    if az:
+        wgt = ph.feature_azimuth_weight(f, cov.size)
+        on = ctx.fp.seen(px, py)
+        lit = on & (amp * wgt * ph.grazing_factor(ctx, py) >= thr)
+        contrast = float(_form_contrast(wgt, on[None, :])[0])
+        if contrast >= FORM_ISO_MIN_CONTRAST and lit.mean() * circ >= 0.25 * ctx.L:
+            st.tags.add("halo_isotropic")
+            st.amp(amp)
+            st.crossing.append((r0, 0.5 * rel * r0, 0.0, float(f["orient_deg"]), az))
+        elif contrast <= FORM_ANISO_MAX_CONTRAST and \
+                (lit & (wgt >= 0.5)).mean() * circ >= 0.05 * ctx.L:
+            st.tags.add("halo_anisotropic")
+            st.amp(amp)
+    elif kappa <= ISO_MAX_KAPPA:
         if cov.mean() * circ >= 0.25 * ctx.L:
             st.tags.add("halo_isotropic")
             st.amp(amp)
-            st.crossing.append((r0, 0.5 * rel * r0, kappa, float(f["orient_deg"])))
+            st.crossing.append((r0, 0.5 * rel * r0, kappa, float(f["orient_deg"]), None))
     elif kappa >= ORIENT_MIN_KAPPA:
-        wgt = ph.azimuth_weight(kappa, float(f["orient_deg"]), cov.size)
+        wgt = ph.feature_azimuth_weight(f, cov.size)
         lit = ctx.fp.seen(px, py) & (amp * wgt * ph.grazing_factor(ctx, py) >= thr)
         on = ctx.fp.seen(px, py)
         gaps = (on & ~lit).sum() >= GAP_FRACTION * max(on.sum(), 1)
@@ -211,8 +241,8 @@ def _label_diffuse(f, sc, ctx, st, cut):
         x = ctx.cx + rr[:, None] * np.cos(phi)[None, :]
         y = ctx.cy - rr[:, None] * np.sin(phi)[None, :]
         v = ph.radial_profile(f, ctx, rr)[:, None] * ph.grazing_factor(ctx, y)
-        if float(f["kappa"]) > 0:
-            v = v * ph.azimuth_weight(float(f["kappa"]), float(f["orient_deg"]), 128)[None, :]
+        if float(f["kappa"]) > 0 or f.get("azimuth"):
+            v = v * ph.feature_azimuth_weight(f, 128)[None, :]
         over = (v > cut) & ctx.fp.seen(x, y, pad=0.0)
         st.sat_area += float(np.sum(over * rr[:, None]) * (rr[1] - rr[0]) * (2 * np.pi / 128))
 
@@ -315,16 +345,30 @@ def _label_gi(f, sc, ctx, st, cut):
         st.gi_seen = True
 
 
+def _form_contrast(wgt, on) -> np.ndarray:
+    """Per ring: min / max of the azimuthal weight over the azimuths on the detector."""
+    w = np.broadcast_to(wgt[None, :], np.shape(on))
+    hi = np.where(on, w, -np.inf).max(axis=1)
+    lo = np.where(on, w, np.inf).min(axis=1)
+    return np.where(np.isfinite(hi) & (hi > 0), lo / np.where(hi > 0, hi, 1.0), 1.0)
+
+
+def _weight_at(kappa: float, orient: float, az: dict | None, phi: float) -> float:
+    if az:
+        return float(ph.azimuth_form_weight(az, orient, phi))
+    return math.exp(kappa * (math.cos(2 * (phi - math.radians(orient))) - 1.0))
+
+
 def _crosses_horizon(ctx, st) -> bool:
     """Whether a visible ring or halo meets the horizon on the detector."""
     dy = ctx.cy - ctx.horizon
-    for r, _, kappa, orient in st.crossing:
+    for r, _, kappa, orient, az in st.crossing:
         if r <= dy + 1.0:
             continue
         dx = math.sqrt(r * r - dy * dy)
         for x in (ctx.cx - dx, ctx.cx + dx):
             phi = math.atan2(dy, x - ctx.cx)
-            wgt = math.exp(kappa * (math.cos(2 * (phi - math.radians(orient))) - 1.0))
+            wgt = _weight_at(kappa, orient, az, phi)
             xi = int(round(x))
             if 2 <= x <= ctx.w - 3 and not ctx.fp.gap_col[xi] and wgt >= 0.5:
                 return True
@@ -356,9 +400,9 @@ def _label_beamstop(sc, ctx, st, beam_level):
             s_on = s[on]
             visible = beam_level(float(np.median(s_on))) >= rim_thr
             # or the rod's shadow cuts a visible ring or halo
-            for rk, _hw, kappa, orient in st.crossing:
+            for rk, _hw, kappa, orient, az in st.crossing:
                 k = min(int(rk), len(on) - 1)
-                wgt = math.exp(kappa * (math.cos(2 * (a - math.radians(orient))) - 1.0))
+                wgt = _weight_at(kappa, orient, az, a)
                 if rk > 0.5 * float(bs["width_px"]) and on[k] and wgt >= 0.5:
                     visible = True
             if visible:
@@ -380,7 +424,7 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
     det = sc["detector"]
-    if det["gaps"]["rows"] or det["gaps"]["cols"]:
+    if gaps_visible(sc):
         lab[_TAG["detector_gaps"]] = 1
     if not sc["beam_on"]:
         lab[_TAG["beam_off"]] = 1
@@ -389,6 +433,7 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     cut = float(det["count_cutoff"])
     if det["family"] == "ccd":
         cut = (cut - float(noise["offset"])) / max(float(noise["gain"]), 1e-9)
+    cut = readout_cut(sc, cut)
     st = _LabelState()
     for f in sc["features"]:
         t = f["type"]
