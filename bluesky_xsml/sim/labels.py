@@ -375,6 +375,39 @@ def _crosses_horizon(ctx, st) -> bool:
     return False
 
 
+def _sat_area_smooth(sc, ctx, cut, n: int = 64) -> float:
+    """Seen pixels the background and halos alone push above ``cut`` (an n x n grid).
+
+    Only evaluated when they could reach it: the sampler keeps the sum of all
+    intensities below half the cut, so this adds nothing to sampled scenes
+    except where a readout's smaller range (8-bit ADU) is exceeded.
+    """
+    halos = [f for f in sc["features"] if f["type"] == "halo"]
+    bound = ctx.B * (1.0 + sum(abs(float(g)) for g in sc["background"]["gradient"])) + \
+        ctx.dark + sum(float(f["amp"]) for f in halos)
+    if bound <= cut:
+        return 0.0
+    y, x = np.meshgrid((np.arange(n) + 0.5) * ctx.h / n - 0.5,
+                       (np.arange(n) + 0.5) * ctx.w / n - 0.5, indexing="ij")
+    r = np.hypot(x - ctx.cx, y - ctx.cy)
+    phi = np.arctan2(ctx.cy - y, x - ctx.cx)
+    gx, gy = (float(g) for g in sc["background"]["gradient"])
+    bg = ctx.B * np.cos(np.arctan(r * ctx.p / ctx.D)) ** 3 * (
+        1.0 + gx * (x - 0.5 * (ctx.w - 1)) / ctx.L + gy * (0.5 * (ctx.h - 1) - y) / ctx.L)
+    sample = np.zeros_like(r)
+    for f in halos:
+        v = ph.radial_profile(f, ctx, r)
+        if f.get("azimuth"):
+            v = v * ph.azimuth_form_weight(f["azimuth"], float(f["orient_deg"]), phi)
+        elif float(f["kappa"]) > 0:
+            v = v * np.exp(float(f["kappa"]) * (np.cos(2 * (phi - math.radians(
+                float(f["orient_deg"])))) - 1.0))
+        sample += v
+    level = bg + ctx.dark + sample * ph.grazing_factor(ctx, y)
+    over = (level > cut) & ctx.fp.seen(x, y, pad=0.0)
+    return float(over.mean() * ctx.h * ctx.w)
+
+
 def _label_beamstop(sc, ctx, st, beam_level):
     bs = sc["beamstop"]
     if not bs:
@@ -478,6 +511,8 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     if ctx.horizon is not None and 0.04 * ctx.h <= ctx.horizon <= 0.96 * ctx.h:
         if st.gi_seen or "diffuse_low_q" in st.tags or _crosses_horizon(ctx, st):
             st.tags.add("horizon")
+    if st.sat_area < MIN_SAT_AREA:
+        st.sat_area += _sat_area_smooth(sc, ctx, cut)
     if st.sat_area >= MIN_SAT_AREA:
         st.tags.add("saturation")
     if st.amps:

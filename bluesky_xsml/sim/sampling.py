@@ -371,6 +371,8 @@ def _sample_beam_on(S: _Sampler) -> None:
             B = 0.0 if (not ccd and rng.random() < 0.3) else _logu(rng, 0.02, 2.0)
     elif mode == "high":
         B = _logu(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
+        if not S.P.classic:
+            B = min(B, 0.25 * cut)     # a readout with a small range (8-bit ADU)
     else:
         B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else _logu(rng, 0.01, 30.0)
         if need_rim:

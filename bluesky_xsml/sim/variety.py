@@ -131,7 +131,7 @@ READOUTS: tuple[ReadoutFamily, ...] = (
     ReadoutFamily("ccd_16bit", ("ccd",), 0.6, ("uint16",), gap_fill=("zero", "interpolated")),
 )
 #: 8-bit integrating readouts use these instead (255 ADU must hold a useful range).
-ADU8_GAIN = (0.05, 1.0)
+ADU8_GAIN = (0.01, 0.2)
 ADU8_OFFSET = (0.0, 10.0)
 _ADC_MAX = {"uint8": 255.0, "uint16": 65535.0, "int32": float(2**31 - 1), "float32": math.inf}
 
