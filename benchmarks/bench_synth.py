@@ -13,9 +13,10 @@ Renders frames (scene sampling + rendering + labels, exactly what
 * end to end through ``write_dataset`` (zarr, compressed, 256).
 
 for the generator profile(s) chosen with ``--variety`` (default ``classic``;
-``both`` measures the two side by side), and the ratio to the source work's speed (200 frames of 256x256 in 85 s;
-200 of 1000x1000 in 435 s).  Timings exclude process start-up and numba
-compilation (each worker renders two warm-up frames first).
+``both`` measures the two side by side), and the ratio to the source work's
+speed (200 frames of 256x256 in 85 s; 200 of 1000x1000 in 435 s).  Timings
+exclude process start-up and numba compilation (each worker renders two
+warm-up frames first).
 """
 
 from __future__ import annotations

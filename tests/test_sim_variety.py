@@ -1,4 +1,4 @@
-"""Generator profiles: classic frames unchanged, the wide profile's families labelled by what shows."""
+"""Generator profiles: classic frames unchanged; wide families labelled by what shows."""
 
 from __future__ import annotations
 

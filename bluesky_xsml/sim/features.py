@@ -205,9 +205,9 @@ def _add_rings(S, feats, style, material, many, lamellar):
     else:
         arc = cov.mean(axis=1) * 2 * np.pi * rr
         sel &= arc >= 0.2 * L
-    gs = float(max(0.7 if S.P.classic else 0.5,
-                   float(np.nanmax(np.where(sel, sig, np.nan))) * rng.uniform(*S.P.grain_sigma_scale))) \
-        if sel.any() else 0.7
+    floor = 0.7 if S.P.classic else 0.5
+    gs = float(max(floor, float(np.nanmax(np.where(sel, sig, np.nan)))
+                   * rng.uniform(*S.P.grain_sigma_scale))) if sel.any() else 0.7
     if style == "textured":
         circ = 2 * np.pi * rr
         cov_frac = np.maximum(arc / np.maximum(circ, 1e-9), 1e-3)

@@ -33,14 +33,6 @@ from .features import (
     _scale_feature,
 )
 from .geometry import DetectorConfig, Footprint, SceneGeometry, resolve_detectors
-from .variety import (
-    CLASSIC,
-    VarietyProfile,
-    draw_readout,
-    effective_read_counts,
-    readout_cut,
-    resolve_variety,
-)
 from .labels import _label_state, scene_labels
 from .scene import (
     _R_E,
@@ -51,6 +43,14 @@ from .scene import (
     _logu,
     _u,
     complete_scene,
+)
+from .variety import (
+    CLASSIC,
+    VarietyProfile,
+    draw_readout,
+    effective_read_counts,
+    readout_cut,
+    resolve_variety,
 )
 
 
