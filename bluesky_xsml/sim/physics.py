@@ -58,6 +58,7 @@ __all__ = [
     "azimuth_form_table",
     "azimuth_form_weight",
     "feature_azimuth_weight",
+    "gaussian_noise",
     "diffuse_shape",
     "feature_spots",
     "grazing_factor",
@@ -758,6 +759,31 @@ def _streak_kernel(buf, cx, cy, angle, amp, r0, p, sigma):
             for j in range(max(0, jc - half), min(w, jc + half + 1)):
                 d = (j - xl) * uy
                 buf[i, j] += a * math.exp(-d * d * inv)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gauss_kernel(v, sigma, seed, ztab, multiply):
+    # Per-pixel normal deviates from the pixel index and seed (as in _count_kernel).
+    h, w = v.shape
+    sd = np.uint64(seed)
+    for i in range(h):
+        base = np.uint64(i * w)
+        for j in range(w):
+            hsh = _mix64(sd + (base + np.uint64(j)) * _U64_GOLD)
+            z = _ztab(ztab, float(np.int64(hsh >> np.uint64(32))) * 2.3283064365386963e-10)
+            if multiply:
+                v[i, j] *= 1.0 + sigma * z
+            else:
+                v[i, j] += sigma * z
+
+
+def gaussian_noise(v: np.ndarray, sigma: float, seed: int, multiply: bool = False) -> None:
+    """Add ``sigma`` x N(0, 1) to ``v`` (or multiply it by ``1 + sigma`` x N(0, 1)) in place.
+
+    The deviate of each pixel is a pure function of ``seed`` and its index.
+    """
+    ztab = _tables()[0]
+    _gauss_kernel(v, float(sigma), int(seed) & 0x7FFFFFFFFFFFFFFF, ztab, bool(multiply))
 
 
 def splat_spots(buf: np.ndarray, xs, ys, amps, sigmas) -> None:

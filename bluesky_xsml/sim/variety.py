@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigurationError
+from .physics import gaussian_noise
 
 __all__ = ["AZIMUTH_FORMS", "PROFILES", "READOUTS", "AzimuthFamily", "ReadoutFamily",
            "SpotFamily", "VarietyProfile", "apply_readout", "draw_azimuth", "draw_readout",
@@ -312,7 +313,8 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _interpolate(v: np.ndarray, grow, gcol, bad) -> None:
     """Fill gap columns, then gap rows, linearly from their neighbours; bad pixels by
-    the mean of their valid 4-neighbours (in place, float array)."""
+    the mean of their valid 4-neighbours (in place, float array; NaN elsewhere
+    becomes 0)."""
     h, w = v.shape
     for a, z in _runs(gcol):
         left = v[:, a - 1] if a > 0 else v[:, z]
@@ -345,7 +347,8 @@ def apply_readout(frame: np.ndarray, sc: dict, seed: int) -> np.ndarray:
 
     ``frame`` is what the detector family produces (counts with sentinels, or a
     CCD's float ADU with NaN); ``seed`` makes the readout's own noise (read
-    noise, flat field) a pure function of the render.
+    noise, flat field) a pure function of the render. Works in place on one
+    float32 copy (a 1024 x 1024 frame costs a few passes over 4 MB).
     """
     ro = sc.get("readout")
     if not ro:
@@ -355,40 +358,58 @@ def apply_readout(frame: np.ndarray, sc: dict, seed: int) -> np.ndarray:
     if kind == "counting" and fill == "sentinel":
         return frame
     grow, gcol, bad = _masks(sc, frame.shape)
-    masked = grow[:, None] | gcol[None, :]
-    if len(bad):
-        masked[bad[:, 0], bad[:, 1]] = True
-    rng = np.random.default_rng([int(seed) & 0x7FFFFFFFFFFFFFFF, 0x5EAD])
-    if kind == "counting" or kind == "ccd_16bit":
-        v = frame.astype(np.float64)
+    nseed = (int(seed) * 6364136223846793005 + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
+    f4 = np.float32
+    v = frame.astype(f4)
+    if kind in ("counting", "ccd_16bit"):
         dtype = np.dtype(ro.get("dtype", frame.dtype))
     elif kind == "float_corrected":
-        v = frame.astype(np.float64) * float(ro["scale"])
+        v *= f4(ro["scale"])
         sig = float(ro.get("flat_sigma", 0.0))
         if sig > 0:
-            v *= 1.0 + sig * rng.standard_normal(frame.shape)
+            gaussian_noise(v, sig, nseed, multiply=True)      # flat-field error
         dtype = np.dtype("float32")
     elif kind == "integrating_adu":
-        counts = frame.astype(np.float64)
-        noise = float(ro["read_counts"]) * rng.standard_normal(frame.shape)
-        v = float(ro["gain"]) * (counts + noise) + float(ro["offset"])
+        gaussian_noise(v, float(ro["read_counts"]), nseed)  # read noise, in counts
+        v *= f4(ro["gain"])
+        v += f4(ro["offset"])
         dtype = np.dtype(ro["dtype"])
     else:
         raise ConfigurationError(f"unknown readout kind {kind!r}")
-    v[masked] = np.nan
-    if dtype.kind in "iu":
+    integer = dtype.kind in "iu"
+    if integer and frame.dtype.kind == "f":
+        np.nan_to_num(v, copy=False, nan=0.0)      # CCD masks; set again below
+    if integer:
         top = _ADC_MAX.get(dtype.name, float(np.iinfo(dtype).max))
-        v = np.clip(np.floor(v + 0.5), 0.0, top)
+        np.rint(v, out=v)
+        np.clip(v, 0.0, min(top, 2.0**31 - 128), out=v)
     if fill == "interpolated":
+        _mask_set(v, grow, gcol, bad, np.nan)
         _interpolate(v, grow, gcol, bad)
-        if dtype.kind in "iu":
-            v = np.floor(v + 0.5)
-    elif dtype.kind in "iu":
-        if fill == "sentinel" and kind == "counting":
-            v[masked] = frame[masked]
-        elif fill == "max":
-            v[masked] = -1.0 if dtype.kind == "i" else float(np.iinfo(dtype).max)
-        else:
-            v[masked] = 0.0
-    v = np.where(np.isfinite(v), v, np.nan if dtype.kind == "f" else 0.0)
-    return v.astype(dtype)
+        if integer:
+            np.rint(v, out=v)
+        return v.astype(dtype)
+    out = v.astype(dtype)
+    if not integer:
+        _mask_set(out, grow, gcol, bad, np.nan)
+    elif fill == "sentinel" and kind == "counting":
+        _mask_copy(out, frame, grow, gcol, bad)
+    elif fill == "max":
+        _mask_set(out, grow, gcol, bad, -1 if dtype.kind == "i" else np.iinfo(dtype).max)
+    else:
+        _mask_set(out, grow, gcol, bad, 0)
+    return out
+
+
+def _mask_set(a: np.ndarray, grow, gcol, bad, value) -> None:
+    a[grow, :] = value
+    a[:, gcol] = value
+    if len(bad):
+        a[bad[:, 0], bad[:, 1]] = value
+
+
+def _mask_copy(a: np.ndarray, src: np.ndarray, grow, gcol, bad) -> None:
+    a[grow, :] = src[grow, :]
+    a[:, gcol] = src[:, gcol]
+    if len(bad):
+        a[bad[:, 0], bad[:, 1]] = src[bad[:, 0], bad[:, 1]]
