@@ -364,3 +364,18 @@ def test_wide_dataset_round_trip(tmp_path):
         assert got.dtype == frame.dtype
         assert np.array_equal(got.view(np.uint8), frame.view(np.uint8))
         assert np.array_equal(ds.labels[i], lab)
+
+
+def test_wide_gisaxs_scenes_usually_have_a_beamstop_of_either_shape():
+    def shapes(variety):
+        rng = np.random.default_rng(8)
+        out = []
+        for _ in range(60):
+            sc = sample_scene(rng, detector="pilatus_1m", size=64, variety=variety,
+                              tags={"horizon": True})
+            out.append((sc.get("beamstop") or {}).get("type"))
+        return out
+
+    wide, classic = shapes("wide"), shapes("classic")
+    assert {"circular", "linear"} <= set(wide)
+    assert sum(t is not None for t in wide) > sum(t is not None for t in classic) + 5

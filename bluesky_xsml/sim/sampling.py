@@ -54,7 +54,8 @@ from .variety import (
 )
 
 
-def _want(rng, tags: Mapping[str, bool] | None) -> dict[str, bool]:
+def _want(rng, tags: Mapping[str, bool] | None,
+          prof: VarietyProfile = CLASSIC) -> dict[str, bool]:
     tags = dict(tags or {})
     unknown = set(tags) - set(WANT_P)
     if unknown:
@@ -80,6 +81,12 @@ def _want(rng, tags: Mapping[str, bool] | None) -> dict[str, bool]:
             want[k] = False
     elif "peaks_on_ring" not in tags:
         want["peaks_on_ring"] = False   # the ring would be cut by the horizon
+    if (prof.grazing_beamstop_p and want["grazing"] and not want["beam_off"]
+            and not ({"beamstop_circular", "beamstop_linear"} & set(tags))
+            and not (want["beamstop_circular"] or want["beamstop_linear"])
+            and rng.random() < prof.grazing_beamstop_p):
+        # GISAXS: the direct and specular beams mostly sit behind a stop
+        want["beamstop_circular" if rng.random() < 0.6 else "beamstop_linear"] = True
     return want
 
 
@@ -246,7 +253,7 @@ def _sample(rng, det, size, tags, attempts: int = 4,
 
 
 def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
-    want = _want(rng, tags)
+    want = _want(rng, tags, prof)
     S = _Sampler(rng, det, size, want, prof)
     d = S.d
     # dead / hot pixels

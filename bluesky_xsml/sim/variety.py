@@ -169,6 +169,7 @@ class VarietyProfile:
     iso_depth: tuple[float, float] = (0.0, 0.35)
     spots: SpotFamily | None = None        # None: the classic 1-5 spots
     streak_count: tuple[int, int] = (1, 3)
+    grazing_beamstop_p: float = 0.0       # GISAXS scenes without one ask for a beamstop
     low_contrast_horizon_p: float = 0.0
     low_contrast_below: tuple[float, float] = (0.02, 0.3)
     readouts: tuple[ReadoutFamily, ...] = field(default=())
@@ -190,7 +191,7 @@ WIDE = VarietyProfile(
     lattice_sigma_px=(0.42, 2.5), on_ring_sigma_px=(0.5, 2.5),
     azimuth_p=0.6, azimuth_forms=AZIMUTH_FORMS,
     spots=SpotFamily(), streak_count=(1, 4),
-    low_contrast_horizon_p=0.4,
+    grazing_beamstop_p=0.5, low_contrast_horizon_p=0.4,
     readouts=READOUTS,
 )
 #: Profiles by name (``variety=`` of ``SceneGenerator``, ``sample_scene`` and ``synth:`` specs).
