@@ -379,3 +379,20 @@ def test_wide_gisaxs_scenes_usually_have_a_beamstop_of_either_shape():
     wide, classic = shapes("wide"), shapes("classic")
     assert {"circular", "linear"} <= set(wide)
     assert sum(t is not None for t in wide) > sum(t is not None for t in classic) + 5
+
+
+def test_a_one_pixel_spot_is_judged_by_its_brightest_pixel():
+    def scene(x, y, amp):
+        return {"detector": "ccd_1k", "size": 256, "geometry": {"q_max": 2.0},
+                "background": {"level": 1.0}, "noise": {"read_sigma": 1.0},
+                "features": [{"type": "spots", "xy": [[x, y]], "amp": amp,
+                              "sigma_px": 1.0 / 2.3548}]}
+
+    # threshold about 8.7 counts here: 14 at the centre shows on a pixel centre ...
+    on = scene(60.0, 70.0, 14.0)
+    assert scene_labels(on)[T["peaks_isolated"]] == 1
+    # ... but not half-way between four pixels, where the brightest pixel gets a quarter
+    between = scene(60.5, 70.5, 14.0)
+    assert scene_labels(between)[T["peaks_isolated"]] == 0
+    f = render_scene(scene(60.5, 70.5, 14.0), 0).astype(float) - 10.0
+    assert f[69:73, 59:63].max() < 14.0 * 0.6 + 4 * 1.0

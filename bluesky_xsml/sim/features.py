@@ -13,7 +13,13 @@ import numpy as np
 
 from . import physics as ph
 from .geometry import ring_points
-from .labels import _diffuse_inner_radius, _halo_flanks_seen, _smooth_level
+from .labels import (
+    _diffuse_inner_radius,
+    _halo_flanks_seen,
+    _pixel_peak_factor,
+    _smooth_level,
+    _streak_peak_factor,
+)
 from .scene import HIGH_MODE_MAX, _logu, _seen_t, _thr, _two_theta, _u
 from .variety import draw_azimuth
 
@@ -336,7 +342,7 @@ def _add_isolated_family(S, feats):
                for (a, b), s in zip(xy, sigs, strict=True)):
             continue
         thr = float(_thr("spot", _level(S, r), S.read))
-        a = _pick_amp(S, thr)
+        a = _pick_amp(S, thr / float(_pixel_peak_factor(x, y, sig)))   # its brightest pixel
         if a is None:
             continue
         xy.append([x, y])
@@ -471,7 +477,10 @@ def _add_streaks(S, feats):
     r0 = max(3.0, (bs["radius_px"] if bs and bs["type"] == "circular" else 0.0) + 1.0,
              ctx.r_near + 1.0)
     far = r0 + 0.2 * L
+    width = rng.uniform(*S.P.streak_sigma_px) if not S.P.classic else None
     thr = float(_thr("spot", _level(S, far), S.read))
+    if width is not None:
+        thr /= _streak_peak_factor(width)
     amp = None
     for p in (rng.uniform(0.3, 1.0), 0.25, 0.1):
         need = 2.0 * thr * (far / r0) ** p
@@ -481,7 +490,7 @@ def _add_streaks(S, feats):
     if amp is None:
         return
     feats.append({"type": "streaks", "angles_deg": angs, "amp": amp, "r0_px": r0, "decay": p,
-                  "width_px": rng.uniform(*S.P.streak_sigma_px)})
+                  "width_px": width if width is not None else rng.uniform(*S.P.streak_sigma_px)})
 
 
 def _feature_peak(f, ctx, sc):

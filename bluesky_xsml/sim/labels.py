@@ -58,6 +58,31 @@ class _LabelState:
         self.gi_seen = False    # grazing-incidence scattering seen above the horizon
 
 
+#: Spots narrower than this (Gaussian sigma, px) are judged by their brightest
+#: pixel, not their centre; streaks narrower than SUBPIXEL_STREAK_SIGMA by the
+#: worst case (the line half-way between two pixel rows).  Every spot and
+#: streak of the classic profile is at least this wide, so its labels do not
+#: depend on it.
+SUBPIXEL_SPOT_SIGMA = 0.7
+SUBPIXEL_STREAK_SIGMA = 0.5
+
+
+def _pixel_peak_factor(x, y, s):
+    """Brightest pixel of a Gaussian spot relative to its centre (1 for wide spots)."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    s = np.broadcast_to(np.asarray(s, float), x.shape)
+    d2 = (x - np.round(x)) ** 2 + (y - np.round(y)) ** 2
+    return np.where(s < SUBPIXEL_SPOT_SIGMA, np.exp(-d2 / (2 * np.maximum(s, 1e-3) ** 2)), 1.0)
+
+
+def _streak_peak_factor(sigma: float) -> float:
+    """Worst-case brightest pixel across a thin streak relative to its line."""
+    if sigma >= SUBPIXEL_STREAK_SIGMA:
+        return 1.0
+    return float(math.exp(-0.25 / (2 * max(sigma, 1e-3) ** 2)))
+
+
 _DISC = np.array([(u, v) for u in np.linspace(-1, 1, 9) for v in np.linspace(-1, 1, 9)
                   if u * u + v * v <= 1.0])
 
@@ -87,7 +112,8 @@ def _label_rings(f, sc, ctx, st, cut):
     if f["style"] == "textured":
         x, y, a, s, idx = ph.textured_grains(f, ctx, r, sig, amp)
         lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) >= _thr("spot", lv, ctx.read))
+        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) * _pixel_peak_factor(x, y, s)
+                                   >= _thr("spot", lv, ctx.read))
         st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, ph.grazing_factor(ctx, y))
         grains = f.get("grains") or [60] * len(r)
         n_vis = np.bincount(idx[vis], minlength=len(r)) if len(idx) else np.zeros(len(r), int)
@@ -254,7 +280,8 @@ def _label_spots(f, sc, ctx, st, cut):
     t_y = ph.grazing_factor(ctx, y)
     st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, t_y)
     lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-    vis_all = ctx.fp.seen(x, y) & (a * t_y >= _thr("spot", lv, ctx.read))
+    vis_all = ctx.fp.seen(x, y) & (a * t_y * _pixel_peak_factor(x, y, s)
+                                   >= _thr("spot", lv, ctx.read))
     vis = vis_all & (a * t_y <= cut)
     t = f["type"]
     n = int(vis_all.sum())
@@ -274,6 +301,7 @@ def _label_streaks(f, sc, ctx, st, cut):
     r0 = float(f["r0_px"])
     s = np.arange(1.0, ctx.r_far + 1.0, 1.0)
     amp = float(f["amp"]) * np.where(s <= r0, 1.0, (r0 / s) ** float(f["decay"]))
+    amp = amp * _streak_peak_factor(float(f["width_px"]))
     thr_s = _thr("spot", _smooth_level(sc, ctx, s), ctx.read)
     length = 0.0
     first = None
