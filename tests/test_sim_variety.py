@@ -396,3 +396,13 @@ def test_a_one_pixel_spot_is_judged_by_its_brightest_pixel():
     assert scene_labels(between)[T["peaks_isolated"]] == 0
     f = render_scene(scene(60.5, 70.5, 14.0), 0).astype(float) - 10.0
     assert f[69:73, 59:63].max() < 14.0 * 0.6 + 4 * 1.0
+
+
+def test_a_store_of_one_profile_is_not_resumed_as_the_other(tmp_path):
+    from bluesky_xsml.sim.dataset import write_dataset
+
+    path = str(tmp_path / "c.zarr")
+    write_dataset(path, 2, size=32, seed=1, workers=1, progress=False)
+    with pytest.raises(ConfigurationError, match="variety: 'classic' != 'wide'"):
+        write_dataset(path, 2, size=32, seed=1, workers=1, progress=False, variety="wide")
+    assert write_dataset(path, 2, size=32, seed=1, workers=1, progress=False) == 2

@@ -206,14 +206,17 @@ def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
     path = os.fspath(path)
     if os.path.exists(path):
         old = _read_settings(path)
-        same = old is not None and all(old.get(k) == v for k, v in st.items())
+        if old is not None:   # classic stores have no "variety" attribute
+            old = {"variety": "classic", **old}
+        st_cmp = {"variety": "classic", **st}
+        same = old is not None and all(old.get(k) == v for k, v in st_cmp.items())
         if not same:
             if not overwrite:
                 if old is None:
                     what = "is not a synthetic dataset"
                 else:
                     diff = ", ".join(f"{k}: {old.get(k)!r} != {v!r}"
-                                     for k, v in st.items() if old.get(k) != v)
+                                     for k, v in st_cmp.items() if old.get(k) != v)
                     what = f"was written with different settings ({diff})"
                 raise ConfigurationError(
                     f"{path} {what}; rerun with the same arguments to resume, use a new --out, "
