@@ -406,3 +406,22 @@ def test_a_store_of_one_profile_is_not_resumed_as_the_other(tmp_path):
     with pytest.raises(ConfigurationError, match="variety: 'classic' != 'wide'"):
         write_dataset(path, 2, size=32, seed=1, workers=1, progress=False, variety="wide")
     assert write_dataset(path, 2, size=32, seed=1, workers=1, progress=False) == 2
+
+
+def test_n_fold_forms_render_where_the_labels_put_them():
+    """The brightest azimuths of the rendered frame are the form's maxima (y up, from +x)."""
+    for n in (2, 4, 6):
+        sc = _halo_scene({"form": "von_mises", "n": n, "kappa": 4.0, "depth": 1.0})
+        sc["background"]["level"] = 0.0
+        sc["features"][0]["amp"] = 2000.0
+        frame = render_scene(sc, 0).astype(float) - 10.0
+        h, w = frame.shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        phi = np.degrees(np.arctan2((h - 1) / 2 - yy, xx - (w - 1) / 2)) % 360
+        r = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+        band = (r > 30) & (r < 120)
+        bins = (phi[band] // 5).astype(int)
+        prof = np.bincount(bins, frame[band], 72) / np.maximum(np.bincount(bins, None, 72), 1)
+        peak = (np.argmax(prof) + 0.5) * 5
+        lobes = (30.0 + np.arange(n) * 360.0 / n) % 360
+        assert np.min(np.abs((peak - lobes + 180) % 360 - 180)) <= 7.5
