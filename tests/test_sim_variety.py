@@ -296,10 +296,11 @@ def test_float_corrected_readout_scales_and_masks_with_nan():
     assert scene_labels(sc)[T["detector_gaps"]] == 1
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_wide_labels_follow_the_stored_gaps():
-    gen = SceneGenerator(seed=11, size=96, variety="wide")
+    gen = SceneGenerator(seed=11, size=96, detectors="all", variety="wide")
     kinds = set()
-    for i in range(60):
+    for i in range(80):
         frame, lab, sc = gen.frame_at(i)
         ro = sc.get("readout") or {}
         kinds.add((ro.get("kind"), str(frame.dtype)))
@@ -310,6 +311,10 @@ def test_wide_labels_follow_the_stored_gaps():
         flat = frame[a:z].astype(np.float64)
         filled = ro.get("gaps") == "interpolated"
         assert lab[T["detector_gaps"]] == (0 if filled else 1)
+        if filled:       # finite counts from the neighbours, no sentinel left
+            assert np.isfinite(flat).all() and flat.min() >= 0
+            if frame.dtype.kind == "u":
+                assert flat.max() < np.iinfo(frame.dtype).max
         if not filled:   # sentinel, NaN, 0 or the dtype maximum in the whole gap
             v = flat[~np.isnan(flat)]
             assert np.isnan(flat).all() or len(np.unique(v)) == 1
@@ -425,3 +430,17 @@ def test_n_fold_forms_render_where_the_labels_put_them():
         peak = (np.argmax(prof) + 0.5) * 5
         lobes = (30.0 + np.arange(n) * 360.0 / n) % 360
         assert np.min(np.abs((peak - lobes + 180) % 360 - 180)) <= 7.5
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_interpolation_fills_a_bad_pixel_beside_a_gap_first():
+    frame = np.full((10, 8), 100, np.int32)
+    frame[6:] = 160
+    frame[4:6] = -1                      # gap rows
+    frame[3, 2] = -2                     # bad pixel right above the gap
+    sc = {"detector": {"gaps": {"rows": [[4, 6]], "cols": []}, "bad_pixels": [[3, 2]]},
+          "readout": {"kind": "counting", "gaps": "interpolated"}}
+    out = apply_readout(frame, sc, 0)
+    assert out.dtype == np.int32 and out.min() >= 100
+    assert out[3, 2] == 100
+    assert list(out[4:6, 2]) == [120, 140]     # linear between rows 3 and 6, bad pixel included

@@ -353,6 +353,12 @@ def _add_isolated_family(S, feats):
         feats.append({"type": "spots", "kind": "isolated", "xy": xy, "amp": amps, "sigma_px": sigs})
 
 
+def _worst_pixel_factor(sigma: float) -> float:
+    """Brightest pixel of a spot centred between four pixels, relative to its peak
+    (1 for spots the labels judge by their centre)."""
+    return float(_pixel_peak_factor(0.5, 0.5, sigma))
+
+
 def _existing_ring_radii(S, feats):
     out = []
     for f in feats:
@@ -385,7 +391,7 @@ def _add_lattice(S, feats):
          "envelope_q": float(ctx.q(rng.uniform(0.3, 0.8) * ctx.r_far))}
     cell = a_px * min(1.0, b_rel) * math.sin(gamma)
     f["hk_max"] = int(min(14, math.ceil(ctx.r_far / cell) + 1))
-    thr = float(_thr("spot", _level(S, 0.3 * L), S.read))
+    thr = float(_thr("spot", _level(S, 0.3 * L), S.read)) / _worst_pixel_factor(sigma)
     amp = _pick_amp(S, thr / 0.5)
     if amp is None:
         amp = _pick_amp(S, thr / 0.7)
@@ -415,7 +421,7 @@ def _add_on_ring(S, feats):
         y = ctx.cy - r0 * np.sin(phis)
         if _seen_t(ctx, x, y, pad=2.0).sum() < (4 if n == 4 else 5):
             continue
-        thr = float(_thr("spot", _level(S, r0), S.read))
+        thr = float(_thr("spot", _level(S, r0), S.read)) / _worst_pixel_factor(sigma)
         amp = _pick_amp(S, thr / 0.9)
         if amp is None:
             return

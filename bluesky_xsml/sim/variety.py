@@ -313,20 +313,10 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _interpolate(v: np.ndarray, grow, gcol, bad) -> None:
-    """Fill gap columns, then gap rows, linearly from their neighbours; bad pixels by
-    the mean of their valid 4-neighbours (in place, float array; NaN elsewhere
-    becomes 0)."""
+    """Fill bad pixels by the mean of their valid 4-neighbours, then gap columns and
+    gap rows linearly from their neighbours (in place, float array with NaN where
+    masked; anything left without a valid neighbour becomes 0)."""
     h, w = v.shape
-    for a, z in _runs(gcol):
-        left = v[:, a - 1] if a > 0 else v[:, z]
-        right = v[:, z] if z < w else v[:, a - 1]
-        t = (np.arange(a, z) - a + 1.0) / (z - a + 1.0)
-        v[:, a:z] = left[:, None] * (1 - t)[None, :] + right[:, None] * t[None, :]
-    for a, z in _runs(grow):
-        up = v[a - 1] if a > 0 else v[z]
-        down = v[z] if z < h else v[a - 1]
-        t = (np.arange(a, z) - a + 1.0) / (z - a + 1.0)
-        v[a:z] = up[None, :] * (1 - t)[:, None] + down[None, :] * t[:, None]
     if len(bad):
         isbad = np.zeros((h, w), bool)
         isbad[bad[:, 0], bad[:, 1]] = True
@@ -341,6 +331,17 @@ def _interpolate(v: np.ndarray, grow, gcol, bad) -> None:
             acc += np.where(ok, v[i, j], 0.0)
             cnt += ok
         v[bad[:, 0], bad[:, 1]] = acc / np.maximum(cnt, 1)
+    for a, z in _runs(gcol):
+        left = v[:, a - 1] if a > 0 else v[:, min(z, w - 1)]
+        right = v[:, z] if z < w else left
+        t = (np.arange(a, z) - a + 1.0) / (z - a + 1.0)
+        v[:, a:z] = left[:, None] * (1 - t)[None, :] + right[:, None] * t[None, :]
+    for a, z in _runs(grow):
+        up = v[a - 1] if a > 0 else v[min(z, h - 1)]
+        down = v[z] if z < h else up
+        t = (np.arange(a, z) - a + 1.0) / (z - a + 1.0)
+        v[a:z] = up[None, :] * (1 - t)[:, None] + down[None, :] * t[:, None]
+    np.nan_to_num(v, copy=False, nan=0.0)
 
 
 def apply_readout(frame: np.ndarray, sc: dict, seed: int) -> np.ndarray:
