@@ -61,7 +61,8 @@ def _want(rng, tags: Mapping[str, bool] | None,
     if unknown:
         raise ConfigurationError(f"cannot ask for {sorted(unknown)}; known: {', '.join(WANT_P)}")
     u = rng.random(len(WANT_P))
-    want = {k: bool(ui < p) for (k, p), ui in zip(WANT_P.items(), u, strict=True)}
+    probs = {**WANT_P, **dict(prof.want_p)}
+    want = {k: bool(ui < probs[k]) for k, ui in zip(WANT_P, u, strict=True)}
     if any(tags.get(k) for k in ("horizon", "yoneda", "specular_rod", "bragg_rods")):
         want["grazing"] = True
     want.update(tags)

@@ -146,6 +146,8 @@ class VarietyProfile:
     """
 
     name: str
+    # probabilities of asking for a feature that differ from scene.WANT_P
+    want_p: tuple[tuple[str, float], ...] = ()
     # geometry: beam centre near the middle below center_split[0], anywhere on the
     # detector below center_split[1], else off it by up to off_detector_max x L
     center_split: tuple[float, float] = (0.55, 0.87)
@@ -182,6 +184,8 @@ class VarietyProfile:
 CLASSIC = VarietyProfile("classic")
 WIDE = VarietyProfile(
     "wide",
+    # 4-/6-fold spots need the beam near the detector: asked for more often
+    want_p=(("peaks_on_ring", 0.36),),
     center_split=(0.45, 0.72), off_detector_max=0.9,
     beamstop_circular_L=(0.008, 0.07), beamstop_linear_L=(0.01, 0.06),
     amp_decades=(-2.5, 0.0),
