@@ -446,3 +446,22 @@ def test_interpolation_fills_a_bad_pixel_beside_a_gap_first():
     assert out.dtype == np.int32 and out.min() >= 100
     assert out[3, 2] == 100
     assert list(out[4:6, 2]) == [120, 140]     # linear between rows 3 and 6, bad pixel included
+
+
+@pytest.mark.parametrize("readout", [
+    {"kind": "float_corrected", "dtype": "float32", "scale": 0.01, "flat_sigma": 0.03,
+     "gaps": "sentinel"},
+    {"kind": "integrating_adu", "dtype": "int32", "gain": 3.0, "offset": 20.0,
+     "read_counts": 2.0, "gaps": "zero"},
+])
+def test_a_full_well_stays_one_plateau_under_every_readout(readout):
+    sc = {"detector": {"name": "pilatus_1m", "count_cutoff": 5000}, "size": 256,
+          "geometry": {"q_max": 2.0}, "background": {"level": 2.0},
+          "features": [{"type": "direct_beam", "amp": 1e6, "sigma_px": 2.5}],
+          "readout": readout}
+    assert scene_labels(sc)[T["saturation"]] == 1
+    frame = render_scene(sc, 3)
+    top = np.nanmax(frame)
+    assert (frame == top).sum() >= 12          # a plateau, not a noisy cap
+    expect = 5000 * readout.get("scale", readout.get("gain", 1.0)) + readout.get("offset", 0.0)
+    assert top == pytest.approx(expect, rel=1e-6)

@@ -126,14 +126,14 @@ READOUTS: tuple[ReadoutFamily, ...] = (
     ReadoutFamily("float_corrected", ("pilatus", "eiger"), 0.25, ("float32",),
                   scale=(1e-3, 1e3), gap_fill=("sentinel", "sentinel", "interpolated")),
     ReadoutFamily("integrating_adu", ("pilatus", "eiger"), 0.35, ("uint16", "int32", "uint8"),
-                  gain=(0.5, 20.0), offset=(0.0, 200.0), read_counts=(0.3, 3.0),
+                  gain=(0.5, 20.0), offset=(10.0, 200.0), read_counts=(0.3, 3.0),
                   gap_fill=("zero", "max", "interpolated")),
     ReadoutFamily("counting", ("ccd",), 0.4, gap_fill=("sentinel", "sentinel", "interpolated")),
     ReadoutFamily("ccd_16bit", ("ccd",), 0.6, ("uint16",), gap_fill=("zero", "interpolated")),
 )
 #: 8-bit integrating readouts use these instead (255 ADU must hold a useful range).
 ADU8_GAIN = (0.01, 0.2)
-ADU8_OFFSET = (0.0, 10.0)
+ADU8_OFFSET = (4.0, 12.0)
 _ADC_MAX = {"uint8": 255.0, "uint16": 65535.0, "int32": float(2**31 - 1), "float32": math.inf}
 
 
@@ -370,15 +370,22 @@ def apply_readout(frame: np.ndarray, sc: dict, seed: int) -> np.ndarray:
     if kind in ("counting", "ccd_16bit"):
         dtype = np.dtype(ro.get("dtype", frame.dtype))
     elif kind == "float_corrected":
+        sat = _saturated(frame, sc)
         v *= f4(ro["scale"])
         sig = float(ro.get("flat_sigma", 0.0))
         if sig > 0:
             gaussian_noise(v, sig, nseed, multiply=True)      # flat-field error
+        if sat is not None:   # clipped pixels stay one plateau (no flat field on them)
+            v[sat] = f4(float(sc["detector"]["count_cutoff"]) * float(ro["scale"]))
         dtype = np.dtype("float32")
     elif kind == "integrating_adu":
+        sat = _saturated(frame, sc)
         gaussian_noise(v, float(ro["read_counts"]), nseed)  # read noise, in counts
         v *= f4(ro["gain"])
         v += f4(ro["offset"])
+        if sat is not None:   # the well is full: one value, no read noise
+            v[sat] = f4(float(sc["detector"]["count_cutoff"]) * float(ro["gain"])
+                        + float(ro["offset"]))
         dtype = np.dtype(ro["dtype"])
     else:
         raise ConfigurationError(f"unknown readout kind {kind!r}")
@@ -405,6 +412,17 @@ def apply_readout(frame: np.ndarray, sc: dict, seed: int) -> np.ndarray:
     else:
         _mask_set(out, grow, gcol, bad, 0)
     return out
+
+
+def _saturated(frame: np.ndarray, sc: dict) -> np.ndarray | None:
+    """Pixels of a counting frame at the counter's cut-off (None when there are none)."""
+    cut = sc["detector"].get("count_cutoff")
+    if cut is None or frame.dtype.kind not in "iu":
+        return None
+    sat = frame >= cut
+    if frame.dtype.kind == "u":     # the unsigned maximum is Eiger's mask, not a count
+        sat &= frame != np.iinfo(frame.dtype).max
+    return sat if sat.any() else None
 
 
 def _mask_set(a: np.ndarray, grow, gcol, bad, value) -> None:
