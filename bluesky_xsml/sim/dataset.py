@@ -7,7 +7,7 @@ array          shape / dtype         content
 =============  ====================  ==============================================
 ``frames``     (N, S, S) uint32      raw bits of each frame in the top-left corner
                                      of an ``S x S`` canvas (``S`` = ``size``);
-                                     4-byte dtypes bit-for-bit, uint16 widened;
+                                     4-byte dtypes bit-for-bit, uint16 and uint8 widened;
                                      padding is 0.  One shard per block of frames,
                                      one compressed chunk per frame.
 ``labels``     (N, 23) float32       tags in ``TAG_NAMES`` order
@@ -51,6 +51,7 @@ from ..errors import ConfigurationError, FrameSourceError
 from ..tags import TAG_NAMES
 from .generator import SCENE_VERSION, SceneGenerator
 from .geometry import resolve_detectors
+from .variety import PROFILES, resolve_variety
 
 __all__ = ["DTYPES", "FORMAT", "SynthDataset", "add_arguments", "main", "open_dataset",
            "write_dataset"]
@@ -58,7 +59,9 @@ __all__ = ["DTYPES", "FORMAT", "SynthDataset", "add_arguments", "main", "open_da
 FORMAT = "bluesky-xsml-synth"
 FORMAT_VERSION = 1
 #: Frame dtypes, indexed by the ``dtype`` array.
-DTYPES: tuple[str, ...] = ("int32", "uint32", "uint16", "float32")
+DTYPES: tuple[str, ...] = ("int32", "uint32", "uint16", "float32", "uint8")
+#: Classic-profile stores list only these (their settings are unchanged).
+_CLASSIC_DTYPES = DTYPES[:4]
 _TARGET_SHARD_BYTES = 64 * 2**20
 
 
@@ -66,15 +69,19 @@ def _default_block(side: int) -> int:
     return int(max(1, min(256, _TARGET_SHARD_BYTES // (side * side * 4))))
 
 
-def _settings(n, size, seed, detectors, block) -> dict:
+def _settings(n, size, seed, detectors, block, variety: str = "classic") -> dict:
     dets = resolve_detectors(detectors)
     side = int(size) if size is not None else max(max(d.shape) for d in dets)
-    return {
+    classic = resolve_variety(variety).classic
+    st = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "n": int(n),
         "size": None if size is None else int(size), "side": side, "seed": int(seed),
         "detectors": [d.name for d in dets], "block": int(block or _default_block(side)),
-        "tag_names": list(TAG_NAMES), "dtypes": list(DTYPES),
+        "tag_names": list(TAG_NAMES), "dtypes": list(_CLASSIC_DTYPES if classic else DTYPES),
     }
+    if not classic:   # classic stores keep the settings they had before profiles existed
+        st["variety"] = resolve_variety(variety).name
+    return st
 
 
 def _create(path: str, st: dict) -> None:
@@ -102,7 +109,8 @@ def _write_block(path: str, st: dict, k: int) -> int:
 
     block, n, side = st["block"], st["n"], st["side"]
     i0, i1 = k * block, min(n, (k + 1) * block)
-    gen = SceneGenerator(seed=st["seed"], size=st["size"], detectors=st["detectors"])
+    gen = SceneGenerator(seed=st["seed"], size=st["size"], detectors=st["detectors"],
+                         variety=st.get("variety", "classic"))
     bits = np.zeros((i1 - i0, side, side), np.uint32)
     labels = np.zeros((i1 - i0, len(TAG_NAMES)), np.float32)
     shapes = np.zeros((i1 - i0, 2), np.int32)
@@ -129,7 +137,7 @@ def _write_block(path: str, st: dict, k: int) -> int:
 def _to_bits(frame: np.ndarray) -> np.ndarray:
     if frame.dtype.itemsize == 4:
         return frame.view(np.uint32)
-    if frame.dtype == np.uint16:
+    if frame.dtype in (np.uint16, np.uint8):
         return frame.astype(np.uint32)
     raise ConfigurationError(
         f"cannot store frames of dtype {frame.dtype}; expected one of {DTYPES}")
@@ -146,7 +154,7 @@ def _from_bits(bits: np.ndarray, h: int, w: int, code: int) -> np.ndarray:
 def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
                   detectors=None, workers: int | None = None, block: int | None = None,
                   limit: int | None = None, overwrite: bool = False,
-                  progress: bool = True) -> int:
+                  progress: bool = True, variety: str = "classic") -> int:
     """Write (or resume writing) a synthetic dataset.
 
     Parameters
@@ -171,6 +179,8 @@ def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
         Replace an existing store written with other settings.
     progress : bool
         Show a tqdm progress bar.
+    variety : str
+        Generator profile, ``"classic"`` (default) or ``"wide"``.
 
     Returns
     -------
@@ -192,18 +202,21 @@ def write_dataset(path: str, n: int, *, size: int | None = 256, seed: int = 0,
         raise ConfigurationError(f"block must be a positive integer, got {block!r}")
     if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
         raise ConfigurationError(f"workers must be a positive integer, got {workers!r}")
-    st = _settings(n, size, seed, detectors, block)
+    st = _settings(n, size, seed, detectors, block, variety)
     path = os.fspath(path)
     if os.path.exists(path):
         old = _read_settings(path)
-        same = old is not None and all(old.get(k) == v for k, v in st.items())
+        if old is not None:   # classic stores have no "variety" attribute
+            old = {"variety": "classic", **old}
+        st_cmp = {"variety": "classic", **st}
+        same = old is not None and all(old.get(k) == v for k, v in st_cmp.items())
         if not same:
             if not overwrite:
                 if old is None:
                     what = "is not a synthetic dataset"
                 else:
                     diff = ", ".join(f"{k}: {old.get(k)!r} != {v!r}"
-                                     for k, v in st.items() if old.get(k) != v)
+                                     for k, v in st_cmp.items() if old.get(k) != v)
                     what = f"was written with different settings ({diff})"
                 raise ConfigurationError(
                     f"{path} {what}; rerun with the same arguments to resume, use a new --out, "
@@ -455,6 +468,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset written with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--variety", choices=sorted(PROFILES), default="classic",
+                        help="generator profile (default classic; wide: more shape families, "
+                             "readouts and geometries, see docs/synthetic-data.md)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -463,7 +479,8 @@ def main(args: argparse.Namespace) -> int:
         done = write_dataset(args.out, args.n, size=args.size, seed=args.seed,
                              detectors=args.detectors, workers=args.workers, block=args.block,
                              limit=args.limit, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress,
+                             variety=getattr(args, "variety", "classic"))
     except ConfigurationError as err:
         print(f"xsml synth: error: {err}", file=sys.stderr)
         return 2

@@ -13,8 +13,15 @@ import numpy as np
 
 from . import physics as ph
 from .geometry import ring_points
-from .labels import _diffuse_inner_radius, _halo_flanks_seen, _smooth_level
+from .labels import (
+    _diffuse_inner_radius,
+    _halo_flanks_seen,
+    _pixel_peak_factor,
+    _smooth_level,
+    _streak_peak_factor,
+)
 from .scene import HIGH_MODE_MAX, _logu, _seen_t, _thr, _two_theta, _u
+from .variety import draw_azimuth
 
 
 def _bs_angle(rng):
@@ -43,7 +50,7 @@ def _pick_amp(S, thr, hi_extra: float = 1.0):
     hi = S.cap * hi_extra
     if lo > hi:
         return None
-    return float(np.clip(S.E * 10 ** rng.uniform(-1.3, 0.0), lo, hi))
+    return float(np.clip(S.E * 10 ** rng.uniform(*S.P.amp_decades), lo, hi))
 
 
 def _add_diffuse(S, feats):
@@ -94,16 +101,19 @@ def _add_halo(S, feats, anisotropic, force=False):
         # correlation peak (SAXS) or amorphous halo (WAXS, d ~ 1.8-8 A)
         if not (0.004 <= q0 <= 0.5 or 0.8 <= q0 <= 3.5):
             continue
-        f = {"type": "halo", "q0": q0, "fwhm_rel": rng.uniform(0.15, 0.45), "kappa": 0.0,
+        f = {"type": "halo", "q0": q0, "fwhm_rel": rng.uniform(*S.P.halo_fwhm_rel), "kappa": 0.0,
              "orient_deg": rng.uniform(0, 180)}
         if anisotropic:
             f["kappa"] = rng.uniform(1.0, 5.0)
+        if S.P.azimuth_p and rng.random() < S.P.azimuth_p:
+            f["azimuth"] = draw_azimuth(rng, S.P, anisotropic)
+            f["kappa"] = 0.0
         px, py = ring_points(ctx, [r0])
         cov = _seen_t(ctx, px[0], py[0])
         if not _halo_flanks_seen(ctx, q0, f["fwhm_rel"], need=0.15):
             continue
         if anisotropic:
-            strong = ph.azimuth_weight(f["kappa"], f["orient_deg"], cov.size) >= 0.5
+            strong = ph.feature_azimuth_weight(f, cov.size) >= 0.5
             if (cov & strong).mean() * 2 * np.pi * r0 < 0.08 * S.L:
                 continue
         elif cov.mean() * 2 * np.pi * r0 < 0.35 * S.L:
@@ -115,7 +125,7 @@ def _add_halo(S, feats, anisotropic, force=False):
         if amp is None:
             return
         f["amp"] = amp
-        if anisotropic:
+        if anisotropic and not f.get("azimuth"):
             f["kappa"] = _gap_kappa(f["kappa"], [amp], [thr])
         feats.append(f)
         return
@@ -175,7 +185,7 @@ def _add_rings(S, feats, style, material, many, lamellar):
     if len(q) == 0:
         return
     r = ctx.r(q)
-    fwhm_rel = _logu(rng, 0.002, 0.012)
+    fwhm_rel = _logu(rng, *S.P.ring_fwhm_rel)
     f = {"type": "rings", "material": material, "style": style, "fwhm_rel": fwhm_rel,
          "kappa": 0.0, "orient_deg": rng.uniform(0, 180), **extra}
     sel = np.isfinite(r) & (r >= max(S.r_lo, 30.0)) & (r <= S.r_hi)
@@ -188,22 +198,26 @@ def _add_rings(S, feats, style, material, many, lamellar):
                                            math.radians(rng.uniform(8, 40))))
         # FWHM of exp(k (cos 2x - 1)) = 2x with cos 2x = 1 - ln2 / k
         f["kappa"] = float(max(1.2, math.log(2) / (1 - math.cos(fw_arc))))
+    if style != "textured" and S.P.azimuth_p and rng.random() < S.P.azimuth_p:
+        f["azimuth"] = draw_azimuth(rng, S.P, style == "oriented")
+        f["kappa"] = 0.0
     if not sel.any():
         return
     cov = _seen_t(ctx, *ring_points(ctx, rr))
     if style == "oriented":
-        strong = ph.azimuth_weight(f["kappa"], f["orient_deg"], cov.shape[1]) >= 0.5
+        strong = ph.feature_azimuth_weight(f, cov.shape[1]) >= 0.5
         arc = (cov & strong[None, :]).mean(axis=1) * 2 * np.pi * rr
         sel &= arc >= 0.05 * L
     else:
         arc = cov.mean(axis=1) * 2 * np.pi * rr
         sel &= arc >= 0.2 * L
-    gs = float(max(0.7, float(np.nanmax(np.where(sel, sig, np.nan))) * rng.uniform(1.0, 1.5))) \
-        if sel.any() else 0.7
+    floor = 0.7 if S.P.classic else 0.5
+    gs = float(max(floor, float(np.nanmax(np.where(sel, sig, np.nan)))
+                   * rng.uniform(*S.P.grain_sigma_scale))) if sel.any() else 0.7
     if style == "textured":
         circ = 2 * np.pi * rr
         cov_frac = np.maximum(arc / np.maximum(circ, 1e-9), 1e-3)
-        n_grains = np.maximum(np.round(rng.uniform(0.12, 0.4) * circ / (2.5 * gs)),
+        n_grains = np.maximum(np.round(rng.uniform(*S.P.grain_fraction) * circ / (2.5 * gs)),
                               np.ceil(16.0 / cov_frac))
         sel &= (n_grains <= 500) & (n_grains * 2.5 * gs <= circ)
     idx = np.flatnonzero(sel)
@@ -245,7 +259,7 @@ def _add_rings(S, feats, style, material, many, lamellar):
         if not ({1, 2} <= orders or len(orders) >= 3):
             return
     kept = np.sort(kept)
-    if style == "oriented":
+    if style == "oriented" and not f.get("azimuth"):
         # narrow enough that the ring vanishes between the arcs (clear on a log scale)
         f["kappa"] = _gap_kappa(f["kappa"], amp[kept], thr[kept])
     S.ring_budget -= int(kept.size)
@@ -269,6 +283,9 @@ def _gap_kappa(kappa: float, amp, thr) -> float:
 
 
 def _add_isolated(S, feats):
+    if S.P.spots is not None:
+        _add_isolated_family(S, feats)
+        return
     rng, ctx = S.rng, S.ctx
     n = int(rng.integers(1, 6))
     xy, amps, sigs, radii = [], [], [], []
@@ -296,6 +313,52 @@ def _add_isolated(S, feats):
         feats.append({"type": "spots", "kind": "isolated", "xy": xy, "amp": amps, "sigma_px": sigs})
 
 
+def _add_isolated_family(S, feats):
+    """Isolated spots of the profile's :class:`~.variety.SpotFamily`: count, size, clusters."""
+    rng, ctx, fam = S.rng, S.ctx, S.P.spots
+    n = int(round(_logu(rng, *fam.count)))
+    centres = []
+    if rng.random() < fam.cluster_p:
+        rad = rng.uniform(*fam.cluster_radius_L) * S.L
+        for _ in range(int(rng.integers(1, 4))):
+            centres.append((rng.uniform(2, S.w - 3), rng.uniform(2, S.h - 3)))
+    xy, amps, sigs, radii = [], [], [], []
+    ring_r = _existing_ring_radii(S, feats)
+    for _ in range(n * 8):
+        if len(xy) >= n:
+            break
+        sig = rng.uniform(*fam.fwhm_px) / 2.3548
+        if centres:
+            x0, y0 = centres[int(rng.integers(len(centres)))]
+            x, y = x0 + rng.normal(0.0, rad), y0 + rng.normal(0.0, rad)
+        else:
+            x, y = rng.uniform(2, S.w - 3), rng.uniform(2, S.h - 3)
+        r = math.hypot(x - ctx.cx, y - ctx.cy)
+        if r < S.r_lo or not _seen_t(ctx, x, y, pad=max(3.0, 2.5 * sig)):
+            continue
+        if any(abs(r - q) < 5 + 2 * sig for q in ring_r):
+            continue
+        if any(math.hypot(x - a, y - b) < max(fam.min_separation_px, 3 * (sig + s))
+               for (a, b), s in zip(xy, sigs, strict=True)):
+            continue
+        thr = float(_thr("spot", _level(S, r), S.read))
+        a = _pick_amp(S, thr / float(_pixel_peak_factor(x, y, sig)))   # its brightest pixel
+        if a is None:
+            continue
+        xy.append([x, y])
+        amps.append(a)
+        sigs.append(sig)
+        radii.append(r)
+    if xy:
+        feats.append({"type": "spots", "kind": "isolated", "xy": xy, "amp": amps, "sigma_px": sigs})
+
+
+def _worst_pixel_factor(sigma: float) -> float:
+    """Brightest pixel of a spot centred between four pixels, relative to its peak
+    (1 for spots the labels judge by their centre)."""
+    return float(_pixel_peak_factor(0.5, 0.5, sigma))
+
+
 def _existing_ring_radii(S, feats):
     out = []
     for f in feats:
@@ -308,7 +371,7 @@ def _existing_ring_radii(S, feats):
 
 def _add_lattice(S, feats):
     rng, ctx, L = S.rng, S.ctx, S.L
-    sigma = rng.uniform(0.7, 1.6)
+    sigma = rng.uniform(*S.P.lattice_sigma_px)
     kind = rng.random()
     a_px = _u(rng, max(9.0, 7 * sigma, 0.05 * L), max(10.0, 0.16 * L))
     if kind < 0.4:      # hexagonal
@@ -328,7 +391,7 @@ def _add_lattice(S, feats):
          "envelope_q": float(ctx.q(rng.uniform(0.3, 0.8) * ctx.r_far))}
     cell = a_px * min(1.0, b_rel) * math.sin(gamma)
     f["hk_max"] = int(min(14, math.ceil(ctx.r_far / cell) + 1))
-    thr = float(_thr("spot", _level(S, 0.3 * L), S.read))
+    thr = float(_thr("spot", _level(S, 0.3 * L), S.read)) / _worst_pixel_factor(sigma)
     amp = _pick_amp(S, thr / 0.5)
     if amp is None:
         amp = _pick_amp(S, thr / 0.7)
@@ -348,7 +411,7 @@ def _add_lattice(S, feats):
 def _add_on_ring(S, feats):
     rng, ctx, L = S.rng, S.ctx, S.L
     n = 4 if rng.random() < 0.5 else 6
-    sigma = rng.uniform(0.8, 1.8)
+    sigma = rng.uniform(*S.P.on_ring_sigma_px)
     r_min = max(S.r_lo, 0.08 * L, 8 * sigma * n / (2 * np.pi))
     for _ in range(20):
         r0 = _u(rng, r_min, 0.8 * S.r_hi)
@@ -358,7 +421,7 @@ def _add_on_ring(S, feats):
         y = ctx.cy - r0 * np.sin(phis)
         if _seen_t(ctx, x, y, pad=2.0).sum() < (4 if n == 4 else 5):
             continue
-        thr = float(_thr("spot", _level(S, r0), S.read))
+        thr = float(_thr("spot", _level(S, r0), S.read)) / _worst_pixel_factor(sigma)
         amp = _pick_amp(S, thr / 0.9)
         if amp is None:
             return
@@ -404,7 +467,7 @@ def _add_rods(S, feats):
 
 def _add_streaks(S, feats):
     rng, ctx, L = S.rng, S.ctx, S.L
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(S.P.streak_count[0], S.P.streak_count[1] + 1))
     angs = []
     for _ in range(n):
         if rng.random() < 0.6:
@@ -420,7 +483,10 @@ def _add_streaks(S, feats):
     r0 = max(3.0, (bs["radius_px"] if bs and bs["type"] == "circular" else 0.0) + 1.0,
              ctx.r_near + 1.0)
     far = r0 + 0.2 * L
+    width = rng.uniform(*S.P.streak_sigma_px) if not S.P.classic else None
     thr = float(_thr("spot", _level(S, far), S.read))
+    if width is not None:
+        thr /= _streak_peak_factor(width)
     amp = None
     for p in (rng.uniform(0.3, 1.0), 0.25, 0.1):
         need = 2.0 * thr * (far / r0) ** p
@@ -430,7 +496,7 @@ def _add_streaks(S, feats):
     if amp is None:
         return
     feats.append({"type": "streaks", "angles_deg": angs, "amp": amp, "r0_px": r0, "decay": p,
-                  "width_px": rng.uniform(0.5, 0.9)})
+                  "width_px": width if width is not None else rng.uniform(*S.P.streak_sigma_px)})
 
 
 def _feature_peak(f, ctx, sc):
@@ -514,7 +580,7 @@ def _add_saturation(S, feats):
         ratio = _logu(rng, 3.0, 30.0)
         old = f["amp"][k]
         f["amp"][k] = cut * ratio
-        if float(f["kappa"]) > 0:
+        if float(f["kappa"]) > 0 and not f.get("azimuth"):
             f["kappa"] = float(f["kappa"]) + 0.5 * math.log(f["amp"][k] / old)
     elif kind == "spec":
         s = max(float(f["width_px"]), 1.0)

@@ -134,6 +134,7 @@ from .scene import (  # noqa: F401 (re-exported)
     frame_seed,
     render_scene,
 )
+from .variety import PROFILES, VarietyProfile, resolve_variety  # noqa: F401 (re-exported)
 
 __all__ = [
     "SCENE_VERSION",
@@ -164,16 +165,24 @@ class SceneGenerator:
         ``"train"``/``"heldout"``/``"all"``); ``None``: the training set.
     tags : dict of str -> bool, optional
         Force features on/off in every scene (see :func:`sample_scene`).
+    variety : str or VarietyProfile, optional
+        Generator profile: ``"classic"`` (default; the frames the shipped model
+        was trained and measured on, unchanged) or ``"wide"`` (the declared
+        families of :data:`~bluesky_xsml.sim.variety.WIDE`; see
+        ``docs/synthetic-data.md``).
     """
 
     def __init__(self, seed: int = 0, size: int | None = 256, detectors=None,
-                 tags: Mapping[str, bool] | None = None):
+                 tags: Mapping[str, bool] | None = None,
+                 variety: str | VarietyProfile | None = "classic"):
         if size is not None and (not isinstance(size, (int, np.integer)) or size < 16):
             raise ConfigurationError(f"size must be an int >= 16 or None, got {size!r}")
         self.seed = int(seed)
         self.size = None if size is None else int(size)
         self.detectors = resolve_detectors(detectors)
         self.tags = dict(tags or {})
+        self.profile = resolve_variety(variety)
+        self.variety = self.profile.name
         unknown = set(self.tags) - set(WANT_P)
         if unknown:
             raise ConfigurationError(
@@ -183,7 +192,8 @@ class SceneGenerator:
     def scene_at(self, index: int) -> tuple[dict, np.ndarray, np.random.Generator]:
         """Scene and labels of frame ``index``, and the generator state to render it with."""
         rng = frame_seed(self.seed, index)
-        scene, labels = _sample(rng, _pick_detector(rng, self.detectors), self.size, self.tags)
+        scene, labels = _sample(rng, _pick_detector(rng, self.detectors), self.size, self.tags,
+                                prof=self.profile)
         return scene, labels, rng
 
     def frame_at(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:

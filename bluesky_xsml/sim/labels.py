@@ -30,6 +30,7 @@ from .scene import (
     _thr,
     complete_scene,
 )
+from .variety import FORM_ANISO_MAX_CONTRAST, FORM_ISO_MIN_CONTRAST, gaps_visible, readout_cut
 
 
 def _smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
@@ -52,9 +53,34 @@ class _LabelState:
         self.amps: list[tuple[float, float]] = []   # (peak, typical) counts of visible features
         self.sat_area = 0.0
         self.rings: list[tuple[float, float]] = []   # (radius, fwhm px) of visible sharp rings
-        # (r, half width, kappa, orient) of visible rings and halos
-        self.crossing: list[tuple[float, float, float, float]] = []
+        # (r, half width, kappa, orient, n-fold form or None) of visible rings and halos
+        self.crossing: list[tuple[float, float, float, float, dict | None]] = []
         self.gi_seen = False    # grazing-incidence scattering seen above the horizon
+
+
+#: Spots narrower than this (Gaussian sigma, px) are judged by their brightest
+#: pixel, not their centre; streaks narrower than SUBPIXEL_STREAK_SIGMA by the
+#: worst case (the line half-way between two pixel rows).  Every spot and
+#: streak of the classic profile is at least this wide, so its labels do not
+#: depend on it.
+SUBPIXEL_SPOT_SIGMA = 0.7
+SUBPIXEL_STREAK_SIGMA = 0.5
+
+
+def _pixel_peak_factor(x, y, s):
+    """Brightest pixel of a Gaussian spot relative to its centre (1 for wide spots)."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    s = np.broadcast_to(np.asarray(s, float), x.shape)
+    d2 = (x - np.round(x)) ** 2 + (y - np.round(y)) ** 2
+    return np.where(s < SUBPIXEL_SPOT_SIGMA, np.exp(-d2 / (2 * np.maximum(s, 1e-3) ** 2)), 1.0)
+
+
+def _streak_peak_factor(sigma: float) -> float:
+    """Worst-case brightest pixel across a thin streak relative to its line."""
+    if sigma >= SUBPIXEL_STREAK_SIGMA:
+        return 1.0
+    return float(math.exp(-0.25 / (2 * max(sigma, 1e-3) ** 2)))
 
 
 _DISC = np.array([(u, v) for u in np.linspace(-1, 1, 9) for v in np.linspace(-1, 1, 9)
@@ -86,7 +112,8 @@ def _label_rings(f, sc, ctx, st, cut):
     if f["style"] == "textured":
         x, y, a, s, idx = ph.textured_grains(f, ctx, r, sig, amp)
         lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) >= _thr("spot", lv, ctx.read))
+        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) * _pixel_peak_factor(x, y, s)
+                                   >= _thr("spot", lv, ctx.read))
         st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, ph.grazing_factor(ctx, y))
         grains = f.get("grains") or [60] * len(r)
         n_vis = np.bincount(idx[vis], minlength=len(r)) if len(idx) else np.zeros(len(r), int)
@@ -102,14 +129,29 @@ def _label_rings(f, sc, ctx, st, cut):
             st.tags.add("ring_textured")
         return
     px, py = ring_points(ctx, r)
-    wgt = ph.azimuth_weight(kappa, float(f["orient_deg"]), px.shape[1])
+    wgt = ph.feature_azimuth_weight(f, px.shape[1])
     thr = _thr("ext", level, ctx.read)
     expected = amp[:, None] * wgt[None, :] * ph.grazing_factor(ctx, py)
     cov = ctx.fp.seen(px, py) & (expected >= thr[:, None])
     sharp = fwhm <= SHARP_MAX_REL * r
     circ = 2 * np.pi * r
     present = np.zeros(len(r), bool)
-    if kappa <= ISO_MAX_KAPPA:
+    az = f.get("azimuth")
+    if az:
+        # n-fold forms: the modulation seen on the detector decides
+        on = ctx.fp.seen(px, py)
+        contrast = _form_contrast(wgt, on)
+        if (contrast >= FORM_ISO_MIN_CONTRAST).any():
+            arc = cov.mean(axis=1) * circ
+            present = sharp & (arc >= 0.15 * L) & (contrast >= FORM_ISO_MIN_CONTRAST)
+            if present.any():
+                st.tags.add("ring_isotropic")
+        lit = (cov & (wgt >= 0.5)[None, :]).mean(axis=1) * circ
+        oriented = sharp & (lit >= 0.03 * L) & (contrast <= FORM_ANISO_MAX_CONTRAST)
+        if oriented.any():
+            st.tags.add("ring_oriented")
+        present = present | oriented
+    elif kappa <= ISO_MAX_KAPPA:
         arc = cov.mean(axis=1) * circ
         present = sharp & (arc >= 0.15 * L)
         if present.any():
@@ -125,7 +167,7 @@ def _label_rings(f, sc, ctx, st, cut):
     for k in np.flatnonzero(present):
         st.rings.append((float(r[k]), float(fwhm[k])))
         st.amp(float(amp[k]))
-        st.crossing.append((float(r[k]), float(fwhm[k]), kappa, float(f["orient_deg"])))
+        st.crossing.append((float(r[k]), float(fwhm[k]), kappa, float(f["orient_deg"]), az))
     for k in np.flatnonzero(present & (amp > cut)):
         n_az = cov.shape[1]
         v = amp[k] * wgt * ph.grazing_factor(ctx, py[k])
@@ -154,13 +196,27 @@ def _label_halo(f, sc, ctx, st, cut):
     circ = 2 * np.pi * r0
     if not _halo_flanks_seen(ctx, q0, rel):
         return
-    if kappa <= ISO_MAX_KAPPA:
+    az = f.get("azimuth")
+    if az:
+        wgt = ph.feature_azimuth_weight(f, cov.size)
+        on = ctx.fp.seen(px, py)
+        lit = on & (amp * wgt * ph.grazing_factor(ctx, py) >= thr)
+        contrast = float(_form_contrast(wgt, on[None, :])[0])
+        if contrast >= FORM_ISO_MIN_CONTRAST and lit.mean() * circ >= 0.25 * ctx.L:
+            st.tags.add("halo_isotropic")
+            st.amp(amp)
+            st.crossing.append((r0, 0.5 * rel * r0, 0.0, float(f["orient_deg"]), az))
+        elif contrast <= FORM_ANISO_MAX_CONTRAST and \
+                (lit & (wgt >= 0.5)).mean() * circ >= 0.05 * ctx.L:
+            st.tags.add("halo_anisotropic")
+            st.amp(amp)
+    elif kappa <= ISO_MAX_KAPPA:
         if cov.mean() * circ >= 0.25 * ctx.L:
             st.tags.add("halo_isotropic")
             st.amp(amp)
-            st.crossing.append((r0, 0.5 * rel * r0, kappa, float(f["orient_deg"])))
+            st.crossing.append((r0, 0.5 * rel * r0, kappa, float(f["orient_deg"]), None))
     elif kappa >= ORIENT_MIN_KAPPA:
-        wgt = ph.azimuth_weight(kappa, float(f["orient_deg"]), cov.size)
+        wgt = ph.feature_azimuth_weight(f, cov.size)
         lit = ctx.fp.seen(px, py) & (amp * wgt * ph.grazing_factor(ctx, py) >= thr)
         on = ctx.fp.seen(px, py)
         gaps = (on & ~lit).sum() >= GAP_FRACTION * max(on.sum(), 1)
@@ -211,8 +267,8 @@ def _label_diffuse(f, sc, ctx, st, cut):
         x = ctx.cx + rr[:, None] * np.cos(phi)[None, :]
         y = ctx.cy - rr[:, None] * np.sin(phi)[None, :]
         v = ph.radial_profile(f, ctx, rr)[:, None] * ph.grazing_factor(ctx, y)
-        if float(f["kappa"]) > 0:
-            v = v * ph.azimuth_weight(float(f["kappa"]), float(f["orient_deg"]), 128)[None, :]
+        if float(f["kappa"]) > 0 or f.get("azimuth"):
+            v = v * ph.feature_azimuth_weight(f, 128)[None, :]
         over = (v > cut) & ctx.fp.seen(x, y, pad=0.0)
         st.sat_area += float(np.sum(over * rr[:, None]) * (rr[1] - rr[0]) * (2 * np.pi / 128))
 
@@ -224,7 +280,8 @@ def _label_spots(f, sc, ctx, st, cut):
     t_y = ph.grazing_factor(ctx, y)
     st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, t_y)
     lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-    vis_all = ctx.fp.seen(x, y) & (a * t_y >= _thr("spot", lv, ctx.read))
+    vis_all = ctx.fp.seen(x, y) & (a * t_y * _pixel_peak_factor(x, y, s)
+                                   >= _thr("spot", lv, ctx.read))
     vis = vis_all & (a * t_y <= cut)
     t = f["type"]
     n = int(vis_all.sum())
@@ -244,6 +301,7 @@ def _label_streaks(f, sc, ctx, st, cut):
     r0 = float(f["r0_px"])
     s = np.arange(1.0, ctx.r_far + 1.0, 1.0)
     amp = float(f["amp"]) * np.where(s <= r0, 1.0, (r0 / s) ** float(f["decay"]))
+    amp = amp * _streak_peak_factor(float(f["width_px"]))
     thr_s = _thr("spot", _smooth_level(sc, ctx, s), ctx.read)
     length = 0.0
     first = None
@@ -315,20 +373,67 @@ def _label_gi(f, sc, ctx, st, cut):
         st.gi_seen = True
 
 
+def _form_contrast(wgt, on) -> np.ndarray:
+    """Per ring: min / max of the azimuthal weight over the azimuths on the detector."""
+    w = np.broadcast_to(wgt[None, :], np.shape(on))
+    hi = np.where(on, w, -np.inf).max(axis=1)
+    lo = np.where(on, w, np.inf).min(axis=1)
+    return np.where(np.isfinite(hi) & (hi > 0), lo / np.where(hi > 0, hi, 1.0), 1.0)
+
+
+def _weight_at(kappa: float, orient: float, az: dict | None, phi: float) -> float:
+    if az:
+        return float(ph.azimuth_form_weight(az, orient, phi))
+    return math.exp(kappa * (math.cos(2 * (phi - math.radians(orient))) - 1.0))
+
+
 def _crosses_horizon(ctx, st) -> bool:
     """Whether a visible ring or halo meets the horizon on the detector."""
     dy = ctx.cy - ctx.horizon
-    for r, _, kappa, orient in st.crossing:
+    for r, _, kappa, orient, az in st.crossing:
         if r <= dy + 1.0:
             continue
         dx = math.sqrt(r * r - dy * dy)
         for x in (ctx.cx - dx, ctx.cx + dx):
             phi = math.atan2(dy, x - ctx.cx)
-            wgt = math.exp(kappa * (math.cos(2 * (phi - math.radians(orient))) - 1.0))
+            wgt = _weight_at(kappa, orient, az, phi)
             xi = int(round(x))
             if 2 <= x <= ctx.w - 3 and not ctx.fp.gap_col[xi] and wgt >= 0.5:
                 return True
     return False
+
+
+def _sat_area_smooth(sc, ctx, cut, n: int = 64) -> float:
+    """Seen pixels the background and halos alone push above ``cut`` (an n x n grid).
+
+    Only evaluated when they could reach it: the sampler keeps the sum of all
+    intensities below half the cut, so this adds nothing to sampled scenes
+    except where a readout's smaller range (8-bit ADU) is exceeded.
+    """
+    halos = [f for f in sc["features"] if f["type"] == "halo"]
+    bound = ctx.B * (1.0 + sum(abs(float(g)) for g in sc["background"]["gradient"])) + \
+        ctx.dark + sum(float(f["amp"]) for f in halos)
+    if bound <= cut:
+        return 0.0
+    y, x = np.meshgrid((np.arange(n) + 0.5) * ctx.h / n - 0.5,
+                       (np.arange(n) + 0.5) * ctx.w / n - 0.5, indexing="ij")
+    r = np.hypot(x - ctx.cx, y - ctx.cy)
+    phi = np.arctan2(ctx.cy - y, x - ctx.cx)
+    gx, gy = (float(g) for g in sc["background"]["gradient"])
+    bg = ctx.B * np.cos(np.arctan(r * ctx.p / ctx.D)) ** 3 * (
+        1.0 + gx * (x - 0.5 * (ctx.w - 1)) / ctx.L + gy * (0.5 * (ctx.h - 1) - y) / ctx.L)
+    sample = np.zeros_like(r)
+    for f in halos:
+        v = ph.radial_profile(f, ctx, r)
+        if f.get("azimuth"):
+            v = v * ph.azimuth_form_weight(f["azimuth"], float(f["orient_deg"]), phi)
+        elif float(f["kappa"]) > 0:
+            v = v * np.exp(float(f["kappa"]) * (np.cos(2 * (phi - math.radians(
+                float(f["orient_deg"])))) - 1.0))
+        sample += v
+    level = bg + ctx.dark + sample * ph.grazing_factor(ctx, y)
+    over = (level > cut) & ctx.fp.seen(x, y, pad=0.0)
+    return float(over.mean() * ctx.h * ctx.w)
 
 
 def _label_beamstop(sc, ctx, st, beam_level):
@@ -356,9 +461,9 @@ def _label_beamstop(sc, ctx, st, beam_level):
             s_on = s[on]
             visible = beam_level(float(np.median(s_on))) >= rim_thr
             # or the rod's shadow cuts a visible ring or halo
-            for rk, _hw, kappa, orient in st.crossing:
+            for rk, _hw, kappa, orient, az in st.crossing:
                 k = min(int(rk), len(on) - 1)
-                wgt = math.exp(kappa * (math.cos(2 * (a - math.radians(orient))) - 1.0))
+                wgt = _weight_at(kappa, orient, az, a)
                 if rk > 0.5 * float(bs["width_px"]) and on[k] and wgt >= 0.5:
                     visible = True
             if visible:
@@ -380,7 +485,7 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
     det = sc["detector"]
-    if det["gaps"]["rows"] or det["gaps"]["cols"]:
+    if gaps_visible(sc):
         lab[_TAG["detector_gaps"]] = 1
     if not sc["beam_on"]:
         lab[_TAG["beam_off"]] = 1
@@ -389,6 +494,7 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     cut = float(det["count_cutoff"])
     if det["family"] == "ccd":
         cut = (cut - float(noise["offset"])) / max(float(noise["gain"]), 1e-9)
+    cut = readout_cut(sc, cut)
     st = _LabelState()
     for f in sc["features"]:
         t = f["type"]
@@ -433,6 +539,8 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     if ctx.horizon is not None and 0.04 * ctx.h <= ctx.horizon <= 0.96 * ctx.h:
         if st.gi_seen or "diffuse_low_q" in st.tags or _crosses_horizon(ctx, st):
             st.tags.add("horizon")
+    if st.sat_area < MIN_SAT_AREA:
+        st.sat_area += _sat_area_smooth(sc, ctx, cut)
     if st.sat_area >= MIN_SAT_AREA:
         st.tags.add("saturation")
     if st.amps:

@@ -55,6 +55,10 @@ __all__ = [
     "splat_spots",
     "draw_streaks",
     "azimuth_weight",
+    "azimuth_form_table",
+    "azimuth_form_weight",
+    "feature_azimuth_weight",
+    "gaussian_noise",
     "diffuse_shape",
     "feature_spots",
     "grazing_factor",
@@ -480,6 +484,57 @@ def azimuth_weight(kappa: float, orient_deg: float, n: int = 180):
     return np.exp(kappa * (np.cos(2 * (phi - math.radians(orient_deg))) - 1.0))
 
 
+def _fold_shape(az: dict, cos_n):
+    """``g`` in [0, 1] of an n-fold azimuthal form, given ``cos(n dphi)``."""
+    form = az["form"]
+    if form == "cos_n":
+        # ((1 + cos n dphi) / 2)^p = cos^(2p)(n dphi / 2): p = 1 is the smooth cos^2 form
+        return (0.5 * (1.0 + cos_n)) ** float(az["p"])
+    if form == "von_mises":
+        return np.exp(float(az["kappa"]) * (cos_n - 1.0))
+    raise ConfigurationError(f"unknown azimuthal form {form!r}; use 'cos_n' or 'von_mises'")
+
+
+def azimuth_form_weight(az: dict, orient_deg: float, phi):
+    """Weight ``1 - depth + depth * g(n (phi - phi0))`` of an n-fold form at azimuths ``phi`` (rad).
+
+    ``az`` = ``{"form": "cos_n", "n": 2|4|6, "p": power, "depth": d}`` or
+    ``{"form": "von_mises", "n": ..., "kappa": k, "depth": d}``; maximum 1 along
+    ``orient_deg`` (and every ``360/n`` degrees), minimum about ``1 - depth``.
+    """
+    n = int(az["n"])
+    cos_n = np.cos(n * (np.asarray(phi, dtype=np.float64) - math.radians(orient_deg)))
+    d = float(az["depth"])
+    return 1.0 - d + d * _fold_shape(az, cos_n)
+
+
+def azimuth_form_table(az: dict, n: int = ORIENT_TABLE) -> np.ndarray:
+    """The form of :func:`azimuth_form_weight` tabulated over ``c = cos 2 dphi``.
+
+    Even folds are polynomials of ``c`` (Chebyshev: ``cos 4x = 2c^2 - 1``,
+    ``cos 6x = 4c^3 - 3c``), so the renderer's orientation tables hold them.
+    """
+    fold = int(az["n"])
+    if fold not in (2, 4, 6):
+        raise ConfigurationError(f"azimuthal fold must be 2, 4 or 6, got {fold}")
+    c = np.linspace(-1.0, 1.0, n)
+    cos_n = np.polynomial.chebyshev.chebval(c, [0.0] * (fold // 2) + [1.0])
+    d = float(az["depth"])
+    return (1.0 - d + d * _fold_shape(az, cos_n)).astype(np.float32)
+
+
+def feature_azimuth_weight(f: dict, n: int = 180):
+    """Azimuthal weight of a ring/halo/diffuse feature at ``n`` azimuths.
+
+    The feature's ``azimuth`` form when it has one, else Maier-Saupe ``kappa``.
+    """
+    az = f.get("azimuth")
+    if az:
+        phi = (np.arange(n) + 0.5) * (2 * np.pi / n)
+        return azimuth_form_weight(az, float(f["orient_deg"]), phi)
+    return azimuth_weight(float(f["kappa"]), float(f["orient_deg"]), n)
+
+
 # ---------------------------------------------------------------------------
 # Detector model: numba kernels
 
@@ -704,6 +759,31 @@ def _streak_kernel(buf, cx, cy, angle, amp, r0, p, sigma):
             for j in range(max(0, jc - half), min(w, jc + half + 1)):
                 d = (j - xl) * uy
                 buf[i, j] += a * math.exp(-d * d * inv)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gauss_kernel(v, sigma, seed, ztab, multiply):
+    # Per-pixel normal deviates from the pixel index and seed (as in _count_kernel).
+    h, w = v.shape
+    sd = np.uint64(seed)
+    for i in range(h):
+        base = np.uint64(i * w)
+        for j in range(w):
+            hsh = _mix64(sd + (base + np.uint64(j)) * _U64_GOLD)
+            z = _ztab(ztab, float(np.int64(hsh >> np.uint64(32))) * 2.3283064365386963e-10)
+            if multiply:
+                v[i, j] *= 1.0 + sigma * z
+            else:
+                v[i, j] += sigma * z
+
+
+def gaussian_noise(v: np.ndarray, sigma: float, seed: int, multiply: bool = False) -> None:
+    """Add ``sigma`` x N(0, 1) to ``v`` (or multiply it by ``1 + sigma`` x N(0, 1)) in place.
+
+    The deviate of each pixel is a pure function of ``seed`` and its index.
+    """
+    ztab = _tables()[0]
+    _gauss_kernel(v, float(sigma), int(seed) & 0x7FFFFFFFFFFFFFFF, ztab, bool(multiply))
 
 
 def splat_spots(buf: np.ndarray, xs, ys, amps, sigmas) -> None:

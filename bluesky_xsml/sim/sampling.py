@@ -44,15 +44,25 @@ from .scene import (
     _u,
     complete_scene,
 )
+from .variety import (
+    CLASSIC,
+    VarietyProfile,
+    draw_readout,
+    effective_read_counts,
+    readout_cut,
+    resolve_variety,
+)
 
 
-def _want(rng, tags: Mapping[str, bool] | None) -> dict[str, bool]:
+def _want(rng, tags: Mapping[str, bool] | None,
+          prof: VarietyProfile = CLASSIC) -> dict[str, bool]:
     tags = dict(tags or {})
     unknown = set(tags) - set(WANT_P)
     if unknown:
         raise ConfigurationError(f"cannot ask for {sorted(unknown)}; known: {', '.join(WANT_P)}")
     u = rng.random(len(WANT_P))
-    want = {k: bool(ui < p) for (k, p), ui in zip(WANT_P.items(), u, strict=True)}
+    probs = {**WANT_P, **dict(prof.want_p)}
+    want = {k: bool(ui < probs[k]) for k, ui in zip(WANT_P, u, strict=True)}
     if any(tags.get(k) for k in ("horizon", "yoneda", "specular_rod", "bragg_rods")):
         want["grazing"] = True
     want.update(tags)
@@ -72,14 +82,21 @@ def _want(rng, tags: Mapping[str, bool] | None) -> dict[str, bool]:
             want[k] = False
     elif "peaks_on_ring" not in tags:
         want["peaks_on_ring"] = False   # the ring would be cut by the horizon
+    if (prof.grazing_beamstop_p and want["grazing"] and not want["beam_off"]
+            and not ({"beamstop_circular", "beamstop_linear"} & set(tags))
+            and not (want["beamstop_circular"] or want["beamstop_linear"])
+            and rng.random() < prof.grazing_beamstop_p):
+        # GISAXS: the direct and specular beams mostly sit behind a stop
+        want["beamstop_circular" if rng.random() < 0.6 else "beamstop_linear"] = True
     return want
 
 
 class _Sampler:
     """State of one scene being sampled."""
 
-    def __init__(self, rng, det: DetectorConfig, size, want):
+    def __init__(self, rng, det: DetectorConfig, size, want, prof: VarietyProfile = CLASSIC):
         self.rng = rng
+        self.P = prof
         self.det = det
         self.want = want
         dtype = det.dtypes[0] if len(det.dtypes) == 1 else (
@@ -121,13 +138,14 @@ class _Sampler:
             mode = rng.random()
             if want["beamstop_circular"] or want["beamstop_linear"]:
                 mode *= 0.87
-            if mode < 0.55:
+            near, anywhere = self.P.center_split
+            if mode < near:
                 cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
-            elif mode < 0.87:
+            elif mode < anywhere:
                 cx, cy = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
             else:
                 cx, cy = rng.uniform(0.0, 1.0) * w, rng.uniform(0.0, 1.0) * h
-                off = rng.uniform(0.0, 0.25) * L
+                off = rng.uniform(0.0, self.P.off_detector_max) * L
                 side = int(rng.integers(4))
                 if side == 0:
                     cx = -off
@@ -177,7 +195,8 @@ def _ctx_for(sc: dict) -> SceneGeometry:
 
 
 def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256, *,
-                 detectors=None, tags: Mapping[str, bool] | None = None) -> dict:
+                 detectors=None, tags: Mapping[str, bool] | None = None,
+                 variety: str | VarietyProfile | None = "classic") -> dict:
     """Draw one random scene.
 
     Parameters
@@ -195,6 +214,10 @@ def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256
         Force features on or off by tag name (and ``"grazing"``), e.g.
         ``{"ring_isotropic": True, "beam_off": False}``.  Forced features are
         attempted; the returned labels (:func:`scene_labels`) say what is seen.
+    variety : str or VarietyProfile, optional
+        Generator profile (:data:`~bluesky_xsml.sim.variety.PROFILES`):
+        ``"classic"`` (default; the shipped model's training distribution) or
+        ``"wide"`` (more shape families, readouts and geometries).
 
     Returns
     -------
@@ -203,8 +226,9 @@ def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256
     """
     if size is not None and (not isinstance(size, (int, np.integer)) or size < 16):
         raise ConfigurationError(f"size must be an int >= 16 or None, got {size!r}")
+    prof = resolve_variety(variety)
     pool = resolve_detectors(detector if detector is not None else detectors)
-    return _sample(rng, _pick_detector(rng, pool), size, tags)[0]
+    return _sample(rng, _pick_detector(rng, pool), size, tags, prof=prof)[0]
 
 
 def _pick_detector(rng, pool) -> DetectorConfig:
@@ -218,19 +242,20 @@ _SEEN_TAGS = [i for i, t in enumerate(TAG_NAMES) if t not in (
     "beam_off", "detector_gaps", "beamstop_circular", "beamstop_linear", "high_background")]
 
 
-def _sample(rng, det, size, tags, attempts: int = 4) -> tuple[dict, np.ndarray]:
+def _sample(rng, det, size, tags, attempts: int = 4,
+            prof: VarietyProfile = CLASSIC) -> tuple[dict, np.ndarray]:
     """A scene and its labels; beam-on scenes in which nothing would be seen are redrawn."""
     for _ in range(attempts):
-        scene = _sample_once(rng, det, size, tags)
+        scene = _sample_once(rng, det, size, tags, prof)
         labels = scene_labels(scene)
         if not scene["beam_on"] or labels[_SEEN_TAGS].any():
             break
     return scene, labels
 
 
-def _sample_once(rng, det, size, tags) -> dict:
-    want = _want(rng, tags)
-    S = _Sampler(rng, det, size, want)
+def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
+    want = _want(rng, tags, prof)
+    S = _Sampler(rng, det, size, want, prof)
     d = S.d
     # dead / hot pixels
     n_bad = int(rng.poisson(6e-5 * S.h * S.w))
@@ -240,6 +265,16 @@ def _sample_once(rng, det, size, tags) -> dict:
     read = rng.uniform(0.5, 1.0 if want["weak_scattering"] else 3.0) if ccd else 0.0
     S.sc["noise"] = {"dark": _logu(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
                      "offset": rng.uniform(5.0, 60.0) if ccd else 0.0}
+    if not prof.classic:
+        S.sc["variety"] = prof.name
+    if prof.readouts:
+        gaps = d["gaps"]
+        ro = draw_readout(rng, prof, det.family, bool(gaps["rows"] or gaps["cols"]))
+        if ro is not None:
+            S.sc["readout"] = ro
+            eff = effective_read_counts(ro)
+            if eff is not None:
+                S.sc["noise"]["read_sigma"] = eff
     if want["beam_off"]:
         S.geometry()
         S.finish_geometry()
@@ -284,12 +319,13 @@ def _sample_beam_on(S: _Sampler) -> None:
         S.cx, S.cy, margin=0.02 * L))
     bs = None
     if want["beamstop_circular"] and on_det:
-        R = max(4.0, rng.uniform(0.025, 0.07) * L)
+        R = max(4.0 if S.P.classic else 2.0, rng.uniform(*S.P.beamstop_circular_L) * L)
         bs = {"type": "circular", "radius_px": R, "transmission": _logu(rng, 1e-5, 1e-2),
               "edge_px": rng.uniform(0.5, 1.5), "angle_deg": _bs_angle(rng),
               "holder_width_px": 2 * R * rng.uniform(0.2, 0.4) if rng.random() < 0.5 else 0.0}
     elif want["beamstop_linear"] and on_det:
-        bs = {"type": "linear", "width_px": max(4.0, rng.uniform(0.025, 0.06) * L),
+        bs = {"type": "linear",
+              "width_px": max(4.0 if S.P.classic else 2.5, rng.uniform(*S.P.beamstop_linear_L) * L),
               "transmission": _logu(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
               "angle_deg": _bs_angle(rng)}
     S.sc["beamstop"] = bs
@@ -331,7 +367,7 @@ def _sample_beam_on(S: _Sampler) -> None:
     cut = float(S.d["count_cutoff"])
     if ccd := (S.det.family == "ccd"):
         cut -= S.sc["noise"]["offset"]
-    S.cut = cut
+    S.cut = cut = readout_cut(S.sc, cut)
     read = S.sc["noise"]["read_sigma"]
     S.read = read
     rim = max(1.5, 2.0 * read) * 1.4
@@ -343,6 +379,8 @@ def _sample_beam_on(S: _Sampler) -> None:
             B = 0.0 if (not ccd and rng.random() < 0.3) else _logu(rng, 0.02, 2.0)
     elif mode == "high":
         B = _logu(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
+        if not S.P.classic:
+            B = min(B, 0.25 * cut)     # a readout with a small range (8-bit ADU)
     else:
         B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else _logu(rng, 0.01, 30.0)
         if need_rim:
@@ -401,8 +439,12 @@ def _sample_beam_on(S: _Sampler) -> None:
             _scale_feature(f, 0.5 * cut / total)
         total = 0.5 * cut
     if S.gi:
-        # "strongly attenuated": below the horizon nothing reaches 1 count
-        S.gi["below"] = float(min(S.gi["below"], 1.0 / max(total, 1.0)))
+        if S.P.low_contrast_horizon_p and rng.random() < S.P.low_contrast_horizon_p:
+            # a low-contrast sample shadow: attenuated 3-50x, still an edge
+            S.gi["below"] = _logu(rng, *S.P.low_contrast_below)
+        else:
+            # "strongly attenuated": below the horizon nothing reaches 1 count
+            S.gi["below"] = float(min(S.gi["below"], 1.0 / max(total, 1.0)))
     if want["saturation"]:
         before = [dict(f, **{k: list(v) for k, v in f.items() if isinstance(v, list)})
                   for f in feats]

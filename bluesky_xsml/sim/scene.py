@@ -28,6 +28,7 @@ from .geometry import (
     render_shape,
     resolve_detectors,
 )
+from .variety import apply_readout
 
 SCENE_VERSION = 1
 _TAG = {n: i for i, n in enumerate(TAG_NAMES)}
@@ -346,7 +347,9 @@ def render_scene(scene: Mapping, rng: np.random.Generator | int | None = None) -
     numpy.ndarray
         ``(height, width)`` in the detector dtype: counts clipped at the
         counter cut-off, module gaps and bad pixels holding the family's
-        sentinels (Pilatus ``-1``/``-2``, Eiger the dtype maximum, CCD NaN).
+        sentinels (Pilatus ``-1``/``-2``, Eiger the dtype maximum, CCD NaN);
+        or, when the scene has a ``readout`` (the wide profile), what that
+        readout stores (:func:`~bluesky_xsml.sim.variety.apply_readout`).
     """
     sc = complete_scene(scene)
     if not isinstance(rng, np.random.Generator):
@@ -359,7 +362,7 @@ def render_scene(scene: Mapping, rng: np.random.Generator | int | None = None) -
     out = np.empty((h, w), dtype=np.dtype(det["dtype"]))
     nr = ctx.nr
     p_iso = np.zeros(nr, np.float64)
-    mods: list[tuple[np.ndarray, float, float]] = []
+    mods: list[tuple[np.ndarray, float | dict, float]] = []
     rows_l, cols_l = [], []
     spots = []
     streaks = []
@@ -372,13 +375,17 @@ def render_scene(scene: Mapping, rng: np.random.Generator | int | None = None) -
                     continue
                 r, sig, amp = ph.ring_geometry(f, ctx)
                 prof = ph.ring_profile(nr, r, sig, amp)
-                if float(f["kappa"]) > 0:
+                if f.get("azimuth"):
+                    mods.append((prof, f["azimuth"], float(f["orient_deg"])))
+                elif float(f["kappa"]) > 0:
                     mods.append((prof, float(f["kappa"]), float(f["orient_deg"])))
                 else:
                     p_iso += prof
             elif t in ("halo", "diffuse"):
                 prof = ph.radial_profile(f, ctx)
-                if float(f["kappa"]) > 0:
+                if f.get("azimuth"):
+                    mods.append((prof, f["azimuth"], float(f["orient_deg"])))
+                elif float(f["kappa"]) > 0:
                     mods.append((prof, float(f["kappa"]), float(f["orient_deg"])))
                 else:
                     p_iso += prof
@@ -401,7 +408,8 @@ def render_scene(scene: Mapping, rng: np.random.Generator | int | None = None) -
     kcs = np.zeros((K, 2), np.float64)
     for k, (prof, kappa, ang) in enumerate(mods):
         pk[k] = prof
-        ktab[k] = ph.maier_saupe_table(kappa)
+        ktab[k] = ph.azimuth_form_table(kappa) if isinstance(kappa, Mapping) else \
+            ph.maier_saupe_table(kappa)
         a2 = 2 * math.radians(ang)
         kcs[k] = (math.cos(a2), math.sin(a2))
     if rows_l:
@@ -459,4 +467,6 @@ def render_scene(scene: Mapping, rng: np.random.Generator | int | None = None) -
         bp = bp[ok]
         bp = bp[~gap_row[bp[:, 0]] & ~gap_col[bp[:, 1]]]   # gaps keep the gap value
         out[bp[:, 0], bp[:, 1]] = info["bad"]
+    if sc.get("readout"):
+        out = apply_readout(out, sc, seed)
     return out

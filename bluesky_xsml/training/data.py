@@ -13,8 +13,11 @@ A data source is either
   longest sides joined by ``+``; ``native`` for the detector's own shape;
   frame ``i`` uses ``sizes[i % len(sizes)]``; default ``256``),
   ``detectors`` (``train``, ``heldout``, ``all``, names or ``HxW`` shapes
-  joined by ``+``; default ``train``) and ``start`` (first frame index,
-  default 0), e.g. ``synth:seed=1,n=2000,sizes=256+512+1024``; or
+  joined by ``+``; default ``train``), ``start`` (first frame index,
+  default 0) and ``variety`` (generator profile, ``classic`` or ``wide``;
+  default ``classic``, the shipped model's data), e.g.
+  ``synth:seed=1,n=2000,sizes=256+512+1024`` or
+  ``synth:seed=1,n=2000,variety=wide``; or
 * a zarr store written by ``xsml synth`` (read with
   :func:`bluesky_xsml.sim.dataset.open_dataset`); or
 * a directory of already preprocessed arrays (a cache entry, or one written
@@ -49,6 +52,7 @@ import numpy as np
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
 from ..sim.dataset import open_dataset
 from ..sim.generator import SceneGenerator
+from ..sim.variety import PROFILES
 from ..tags import TAG_NAMES
 from .baseline import profile_features
 
@@ -94,6 +98,7 @@ class SynthSpec:
     sizes: tuple[int | None, ...] = (256,)
     detectors: tuple[str, ...] = ("train",)
     start: int = 0
+    variety: str = "classic"
 
     @classmethod
     def parse(cls, text: str) -> SynthSpec:
@@ -111,9 +116,14 @@ class SynthSpec:
                                 for v in value.split("+"))
             elif key == "detectors":
                 kw[key] = tuple(value.split("+"))
+            elif key == "variety":
+                if value not in PROFILES:
+                    raise ValueError(f"unknown variety {value!r} in {text!r}; "
+                                     f"known: {', '.join(PROFILES)}")
+                kw[key] = value
             else:
                 raise ValueError(f"unknown synthetic spec key {key!r} in {text!r}; "
-                                 "known: seed, n, sizes, detectors, start")
+                                 "known: seed, n, sizes, detectors, start, variety")
         spec = cls(**kw)
         if spec.n < 1 or not spec.sizes:
             raise ValueError(f"synthetic spec {text!r} needs n >= 1 and at least one size")
@@ -136,8 +146,10 @@ class SynthSpec:
 
     def __str__(self) -> str:
         sizes = "+".join("native" if s is None else str(s) for s in self.sizes)
+        # classic specs print as they did before profiles existed (same cache keys)
+        variety = "" if self.variety == "classic" else f",variety={self.variety}"
         return (f"synth:seed={self.seed},n={self.n},sizes={sizes},"
-                f"detectors={'+'.join(self.detectors)},start={self.start}")
+                f"detectors={'+'.join(self.detectors)},start={self.start}{variety}")
 
 
 @dataclass
@@ -217,7 +229,8 @@ def _synth_chunk(args):
     for i in range(spec.start + a, spec.start + b):
         size = spec.size_of(i)
         if size not in gens:
-            gens[size] = SceneGenerator(seed=spec.seed, size=size, detectors=list(spec.detectors))
+            gens[size] = SceneGenerator(seed=spec.seed, size=size, detectors=list(spec.detectors),
+                                        variety=spec.variety)
         frame, lab, params = gens[size].frame_at(i)
         frames.append(frame)
         labels.append(lab)
@@ -257,7 +270,8 @@ def generator_fingerprint() -> str:
     """
     sim = Path(__file__).resolve().parent.parent / "sim"
     h = hashlib.sha1()
-    for name in ("generator.py", "physics.py", "geometry.py"):
+    for name in ("generator.py", "physics.py", "geometry.py", "scene.py", "sampling.py",
+                 "features.py", "labels.py", "variety.py"):
         f = sim / name
         if f.exists():
             h.update(name.encode())
