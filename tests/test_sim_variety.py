@@ -465,3 +465,23 @@ def test_a_full_well_stays_one_plateau_under_every_readout(readout):
     assert (frame == top).sum() >= 12          # a plateau, not a noisy cap
     expect = 5000 * readout.get("scale", readout.get("gain", 1.0)) + readout.get("offset", 0.0)
     assert top == pytest.approx(expect, rel=1e-6)
+
+
+def test_classic_cache_keys_follow_the_pinned_frames_and_wide_ones_the_source(monkeypatch):
+    """Cached classic frames stay valid while the digests above hold; a wide key changes
+    with any change to the generator's source."""
+    from pathlib import Path
+
+    from bluesky_xsml.preprocess import PreprocessConfig
+    from bluesky_xsml.training import data
+
+    classic = "synth:seed=4,n=2000,sizes=256+512,detectors=train,start=2000"
+    wide = classic + ",variety=wide"
+    before = _cache_key(classic, PreprocessConfig()), _cache_key(wide, PreprocessConfig())
+    assert data.generator_fingerprint("classic") == data.CLASSIC_FINGERPRINT
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: read(self) + (b"# edit" if self.parent.name == "sim" else b""))
+    after = _cache_key(classic, PreprocessConfig()), _cache_key(wide, PreprocessConfig())
+    assert after[0] == before[0]
+    assert after[1] != before[1]
