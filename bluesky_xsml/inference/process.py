@@ -214,6 +214,7 @@ class ProcessInferenceWorker(QueuedIntake):
         self._unsent: set[int] = set()  # slots written whose message is not sent yet
         self._send_lock = threading.Lock()
         self._control: queue.SimpleQueue = queue.SimpleQueue()  # messages the feeder sends
+        self._control_lock = threading.RLock()
         self._restarts: collections.deque[float] = collections.deque()
         self._gave_up = False
         self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
@@ -349,14 +350,16 @@ class ProcessInferenceWorker(QueuedIntake):
         self._control.put(("thresholds", list(values)))
 
     def _send_control(self) -> None:
-        while True:
-            try:
-                msg = self._control.get_nowait()
-            except queue.Empty:
-                return
-            conn = self._conn
-            if conn is not None:
-                self._send(conn, msg)
+        # under a lock: a call sent right after (``call``) cannot overtake what was queued
+        with self._control_lock:
+            while True:
+                try:
+                    msg = self._control.get_nowait()
+                except queue.Empty:
+                    return
+                conn = self._conn
+                if conn is not None:
+                    self._send(conn, msg)
 
     def _message(self, job: FrameJob, jid: int, *, wait: bool) -> dict | None:
         """The job as a message; None if it needs a slot, none is free and ``wait`` is False."""
@@ -705,9 +708,12 @@ class ProcessInferenceWorker(QueuedIntake):
         cid = next(self._ids)
         slot = self._calls[cid] = [threading.Event(), False, None]
         try:
-            conn = self._conn
-            if conn is None or not self._send(conn, ("call", (cid, target, method, args,
-                                                               kwargs))):
+            with self._control_lock:  # what was queued before (labels, thresholds) goes first
+                self._send_control()
+                conn = self._conn
+                sent = conn is not None and self._send(conn, ("call", (cid, target, method,
+                                                                        args, kwargs)))
+            if not sent:
                 raise RuntimeError("the tagging process is not running")
             if not slot[0].wait(timeout):
                 raise RuntimeError(f"the tagging process did not answer {target}.{method} "
