@@ -493,6 +493,7 @@ class ServiceState:
             "overflow": int(s.get("overflow", 0)),
             "open_runs": int(s.get("open_runs", 0)),
             "labels_ignored": int(s.get("labels_ignored", 0)),
+            "labels_refused": int(s.get("labels_refused", 0)),
             "finetune": ft.status() if ft is not None else None,
             "decision": self.engine.current,
             "policy": self.engine.policy.name,
