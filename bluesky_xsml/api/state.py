@@ -377,8 +377,14 @@ class ServiceState:
                 "last_time": run.last_time}
 
     def find_frame(self, run_uid: str, seq_num: int, *, stream: str, key: str | None,
-                   frame_index: int) -> tuple[dict | None, Thumbnail | None]:
-        """The latest record and thumbnail of one frame (either may be None)."""
+                   frame_index: int, thumbnail: bool = True) -> tuple[dict | None,
+                                                                    Thumbnail | None]:
+        """The latest record and thumbnail of one frame (either may be None).
+
+        With a tagging process (``isolation="process"``) a thumbnail not kept
+        yet is made from the frame's input in its label cache (one call there);
+        ``thumbnail=False`` skips that.
+        """
 
         def match(rec: dict) -> bool:
             return (rec["run_uid"] == run_uid and rec["seq_num"] == seq_num
@@ -402,7 +408,7 @@ class ServiceState:
                     if ident[:3] == (run_uid, stream, seq_num) and ident[4] == frame_index:
                         thumb = self._thumbs[ident]
                         break
-        if (thumb is None and record is not None and self._thumbs_on_demand
+        if (thumbnail and thumb is None and record is not None and self._thumbs_on_demand
                 and self.settings.thumbnails):
             thumb = self._fetch_thumb(record)
         return record, thumb
@@ -433,7 +439,7 @@ class ServiceState:
         import numpy as np
 
         record, _ = self.find_frame(run_uid, seq_num, stream=stream, key=key,
-                                    frame_index=frame_index)
+                                    frame_index=frame_index, thumbnail=False)
         if record is None:
             return None
         if "_emb" not in record:
