@@ -492,7 +492,7 @@ def test_a_restart_loses_the_label_cache_and_labels_of_its_frames_are_refused(
                 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert xsml.worker.process_starts == 2
-        with pytest.raises(KeyError, match="restarted.*lost with it") as err:
+        with pytest.raises(KeyError, match=r"restarted.*lost with it") as err:
             xsml.label(before, 2, beam_off=True)
         assert type(err.value).__name__ == "LabelCacheLost"
         status = xsml.status()
