@@ -699,7 +699,8 @@ class ProcessInferenceWorker(QueuedIntake):
         value, or raises the exception it raised (``RuntimeError`` if the process
         died or did not answer within ``timeout``). With ``wait=False`` the call
         is queued (the feeder thread sends it) and nothing is returned: safe
-        from any thread, the link thread included.
+        from any thread, the link thread included. A call that waits is sent after
+        everything queued before it (queued labels, thresholds, inputs on/off).
         """
         kwargs = dict(kwargs or {})
         if not wait:
