@@ -11,7 +11,8 @@ medians are reported.
    in this process) and ``process`` (``isolation="process"``, frames through the
    shared ring); with ``--peer`` also ``process-peer`` (inline frames read by
    the tagging process out of this process's memory), with ``--lean`` also
-   ``process-lean`` (no inputs sent back, no label cache).
+   ``process-lean`` (no label cache; since issue 22 the default process mode
+   sends no inputs back either: its label cache stays in the tagging process).
 2. **rates**: ``count([det], num, delay)`` at 20 and 50 frames/s: scan time
    ratio to the untagged count and frame-to-tag latency (p50, p99).
 3. **files**: the stress scan with an ophyd area detector writing AD_HDF5
@@ -73,7 +74,7 @@ def _callback(mode: str, sink, frames_shape):
         tagger = Tagger.load()
         tagger.warmup(shape=frames_shape, dtypes=("uint32",))
         xsml = TaggingCallback(tagger, downstream=[sink])
-    elif mode == "process-lean":  # the boundary's floor: nothing sent back but the tags
+    elif mode == "process-lean":  # the boundary's floor: no label cache, nothing but tags back
         from bluesky_xsml.inference.process import ProcessOptions
 
         xsml = TaggingCallback(None, downstream=[sink], isolation="process", label_cache_size=0,
@@ -212,8 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["stress", "rate", "files", "capacity"], action="append",
                    help="run only these experiments (repeatable)")
     p.add_argument("--lean", action="store_true",
-                   help="also run 'process-lean': the tagging process with no preprocessed "
-                        "inputs sent back and no label cache (the boundary's floor)")
+                   help="also run 'process-lean': the tagging process with no label cache "
+                        "(the boundary's floor; no mode sends inputs back since issue 22)")
     p.add_argument("--peer", action="store_true",
                    help="also run 'process-peer': the tagging process reading inline frames "
                         "out of the RunEngine's process's memory (process_vm_readv) instead of "

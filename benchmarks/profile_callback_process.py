@@ -27,7 +27,8 @@ the tail after it until the last tag is out (``flush``). Medians over repeats.
 Modes: ``untagged``, ``thread`` (in-process), ``process`` (the default: frames
 copied into the shared ring by a feeder thread here), ``process-peer`` (frames
 read by the tagging process out of this process's memory) and
-``process-lean`` (no inputs sent back, no label cache).
+``process-lean`` (no label cache in the tagging process; since issue 22 no mode
+sends inputs back unless the callback has input listeners).
 """
 
 from __future__ import annotations

@@ -57,11 +57,16 @@ class ASGIClient:
 class Live:
     """A RunEngine, a tagging callback with fine-tuning, and the service around them."""
 
-    def __init__(self, tmp, *, finetune=True, **settings):
+    def __init__(self, tmp, *, finetune=True, isolation="thread", **settings):
         self.tagger = Tagger.untrained(seed=0, config=TINY)
         self.recorder = DocumentRecorder()
+        extra = {}
+        if isolation == "process":
+            from bluesky_xsml.inference.process import ProcessOptions
+
+            extra = {"process_options": ProcessOptions(priority="normal", threads=1)}
         self.xsml = TaggingCallback(self.tagger, downstream=[self.recorder], threads=1,
-                                    max_wait=0.01)
+                                    max_wait=0.01, isolation=isolation, **extra)
         if finetune:
             self.xsml.enable_finetuning(tmp / "ft", auto=False, synthetic=None,
                                         synthetic_val=None, steps=2, batch_size=4)
@@ -342,6 +347,42 @@ def test_memory_bounds_hold_and_are_reported(tmp_path):
         assert c.get(f"/api/runs/{uid}/frames/5/thumbnail.png").status_code == 200
         old = c.get(f"/api/runs/{uid}/frames/3/thumbnail.png")
         assert old.status_code == 404 and "only the last 2 tagged frames" in old.json()["detail"]
+    finally:
+        lv.close()
+
+
+def test_process_mode_thumbnails_and_labels_come_from_the_tagging_process(tmp_path):
+    """With isolation="process" no frame's input crosses for the service: a thumbnail is
+    made from the tagging process's label cache when it is asked for, labels go there, and
+    after a restart labels of the frames it tagged are refused with the reason (404)."""
+    import os
+    import signal
+
+    lv = Live(tmp_path, isolation="process")
+    try:
+        crossed = []
+        handle = lv.xsml.worker._handle
+        lv.xsml.worker._handle = lambda w, p: (crossed.append(w), handle(w, p))[1]
+        uid = lv.scan(3)
+        c, h = lv.asgi, {"X-API-Key": KEY}
+        r = c.get(f"/api/runs/{uid}/frames/2/thumbnail.png")
+        assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "inputs" not in crossed and not lv.xsml._input_listeners
+        ok = c.post("/api/labels", headers=h,
+                    json={"run_uid": uid, "seq_num": 2, "tags": {"beam_off": True}})
+        assert ok.status_code == 200, ok.text
+        assert lv.xsml.status()["label_cache_frames"] == 3
+        pid = lv.xsml.worker.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while lv.xsml.worker.process_starts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lost = c.post("/api/labels", headers=h,
+                      json={"run_uid": uid, "seq_num": 3, "tags": {"beam_off": True}})
+        assert lost.status_code == 404 and "lost with it" in lost.json()["detail"]
+        assert c.get("/api/status").json()["labels_refused"] == 1
+        # a frame whose thumbnail was never asked for has none now
+        assert c.get(f"/api/runs/{uid}/frames/1/thumbnail.png").status_code == 404
     finally:
         lv.close()
 

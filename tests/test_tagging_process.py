@@ -371,3 +371,175 @@ def test_thresholds_set_live_reach_the_tagging_process_and_survive_a_restart(RE,
     assert len(events) == 4
     # only the first tag, whose threshold is 0, is decided: before and after the restart
     assert [e["data"]["tags"] for e in events] == [tags[0]] * 4
+
+
+# ------------------------------------------------ the label cache in the tagging process
+def _tiny_tagger():
+    from bluesky_xsml import Tagger
+    from bluesky_xsml.model import TaggerNetConfig
+
+    return Tagger.untrained(seed=0, config=TaggerNetConfig(widths=(8,), depths=(1,),
+                                                           stem_width=8), precision="fp32")
+
+
+def _record_messages(xsml) -> list:
+    """Every message kind the RunEngine's side receives from the tagging process."""
+    kinds: list = []
+    handle = xsml.worker._handle
+
+    def spy(what, payload):
+        kinds.append(what)
+        if what == "many":
+            kinds.extend(w for w, _ in payload)
+        return handle(what, payload)
+
+    xsml.worker._handle = spy
+    return kinds
+
+
+def _inputs_in(obj, seen=None) -> list:
+    """Model inputs (float16 ``(C, S, S)`` arrays) reachable from ``obj`` (dicts, lists,
+    attributes)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return [obj] if obj.dtype == np.float16 and obj.ndim == 3 else []
+    if isinstance(obj, dict):
+        return [a for k, v in obj.items() for a in _inputs_in(k, seen) + _inputs_in(v, seen)]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [a for v in obj for a in _inputs_in(v, seen)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return _inputs_in(vars(obj), seen)
+    return []
+
+
+def test_labels_fine_tune_in_the_tagging_process_and_no_input_crosses(RE, recorder, tmp_path):
+    """The label cache of model inputs lives in the tagging process: no input crosses
+    the pipe, this process holds none, and labels (given or declared in documents),
+    suggestions, fine-tuning and thumbnails work from there."""
+    tiny = _tiny_tagger()
+    det = make_image_detector("saxs", shape=(64, 80))
+    xsml = TaggingCallback(tiny, downstream=[recorder], isolation="process",
+                           process_options=FAST, max_wait=0.01)
+    kinds = _record_messages(xsml)
+    try:
+        ft = xsml.enable_finetuning(tmp_path / "ft", auto=False, synthetic=None,
+                                    synthetic_val=None, steps=2, batch_size=4)
+        RE.subscribe(xsml)
+        RE(count([det], num=4))
+        uid = recorder.of("start")[-1]["uid"]
+        assert xsml.flush(120)
+        # the run's frames crossed as tags only: no model input came back
+        assert "results" in kinds and "inputs" not in kinds
+        assert xsml.status()["label_cache_frames"] == 4
+        assert _inputs_in(xsml) == []  # the callback, its labeller, worker, routers...
+        # suggestions are the tagging process's cache's, in its order of doubt
+        suggested = xsml.suggest_labels(10)
+        assert sorted(s["seq_num"] for s in suggested) == [1, 2, 3, 4]
+        assert {s["run_uid"] for s in suggested} == {uid}
+        receipt = xsml.label(uid, 2, beam_off=True, ring_isotropic=False)
+        assert receipt["rows"] == [0] and receipt["labels"]["beam_off"] is True
+        assert 2 not in [s["seq_num"] for s in xsml.suggest_labels(10)]
+        with pytest.raises(ValueError, match="True/1"):
+            xsml.label(uid, 3, beam_off="maybe")
+        with pytest.raises(KeyError, match="not in the label cache"):
+            xsml.label(uid, 99, beam_off=True)
+        # a label declared in the documents reaches the fine-tuner there too
+        RE(count([det], num=2), xsml_labels={"ring_isotropic": True})
+        assert xsml.flush(120)
+        assert ft.flush_labels(60)
+        assert ft.status()["labels"] == 3
+        # the label trains the model in the tagging process
+        report = ft.retrain_now(wait=True, timeout=300)
+        assert report.get("error") is None, report
+        assert ft.status()["rounds"] == 1 and len(ft.registry.list()) == 2
+        # a thumbnail's input is fetched from there, on demand
+        x = xsml.frame_input(uid, 1)
+        assert x is not None and x.dtype == np.float16 and x.ndim == 3
+        assert xsml.frame_input(uid, 99) is None
+        assert "inputs" not in kinds
+        # the callback's own input listeners still get every input (it then crosses)
+        got = []
+        xsml.add_input_listener(got.extend)
+        RE(count([det], num=3))
+        assert xsml.flush(120)
+        assert len(got) == 3 and got[0][2].shape == x.shape and "inputs" in kinds
+    finally:
+        xsml.close()
+
+
+def test_a_restart_loses_the_label_cache_and_labels_of_its_frames_are_refused(
+        RE, recorder, tmp_path):
+    """The inputs died with the tagging process: labels of frames it tagged are refused
+    with the reason and counted; frames tagged by the new process can be labeled."""
+    det = make_image_detector("saxs", shape=(64, 80))
+    xsml = TaggingCallback(_tiny_tagger(), downstream=[recorder], isolation="process",
+                           process_options=FAST, max_wait=0.01)
+    try:
+        ft = xsml.enable_finetuning(tmp_path / "ft", auto=False, synthetic=None,
+                                    synthetic_val=None)
+        RE.subscribe(xsml)
+        RE(count([det], num=3))
+        before = recorder.of("start")[-1]["uid"]
+        assert xsml.flush(120)
+        xsml.label(before, 1, beam_off=True)
+        first = xsml.worker.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (xsml.worker.pid in (first, None) or not xsml.worker.ensure_alive()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert xsml.worker.process_starts == 2
+        with pytest.raises(KeyError, match=r"restarted.*lost with it") as err:
+            xsml.label(before, 2, beam_off=True)
+        assert type(err.value).__name__ == "LabelCacheLost"
+        status = xsml.status()
+        assert status["labels_refused"] == 1 and status["label_cache_frames"] == 0
+        assert xsml.frame_input(before, 2) is None  # no thumbnail either
+        # the frames the new process tags are its cache
+        RE(count([det], num=2))
+        after = recorder.of("start")[-1]["uid"]
+        assert xsml.flush(120)
+        assert xsml.status()["label_cache_frames"] == 2
+        assert {s["run_uid"] for s in xsml.suggest_labels(10)} == {after}
+        xsml.label(after, 1, ring_isotropic=True)
+        deadline = time.monotonic() + 60
+        while ft.status()["labels"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ft.status()["labels"] == 2  # the one from before the restart, on disk, and this
+    finally:
+        xsml.close()
+
+
+def test_the_child_sends_what_queued_during_a_send_as_one_message():
+    """Results that queue while a send is under way go in one ``many`` message, and a
+    lone one goes at once (no timer)."""
+    from bluesky_xsml.inference.child import _Outgoing
+
+    sent, release = [], threading.Event()
+
+    class SlowLink:
+        def send(self, msg):
+            if not sent:
+                sent.append(msg)
+                release.wait(10)  # the parent reads slowly: later batches queue meanwhile
+                return
+            sent.append(msg)
+
+    out = _Outgoing(SlowLink())
+    try:
+        out.put("results", [(1, ["a"])])
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sent == [("results", [(1, ["a"])])]  # the first went alone, straight away
+        out.put("free", [3])
+        out.put("results", [(2, ["b"])])
+        out.put("results", [(3, ["c"])])
+        release.set()
+    finally:
+        out.close()
+    assert sent[1:] == [("many", [("free", [3]), ("results", [(2, ["b"])]),
+                                  ("results", [(3, ["c"])])])]

@@ -152,6 +152,9 @@ class StatusOut(BaseModel):
     overflow: int
     open_runs: int
     labels_ignored: int = 0
+    labels_refused: int = Field(0, description=(
+        "labels refused because the frame's input was lost with a tagging process that "
+        "restarted (isolation='process')"))
     finetune: dict[str, Any] | None = Field(
         None, description="fine-tuning state; null when fine-tuning is not enabled")
     decision: Decision | None = None

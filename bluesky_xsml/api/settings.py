@@ -75,7 +75,9 @@ class ServiceSettings(BaseSettings):
         Frames kept per run (later ones are counted, not kept). A kept frame
         costs about 3 KiB, so the defaults hold at most about 150 MiB.
     thumbnails : int
-        Recent frames whose thumbnails are kept (about 16 KiB each).
+        Recent frames whose thumbnails are kept (about 16 KiB each). With
+        ``isolation="process"`` a thumbnail is made when it is first asked
+        for, from the frame's input in the tagging process's label cache.
     feed_queue : int
         Messages buffered per live-feed client before it starts missing some.
     feed_heartbeat_s : float

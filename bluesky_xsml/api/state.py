@@ -40,6 +40,17 @@ class Thumbnail:
     invalid: np.ndarray        # (S, S) bool: masked or outside the detector
 
 
+def _thumbnail(x) -> Thumbnail:
+    """The preview of one preprocessed ``(C, S, S)`` input."""
+    x = np.asarray(x)
+    img = x[1].astype(np.float32)  # log_max: log1p of the block maximum
+    invalid = (x[3] > 0.5) | (x[4] > 0.5)
+    valid = img[~invalid]
+    lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
+    scaled = (img - lo) * (255.0 / max(hi - lo, 1e-6))
+    return Thumbnail(np.clip(scaled, 0, 255).astype(np.uint8), invalid)
+
+
 @dataclass(eq=False)
 class _Run:
     uid: str
@@ -128,6 +139,7 @@ class ServiceState:
         self._closed = False
         self._feeds_engine = False
         self._attached = False
+        self._thumbs_on_demand = False
         self._status_cache: tuple[float, dict] | None = None
         #: Scan ids, plans, run states and motor positions, from the documents.
         self.runbook = RunBook(max_runs=max(settings.max_runs, 1),
@@ -148,7 +160,11 @@ class ServiceState:
         cb.add_result_listener(self._on_results)
         if hasattr(cb, "add_document_listener"):
             cb.add_document_listener(self._on_document)
-        if hasattr(cb, "add_input_listener"):
+        if getattr(cb, "isolation", "thread") == "process" and hasattr(cb, "frame_input"):
+            # the inputs stay in the tagging process: a thumbnail is made when it is asked for
+            # (find_frame), not for every frame, which would bring 192 KiB a frame across
+            self._thumbs_on_demand = True
+        elif hasattr(cb, "add_input_listener"):
             cb.add_input_listener(self._on_inputs)
 
     def close(self) -> None:
@@ -234,16 +250,10 @@ class ServiceState:
         """Keep a small log-scaled preview of each tagged frame."""
         if self._closed or not self.settings.thumbnails:
             return
-        thumbs = []
-        for job, idx, x in items:
-            x = np.asarray(x)
-            img = x[1].astype(np.float32)  # log_max: log1p of the block maximum
-            invalid = (x[3] > 0.5) | (x[4] > 0.5)
-            valid = img[~invalid]
-            lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
-            scaled = (img - lo) * (255.0 / max(hi - lo, 1e-6))
-            thumb = Thumbnail(np.clip(scaled, 0, 255).astype(np.uint8), invalid)
-            thumbs.append(((job.run_uid, job.stream, int(job.seq_num), job.key, int(idx)), thumb))
+        self._keep_thumbs([((job.run_uid, job.stream, int(job.seq_num), job.key, int(idx)),
+                            _thumbnail(x)) for job, idx, x in items])
+
+    def _keep_thumbs(self, thumbs: list) -> None:
         with self._lock:
             for ident, thumb in thumbs:
                 self._thumbs[ident] = thumb
@@ -367,8 +377,14 @@ class ServiceState:
                 "last_time": run.last_time}
 
     def find_frame(self, run_uid: str, seq_num: int, *, stream: str, key: str | None,
-                   frame_index: int) -> tuple[dict | None, Thumbnail | None]:
-        """The latest record and thumbnail of one frame (either may be None)."""
+                   frame_index: int, thumbnail: bool = True) -> tuple[dict | None,
+                                                                    Thumbnail | None]:
+        """The latest record and thumbnail of one frame (either may be None).
+
+        With a tagging process (``isolation="process"``) a thumbnail not kept
+        yet is made from the frame's input in its label cache (one call there);
+        ``thumbnail=False`` skips that.
+        """
 
         def match(rec: dict) -> bool:
             return (rec["run_uid"] == run_uid and rec["seq_num"] == seq_num
@@ -392,7 +408,26 @@ class ServiceState:
                     if ident[:3] == (run_uid, stream, seq_num) and ident[4] == frame_index:
                         thumb = self._thumbs[ident]
                         break
+        if (thumbnail and thumb is None and record is not None and self._thumbs_on_demand
+                and self.settings.thumbnails):
+            thumb = self._fetch_thumb(record)
         return record, thumb
+
+    def _fetch_thumb(self, record: dict) -> Thumbnail | None:
+        """The thumbnail of ``record``'s frame from the input in the tagging process's cache."""
+        ident = (record["run_uid"], record["stream"], record["seq_num"], record["key"],
+                 record["frame_index"])
+        try:
+            x = self.callback.frame_input(ident[0], ident[2], stream=ident[1], key=ident[3],
+                                          frame_index=ident[4])
+        except Exception:  # no preview is no error
+            log.exception("xsml could not fetch a frame's input for its thumbnail")
+            return None
+        if x is None:
+            return None
+        thumb = _thumbnail(x)
+        self._keep_thumbs([(ident, thumb)])
+        return thumb
 
     def similar(self, run_uid: str, seq_num: int, *, stream: str, key: str | None,
                 frame_index: int, k: int) -> tuple[dict, list[dict]] | None:
@@ -404,7 +439,7 @@ class ServiceState:
         import numpy as np
 
         record, _ = self.find_frame(run_uid, seq_num, stream=stream, key=key,
-                                    frame_index=frame_index)
+                                    frame_index=frame_index, thumbnail=False)
         if record is None:
             return None
         if "_emb" not in record:
@@ -464,6 +499,7 @@ class ServiceState:
             "overflow": int(s.get("overflow", 0)),
             "open_runs": int(s.get("open_runs", 0)),
             "labels_ignored": int(s.get("labels_ignored", 0)),
+            "labels_refused": int(s.get("labels_refused", 0)),
             "finetune": ft.status() if ft is not None else None,
             "decision": self.engine.current,
             "policy": self.engine.policy.name,

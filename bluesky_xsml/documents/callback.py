@@ -150,7 +150,8 @@ class TaggingCallback:
         self._document_listeners: list[Callable[[str, dict], None]] = []
         #: Labelling: the label cache, labels after the fact and declared in documents.
         self.labeller = Labeller(self, o.label_cache_size)
-        self.add_input_listener(self.labeller.on_inputs)
+        if not self.labeller.remote:  # in process mode the inputs stay in the tagging process
+            self.add_input_listener(self.labeller.on_inputs)
         self.add_result_listener(self.labeller.on_results)
         # Finish and stop the threads before the interpreter tears down torch/numba under them.
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -174,6 +175,7 @@ class TaggingCallback:
                 precision=options.precision or getattr(tagger, "precision", None))
         external = self.external_options()
         return ProcessInferenceWorker(checkpoint, self._on_results, on_inputs=self._on_inputs,
+                                      label_cache_size=self.options.label_cache_size,
                                       external_options=external, options=options,
                                       **worker_options)
 
@@ -214,10 +216,36 @@ class TaggingCallback:
     def add_input_listener(self, listener: Callable[[list], None]) -> None:
         """Call ``listener([(job, frame_index, input), ...])`` from the worker after each batch.
 
-        ``input`` is the frame's preprocessed ``(C, S, S)`` array (the service
-        keeps thumbnails from it); the listener must be quick and not keep it.
+        ``input`` is the frame's preprocessed ``(C, S, S)`` array; the listener
+        must be quick and not keep it. With ``isolation="process"`` the inputs
+        then cross from the tagging process (192 KiB a frame, which the
+        RunEngine's process pays for): where a recent frame's input is enough,
+        ask :meth:`frame_input` instead, as the service's thumbnails do.
         """
         self._input_listeners.append(listener)
+        if self.isolation == "process":
+            self.worker.want_inputs(True)
+
+    def remove_input_listener(self, listener: Callable[[list], None]) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        try:
+            self._input_listeners.remove(listener)
+        except ValueError:
+            return
+        if self.isolation == "process" and not self._input_listeners:
+            self.worker.want_inputs(False)
+
+    def frame_input(self, run_uid: str, seq_num: int, *, stream: str = "primary",
+                    key: str | None = None, frame_index: int = 0):
+        """The preprocessed float16 ``(C, S, S)`` input of a frame in the label cache.
+
+        None when it is not there (too old, never tagged, or, with
+        ``isolation="process"``, tagged by a tagging process that has since
+        restarted). With ``isolation="process"`` it is fetched from the
+        tagging process, which keeps the cache.
+        """
+        return self.labeller.frame_input(run_uid, seq_num, stream=stream, key=key,
+                                         frame_index=frame_index)
 
     def add_document_listener(self, listener: Callable[[str, dict], None]) -> None:
         """Call ``listener(name, doc)`` for each document received, before it is handled.
@@ -329,6 +357,7 @@ class TaggingCallback:
             "document_errors": dict(self._errors),
             "label_cache_frames": len(self.labeller.frame_cache),
             "labels_ignored": self.labeller.ignored,
+            "labels_refused": getattr(self.labeller.frame_cache, "refused", 0),
             **({"tagger_process": self.worker.describe_process()}
                if self.isolation == "process" else {}),
         }
@@ -336,7 +365,9 @@ class TaggingCallback:
     # ------------------------------------------------------ labelling (Labeller)
     @property
     def frame_cache(self):
-        """The label cache (:class:`~bluesky_xsml.frame_cache.FrameCache`) of the labeller."""
+        """The label cache of the labeller: a :class:`~bluesky_xsml.frame_cache.FrameCache`,
+        or with ``isolation="process"`` the keys of the one in the tagging process
+        (:class:`~bluesky_xsml.frame_cache.FrameKeys`)."""
         return self.labeller.frame_cache
 
     @property

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
+from ..frame_cache import FrameCache
+from ..label_rows import parse_tag_labels
 from .worker import FrameJob, InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,52 @@ class _Link:
     def send(self, msg: Any) -> None:
         with self.lock:
             self.conn.send(msg)
+
+
+class _Outgoing:
+    """Results (and inputs) to the parent, several batches in one message when they queue.
+
+    The inference thread hands each batch here and goes on; a sender thread
+    sends whatever has queued meanwhile as one ``("many", [...])`` message, so
+    a batch waits for no timer (latency unchanged) while a parent that reads
+    slower than the child tags gets fewer, larger messages (one wake-up and
+    one unpickling per message on its side).
+    """
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="xsml-send", daemon=True)
+        self.thread.start()
+
+    def put(self, what: str, payload: Any) -> None:
+        self.queue.put((what, payload))
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            msgs, done = [first], False
+            while True:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                msgs.append(more)
+            try:
+                self.link.send(msgs[0] if len(msgs) == 1 else ("many", msgs))
+            except (OSError, ValueError):
+                return  # the parent is gone
+            if done:
+                return
 
 
 class _ExternalReaders:
@@ -249,7 +297,10 @@ class _Child:
         self.tagger = tagger
         self.ring = ring
         self.slot_bytes = int(spec["slot_bytes"])
-        self.send_inputs = bool(spec.get("send_inputs", True))
+        # inputs go back only while the parent has input listeners (set by "inputs" messages)
+        self.send_inputs = bool(spec.get("send_inputs", False))
+        #: The label cache: each tagged frame's input stays here; the parent keeps its key.
+        self.cache = FrameCache(int(spec.get("label_cache_size", 0)))
         self.readers = _ExternalReaders(spec.get("external_options") or {}, make_reader)
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
@@ -257,18 +308,26 @@ class _Child:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.finetune_spec = spec.get("finetune")
         self.silent = False  # set by the "hang" test message: heartbeats stop too
+        self.out = _Outgoing(link)
         self.worker = InferenceWorker(
             tagger, self._on_results, max_batch=spec["max_batch"], max_wait=spec["max_wait"],
             max_pending_bytes=2**62, warmup=bool(spec.get("warmup", True)),
-            on_inputs=self._on_inputs if self.send_inputs else None)
+            on_inputs=self._on_inputs)
 
     # results back to the parent
     def _on_inputs(self, items: list) -> None:
-        self.link.send(("inputs", [(job.jid, int(idx), np.asarray(x, np.float16))
-                                   for job, idx, x in items]))
+        self.cache.put_inputs(items)  # before the results go: a label may follow them at once
+        if self.send_inputs:
+            self.out.put("inputs", [(job.jid, int(idx), np.asarray(x, np.float16))
+                                    for job, idx, x in items])
 
     def _on_results(self, batch: list) -> None:
-        self.link.send(("results", [(job.jid, results) for job, results in batch]))
+        by_run: dict[str, list] = {}
+        for job, results in batch:
+            by_run.setdefault(job.run_uid, []).extend(results)
+        for run_uid, results in by_run.items():
+            self.cache.put_probs(run_uid, results, self.tagger.thresholds)
+        self.out.put("results", [(job.jid, results) for job, results in batch])
 
     def _beat(self) -> None:
         sent_ready = False
@@ -322,6 +381,47 @@ class _Child:
                 lambda *a, **k: self.link.send(("model", describe(self.tagger))))
             self.link.send(("model", describe(self.tagger)))
         return self.finetuner.status()
+
+    def label_frame(self, ident: tuple, tags: dict, provenance: dict) -> dict:
+        """Store a label of the cached frame ``ident`` (on disk when this returns).
+
+        Raises ``KeyError`` if the frame is not in this process's label cache,
+        ``ConfigurationError`` without fine-tuning, ``ValueError`` for bad tags.
+        """
+        names, row = parse_tag_labels(tags)
+        finetuner = self._target("finetuner")
+        ident, entry = self.cache.find(ident[0], ident[2], stream=ident[1], key=ident[3],
+                                       frame_index=ident[4])
+        checkpoint = entry.get("checkpoint", "")
+        prov = dict(provenance, checkpoint=checkpoint)
+        receipt = finetuner.add_labels(entry["input"][None], row[None], [prov], tags=names)
+        self.cache.mark_labeled(ident)
+        return receipt
+
+    def label_declared(self, items: list) -> int:
+        """Labels the run's documents declared, ``[(ident, tags, provenance)]``, queued
+        for the fine-tuner; returns how many frames were no longer cached."""
+        finetuner = self._target("finetuner")
+        missing = 0
+        for ident, tags, prov in items:
+            x = self.cache.get_input(tuple(ident))
+            if x is None:
+                missing += 1
+                continue
+            names, row = parse_tag_labels(tags)
+            finetuner.add_labels_async(x[None], row[None], [prov], tags=names)
+        if missing:
+            log.warning("xsml tagging process: %d declared labels name frames no longer in "
+                        "the label cache; not stored", missing)
+        return missing
+
+    def suggest_labels(self, k: int) -> list[dict]:
+        """The ``k`` cached unlabeled frames the model is least sure about."""
+        return self.cache.suggest(k)
+
+    def cached_input(self, ident: tuple) -> np.ndarray | None:
+        """The float16 input of a cached frame (the live view's thumbnail), or None."""
+        return self.cache.get_input(tuple(ident))
 
     def registry_active_id(self) -> str | None:
         return self._target("registry").active_id
@@ -379,11 +479,13 @@ class _Child:
                         elif item["kind"] == "peer":
                             got.append(item["jid"])
                     if freed:
-                        self.link.send(("free", freed))
+                        self.out.put("free", freed)
                     if got:  # copied: the RunEngine's process may let those arrays go
-                        self.link.send(("got", got))
+                        self.out.put("got", got)
                     for job in jobs:
                         self.worker.submit(job)
+                elif what == "inputs":  # the parent has input listeners (or no more)
+                    self.send_inputs = bool(msg[1])
                 elif what == "thresholds":
                     with self.tagger.hold():  # between batches
                         self.tagger.thresholds = np.asarray(msg[1], np.float32)
@@ -406,6 +508,7 @@ class _Child:
             if self.finetuner is not None:
                 self.finetuner.close(30.0)
             self.worker.close(timeout=30.0)
+            self.out.close()
             try:
                 self.link.send(("bye", None))
             except (OSError, ValueError):

@@ -92,8 +92,11 @@ class ProcessOptions:
     device, precision : str, optional
         Passed to :meth:`Tagger.load` in the child.
     send_inputs : bool
-        Send each frame's preprocessed input back (float16) for the label
-        cache and the live view's thumbnails.
+        Allow each frame's preprocessed input (float16, 192 KiB) to be sent
+        back; it is sent only while the callback has input listeners of its
+        own (``TaggingCallback.add_input_listener``). The label cache and the
+        service's thumbnails do not need it: the inputs stay in the tagging
+        process's label cache.
     frame_transport : {"auto", "peer", "ring"}
         How inline frames cross. ``"peer"``: the tagging process copies each
         frame straight out of this process's memory (``process_vm_readv``),
@@ -157,7 +160,13 @@ class ProcessInferenceWorker(QueuedIntake):
     warmup : bool
         Compile the child's kernels before its first frame.
     on_inputs : callable, optional
-        Called with ``[(job, frame_index, input)]`` (float16 inputs).
+        Called with ``[(job, frame_index, input)]`` (float16 inputs) while
+        :meth:`want_inputs` is on.
+    label_cache_size : int
+        Frames whose inputs the tagging process keeps for labels after the
+        fact (its :class:`~bluesky_xsml.frame_cache.FrameCache`); reached
+        with :meth:`call` (``"child"``: ``label_frame``, ``label_declared``,
+        ``suggest_labels``, ``cached_input``). A restart loses them.
     external_options : dict, optional
         Keyword arguments of the child's
         :class:`~bluesky_xsml.documents.external.ExternalFrames`.
@@ -168,6 +177,7 @@ class ProcessInferenceWorker(QueuedIntake):
                  max_wait: float = 0.05, max_pending_bytes: int = 2 * 1024**3,
                  overflow: str = "skip", hand_off_timeout: float = 0.05, warmup: bool = True,
                  on_inputs: Callable[[list], None] | None = None,
+                 label_cache_size: int = 0,
                  external_options: dict | None = None,
                  options: ProcessOptions | None = None):
         if overflow not in ("skip", "wait"):
@@ -178,6 +188,8 @@ class ProcessInferenceWorker(QueuedIntake):
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.on_results = on_results
         self.on_inputs = on_inputs
+        self.label_cache_size = int(label_cache_size)
+        self._want_inputs = False  # inputs cross only while someone here listens
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.max_pending_bytes = int(max_pending_bytes)
@@ -202,6 +214,7 @@ class ProcessInferenceWorker(QueuedIntake):
         self._unsent: set[int] = set()  # slots written whose message is not sent yet
         self._send_lock = threading.Lock()
         self._control: queue.SimpleQueue = queue.SimpleQueue()  # messages the feeder sends
+        self._control_lock = threading.RLock()
         self._restarts: collections.deque[float] = collections.deque()
         self._gave_up = False
         self._swap_reply: queue.SimpleQueue = queue.SimpleQueue()
@@ -235,7 +248,8 @@ class ProcessInferenceWorker(QueuedIntake):
                 "slots": o.slots, "slot_bytes": o.slot_bytes, "max_batch": self.max_batch,
                 # the feeder already waited max_wait to fill the batch it sends
                 "max_wait": min(self.max_wait, 0.002), "warmup": self.warmup,
-                "send_inputs": self.options.send_inputs and self.on_inputs is not None,
+                "send_inputs": self._sends_inputs(),
+                "label_cache_size": self.label_cache_size,
                 "external_options": self.external_options,
                 "heartbeat": min(0.5, self.options.heartbeat_timeout / 4),
                 "thresholds": self._thresholds, "finetune": self._finetune,
@@ -336,14 +350,16 @@ class ProcessInferenceWorker(QueuedIntake):
         self._control.put(("thresholds", list(values)))
 
     def _send_control(self) -> None:
-        while True:
-            try:
-                msg = self._control.get_nowait()
-            except queue.Empty:
-                return
-            conn = self._conn
-            if conn is not None:
-                self._send(conn, msg)
+        # under a lock: a call sent right after (``call``) cannot overtake what was queued
+        with self._control_lock:
+            while True:
+                try:
+                    msg = self._control.get_nowait()
+                except queue.Empty:
+                    return
+                conn = self._conn
+                if conn is not None:
+                    self._send(conn, msg)
 
     def _message(self, job: FrameJob, jid: int, *, wait: bool) -> dict | None:
         """The job as a message; None if it needs a slot, none is free and ``wait`` is False."""
@@ -499,7 +515,16 @@ class ProcessInferenceWorker(QueuedIntake):
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def _handle(self, what: str, payload: Any) -> None:
-        if what == "hb":
+        if what == "many":  # several messages the child queued while it sent the last
+            results: list = []
+            for w, p in payload:
+                if w == "results":  # one delivery for all of them
+                    results.extend(p)
+                else:
+                    self._handle(w, p)
+            if results:
+                self._handle("results", results)
+        elif what == "hb":
             self._last_beat = time.monotonic()
         elif what == "free":
             with self._slots_free:
@@ -674,7 +699,8 @@ class ProcessInferenceWorker(QueuedIntake):
         value, or raises the exception it raised (``RuntimeError`` if the process
         died or did not answer within ``timeout``). With ``wait=False`` the call
         is queued (the feeder thread sends it) and nothing is returned: safe
-        from any thread, the link thread included.
+        from any thread, the link thread included. A call that waits is sent after
+        everything queued before it (queued labels, thresholds, inputs on/off).
         """
         kwargs = dict(kwargs or {})
         if not wait:
@@ -683,9 +709,12 @@ class ProcessInferenceWorker(QueuedIntake):
         cid = next(self._ids)
         slot = self._calls[cid] = [threading.Event(), False, None]
         try:
-            conn = self._conn
-            if conn is None or not self._send(conn, ("call", (cid, target, method, args,
-                                                               kwargs))):
+            with self._control_lock:  # what was queued before (labels, thresholds) goes first
+                self._send_control()
+                conn = self._conn
+                sent = conn is not None and self._send(conn, ("call", (cid, target, method,
+                                                                        args, kwargs)))
+            if not sent:
                 raise RuntimeError("the tagging process is not running")
             if not slot[0].wait(timeout):
                 raise RuntimeError(f"the tagging process did not answer {target}.{method} "
@@ -703,6 +732,18 @@ class ProcessInferenceWorker(QueuedIntake):
                            timeout=max(600.0, self.options.start_timeout))
         self._finetune = spec
         return status
+
+    def _sends_inputs(self) -> bool:
+        return self.options.send_inputs and self.on_inputs is not None and self._want_inputs
+
+    def want_inputs(self, on: bool = True) -> None:
+        """Have the tagging process send each frame's input back (``on_inputs``), or stop.
+
+        Off by default: 192 KiB a frame across the pipe, for listeners of this
+        process only; the label cache does not need them.
+        """
+        self._want_inputs = bool(on)
+        self._control.put(("inputs", self._sends_inputs()))
 
     def forget_run(self, run_uid: str) -> None:
         """Let the child close the files of a finished run (sent by the feeder thread)."""

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..frame_cache import FrameCache  # its home before it moved
+from ..label_rows import parse_tag_labels  # its home before it moved
 from .checkpoints import CheckpointRegistry
 from .config import LiveFineTuneConfig
 from .finetune import finetune, load_synthetic
@@ -376,31 +377,3 @@ class LiveFineTuner:
 
     def __repr__(self) -> str:
         return f"<LiveFineTuner {str(self.directory)!r} active {self.registry.active_id}>"
-
-
-# ------------------------------------------------------------------ label cache
-def _binary(value, tag: str) -> float:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return math.nan
-    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
-        return float(value)
-    raise ValueError(f"label {tag}={value!r}: use True/1 (present), False/0 (absent) or None "
-                     "(unknown)")
-
-
-def parse_tag_labels(tags: Mapping[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
-    """``{"ring_oriented": True, ...}`` -> tag names and a float32 label row.
-
-    Raises
-    ------
-    ValueError
-        No tags, a name that cannot be a tag (not a Python identifier) or a
-        value other than True/False/1/0/None.
-    """
-    if not tags:
-        raise ValueError("give at least one tag, e.g. label(uid, 12, ring_oriented=True)")
-    names = tuple(str(t) for t in tags)
-    bad = [t for t in names if not t.isidentifier()]
-    if bad:
-        raise ValueError(f"tag names must be identifiers like 'ring_oriented'; got {bad}")
-    return names, np.array([_binary(v, t) for t, v in tags.items()], np.float32)
