@@ -12,8 +12,10 @@ option, a script in :meth:`~bluesky_xsml.inference.tagger.Tagger.predict`'s
 ``readout``. Two forms, as for the beam centre: one readout for every image
 key, or ``{image key: readout}``:
 
->>> parse_readouts({"gain": 2.5, "offset": 100, "saturated_value": 65535})
-{'*': Readout(gain=2.5, offset=100.0, read_noise=None, saturated_value=65535.0, masked_values=(), kind=None)}
+>>> parse_readouts({"gain": 2.5, "offset": 100, "saturated_value": 65535})["*"].to_dict()
+... # doctest: +NORMALIZE_WHITESPACE
+{'gain': 2.5, 'offset': 100.0, 'read_noise': None, 'saturated_value': 65535.0,
+ 'masked_values': [], 'kind': None}
 >>> sorted(parse_readouts({"ccd": {"gain": 2.5}, "eiger": {"masked_values": [4294967295]}}))
 ['ccd', 'eiger']
 
@@ -49,7 +51,7 @@ import numpy as np
 
 from .errors import ConfigurationError
 
-__all__ = ["KINDS", "Readout", "as_readouts", "parse_readouts"]
+__all__ = ["KINDS", "Readout", "as_readouts", "parse_readouts", "run_readouts"]
 
 #: What ``Readout.kind`` may say (informational: the conversion is the same).
 KINDS = ("counting", "integrating")
@@ -159,14 +161,14 @@ class Readout:
 
         Examples
         --------
-        >>> Readout.from_metadata({"gain": 0})
+        >>> Readout.from_metadata({"gain": 0})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        bluesky_xsml.errors.ConfigurationError: xsml_readout: gain must be > 0 (ADU per photon), got 0
-        >>> Readout.from_metadata({"gian": 2})
+        bluesky_xsml.errors.ConfigurationError: xsml_readout: gain must be > 0 ..., got 0
+        >>> Readout.from_metadata({"gian": 2})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        bluesky_xsml.errors.ConfigurationError: xsml_readout: unknown key 'gian'; the keys are gain, offset, read_noise, saturated_value, masked_values, kind
+        bluesky_xsml.errors.ConfigurationError: xsml_readout: unknown key 'gian'; the keys are ...
         """
         if isinstance(value, Readout):
             return value
@@ -269,6 +271,28 @@ def parse_readouts(value: Any, what: str = "xsml_readout") -> dict[str, Readout]
         return {"*": Readout.from_metadata(value, what)}
     return {str(key): Readout.from_metadata(item, f"{what}[{key!r}]")
             for key, item in value.items()}
+
+
+def run_readouts(start: Mapping[str, Any], default: Mapping[str, Readout] | None = None
+                 ) -> tuple[dict[str, Readout], str]:
+    """The readouts live tagging converts a run's frames with, and why not if it cannot.
+
+    The start document's ``xsml_readout`` wins over ``default`` (the
+    beamline's, :class:`~bluesky_xsml.documents.callback.TaggingCallback`'s
+    ``readout`` option). A malformed one gives no readout at all (the frames
+    are taken as counts) and the error's message, never an exception: a start
+    document must not stop a run from being tagged.
+
+    >>> run_readouts({"xsml_readout": {"gain": -1}}, {"*": Readout(gain=2)})
+    ({}, 'xsml_readout: gain must be > 0 (ADU per photon), got -1')
+    >>> run_readouts({}, {"*": Readout(gain=2)})[0]["*"].gain
+    2.0
+    """
+    try:
+        own = parse_readouts(start.get("xsml_readout"))
+    except ValueError as err:
+        return {}, str(err)
+    return (own or dict(default or {})), ""
 
 
 def as_readouts(readout: Any, n: int) -> list[Readout | None] | None:

@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from ..documents.beam_center import parse_beam_center
-from ..readout import parse_readouts
 from ..documents.compose import TagStreamComposer
 from ..documents.frames import find_image_keys
 from ..errors import XsmlError
 from ..inference.results import FrameItem, frames_to_results, split_value
+from ..readout import parse_readouts
 from ..summary import SUMMARY_KEYS, RunSummary
 
 __all__ = [

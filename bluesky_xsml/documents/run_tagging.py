@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from event_model import DocumentRouter
 
 from ..inference.worker import FrameJob
-from ..readout import parse_readouts
+from ..readout import run_readouts
 from ..summary import RunSummary
 from .beam_center import parse_beam_center
 from .compose import FrameResult, TagStreamComposer
@@ -143,11 +143,10 @@ class RunTagRouter(DocumentRouter):
                 run.beam_centers = {}
                 host.count_error(f"bad xsml_beam_center: {err}")
                 log.warning("xsml: %s (run %s)", err, doc["uid"])
-            run.readouts = dict(host.readouts)
-            try:  # the run's own readout replaces the beamline's
-                run.readouts = parse_readouts(doc.get("xsml_readout")) or run.readouts
-            except ValueError as err:  # recorded; the run is tagged without a readout
-                run.readouts = {}
+            # the run's own readout replaces the beamline's; a bad one is recorded and the
+            # run is tagged without a readout
+            run.readouts, err = run_readouts(doc, host.readouts)
+            if err:
                 host.count_error(f"bad xsml_readout: {err}")
                 log.warning("xsml: %s (run %s); its frames are tagged as counts", err,
                             doc["uid"])

@@ -413,7 +413,8 @@ def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: s
 
 def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str | None = None,
                 batch_size: int = 16, make_current: bool = True, beam_center=None,
-                readout=None, image_keys: Sequence[str] | None = None, streams: Sequence[str] | None = None,
+                readout=None, image_keys: Sequence[str] | None = None,
+                streams: Sequence[str] | None = None,
                 read_files_under: Sequence[str | os.PathLike] = (),
                 memory_budget: int = DEFAULT_MEMORY_BUDGET, prefetch: int = 2,
                 threads_io: int = 1, retries: int = 2,
