@@ -647,6 +647,8 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if readout is not None:  # refused before anything is read
+        readout = parse_readouts(readout, "readout")
     t0 = time.perf_counter()
     base = refreshed(run_node) if metadata is None else plain_container(run_node)
     md = base.metadata if metadata is None else metadata
