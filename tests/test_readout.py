@@ -320,6 +320,21 @@ def test_retag_converts_a_stored_run_with_its_readout(tmp_path, model):
             retag_run(cat.catalog[bad_md], model, stream_name="x", readout={"gain": 0})
 
 
+def test_frames_recovered_from_the_catalog_get_the_runs_readout(model):
+    """The bus worker tags frames it lost on the bus from the catalog, with the readout the
+    live ones had (scaleout.worker.tag_frames)."""
+    from bluesky_xsml.scaleout.worker import tag_frames
+
+    frames = [ccd_frame(i) for i in range(2)]
+    items = [("primary", i + 1, "", "ccd", 0, f, "") for i, f in enumerate(frames)]
+    readouts, _ = run_readouts({"xsml_readout": {"ccd": CCD}})
+    got = np.array([r.probs for r in tag_frames(model, items, readouts=readouts)])
+    np.testing.assert_allclose(got, model.predict(frames, readout=CCD), atol=1e-5)
+    plain = np.array([r.probs for r in tag_frames(model, items)])
+    np.testing.assert_allclose(plain, model.predict(frames), atol=1e-5)
+    assert got[:, model.tags.index("saturation")].min() > 0.99
+
+
 def test_xsml_retag_and_serve_refuse_a_bad_readout_before_connecting(capsys):
     import argparse
 
