@@ -294,7 +294,7 @@ def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig(), *,
         float or boolean dtype, with any sentinel values.
     config : PreprocessConfig
         Input size and masking rules.
-    readout : Readout, optional
+    readout : Readout or dict, optional
         The detector's calibration: the frame is turned into counts first
         (:meth:`~bluesky_xsml.readout.Readout.apply`). Without one the frame's
         values are taken as counts.
@@ -310,6 +310,8 @@ def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig(), *,
         If the frame is not 2-D, is smaller than 8 pixels on a side, or has a
         dtype that holds no counts (strings, objects, complex).
     """
+    if readout is not None:
+        (readout,) = as_readouts(readout, 1)  # a dict of its fields too
     arr = _prepared(frame, config, readout)
     out = np.empty((1, len(CHANNELS), config.size, config.size), np.float32)
     _run_group([arr], readout_config(config, readout), out)
