@@ -214,9 +214,13 @@ class Readout:
         if raw.dtype.kind == "b":
             raw = raw.view(np.uint8)
         out = _to_counts(raw, self)
-        np.maximum(out, np.float32(0.0), out=out)  # NaN stays NaN
-        if self.saturated_value is not None:
-            out[raw >= self.saturated_value] = self.saturation_level
+        level = self.saturation_level
+        if level is None:
+            np.maximum(out, np.float32(0.0), out=out)  # NaN stays NaN
+        else:
+            # raw >= saturated_value are the counts >= level (the conversion is monotonic):
+            # clipping there puts every saturated pixel at the level, in the same pass
+            np.clip(out, np.float32(0.0), np.float32(level), out=out)
         masked = None
         kind = raw.dtype.kind
         if kind == "f":
@@ -231,7 +235,7 @@ class Readout:
             hit = raw == v
             masked = hit if masked is None else np.logical_or(masked, hit, out=masked)
         if masked is not None:
-            out[masked] = np.nan
+            np.copyto(out, np.float32(np.nan), where=masked)
         return out
 
 
