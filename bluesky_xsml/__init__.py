@@ -25,6 +25,7 @@ _LAZY = {
     "TaggingCallback": "bluesky_xsml.documents.callback",
     "TAG_NAMES": "bluesky_xsml.tags",
     "PreprocessConfig": "bluesky_xsml.preprocess",
+    "Readout": "bluesky_xsml.readout",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - `name as name`: re-exported for type che
     from .documents.callback import TaggingCallback as TaggingCallback
     from .inference.tagger import Tagger as Tagger
     from .preprocess import PreprocessConfig as PreprocessConfig
+    from .readout import Readout as Readout
     from .tags import TAG_NAMES as TAG_NAMES
 
 

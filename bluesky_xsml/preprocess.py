@@ -13,6 +13,13 @@ maximum (Eiger masked pixels ``2**32-1`` / ``2**16-1``) and any extra
 ``min_plateau`` pixels sharing the frame's maximum valid value (or values at or
 above an explicit ``saturation_level``).
 
+A frame from a detector with known calibration can come with a
+:class:`~bluesky_xsml.readout.Readout`: it is turned into counts first
+(``(raw - offset) / gain`` in float32, one copy), its masked values become NaN
+and its saturated pixels are counted in the ``saturated`` channel at the
+readout's saturation level (:func:`readout_config`). Without a readout the
+frame's values are taken as counts, as they always were.
+
 The channels are
 
 ===============  =============================================================
@@ -43,11 +50,13 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from .errors import FrameError
+from .readout import Readout, as_readouts
 
 __all__ = [
     "CHANNELS",
@@ -56,6 +65,7 @@ __all__ = [
     "frame_layout",
     "preprocess_frame",
     "preprocess_batch",
+    "readout_config",
 ]
 
 CHANNELS: tuple[str, ...] = ("log_mean", "log_max", "relative", "invalid", "outside", "saturated")
@@ -192,18 +202,40 @@ def frame_layout(shape: tuple[int, int], size: int) -> tuple[int, int, int]:
 _layout = frame_layout  # its name before it was public
 
 
-def _prepared(frame, config: PreprocessConfig) -> np.ndarray:
-    """Validated, native-order 2-D frame; small frames enlarged; sentinels applied."""
+def _prepared(frame, config: PreprocessConfig, readout: Readout | None = None) -> np.ndarray:
+    """Validated, native-order 2-D frame; in counts with a readout; small frames enlarged;
+    sentinels applied."""
     arr = _as_frame(frame)
+    if readout is not None:  # counts in one float32 copy; sentinels are raw values
+        arr = readout.apply(arr, config.sentinels)
     S = config.size
     if max(arr.shape) < S:  # enlarge small frames by whole-pixel repetition
         rep = S // max(arr.shape)
         if rep > 1:
             arr = np.repeat(np.repeat(arr, rep, axis=0), rep, axis=1)
-    if config.sentinels:  # rare: extra sentinels become NaN in a float copy
+    if config.sentinels and readout is None:  # rare: extra sentinels become NaN in a float copy
         arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
         arr[np.isin(arr, np.asarray(config.sentinels, arr.dtype))] = np.nan
     return arr
+
+
+def readout_config(config: PreprocessConfig, readout: Readout | None) -> PreprocessConfig:
+    """The rules for a frame converted by ``readout``.
+
+    A readout that says where saturation is (``saturated_value``) sets the
+    saturation level (its :attr:`~bluesky_xsml.readout.Readout.saturation_level`
+    in counts) and drops the minimum plateau counts: every pixel the readout
+    calls saturated is counted in the ``saturated`` channel. Otherwise
+    ``config`` is unchanged.
+
+    >>> from bluesky_xsml.readout import Readout
+    >>> readout_config(PreprocessConfig(), Readout(gain=2, saturated_value=65535)).saturation_level
+    32767.5
+    """
+    level = None if readout is None else readout.saturation_level
+    if level is None:
+        return config
+    return replace(config, saturation_level=level, min_saturation_counts=0.0)
 
 
 #: Serialises the first kernel call per dtype in this process (see :func:`_run_group`).
@@ -251,7 +283,8 @@ def _call_kernel(frames: list[np.ndarray], config: PreprocessConfig, out: np.nda
               float(config.min_saturation_counts), LOG_SCALE, out)
 
 
-def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig(), *,
+                     readout: Readout | None = None) -> np.ndarray:
     """Turn one detector frame into a ``(len(CHANNELS), S, S)`` float32 input.
 
     Parameters
@@ -261,6 +294,10 @@ def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig()) -> np
         float or boolean dtype, with any sentinel values.
     config : PreprocessConfig
         Input size and masking rules.
+    readout : Readout or dict, optional
+        The detector's calibration: the frame is turned into counts first
+        (:meth:`~bluesky_xsml.readout.Readout.apply`). Without one the frame's
+        values are taken as counts.
 
     Returns
     -------
@@ -273,13 +310,16 @@ def preprocess_frame(frame, config: PreprocessConfig = PreprocessConfig()) -> np
         If the frame is not 2-D, is smaller than 8 pixels on a side, or has a
         dtype that holds no counts (strings, objects, complex).
     """
-    arr = _prepared(frame, config)
+    if readout is not None:
+        (readout,) = as_readouts(readout, 1)  # a dict of its fields too
+    arr = _prepared(frame, config, readout)
     out = np.empty((1, len(CHANNELS), config.size, config.size), np.float32)
-    _run_group([arr], config, out)
+    _run_group([arr], readout_config(config, readout), out)
     return out[0]
 
 
-def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, pool=None):
+def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, pool=None,
+                     readouts: Readout | Sequence[Readout | None] | None = None):
     """Preprocess many frames; bad frames are reported, not raised.
 
     Frames are grouped by dtype and each group is reduced by one kernel call
@@ -293,6 +333,9 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
     config : PreprocessConfig
     pool : concurrent.futures.Executor, optional
         Splits large groups across its threads.
+    readouts : Readout or sequence of (Readout or None), optional
+        The detectors' calibration, for all frames or per frame (``None``: the
+        frame's values are counts); see :func:`preprocess_frame`.
 
     Returns
     -------
@@ -302,13 +345,21 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
         Index in ``frames`` of each row of ``inputs``.
     errors : dict of int -> FrameError
         Frames that could not be used, by index.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``readouts`` is malformed or not one per frame.
     """
     frames = list(frames)
+    per_frame = as_readouts(readouts, len(frames)) or [None] * len(frames)
     prepared: dict[int, np.ndarray] = {}
+    configs: dict[int, PreprocessConfig] = {}
     errors: dict[int, FrameError] = {}
     for i, f in enumerate(frames):
         try:
-            prepared[i] = _prepared(f, config)
+            prepared[i] = _prepared(f, config, per_frame[i])
+            configs[i] = readout_config(config, per_frame[i])
         except FrameError as err:
             errors[i] = err
         except Exception as err:  # noqa: BLE001 - any other failure is still a recorded skip
@@ -317,25 +368,26 @@ def preprocess_batch(frames, config: PreprocessConfig = PreprocessConfig(), *, p
     ok = sorted(prepared)
     S = config.size
     inputs = np.empty((len(ok), len(CHANNELS), S, S), np.float32)
-    groups: dict[np.dtype, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}  # one kernel call per dtype and saturation rule
     for row, i in enumerate(ok):
-        groups.setdefault(prepared[i].dtype, []).append(row)
+        groups.setdefault((prepared[i].dtype, configs[i]), []).append(row)
     tasks = []
-    for rows in groups.values():
+    for (_, group_config), rows in groups.items():
         n_parts = 1 if pool is None else min(len(rows), getattr(pool, "_max_workers", 1))
         for part in np.array_split(np.asarray(rows), max(1, n_parts)):
             if len(part):
-                tasks.append(part)
+                tasks.append((part, group_config))
 
-    def run(part):
+    def run(task):
+        part, group_config = task
         sub = np.empty((len(part), len(CHANNELS), S, S), np.float32)
-        _run_group([prepared[ok[r]] for r in part], config, sub)
+        _run_group([prepared[ok[r]] for r in part], group_config, sub)
         inputs[part] = sub
 
     if pool is not None and len(tasks) > 1:
-        for fut in [pool.submit(run, part) for part in tasks]:
+        for fut in [pool.submit(run, task) for task in tasks]:
             fut.result()
     else:
-        for part in tasks:
-            run(part)
+        for task in tasks:
+            run(task)
     return inputs, ok, errors

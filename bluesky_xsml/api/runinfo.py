@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..documents.frame_index import _number, motor_keys
+from ..readout import run_readouts
 
 __all__ = ["RunBook", "position_keys"]
 
@@ -82,6 +83,8 @@ class _RunInfo:
     motors: list[str]
     start_time: float
     start: dict = field(default_factory=dict)        # the start document
+    readout: dict = field(default_factory=dict)      # image key -> Readout.to_dict()
+    readout_error: str = ""                          # why the start's xsml_readout was refused
     state: str = "open"
     exit_status: str = ""
     reason: str = ""
@@ -105,9 +108,14 @@ class RunBook:
         Runs remembered (the oldest is forgotten first).
     max_events : int
         Events per run whose positions are kept (the oldest are forgotten first).
+    default_readouts : dict, optional
+        The callback's readouts (``TaggingCallback.readouts``): a run without
+        its own ``xsml_readout`` is reported with them, as it is tagged.
     """
 
-    def __init__(self, *, max_runs: int = 64, max_events: int = 100_000):
+    def __init__(self, *, max_runs: int = 64, max_events: int = 100_000,
+                 default_readouts: Mapping | None = None):
+        self.default_readouts = dict(default_readouts or {})
         self.max_runs = int(max_runs)
         self.max_events = int(max_events)
         self._lock = threading.Lock()
@@ -142,6 +150,8 @@ class RunBook:
                         sample=sample if isinstance(sample, str) else "",
                         motors=[str(m) for m in (doc.get("motors") or [])],
                         start_time=float(doc.get("time") or 0.0), start=dict(doc))
+        readouts, info.readout_error = run_readouts(doc, self.default_readouts)
+        info.readout = {key: r.to_dict() for key, r in readouts.items()}
         with self._lock:
             if uid in self._runs:
                 return None
@@ -221,7 +231,8 @@ class RunBook:
                     "exit_status": info.exit_status, "reason": info.reason,
                     "start_time": info.start_time, "stop_time": info.stop_time,
                     "fixed_positions": dict(info.fixed), "units": dict(info.units),
-                    "precision": dict(info.precision)}
+                    "precision": dict(info.precision), "readout": dict(info.readout),
+                    "readout_error": info.readout_error}
 
     def uids(self) -> list[str]:
         """Runs remembered, oldest first."""

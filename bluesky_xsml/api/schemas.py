@@ -16,7 +16,8 @@ from ..label_schema import RESERVED_LABEL_NAMES, LabelIn, TagName
 from ..steering.policy import Decision, FrameRef, Policy
 
 __all__ = [
-    "Health", "Problem", "FrameOut", "FramesOut", "RunSummary", "RunsOut", "RunFramesOut",
+    "Health", "Problem", "FrameOut", "FramesOut", "ReadoutOut", "RunSummary", "RunsOut",
+    "RunFramesOut",
     "StatusOut", "ThresholdsOut", "ThresholdsIn", "LabelIn", "LabelReceipt", "LabelsOut",
     "Suggestion", "SuggestionsOut", "CheckpointOut", "CheckpointsOut", "FinetuneOut",
     "DecisionsOut", "Decision", "FrameRef", "Policy", "RESERVED_LABEL_NAMES", "finite",
@@ -88,6 +89,19 @@ class FramesOut(BaseModel):
     last_id: int = Field(description="id of the newest result the service holds (-1: none)")
 
 
+class ReadoutOut(BaseModel):
+    """A detector's readout (:class:`~bluesky_xsml.readout.Readout`): how ADU become counts."""
+
+    gain: float = Field(description="ADU per photon")
+    offset: float = Field(description="pedestal, ADU")
+    read_noise: float | None = Field(None, description="read noise, ADU rms")
+    saturated_value: float | None = Field(
+        None, description="raw values at or above this are saturated")
+    masked_values: list[float] = Field(default_factory=list,
+                                       description="raw values that mark masked pixels")
+    kind: str | None = Field(None, description="'counting' or 'integrating'")
+
+
 class RunSummary(BaseModel):
     run_uid: str
     frames: int
@@ -111,6 +125,14 @@ class RunSummary(BaseModel):
     units: dict[str, str] = Field(default_factory=dict, description="units of positions")
     precision: dict[str, int] = Field(
         default_factory=dict, description="decimals of positions, where the data key says")
+    readout: dict[str, ReadoutOut] = Field(
+        default_factory=dict,
+        description="the detector readout the run's frames are turned into counts with, per "
+                    "image key ('*': every key): the start document's xsml_readout, else the "
+                    "callback's readout option; empty: the frames are taken as counts")
+    readout_error: str = Field(
+        "", description="why the start document's xsml_readout was refused (the run is then "
+                        "tagged without a readout)")
 
 
 class RunsOut(BaseModel):

@@ -22,6 +22,7 @@ serves until interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ import threading
 import time
 
 from ..documents.callback import TaggingCallback, set_service_starter
+from ..readout import parse_readouts
 
 __all__ = ["ServiceHandle", "add_arguments", "main", "serve", "serve_app"]
 
@@ -215,6 +217,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isolation", choices=["thread", "process"], default="thread",
                         help="run the model in this process's worker thread (default) or in "
                              "a tagging process of its own (no fine-tuning there yet)")
+    parser.add_argument("--readout", default=None, metavar="JSON",
+                        help="the detector readout for runs whose start metadata gives none "
+                             "(xsml_readout), as JSON: one readout, e.g. '{\"gain\": 3.6, "
+                             "\"offset\": 100, \"saturated_value\": 65535}', or "
+                             "{image key: readout}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -222,8 +229,15 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     isolation = getattr(args, "isolation", "thread")
+    readout = None
+    if getattr(args, "readout", None):
+        try:
+            readout = parse_readouts(json.loads(args.readout), "--readout")
+        except ValueError as err:  # JSONDecodeError and ConfigurationError
+            print(f"xsml serve: {err}", file=sys.stderr)
+            return 2
     model = Tagger.load(args.model) if isolation == "thread" else args.model
-    callback = TaggingCallback(model, isolation=isolation)
+    callback = TaggingCallback(model, isolation=isolation, readout=readout)
     if args.finetune_dir:
         callback.enable_finetuning(args.finetune_dir)
     source = None

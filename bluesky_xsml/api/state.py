@@ -143,7 +143,8 @@ class ServiceState:
         self._status_cache: tuple[float, dict] | None = None
         #: Scan ids, plans, run states and motor positions, from the documents.
         self.runbook = RunBook(max_runs=max(settings.max_runs, 1),
-                               max_events=max(settings.max_frames_per_run, 1))
+                               max_events=max(settings.max_frames_per_run, 1),
+                               default_readouts=getattr(callback, "readouts", None))
 
     # -------------------------------------------------------------- wiring
     def attach(self) -> None:

@@ -40,6 +40,7 @@ from ..documents.compose import TagStreamComposer
 from ..documents.frames import find_image_keys
 from ..errors import XsmlError
 from ..inference.results import FrameItem, frames_to_results, split_value
+from ..readout import parse_readouts
 from ..summary import SUMMARY_KEYS, RunSummary
 
 __all__ = [
@@ -456,12 +457,12 @@ def read_rows(array, lo: int, hi: int):
 
 
 def _tag_rows(tagger, stream: str, key: str, seq_nums, rows, t_read: float,
-              beam_center=None):
+              beam_center=None, readout=None):
     """FrameResults for the event values ``rows`` (arrays or read errors)."""
     items: list[FrameItem] = []
     for seq, value in zip(seq_nums, rows, strict=False):
         ident = dict(stream=stream, seq_num=seq, event_uid="", key=key, beam_center=beam_center,
-                     t_in=t_read)
+                     readout=readout, t_in=t_read)
         if isinstance(value, Exception):
             items.append(FrameItem(skip_reason=f"read_error: {type(value).__name__}: {value}",
                                    **ident))
@@ -520,13 +521,20 @@ class TaggedRun:
 
 def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
             stream_name: str | None = None, batch_size: int = 16,
-            beam_center=None) -> TaggedRun:
+            beam_center=None, readout=None) -> TaggedRun:
     """Tag the frames of ``blocks`` and compose the run's tag stream (nothing is written).
 
-    ``metadata`` is the run's (``start`` and ``stop``); ``beam_center`` as in
-    :func:`retag_run`. Frames are tagged ``batch_size`` events at a time, one
-    event page per batch. The pages are not schema-validated here:
-    :func:`append_tag_stream` validates each one before it writes anything.
+    ``metadata`` is the run's (``start`` and ``stop``); ``beam_center`` and
+    ``readout`` as in :func:`retag_run`. Frames are tagged ``batch_size``
+    events at a time, one event page per batch. The pages are not
+    schema-validated here: :func:`append_tag_stream` validates each one
+    before it writes anything.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``readout`` (the argument) is malformed; a malformed stored
+        ``xsml_readout`` is logged and the run tagged without a readout.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -539,6 +547,14 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
     except ValueError as err:  # a bad stored value: tag without a centre
         log.warning("run %s: %s; re-tagging without a beam centre", uid, err)
         centers = {}
+    if readout is not None:  # the caller's: a bad one is the caller's error
+        readouts = parse_readouts(readout, "readout")
+    else:
+        try:
+            readouts = parse_readouts(metadata["start"].get("xsml_readout"))
+        except ValueError as err:  # a bad stored value: tag its frames as counts
+            log.warning("run %s: %s; re-tagging without a readout", uid, err)
+            readouts = {}
 
     # pages are schema-validated once, by append_tag_stream, before anything is written
     composer = TagStreamComposer(metadata["start"], tagger.tags, tagger.thresholds,
@@ -552,7 +568,8 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
             t_read = time.time()
             rows = block.read(lo, hi)
             results = _tag_rows(tagger, block.stream, block.key, block.seq_nums[lo:hi], rows,
-                                t_read, centers.get(block.key, centers.get("*")))
+                                t_read, centers.get(block.key, centers.get("*")),
+                                readouts.get(block.key, readouts.get("*")))
             summary.add(results)
             if results:
                 pages.append(composer.page(results))
@@ -565,7 +582,8 @@ def tag_run(metadata: Mapping, tagger, blocks: Iterable[FrameBlock], *,
 
 def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: int = 16,
               image_keys: Sequence[str] | None = None, streams: Sequence[str] | None = None,
-              make_current: bool = True, beam_center=None, metadata: Mapping | None = None,
+              make_current: bool = True, beam_center=None, readout=None,
+              metadata: Mapping | None = None,
               blocks: Iterable[FrameBlock] | None = None) -> RetagResult:
     """Tag a stored run's frames with ``tagger`` and append the tag stream to the run.
 
@@ -610,6 +628,12 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
         The detector's beam centre for a tagger with a polar head, as
         :class:`~bluesky_xsml.documents.callback.TaggingCallback` takes it.
         Default: the run's start metadata ``xsml_beam_center``, if any.
+    readout : Readout, dict or {image key: readout}, optional
+        The detector's calibration (:class:`~bluesky_xsml.readout.Readout`),
+        as :class:`~bluesky_xsml.documents.callback.TaggingCallback` takes it:
+        the stored frames are in ADU and become counts before preprocessing.
+        Default: the run's start metadata ``xsml_readout``, if any (a malformed
+        one is logged and the frames are tagged as counts).
     metadata : dict, optional
         The run's metadata as just read by the caller: the run is not re-read
         and an existing stream of the same name is found when writing (see
@@ -623,6 +647,8 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if readout is not None:  # refused before anything is read
+        readout = parse_readouts(readout, "readout")
     t0 = time.perf_counter()
     base = refreshed(run_node) if metadata is None else plain_container(run_node)
     md = base.metadata if metadata is None else metadata
@@ -643,7 +669,7 @@ def retag_run(run_node, tagger, *, stream_name: str | None = None, batch_size: i
     if blocks is None:
         blocks = lazy_frame_blocks(base, image_keys=image_keys, streams=streams)
     tagged = tag_run(md, tagger, blocks, stream_name=name, batch_size=batch_size,
-                     beam_center=beam_center)
+                     beam_center=beam_center, readout=readout)
     append_tag_stream(base, tagged.descriptor, tagged.pages, tagged.summary,
                       make_current=make_current, metadata=metadata, descriptor_validated=True)
     return RetagResult(uid=uid, status="tagged", stream=name, checkpoint=checkpoint,

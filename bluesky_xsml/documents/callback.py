@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..inference.worker import FrameJob, InferenceWorker
+from ..readout import parse_readouts
 from .beam_center import parse_beam_center
 from .compose import FrameResult
 from .labelling import Labeller, document_labels
@@ -115,6 +116,7 @@ class TaggingCallback:
         self.read_timeout = o.read_timeout
         self.validate_pages = o.validate_pages
         self.beam_centers = parse_beam_center(o.beam_center, "beam_center")
+        self.readouts = parse_readouts(o.readout, "readout")  # checked by CallbackOptions
         self._told_no_beam_center = False
         self.index_min_prob = o.index_min_prob
         self.index_limit = o.index_limit

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..option_checks import bad, integer, with_keywords
+from ..readout import parse_readouts
 from .outbox import RetryPolicy
 
 __all__ = ["CallbackOptions"]
@@ -143,6 +144,14 @@ class CallbackOptions:
         and its run is tagged without a centre. A tagger with a polar head
         (:attr:`~bluesky_xsml.inference.tagger.Tagger.uses_beam_center`) reads
         it; frames without one are tagged by the CNN alone.
+    readout : Readout, dict or {image key: readout}, optional
+        The detector's calibration, for detectors that write ADU
+        (:class:`~bluesky_xsml.readout.Readout`: gain, offset, read noise,
+        which raw value means saturated and which masked), for every image
+        key or per key: frames are turned into counts before preprocessing.
+        A run's start document may set its own (``xsml_readout``, same forms),
+        which wins; a malformed one is counted in ``status()["document_errors"]``
+        and its run is tagged without a readout. Default: frames are counts.
     isolation : {"thread", "process"}
         Tag in the RunEngine's process or in a tagging process of its own
         (:mod:`bluesky_xsml.inference.process`).
@@ -174,6 +183,7 @@ class CallbackOptions:
     index_min_prob: float = 0.5
     index_limit: int = 1000
     beam_center: Any = None
+    readout: Any = None
     isolation: str = "thread"
     process_options: Any = None
 
@@ -198,6 +208,10 @@ class CallbackOptions:
             value = getattr(self, mapping)
             if value is not None and not isinstance(value, Mapping):
                 raise _bad(mapping, "a mapping or None", type(value).__name__)
+        try:
+            parse_readouts(self.readout, "readout")
+        except ConfigurationError as err:
+            raise ConfigurationError(f"callback option {err}") from None
         roots = self.allowed_roots
         if roots is not None and (isinstance(roots, str) or not isinstance(roots, Iterable)):
             raise _bad("allowed_roots", "a list of directories or None", roots)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from event_model import DocumentRouter
 
 from ..inference.worker import FrameJob
+from ..readout import run_readouts
 from ..summary import RunSummary
 from .beam_center import parse_beam_center
 from .compose import FrameResult, TagStreamComposer
@@ -60,6 +61,7 @@ class RunTagState:
     positions: dict = field(default_factory=dict)        # (stream, seq) -> [jobs left, {key: v}]
     index: Any = None                                     # FrameIndex, with the tag stream
     beam_centers: dict = field(default_factory=dict)     # image key (or "*") -> (x, y)
+    readouts: dict = field(default_factory=dict)         # image key (or "*") -> Readout
 
     @property
     def uid(self) -> str:
@@ -74,6 +76,10 @@ class RunTagState:
         """The beam centre ``(x, y)`` of frames under data key ``key``, or None."""
         return self.beam_centers.get(key, self.beam_centers.get("*"))
 
+    def readout_for(self, key: str):
+        """The :class:`~bluesky_xsml.readout.Readout` of frames under ``key``, or None."""
+        return self.readouts.get(key, self.readouts.get("*"))
+
 
 class RunHost(Protocol):
     """What a :class:`RunTagRouter` uses of the callback that built it."""
@@ -86,6 +92,7 @@ class RunHost(Protocol):
     index_min_prob: float
     index_limit: int
     beam_centers: dict
+    readouts: dict
     _lock: Any
 
     def emit(self, name: str, doc: dict) -> None: ...
@@ -136,6 +143,13 @@ class RunTagRouter(DocumentRouter):
                 run.beam_centers = {}
                 host.count_error(f"bad xsml_beam_center: {err}")
                 log.warning("xsml: %s (run %s)", err, doc["uid"])
+            # the run's own readout replaces the beamline's; a bad one is recorded and the
+            # run is tagged without a readout
+            run.readouts, err = run_readouts(doc, host.readouts)
+            if err:
+                host.count_error(f"bad xsml_readout: {err}")
+                log.warning("xsml: %s (run %s); its frames are tagged as counts", err,
+                            doc["uid"])
             if doc.get("xsml_labels"):
                 try:
                     run.start_labels = document_labels(doc["xsml_labels"], run_uid=doc["uid"],
@@ -280,6 +294,7 @@ class RunTagRouter(DocumentRouter):
     def _submit(self, jobs: list[FrameJob]) -> None:
         for job in jobs:
             job.beam_center = self.state.beam_center_for(job.key)
+            job.readout = self.state.readout_for(job.key)
         if jobs:
             self.host.submit(jobs)
 

@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..frame_cache import FrameCache
 from ..label_rows import parse_tag_labels
+from ..readout import Readout
 from .worker import FrameJob, InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,12 @@ class _Child:
                        msg["key"], skip_reason=msg.get("skip_reason", ""), t_in=msg["t_in"],
                        beam_center=msg.get("beam_center"))
         job.jid = msg["jid"]
+        if msg.get("readout") is not None:  # crossed as plain types; checked again here
+            try:
+                job.readout = Readout.from_metadata(msg["readout"], "readout")
+            except ValueError as err:  # never expected: the parent sent a checked one
+                job.skip_reason = job.skip_reason or f"bad_readout: {err}"
+                return job
         kind = msg["kind"]
         if kind == "slot":
             offset = msg["slot"] * self.slot_bytes

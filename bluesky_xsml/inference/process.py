@@ -366,7 +366,8 @@ class ProcessInferenceWorker(QueuedIntake):
         msg = {"jid": jid, "run_uid": job.run_uid, "stream": job.stream,
                "seq_num": job.seq_num, "event_uid": job.event_uid, "key": job.key,
                "skip_reason": job.skip_reason, "t_in": job.t_in,
-               "beam_center": job.beam_center, "kind": "none"}
+               "beam_center": job.beam_center, "kind": "none",
+               "readout": None if job.readout is None else job.readout.to_dict()}
         ref = getattr(job, "ref", None)
         if job.source is None:
             return msg

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..frames import split_frames
+from ..readout import Readout
 from ..results import FrameResult
 
 __all__ = ["FrameItem", "frames_to_results", "predict_resilient", "split_value"]
@@ -54,6 +55,7 @@ class FrameItem:
     frame: Any = None
     skip_reason: str = ""
     beam_center: tuple[float, float] | None = None
+    readout: Readout | None = None  # the detector's calibration: the frame is in ADU
     t_in: float = math.nan
     owner: Any = None
 
@@ -84,6 +86,9 @@ def frames_to_results(tagger, items: Sequence[FrameItem], *, analyse: bool = Fal
         ``thresholds`` and ``checkpoint_id`` (``hold``, ``input_centers`` and
         ``analyse_inputs`` are used where present).
     items : sequence of FrameItem
+        Items with a ``readout`` are in ADU: ``tagger.preprocess(frames,
+        readouts)`` turns them into counts (it is called with the frames alone
+        when no item has one).
     analyse : bool
         Also compute novelty scores, flags and embeddings, where the tagger
         can in the same model call (``analyse_inputs``).
@@ -105,7 +110,11 @@ def frames_to_results(tagger, items: Sequence[FrameItem], *, analyse: bool = Fal
     # no weight swap between the model call and reading which checkpoint made it
     with getattr(tagger, "hold", contextlib.nullcontext)():
         if frames:
-            inputs, ok, errors = tagger.preprocess(frames)
+            readouts = [items[pos].readout for pos in rows_of]
+            if any(r is not None for r in readouts):  # frames in ADU: counts first
+                inputs, ok, errors = tagger.preprocess(frames, readouts)
+            else:
+                inputs, ok, errors = tagger.preprocess(frames)
             for i, err in errors.items():
                 errors_by[rows_of[i]] = f"{getattr(err, 'reason', 'bad_frame')}: {err}"
             centers = _input_centers(tagger, [items[rows_of[i]] for i in ok],

@@ -46,6 +46,7 @@ from ..model import ProbabilitiesAndFeatures, TaggerNet, TaggerNetConfig, fuse_f
 from ..novelty import FrameAnalysis, NoveltyModel, sidecar_path
 from ..polar import input_centers
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
+from ..readout import as_readouts
 from ..tags import TAG_NAMES, TAGS, validate_tag_names
 from .device import choose_device, resolve_precision
 
@@ -363,9 +364,15 @@ class Tagger:
             self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="xsml-prep")
         return self._pool
 
-    def preprocess(self, frames: Sequence[np.ndarray]):
-        """Preprocess frames; see :func:`bluesky_xsml.preprocess.preprocess_batch`."""
-        return preprocess_batch(frames, self.preprocess_config, pool=self._executor())
+    def preprocess(self, frames: Sequence[np.ndarray], readouts=None):
+        """Preprocess frames; see :func:`bluesky_xsml.preprocess.preprocess_batch`.
+
+        ``readouts``: a :class:`~bluesky_xsml.readout.Readout` for all frames or
+        one (or ``None``) per frame; the frames are then in ADU, turned into
+        counts before preprocessing.
+        """
+        return preprocess_batch(frames, self.preprocess_config, pool=self._executor(),
+                                readouts=readouts)
 
     @property
     def uses_beam_center(self) -> bool:
@@ -444,7 +451,7 @@ class Tagger:
         return FrameAnalysis(probs, scores, nov.is_novel(scores), nov.embed(feats, probs),
                              feats if keep_features else None)
 
-    def analyse(self, frames, *, batch_size: int = 32, beam_center=None,
+    def analyse(self, frames, *, batch_size: int = 32, beam_center=None, readout=None,
                 keep_features: bool = False) -> FrameAnalysis:
         """:meth:`predict` with novelty scores and embeddings (see :meth:`analyse_inputs`).
 
@@ -454,7 +461,8 @@ class Tagger:
             If a frame cannot be used; the message names its index.
         """
         parts = [self.analyse_inputs(inputs, c, keep_features=keep_features)
-                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center)]
+                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center,
+                                                         readout)]
         if not parts:
             return self.analyse_inputs(np.zeros((0, len(CHANNELS), 8, 8), np.float32))
 
@@ -488,7 +496,8 @@ class Tagger:
         return (probs.cpu().numpy().astype(np.float32, copy=False),
                 feats.cpu().numpy().astype(np.float32, copy=False))
 
-    def predict(self, frames, *, batch_size: int = 32, beam_center=None) -> np.ndarray:
+    def predict(self, frames, *, batch_size: int = 32, beam_center=None,
+                readout=None) -> np.ndarray:
         """Per-tag probabilities for one frame, a stack or a list of frames.
 
         Parameters
@@ -503,6 +512,12 @@ class Tagger:
             for all frames or per frame (``NaN``: unknown). A tagger whose
             network has a polar head (:attr:`uses_beam_center`) reads it;
             other taggers ignore it.
+        readout : Readout, dict or sequence, optional
+            The detector's calibration (:class:`~bluesky_xsml.readout.Readout`,
+            or its fields as a dict, as in a start document's ``xsml_readout``)
+            for all frames, or one (or ``None``) per frame: the frames are in
+            ADU and become counts before preprocessing, with its saturated and
+            masked values told apart. Without it the frames' values are counts.
 
         Returns
         -------
@@ -514,23 +529,28 @@ class Tagger:
         FrameError
             If a frame cannot be used; the message names its index.
         ValueError
-            If ``beam_center`` is neither one pair nor one pair per frame.
+            If ``beam_center`` is neither one pair nor one pair per frame, or
+            ``readout`` is malformed or not one per frame
+            (:class:`~bluesky_xsml.errors.ConfigurationError`).
         """
         parts = [self.predict_inputs(inputs, c)
-                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center)]
+                 for _, inputs, c in self._input_batches(frames, batch_size, beam_center,
+                                                         readout)]
         return (np.concatenate(parts) if parts
                 else np.zeros((0, len(self.tags)), np.float32))
 
-    def _input_batches(self, frames, batch_size: int, beam_center):
+    def _input_batches(self, frames, batch_size: int, beam_center, readout=None):
         """``(start, inputs, centers)`` per batch of ``frames``: what predict and analyse run on.
 
         Raises ``FrameError`` naming the first unusable frame's index.
         """
         frame_list = as_frame_list(frames)
         centers = self.input_centers([np.shape(f) for f in frame_list], beam_center)
+        readouts = as_readouts(readout, len(frame_list))
         for start in range(0, len(frame_list), batch_size):
             chunk = frame_list[start:start + batch_size]
-            inputs, _, errors = self.preprocess(chunk)
+            inputs, _, errors = self.preprocess(
+                chunk, None if readouts is None else readouts[start:start + batch_size])
             if errors:
                 i, err = min(errors.items())
                 raise FrameError(f"frame {start + i}: {err}", reason=err.reason) from err

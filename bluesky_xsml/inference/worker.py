@@ -57,6 +57,7 @@ class FrameJob:
     nbytes: int = 0
     t_in: float = field(default_factory=time.monotonic)
     beam_center: tuple[float, float] | None = None  # (x, y) detector pixels, when known
+    readout: Any = None  # a Readout when the frames are in ADU of a calibrated detector
     #: For frames in files: the :class:`~bluesky_xsml.documents.external.FrameRef` and the
     #: ``(name, document)`` pairs needed to read it elsewhere (a tagging process); ``source``
     #: reads it here.
@@ -312,7 +313,8 @@ class InferenceWorker(QueuedIntake):
         items: list[FrameItem] = []
         for job in batch:
             ident = dict(stream=job.stream, seq_num=job.seq_num, event_uid=job.event_uid,
-                         key=job.key, beam_center=job.beam_center, t_in=job.t_in, owner=job)
+                         key=job.key, beam_center=job.beam_center, readout=job.readout,
+                         t_in=job.t_in, owner=job)
             if job.source is None:
                 items.append(FrameItem(skip_reason=job.skip_reason or "no_data", **ident))
                 continue

@@ -58,6 +58,7 @@ from ..catalog.append import (
     tagged_checkpoints,
 )
 from ..frames import find_image_keys
+from ..readout import parse_readouts
 from .retries import with_server_retries
 
 __all__ = [
@@ -412,7 +413,8 @@ def _write(catalog, item: Mapping, tagged, *, make_current: bool, stream_name: s
 
 def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str | None = None,
                 batch_size: int = 16, make_current: bool = True, beam_center=None,
-                image_keys: Sequence[str] | None = None, streams: Sequence[str] | None = None,
+                readout=None, image_keys: Sequence[str] | None = None,
+                streams: Sequence[str] | None = None,
                 read_files_under: Sequence[str | os.PathLike] = (),
                 memory_budget: int = DEFAULT_MEMORY_BUDGET, prefetch: int = 2,
                 threads_io: int = 1, retries: int = 2,
@@ -426,8 +428,9 @@ def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str |
         the reader and writer threads).
     items : iterable of dict
     tagger : Tagger
-    stream_name, batch_size, make_current, beam_center, image_keys, streams
-        As for :func:`~bluesky_xsml.catalog.append.retag_run`.
+    stream_name, batch_size, make_current, beam_center, readout, image_keys, streams
+        As for :func:`~bluesky_xsml.catalog.append.retag_run` (each run's
+        start metadata ``xsml_readout`` is the default readout).
     read_files_under : sequence of path
         Directories whose external HDF5 frames this process reads itself.
     memory_budget : int
@@ -449,8 +452,15 @@ def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str |
         the seconds spent per stage (``read_s``, ``tag_s``, ``write_s``,
         ``wait_read_s``, ``wait_write_s``), ``bytes_read`` and
         ``direct_blocks``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``readout`` is malformed (before any run is read).
     """
 
+    if readout is not None:
+        readout = parse_readouts(readout, "readout")  # refused before any run is read
     items = list(items)
     checkpoint = tagger.checkpoint_id
     stats = {"read_s": 0.0, "tag_s": 0.0, "write_s": 0.0, "wait_read_s": 0.0,
@@ -534,7 +544,8 @@ def retag_items(catalog, items: Iterable[Mapping], tagger, *, stream_name: str |
             try:
                 tagged = tag_run(prepared.item["attributes"]["metadata"], tagger,
                                  prepared.blocks, stream_name=stream_name,
-                                 batch_size=batch_size, beam_center=beam_center)
+                                 batch_size=batch_size, beam_center=beam_center,
+                                 readout=readout)
             except Exception as err:
                 log.exception("tagging run %s failed", _uid(items[i]))
                 finish(i, {"status": "error", "frames": 0,

@@ -265,7 +265,9 @@ def retag_catalog(catalog_uri: str, *, model: Any = None, container: str | None 
     options : dict, optional
         More keyword options for
         :func:`~bluesky_xsml.scaleout.batched.retag_items` (``batch_size``,
-        ``make_current``, ``memory_budget``, ``threads_io``, ...).
+        ``make_current``, ``memory_budget``, ``threads_io``, ``readout``, ...).
+        Without ``readout`` each run's start metadata ``xsml_readout`` (if any)
+        turns its frames into counts.
     read_files_under : sequence of path
         Directories whose external (HDF5) frame files the workers read
         themselves instead of through the server; a file elsewhere, or not a
@@ -423,6 +425,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="tag at most this many runs now (continue later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--readout", default=None, metavar="JSON",
+                        help="a detector readout (JSON) for every run, replacing each "
+                             "run's own, e.g. '{\"gain\": 3.6, \"offset\": 100, "
+                             "\"saturated_value\": 65535}' (default: each run's start "
+                             "metadata xsml_readout, if any)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -434,12 +441,23 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"xsml retag: {err}", file=sys.stderr)
         return 2
+    options = {}
+    if getattr(args, "readout", None):
+        from ..readout import parse_readouts
+
+        try:
+            options["readout"] = {key: r.to_dict() for key, r in
+                                  parse_readouts(json.loads(args.readout), "--readout").items()}
+        except ValueError as err:  # JSONDecodeError and ConfigurationError
+            print(f"xsml retag: {err}", file=sys.stderr)
+            return 2
     report = retag_catalog(args.catalog, model=args.model, container=args.container or None,
                            since=since, until=until, scheduler=args.scheduler,
                            n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                            runs_per_task=args.runs_per_task, stream_name=args.stream_name,
                            limit=args.limit, progress=not args.no_progress,
-                           read_files_under=args.read_files_under, prefetch=args.prefetch)
+                           read_files_under=args.read_files_under, prefetch=args.prefetch,
+                           options=options or None)
     for row in report.rows:
         if row.get("status") == "error":
             print(f"xsml retag: run {row['run']}: {row.get('error')}", file=sys.stderr)

@@ -47,6 +47,7 @@ from ..documents.callback import TaggingCallback
 from ..documents.compose import FrameResult, TagStreamComposer
 from ..documents.routing import RunRouter
 from ..inference.results import FrameItem, frames_to_results
+from ..readout import run_readouts
 from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
 from .partition import Partition
@@ -89,7 +90,8 @@ def frame_results_from_page(page: Mapping[str, Any], tags: Sequence[str]) -> lis
     return out
 
 
-def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32) -> list:
+def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32,
+               readouts: Mapping[str, Any] | None = None) -> list:
     """Tag frames read back from a catalog.
 
     Parameters
@@ -97,6 +99,10 @@ def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32) -> list:
     tagger : Tagger
     items : sequence of (stream, seq_num, event_uid, key, frame_index, frame, reason)
         ``frame`` is ``None`` (and ``reason`` says why) when it could not be read.
+    batch_size : int
+    readouts : dict, optional
+        The run's :class:`~bluesky_xsml.readout.Readout` per image key (``"*"``:
+        any), as live tagging uses them (:func:`~bluesky_xsml.readout.run_readouts`).
 
     Returns
     -------
@@ -105,9 +111,11 @@ def tag_frames(tagger, items: Sequence[tuple], *, batch_size: int = 32) -> list:
         :func:`~bluesky_xsml.inference.results.frames_to_results`); frames the
         model refuses are skipped with the reason it gives.
     """
+    readouts = readouts or {}
     frames = [FrameItem(stream=stream, seq_num=int(seq), event_uid=uid or "", key=key,
                         frame_index=int(index), frame=frame,
-                        skip_reason="" if frame is not None else (reason or "not_in_catalog"))
+                        skip_reason="" if frame is not None else (reason or "not_in_catalog"),
+                        readout=readouts.get(key, readouts.get("*")))
               for stream, seq, uid, key, index, frame, reason in items]
     out: list = []
     for start in range(0, len(frames), batch_size):
@@ -480,7 +488,9 @@ class BusWorker:
                 retry[(r.stream, r.key)].add(r.seq_num)
             else:
                 keep.append(r)
-        recovered = self._recover(node, lost, retry)
+        # recovered frames are converted with the readout the live ones were
+        readouts, _ = run_readouts(start, self.callback.readouts)
+        recovered = self._recover(node, lost, retry, readouts)
         all_results = keep + recovered
         if not all_results:
             self.report("run_done", run=uid, frames=0, live=0, recovered=0, written=None,
@@ -533,7 +543,8 @@ class BusWorker:
         return append_tag_stream(node, descriptor, pages, summary)
 
     def _recover(self, node, lost: Mapping[str, list[int]],
-                 retry: Mapping[tuple[str, str], set[int]]) -> list:
+                 retry: Mapping[tuple[str, str], set[int]],
+                 readouts: Mapping[str, Any] | None = None) -> list:
         """Tag, from the catalog, the frames of ``lost`` events and of ``retry`` frames."""
         wanted: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
         for (stream, key), seqs in retry.items():
@@ -557,7 +568,7 @@ class BusWorker:
         for (stream, key), seqs in sorted(wanted.items()):
             for seq, index, frame, reason in read_stored_frames(node, stream, key, seqs):
                 items.append((stream, seq, "", key, index, frame, reason))
-        return tag_frames(self.tagger, items)
+        return tag_frames(self.tagger, items, readouts=readouts)
 
     # ------------------------------------------------------------ lifecycle
     def stop(self) -> None:
