@@ -154,11 +154,6 @@ class Calibration:
         q = np.asarray(probs, np.float64)
         return sigmoid((logit(q) - self.b) / self.a).astype(np.float32)
 
-    def select(self, columns) -> Calibration:
-        """The calibration of some tags (``columns``: indices), for a tagger that keeps only them."""
-        idx = np.asarray(columns, np.int64)
-        return Calibration(self.a[idx], self.b[idx], self.pinned[idx], self.info)
-
     # -------------------------------------------------------------- storage
     def to_dict(self) -> dict:
         """Plain lists and a JSON-able ``info``: what a checkpoint stores."""
@@ -177,7 +172,8 @@ class Calibration:
             An unknown method or malformed values.
         """
         if not isinstance(d, dict) or d.get("method", "platt") != "platt":
-            raise ValueError(f"unknown calibration {d.get('method') if isinstance(d, dict) else d!r}")
+            what = d.get("method") if isinstance(d, dict) else d
+            raise ValueError(f"unknown calibration {what!r}")
         pinned = [np.nan if v is None else float(v) for v in d.get("pinned") or []] or None
         info = d.get("info") or {}
         if not isinstance(info, dict):

@@ -44,7 +44,7 @@ def test_ece_leaves_unknown_labels_out_and_bins_the_edges():
     assert expected_calibration_error(y, s) == pytest.approx(0.0, abs=1e-12)
     count, _, _ = reliability_bins(y, s, n_bins=15)
     assert count.sum() == 5                      # the two unknowns are not counted
-    count, mean_prob, frac = reliability_bins([1, 0], [1.0, 0.0], n_bins=15)
+    count, _, _ = reliability_bins([1, 0], [1.0, 0.0], n_bins=15)
     assert count[0] == 1 and count[-1] == 1      # p = 1 is in the last bin
     assert np.isnan(expected_calibration_error([np.nan], [0.5]))
 

@@ -129,7 +129,8 @@ def calibrate_tagger(tagger: Tagger, labels, scores, *, source: str = "") -> Cal
     if tagger.calibration is not None:
         raise ValueError("this tagger is already calibrated; calibrate its uncalibrated parent")
     a, b = fit_platt(labels, scores)
-    cal = Calibration(a, b, pinned=np.asarray(tagger.thresholds, np.float64))
+    thr = np.asarray(tagger.thresholds, np.float64)
+    cal = Calibration(a, b, pinned=np.where((thr > 0) & (thr < 1), thr, np.nan))
     before, pooled_before = calibration_errors(labels, scores)
     after, pooled_after = calibration_errors(labels, cal.apply(scores))
 
