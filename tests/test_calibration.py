@@ -240,6 +240,9 @@ def test_calibrate_and_evaluate_commands_on_a_tiny_spec(tmp_path, capsys):
         assert 0 <= c["ece_pooled"] <= 1 and sum(c["reliability_pooled"]["count"]) > 0
         assert summary[name]["ece_pooled"] == c["ece_pooled"]
         assert summary[name]["calibrated"] is (name == "cal")
+    # the calibrated model's evaluation also reports its parent's ECE (the map undone)
+    assert results["cal"]["calibration"]["uncalibrated"]["ece_pooled"] == pytest.approx(
+        results["raw"]["calibration"]["ece_pooled"], abs=2e-4)
     # ranking unchanged: AP per tag equal
     for t, row in results["raw"]["per_tag"].items():
         assert results["cal"]["per_tag"][t]["ap"] == row["ap"]

@@ -173,20 +173,23 @@ def table_with_ece(table: str, ece: dict) -> str:
     return "\n".join(out)
 
 
-def plot_reliability(path, labels, scores, tags, *, n_bins: int = ECE_BINS,
+def plot_reliability(path, labels, curves: dict, tags, *, n_bins: int = ECE_BINS,
                      title: str = "") -> Path:
     """Reliability diagram: all tags pooled (large) and one small panel per tag.
 
-    Each panel plots the fraction of positives against the mean predicted
-    probability per equal-width bin (marker area ~ frames in the bin), with
-    the diagonal of perfect calibration and the ECE in the title.
+    ``curves`` maps a name to ``(N, T)`` probabilities (one line each, e.g. a
+    model before and after calibration). Each panel plots the fraction of
+    positives against the mean predicted probability per equal-width bin
+    (marker area ~ frames in the bin), with the diagonal of perfect
+    calibration and each curve's ECE.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    per_tag, pooled = calibration_errors(labels, scores, n_bins)
+    labels = np.asarray(labels)
+    errors = {name: calibration_errors(labels, s, n_bins) for name, s in curves.items()}
     n = len(tags)
     cols = 6
     rows = (n + cols - 1) // cols
@@ -194,28 +197,36 @@ def plot_reliability(path, labels, scores, tags, *, n_bins: int = ECE_BINS,
     grid = fig.add_gridspec(rows, cols + 3)
     big = fig.add_subplot(grid[:, :3])
 
-    def panel(ax, y, s, name, ece, small):
-        count, mean_prob, frac_pos = reliability_bins(y, s, n_bins)
-        ok = count > 0
+    def panel(ax, column, name, small):
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
-        if ok.any():
-            size = 4 + 120 * count[ok] / count[ok].max()
-            ax.plot(mean_prob[ok], frac_pos[ok], "-", color="C0", lw=1)
-            ax.scatter(mean_prob[ok], frac_pos[ok], s=size / (3 if small else 1), color="C0",
-                       zorder=3)
+        eces = []
+        for k, (label, s) in enumerate(curves.items()):
+            s = np.asarray(s)
+            y_k, s_k = (labels, s) if column is None else (labels[:, column], s[:, column])
+            count, mean_prob, frac_pos = reliability_bins(y_k, s_k, n_bins)
+            ok = count > 0
+            ece = errors[label][1] if column is None else errors[label][0][column]
+            text = "-" if not np.isfinite(ece) else f"{ece:.3f}"
+            eces.append(text)
+            if ok.any():
+                size = 4 + 120 * count[ok] / count[ok].max()
+                ax.plot(mean_prob[ok], frac_pos[ok], "-", color=f"C{k}", lw=1,
+                        label=f"{label} (ECE {text})")
+                ax.scatter(mean_prob[ok], frac_pos[ok], s=size / (3 if small else 1),
+                           color=f"C{k}", zorder=3)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
-        ece_text = "-" if not np.isfinite(ece) else f"{ece:.3f}"
-        ax.set_title(f"{name}\nECE {ece_text}", fontsize=8 if small else 11)
+        ax.set_title(f"{name}\nECE {' / '.join(eces)}", fontsize=8 if small else 11)
         ax.tick_params(labelsize=6 if small else 9)
 
-    panel(big, np.asarray(labels), np.asarray(scores), "all tags pooled", pooled, False)
+    panel(big, None, "all tags pooled", False)
     big.set_xlabel("mean predicted probability")
     big.set_ylabel("fraction positive")
+    if big.get_legend_handles_labels()[0]:
+        big.legend(loc="upper left", fontsize=9)
     for j, tag in enumerate(tags):
-        ax = fig.add_subplot(grid[j // cols, 3 + j % cols])
-        panel(ax, np.asarray(labels)[:, j], np.asarray(scores)[:, j], tag, per_tag[j], True)
+        panel(fig.add_subplot(grid[j // cols, 3 + j % cols]), j, tag, True)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -318,6 +329,13 @@ def main(args: argparse.Namespace) -> int:
                         for j in range(len(tags))])
     calib = calibration_summary(y, scores, tags)
     calib["calibrated"] = tagger.calibration is not None
+    reliability_curves = {"model": scores}
+    if tagger.calibration is not None:
+        # the parent's probabilities are the map undone (exact up to float32 rounding)
+        raw_scores = tagger.calibration.invert(scores)
+        before = calibration_summary(y, raw_scores, tags)
+        calib["uncalibrated"] = {k: before[k] for k in ("ece_pooled", "mean_ece", "ece")}
+        reliability_curves = {"uncalibrated": raw_scores, "calibrated": scores}
     table = table_with_ece(m.table(), calib["ece"])
 
     print(f"model {tagger.checkpoint_id} ({model_path or 'packaged default'}) on {test.source}: "
@@ -333,6 +351,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"calibration ({state}): "
           f"ECE {calib['ece_pooled']} (all tags pooled), mean per-tag ECE {calib['mean_ece']} "
           f"({calib['ece_bins']} equal-width bins; unknown labels left out)")
+    if "uncalibrated" in calib:
+        print(f"  without the calibration: ECE {calib['uncalibrated']['ece_pooled']} (pooled), "
+              f"mean per-tag ECE {calib['uncalibrated']['mean_ece']}")
     print(f"mean ROC-AUC {m.mean_auc:.4f}; F1 at the suggested thresholds (mean) "
           f"{np.nanmean(m.f1):.4f}, at the checkpoint's thresholds {np.nanmean(ckpt_f1):.4f}")
     print(f"worst tags: {', '.join(f'{t} {a:.4f}' for t, a in m.worst(5))}")
@@ -399,7 +420,7 @@ def main(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "per_tag.txt").write_text(table + "\n")
         png = plot_pr_curves(out / "pr_curves.png", y, curves, tags)
-        rel = plot_reliability(out / "reliability.png", y, scores, tags, title=(
+        rel = plot_reliability(out / "reliability.png", y, reliability_curves, tags, title=(
             f"{tagger.checkpoint_id} on {test.source} ({len(test)} frames, "
             f"{'calibrated' if calib['calibrated'] else 'uncalibrated'})"))
         print(f"wrote {out / 'metrics.json'}, {out / 'per_tag.txt'}, {png} and {rel}")
