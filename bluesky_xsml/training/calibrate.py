@@ -156,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation frames to fit on ('synth:...' spec or an 'xsml synth' "
                              "zarr store); not the frames you report")
     parser.add_argument("--out", required=True, help="where to write the calibrated checkpoint")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="frames per inference batch (default 64)")
     parser.add_argument("--cache-dir", default=None, help="cache of preprocessed inputs")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes rendering synthetic frames")
