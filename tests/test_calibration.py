@@ -174,6 +174,11 @@ def test_checkpoint_round_trip_with_and_without_calibration(tmp_path, frames):
     ckpt["calibration"]["a"][0] *= 1.5                        # the map is in the content id
     with pytest.raises(CheckpointError, match="content id mismatch"):
         Tagger.from_checkpoint_dict(ckpt)
+    for bad, message in [({"method": "isotonic"}, "malformed"),
+                         ({"a": [1.0], "b": [0.0]}, "calibration is for 1 tags"),
+                         ({"a": [-1.0] * n, "b": [0.0] * n}, "malformed")]:
+        with pytest.raises(CheckpointError, match=message):
+            Tagger.from_checkpoint_dict({**ckpt, "calibration": bad})
 
 
 def test_the_packaged_checkpoint_loads_unchanged():

@@ -532,8 +532,9 @@ class Tagger:
         if x.shape[0] == 0:
             return (np.zeros((0, len(self.tags)), np.float32),
                     np.zeros((0, self.feature_dim), np.float32))
-        with self._lock:
+        with self._lock:  # the network and its calibration as one pair (see swap_weights)
             module, dtype, memory_format, takes_centers = self._infer
+            cal = self.calibration
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.to(dtype=dtype).contiguous(memory_format=memory_format)
@@ -547,7 +548,6 @@ class Tagger:
             else:
                 probs, feats = module(x)
         probs = probs.cpu().numpy().astype(np.float32, copy=False)
-        cal = self.calibration
         if cal is not None:
             probs = cal.apply(probs)
         return probs, feats.cpu().numpy().astype(np.float32, copy=False)
