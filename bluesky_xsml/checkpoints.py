@@ -14,6 +14,12 @@ A checkpoint is a ``torch.save`` of a dict of plain types and tensors::
     thresholds, state_dict          per-tag thresholds, the weights
     metadata                        provenance; metadata["checkpoint_id"] is content_id()
     novelty                         optional feature statistics (outside the content id)
+    calibration                     optional per-tag probability map (format version 2;
+                                    inside the content id; thresholds are then calibrated)
+
+An uncalibrated checkpoint is written as format version 1, as before, so older
+releases still read it; they refuse a calibrated one (version 2) rather than
+silently tag with uncalibrated probabilities against calibrated thresholds.
 
 Examples
 --------
@@ -55,7 +61,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "bluesky-xsml-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 _PACKAGED = Path(__file__).resolve().parent / "models" / "default.pt"
 
 #: Oldest torch whose ``torch.load(weights_only=True)`` cannot be talked into running code

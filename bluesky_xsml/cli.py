@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("bluesky_xsml.sim.dataset", "write a synthetic labeled dataset (zarr)"),
     "train": ("bluesky_xsml.training.train", "train the tagger on a synthetic dataset"),
     "evaluate": ("bluesky_xsml.training.evaluate", "per-tag AP/ROC-AUC, mAP and thresholds"),
+    "calibrate": ("bluesky_xsml.training.calibrate",
+                  "fit per-tag probability calibration on validation frames"),
     "polar-head": ("bluesky_xsml.training.polar_head",
                    "add a head that reads the beam centre to a trained tagger"),
     "worker": ("bluesky_xsml.scaleout.worker", "tag the runs of one partition from a 0MQ bus"),

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration import Calibration
 from ..checkpoints import (
     CHECKPOINT_FORMAT,
-    CHECKPOINT_FORMAT_VERSION,
     MIN_SAFE_TORCH,
     atomic_torch_save,
     check_format,
@@ -85,6 +85,11 @@ class Tagger:
         Feature statistics for novelty scores and embeddings
         (:mod:`bluesky_xsml.novelty`); without them :meth:`analyse` gives NaN
         scores and no embeddings.
+    calibration : Calibration, optional
+        A per-tag monotonic map applied to every probability the tagger returns
+        (:mod:`bluesky_xsml.calibration`, fitted by ``xsml calibrate``). With
+        one, ``thresholds`` are on the calibrated scale (what the outputs are
+        compared with) and the map is part of the checkpoint id.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class Tagger:
         precision: str = "auto",
         num_threads: int | None = None,
         novelty: NoveltyModel | None = None,
+        calibration: Calibration | None = None,
     ):
         self.tags: tuple[str, ...] = validate_tag_names(tags)
         if net.config.n_tags != len(self.tags):
@@ -123,6 +129,11 @@ class Tagger:
         self.default_thresholds = self.thresholds.copy()
         self.preprocess_config = preprocess or PreprocessConfig()
         self.metadata: dict[str, Any] = dict(metadata or {})
+        if calibration is not None and calibration.n_tags != len(self.tags):
+            raise ConfigurationError(f"calibration is for {calibration.n_tags} tags; the "
+                                     f"tagger has {len(self.tags)}")
+        #: The per-tag map applied to the network's probabilities (``None``: raw outputs).
+        self.calibration: Calibration | None = calibration
         self.device = choose_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.net = net.eval()  # the trainable form, on the CPU; saved and fine-tuned
@@ -143,11 +154,8 @@ class Tagger:
         return str(self.metadata["checkpoint_id"])
 
     def _header(self) -> dict:
-        return {
-            "model_config": self.net.config.to_dict(),
-            "preprocess": self.preprocess_config.to_dict(),
-            "tags": list(self.tags),
-        }
+        return _checkpoint_header(self.net.config.to_dict(), self.preprocess_config.to_dict(),
+                                  list(self.tags), self.calibration)
 
     def describe(self) -> dict:
         """JSON-able summary for documents and the API."""
@@ -161,7 +169,52 @@ class Tagger:
             "device": str(self.device),
             "precision": self.precision,
             "novelty": self.novelty_info(),
+            "calibration": self.calibration_info(),
         }
+
+    # ------------------------------------------------------------ calibration
+    def calibration_info(self) -> dict:
+        """JSON-able description of the calibration (``available: False`` without)."""
+        cal = self.calibration
+        if cal is None:
+            return {"available": False}
+        return {"available": True, "method": "platt", **cal.info}
+
+    def set_calibration(self, calibration: Calibration | None) -> None:
+        """Calibrate this tagger's outputs with ``calibration`` (``None``: remove it).
+
+        The thresholds (current and default) are carried over to the new
+        scale, so that every decision stays the same; the checkpoint id
+        changes (the map is part of it) and the previous id becomes
+        ``metadata["parent_id"]``.
+
+        Raises
+        ------
+        ConfigurationError
+            The calibration is for another number of tags.
+        """
+        if calibration is not None and calibration.n_tags != len(self.tags):
+            raise ConfigurationError(f"calibration is for {calibration.n_tags} tags; the "
+                                     f"tagger has {len(self.tags)}")
+        with self._lock:
+            old = self.calibration
+            thr, dflt = self.thresholds, self.default_thresholds
+            if old is not None:  # back to the network's scale first
+                thr, dflt = old.invert(thr), old.invert(dflt)
+            if calibration is not None:
+                thr, dflt = calibration.map_thresholds(thr), calibration.map_thresholds(dflt)
+            parent = self.checkpoint_id
+            self.calibration = calibration
+            self.thresholds = np.asarray(thr, np.float32)
+            self.default_thresholds = np.asarray(dflt, np.float32)
+            self.metadata["parent_id"] = parent
+            self.metadata["checkpoint_id"] = content_id(self.net.state_dict(), self._header())
+
+    def uncalibrated_thresholds(self) -> np.ndarray:
+        """The thresholds on the network's own (uncalibrated) scale, float32."""
+        if self.calibration is None:
+            return self.thresholds.copy()
+        return self.calibration.invert(self.thresholds)
 
     # ---------------------------------------------------------------- novelty
     @property
@@ -253,15 +306,19 @@ class Tagger:
             thresholds = list(ckpt["thresholds"])
             state = ckpt["state_dict"]
             metadata = dict(ckpt.get("metadata", {}))
+            calibration = (None if ckpt.get("calibration") is None
+                           else Calibration.from_dict(ckpt["calibration"]))
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source} is missing or has a malformed field: {err}") from err
+        if calibration is not None and calibration.n_tags != len(tags):
+            raise CheckpointError(f"{source}: calibration is for {calibration.n_tags} tags, the "
+                                  f"checkpoint has {len(tags)}")
         net = TaggerNet(config)
         try:
             net.load_state_dict(state)
         except Exception as err:
             raise CheckpointError(f"{source}: weights do not fit the model config: {err}") from err
-        header = {"model_config": config.to_dict(), "preprocess": preprocess.to_dict(),
-                  "tags": tags}
+        header = _checkpoint_header(config.to_dict(), preprocess.to_dict(), tags, calibration)
         expected = metadata.get("checkpoint_id")
         actual = content_id(net.state_dict(), header)
         if expected is not None and expected != actual:
@@ -281,7 +338,7 @@ class Tagger:
                                       f"{novelty.feature_dim} features, the network pools "
                                       f"{net.head.in_features}")
         return cls(net, tags, thresholds=thresholds, preprocess=preprocess, metadata=metadata,
-                   novelty=novelty, **kwargs)
+                   novelty=novelty, calibration=calibration, **kwargs)
 
     def _compiled(self, net: TaggerNet):
         """The inference form of ``net``: batch norms folded, cast, traced and frozen.
@@ -336,12 +393,16 @@ class Tagger:
         metadata["checkpoint_id"] = content_id(state, self._header())
         out = {
             "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_FORMAT_VERSION,
+            # version 2 adds "calibration"; an uncalibrated checkpoint stays version 1, so
+            # that older bluesky-xsml releases keep reading it (and refuse a calibrated one)
+            "format_version": 1 if self.calibration is None else 2,
             **self._header(),
             "thresholds": [float(t) for t in self.thresholds],
             "state_dict": state,
             "metadata": json.loads(json.dumps(metadata, default=str)),
         }
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
         if self.novelty is not None:
             # outside the content id: the statistics do not change what the network tags,
             # and they can be refitted without making a new checkpoint id
@@ -479,8 +540,9 @@ class Tagger:
         if x.shape[0] == 0:
             return (np.zeros((0, len(self.tags)), np.float32),
                     np.zeros((0, self.feature_dim), np.float32))
-        with self._lock:
+        with self._lock:  # the network and its calibration as one pair (see swap_weights)
             module, dtype, memory_format, takes_centers = self._infer
+            cal = self.calibration
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.to(dtype=dtype).contiguous(memory_format=memory_format)
@@ -493,8 +555,10 @@ class Tagger:
                 probs, feats = module(x, c.to(self.device))
             else:
                 probs, feats = module(x)
-        return (probs.cpu().numpy().astype(np.float32, copy=False),
-                feats.cpu().numpy().astype(np.float32, copy=False))
+        probs = probs.cpu().numpy().astype(np.float32, copy=False)
+        if cal is not None:
+            probs = cal.apply(probs)
+        return probs, feats.cpu().numpy().astype(np.float32, copy=False)
 
     def predict(self, frames, *, batch_size: int = 32, beam_center=None,
                 readout=None) -> np.ndarray:
@@ -599,6 +663,7 @@ class Tagger:
             self.metadata = dict(other.metadata)
             self.preprocess_config = other.preprocess_config
             self.novelty = getattr(other, "novelty", None)
+            self.calibration = getattr(other, "calibration", None)
 
     def hold(self):
         """Context manager that keeps weights from being swapped while it is held.
@@ -673,6 +738,20 @@ class Tagger:
     def __repr__(self) -> str:
         return (f"<Tagger {self.checkpoint_id} {len(self.tags)} tags on {self.device}"
                 f" ({self.precision})>")
+
+
+def _checkpoint_header(model_config: dict, preprocess: dict, tags: list,
+                       calibration: Calibration | None) -> dict:
+    """What the content id covers besides the weights.
+
+    The calibration map enters only when there is one, so the ids of
+    uncalibrated checkpoints are what they always were.
+    """
+    header = {"model_config": model_config, "preprocess": preprocess, "tags": list(tags)}
+    if calibration is not None:
+        d = calibration.to_dict()
+        header["calibration"] = {k: d[k] for k in ("method", "a", "b", "pinned")}
+    return header
 
 
 def as_frame_list(frames) -> list:

@@ -36,10 +36,19 @@ from ..inference.tagger import Tagger
 from ..polar import input_centers
 from .baseline import ProfileBaseline
 from .data import describe, load_arrays
-from .metrics import average_precision, evaluate_scores, f1_at, precision_recall_curve
+from .metrics import (
+    ECE_BINS,
+    average_precision,
+    calibration_errors,
+    evaluate_scores,
+    f1_at,
+    precision_recall_curve,
+    reliability_bins,
+)
 
-__all__ = ["add_arguments", "arrays_centers", "last_line", "main", "plot_pr_curves",
-           "predict_arrays", "size_groups"]
+__all__ = ["add_arguments", "arrays_centers", "calibration_summary", "last_line", "main",
+           "plot_pr_curves", "plot_reliability", "predict_arrays", "size_groups",
+           "table_with_ece"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +130,105 @@ def plot_pr_curves(path, labels, curves: dict, tags) -> Path:
         axes[j // cols][j % cols].axis("off")
     fig.supxlabel("recall")
     fig.supylabel("precision")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def calibration_summary(labels, scores, tags, n_bins: int = ECE_BINS) -> dict:
+    """Per-tag and pooled expected calibration error, and the pooled reliability bins.
+
+    Unknown (``NaN``) labels are left out, as in the masked training loss.
+    ``ece_pooled`` is the ECE of all known (frame, tag) pairs together;
+    ``mean_ece`` the mean of the per-tag values.
+    """
+    per_tag, pooled = calibration_errors(labels, scores, n_bins)
+    count, mean_prob, frac_pos = reliability_bins(labels, scores, n_bins)
+
+    def r(v):
+        return None if not np.isfinite(v) else round(float(v), 4)
+
+    return {"ece_bins": n_bins, "ece_pooled": r(pooled),
+            "mean_ece": r(np.nanmean(per_tag)) if np.isfinite(per_tag).any() else None,
+            "ece": {t: r(v) for t, v in zip(tags, per_tag, strict=True)},
+            "reliability_pooled": {"count": [int(c) for c in count],
+                                   "mean_prob": [r(v) for v in mean_prob],
+                                   "frac_pos": [r(v) for v in frac_pos]}}
+
+
+def table_with_ece(table: str, ece: dict) -> str:
+    """``TagMetrics.table()`` with an ``ECE`` column (rows are matched by tag name).
+
+    >>> print(table_with_ece(chr(10).join(["tag  AP", "a  0.9"]), {"a": 0.0123}))
+    tag  AP     ECE
+    a  0.9  0.0123
+    """
+    lines = table.split("\n")
+    out = [lines[0] + f" {'ECE':>7}"]
+    for line in lines[1:]:
+        v = ece.get(line.split(" ", 1)[0])
+        out.append(line + (f" {v:>7.4f}" if v is not None else f" {'-':>7}"))
+    return "\n".join(out)
+
+
+def plot_reliability(path, labels, curves: dict, tags, *, n_bins: int = ECE_BINS,
+                     title: str = "") -> Path:
+    """Reliability diagram: all tags pooled (large) and one small panel per tag.
+
+    ``curves`` maps a name to ``(N, T)`` probabilities (one line each, e.g. a
+    model before and after calibration). Each panel plots the fraction of
+    positives against the mean predicted probability per equal-width bin
+    (marker area ~ frames in the bin), with the diagonal of perfect
+    calibration and each curve's ECE.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    labels = np.asarray(labels)
+    errors = {name: calibration_errors(labels, s, n_bins) for name, s in curves.items()}
+    n = len(tags)
+    cols = 6
+    rows = (n + cols - 1) // cols
+    fig = plt.figure(figsize=(2.3 * cols + 5.0, max(2.3 * rows, 5.0)))
+    grid = fig.add_gridspec(rows, cols + 3)
+    big = fig.add_subplot(grid[:, :3])
+
+    def panel(ax, column, name, small):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+        eces = []
+        for k, (label, s) in enumerate(curves.items()):
+            s = np.asarray(s)
+            y_k, s_k = (labels, s) if column is None else (labels[:, column], s[:, column])
+            count, mean_prob, frac_pos = reliability_bins(y_k, s_k, n_bins)
+            ok = count > 0
+            ece = errors[label][1] if column is None else errors[label][0][column]
+            text = "-" if not np.isfinite(ece) else f"{ece:.3f}"
+            eces.append(text)
+            if ok.any():
+                size = 4 + 120 * count[ok] / count[ok].max()
+                ax.plot(mean_prob[ok], frac_pos[ok], "-", color=f"C{k}", lw=1,
+                        label=f"{label} (ECE {text})")
+                ax.scatter(mean_prob[ok], frac_pos[ok], s=size / (3 if small else 1),
+                           color=f"C{k}", zorder=3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_title(f"{name}\nECE {' / '.join(eces)}", fontsize=8 if small else 11)
+        ax.tick_params(labelsize=6 if small else 9)
+
+    panel(big, None, "all tags pooled", False)
+    big.set_xlabel("mean predicted probability")
+    big.set_ylabel("fraction positive")
+    if big.get_legend_handles_labels()[0]:
+        big.legend(loc="upper left", fontsize=9)
+    for j, tag in enumerate(tags):
+        panel(fig.add_subplot(grid[j // cols, 3 + j % cols]), j, tag, True)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
@@ -219,6 +327,16 @@ def main(args: argparse.Namespace) -> int:
 
     ckpt_f1 = np.array([f1_at(y[f1_rows, j], scores[f1_rows, j], tagger.thresholds[j])
                         for j in range(len(tags))])
+    calib = calibration_summary(y, scores, tags)
+    calib["calibrated"] = tagger.calibration is not None
+    reliability_curves = {"model": scores}
+    if tagger.calibration is not None:
+        # the parent's probabilities are the map undone (exact up to float32 rounding)
+        raw_scores = tagger.calibration.invert(scores)
+        before = calibration_summary(y, raw_scores, tags)
+        calib["uncalibrated"] = {k: before[k] for k in ("ece_pooled", "mean_ece", "ece")}
+        reliability_curves = {"uncalibrated": raw_scores, "calibrated": scores}
+    table = table_with_ece(m.table(), calib["ece"])
 
     print(f"model {tagger.checkpoint_id} ({model_path or 'packaged default'}) on {test.source}: "
           f"{len(test)} frames")
@@ -227,7 +345,15 @@ def main(args: argparse.Namespace) -> int:
         ("given to the polar head" if arrays_centers(tagger, test, use_centers) is not None
          else "not given (the polar head is unused)") if tagger.uses_beam_center
         else "not read by this model"))
-    print(m.table())
+    print(table)
+    state = ("uncalibrated" if tagger.calibration is None
+             else f"calibrated on {tagger.calibration.info.get('fitted_on')}")
+    print(f"calibration ({state}): "
+          f"ECE {calib['ece_pooled']} (all tags pooled), mean per-tag ECE {calib['mean_ece']} "
+          f"({calib['ece_bins']} equal-width bins; unknown labels left out)")
+    if "uncalibrated" in calib:
+        print(f"  without the calibration: ECE {calib['uncalibrated']['ece_pooled']} (pooled), "
+              f"mean per-tag ECE {calib['uncalibrated']['mean_ece']}")
     print(f"mean ROC-AUC {m.mean_auc:.4f}; F1 at the suggested thresholds (mean) "
           f"{np.nanmean(m.f1):.4f}, at the checkpoint's thresholds {np.nanmean(ckpt_f1):.4f}")
     print(f"worst tags: {', '.join(f'{t} {a:.4f}' for t, a in m.worst(5))}")
@@ -239,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
                    "n_frames": len(test), "thresholds_from": thr_source,
                    "f1_at_checkpoint_thresholds": [None if not np.isfinite(v) else
                                                    round(float(v), 4) for v in ckpt_f1],
-                   "data_summary": describe(test)})
+                   "data_summary": describe(test), "calibration": calib})
 
     if args.by_detector:
         per = {}
@@ -292,9 +418,12 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
-        (out / "per_tag.txt").write_text(m.table() + "\n")
+        (out / "per_tag.txt").write_text(table + "\n")
         png = plot_pr_curves(out / "pr_curves.png", y, curves, tags)
-        print(f"wrote {out / 'metrics.json'}, {out / 'per_tag.txt'} and {png}")
+        rel = plot_reliability(out / "reliability.png", y, reliability_curves, tags, title=(
+            f"{tagger.checkpoint_id} on {test.source} ({len(test)} frames, "
+            f"{'calibrated' if calib['calibrated'] else 'uncalibrated'})"))
+        print(f"wrote {out / 'metrics.json'}, {out / 'per_tag.txt'}, {png} and {rel}")
     if args.summary:
         path = Path(args.summary)
         summary = json.loads(path.read_text()) if path.exists() else {}
@@ -303,6 +432,8 @@ def main(args: argparse.Namespace) -> int:
                  "worst": [[t, round(a, 4)] for t, a in m.worst(3)],
                  "precision": tagger.precision,
                  "beam_centers": arrays_centers(tagger, test, use_centers) is not None,
+                 "calibrated": calib["calibrated"], "ece_pooled": calib["ece_pooled"],
+                 "mean_ece": calib["mean_ece"], "ece": calib["ece"],
                  "ap": {t: (None if not np.isfinite(a) else round(float(a), 4))
                         for t, a in zip(tags, m.ap, strict=True)}}
         if "baseline" in result:

@@ -148,11 +148,18 @@ def grow_head(tagger, new_tags: Sequence[str]):
         state["pos_weight"] = torch.ones_like(state["pos_weight"])
         state["pos_weight"][:n] = old["pos_weight"]
     net.load_state_dict(state)
-    thresholds = np.concatenate([tagger.thresholds, np.full(len(new), 0.5, np.float32)])
+    # a calibration fitted to the old network does not carry over: back to its own scale
+    thresholds = np.concatenate([_raw_thresholds(tagger), np.full(len(new), 0.5, np.float32)])
     metadata = {k: v for k, v in tagger.metadata.items() if k != "checkpoint_id"}
     metadata["parent_id"] = tagger.checkpoint_id
     return Tagger(net.eval(), tags, thresholds=thresholds, preprocess=tagger.preprocess_config,
                   metadata=metadata, device=tagger.device, precision=tagger.precision)
+
+
+def _raw_thresholds(tagger) -> np.ndarray:
+    """A tagger's thresholds on its network's own scale (undoing a calibration), a copy."""
+    raw = getattr(tagger, "uncalibrated_thresholds", None)
+    return np.asarray(raw() if raw is not None else tagger.thresholds, np.float32).copy()
 
 
 def split_holdout(n: int, *, fraction: float, seed: int = 0, min_val: int = 2) -> np.ndarray:
@@ -484,7 +491,8 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
     report.passed = ok
     report.reason = "; ".join(reasons)
 
-    thresholds = base.thresholds.copy()
+    # the new tagger is uncalibrated (the network changed): thresholds on the network's scale
+    thresholds = _raw_thresholds(base)
     for j, t in enumerate(out_tags):
         if t in new_tags and len(x_val) and j in _scorable(y_val):
             thresholds[j] = best_f1_threshold(y_val[:, j], _scores(net, x_val)[:, j])[0]

@@ -37,6 +37,10 @@ __all__ = [
     "precision_recall_curve",
     "best_f1_threshold",
     "evaluate_scores",
+    "ECE_BINS",
+    "reliability_bins",
+    "expected_calibration_error",
+    "calibration_errors",
 ]
 
 
@@ -260,3 +264,71 @@ def f1_at(labels, scores, threshold: float) -> float:
     fp = float((pred & (y == 0)).sum())
     fn = float((~pred & (y == 1)).sum())
     return 2 * tp / max(2 * tp + fp + fn, 1e-12)
+
+
+#: Equal-width probability bins of the expected calibration error and the reliability diagram.
+ECE_BINS = 15
+
+
+def reliability_bins(labels, scores, n_bins: int = ECE_BINS):
+    """Per equal-width probability bin: count, mean probability, fraction positive.
+
+    Unknown (``NaN``) labels are left out, as in the masked training loss. Bin
+    ``k`` holds ``k/n <= p < (k+1)/n``; ``p = 1`` falls in the last bin.
+
+    Returns
+    -------
+    count, mean_prob, frac_pos : numpy.ndarray, shape (n_bins,)
+        ``mean_prob`` and ``frac_pos`` are ``NaN`` in empty bins.
+
+    Examples
+    --------
+    >>> c, p, f = reliability_bins([1, 0, 1, 1], [0.9, 0.9, 0.1, 1.0], n_bins=2)
+    >>> c.tolist(), p.round(3).tolist(), f.round(3).tolist()
+    ([1, 3], [0.1, 0.933], [1.0, 0.667])
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    y, s = _clean(labels, scores)
+    idx = np.clip((s * n_bins).astype(np.int64), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(idx, weights=s, minlength=n_bins) / count
+        frac_pos = np.bincount(idx, weights=y, minlength=n_bins) / count
+    return count, mean_prob, frac_pos
+
+
+def expected_calibration_error(labels, scores, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: ``sum_k (n_k / n) |frac_pos_k - mean_prob_k|``.
+
+    Over ``n_bins`` equal-width bins of the predicted probability, weighted by
+    the number of known labels in each; unknown (``NaN``) labels are left out.
+    ``NaN`` when no label is known.
+
+    Examples
+    --------
+    >>> round(expected_calibration_error([1, 0, 0, 0, 0], [0.2] * 5), 6)  # 1 in 5 at 0.2
+    0.0
+    >>> round(expected_calibration_error([1, 0, 1, 0], [0.9] * 4), 6)     # 0.9 said, 0.5 seen
+    0.4
+    """
+    count, mean_prob, frac_pos = reliability_bins(labels, scores, n_bins)
+    n = count.sum()
+    if n == 0:
+        return float("nan")
+    full = count > 0
+    return float(np.sum(count[full] * np.abs(frac_pos[full] - mean_prob[full])) / n)
+
+
+def calibration_errors(labels, scores, n_bins: int = ECE_BINS) -> tuple[np.ndarray, float]:
+    """Per-tag ECE ``(T,)`` and the ECE of all known (frame, tag) pairs pooled.
+
+    ``labels`` and ``scores`` are ``(N, T)``; a tag with no known label has ``NaN``.
+    """
+    y = np.asarray(labels, np.float64)
+    s = np.asarray(scores, np.float64)
+    if y.ndim != 2 or y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be the same (N, T)")
+    per_tag = np.array([expected_calibration_error(y[:, j], s[:, j], n_bins)
+                        for j in range(y.shape[1])])
+    return per_tag, expected_calibration_error(y, s, n_bins)
