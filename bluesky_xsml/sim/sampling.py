@@ -16,33 +16,32 @@ from ..errors import ConfigurationError
 from ..tags import TAG_NAMES
 from . import physics as ph
 from .features import (
-    _add_diffuse,
-    _add_gi_diffuse,
-    _add_halo,
-    _add_isolated,
-    _add_lattice,
-    _add_on_ring,
-    _add_rings,
-    _add_rods,
-    _add_saturation,
-    _add_specular,
-    _add_streaks,
-    _bs_angle,
-    _ensure_bright,
-    _feature_peak,
-    _scale_feature,
+    add_diffuse,
+    add_gi_diffuse,
+    add_halo,
+    add_isolated,
+    add_lattice,
+    add_on_ring,
+    add_rings,
+    add_rods,
+    add_saturation,
+    add_specular,
+    add_streaks,
+    ensure_bright,
+    feature_peak,
+    scale_feature,
 )
 from .geometry import DetectorConfig, Footprint, SceneGeometry, resolve_detectors
-from .labels import _label_state, scene_labels
+from .labels import label_state, scene_labels
 from .scene import (
-    _R_E,
+    R_E,
     SCENE_VERSION,
     WANT_P,
-    _detector_entry,
-    _jsonable,
-    _logu,
-    _u,
     complete_scene,
+    detector_entry,
+    jsonable,
+    log_uniform,
+    uniform_in,
 )
 from .variety import (
     CLASSIC,
@@ -91,7 +90,7 @@ def _want(rng, tags: Mapping[str, bool] | None,
     return want
 
 
-class _Sampler:
+class Sampler:
     """State of one scene being sampled."""
 
     def __init__(self, rng, det: DetectorConfig, size, want, prof: VarietyProfile = CLASSIC):
@@ -101,7 +100,7 @@ class _Sampler:
         self.want = want
         dtype = det.dtypes[0] if len(det.dtypes) == 1 else (
             det.dtypes[0] if rng.random() < 0.6 else det.dtypes[1])
-        self.d = _detector_entry(det.name, size, rng, dtype)
+        self.d = detector_entry(det.name, size, rng, dtype)
         self.h, self.w = self.d["shape"]
         self.L = max(self.h, self.w)
         self.p = self.d["pixel_size_m"]
@@ -123,16 +122,17 @@ class _Sampler:
             else:
                 yh = h - 0.5 + rng.uniform(1.0, 0.3 * h + 2.0)
             rho = rng.uniform(0.3, 2.0)
-            ac = lam * math.sqrt(rho * _R_E / math.pi)
+            ac = lam * math.sqrt(rho * R_E / math.pi)
             if want["yoneda"]:
-                off = _u(rng, max(4.0, 0.04 * h), max(6.0, 0.16 * h))
+                off = uniform_in(rng, max(4.0, 0.04 * h), max(6.0, 0.16 * h))
                 D = float(np.clip(off * self.p / math.tan(ac), 0.1, 15.0))
             else:
                 D = self._distance_from_q(lam, cx, yh + 5)
             ai = float(np.clip(ac * rng.uniform(0.8, 3.0), math.radians(0.03), math.radians(1.0)))
             cy = yh + D * math.tan(ai) / self.p
             gi = {"incidence_deg": math.degrees(ai), "critical_deg": math.degrees(ac),
-                  "beta_ratio": _logu(rng, 0.005, 0.05), "below": _logu(rng, 1e-4, 3e-3),
+                  "beta_ratio": log_uniform(rng, 0.005, 0.05),
+                  "below": log_uniform(rng, 1e-4, 3e-3),
                   "yoneda": bool(want["yoneda"])}
         else:
             mode = rng.random()
@@ -163,7 +163,7 @@ class _Sampler:
     def _distance_from_q(self, lam, cx, cy):
         fp = Footprint((self.h, self.w), ([], []), (cx, cy))
         r_far = fp.farthest_radius()
-        q_far = _logu(self.rng, 0.03, 1.2 if self.want["higher_orders"] else 6.0)
+        q_far = log_uniform(self.rng, 0.03, 1.2 if self.want["higher_orders"] else 6.0)
         s = min(q_far * lam / (4 * math.pi), math.sin(math.radians(32.0)))
         tth = 2 * math.asin(s)
         return float(np.clip(r_far * self.p / math.tan(tth), 0.05, 15.0))
@@ -182,6 +182,13 @@ class _Sampler:
             self.lam *= math.sin(math.radians(30)) / s
             tth = math.radians(60)
         self.D = float(np.clip(r1 * self.p / math.tan(tth), 0.05, 15.0))
+
+
+def _bs_angle(rng) -> float:
+    """Beamstop holder angle (degrees): mostly along a detector axis."""
+    if rng.random() < 0.7:
+        return float(90.0 * int(rng.integers(4)) + rng.uniform(-3, 3))
+    return float(rng.uniform(0, 360))
 
 
 def _ctx_for(sc: dict) -> SceneGeometry:
@@ -228,10 +235,11 @@ def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256
         raise ConfigurationError(f"size must be an int >= 16 or None, got {size!r}")
     prof = resolve_variety(variety)
     pool = resolve_detectors(detector if detector is not None else detectors)
-    return _sample(rng, _pick_detector(rng, pool), size, tags, prof=prof)[0]
+    return sample_labelled(rng, pick_detector(rng, pool), size, tags, prof=prof)[0]
 
 
-def _pick_detector(rng, pool) -> DetectorConfig:
+def pick_detector(rng, pool) -> DetectorConfig:
+    """One detector of ``pool``, drawn by weight (no draw when there is only one)."""
     if len(pool) == 1:
         return pool[0]
     wts = np.array([d.weight for d in pool])
@@ -242,8 +250,8 @@ _SEEN_TAGS = [i for i, t in enumerate(TAG_NAMES) if t not in (
     "beam_off", "detector_gaps", "beamstop_circular", "beamstop_linear", "high_background")]
 
 
-def _sample(rng, det, size, tags, attempts: int = 4,
-            prof: VarietyProfile = CLASSIC) -> tuple[dict, np.ndarray]:
+def sample_labelled(rng, det, size, tags, attempts: int = 4,
+                    prof: VarietyProfile = CLASSIC) -> tuple[dict, np.ndarray]:
     """A scene and its labels; beam-on scenes in which nothing would be seen are redrawn."""
     for _ in range(attempts):
         scene = _sample_once(rng, det, size, tags, prof)
@@ -255,7 +263,7 @@ def _sample(rng, det, size, tags, attempts: int = 4,
 
 def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
     want = _want(rng, tags, prof)
-    S = _Sampler(rng, det, size, want, prof)
+    S = Sampler(rng, det, size, want, prof)
     d = S.d
     # dead / hot pixels
     n_bad = int(rng.poisson(6e-5 * S.h * S.w))
@@ -263,7 +271,7 @@ def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
                                 rng.integers(0, S.w, n_bad)], 1).tolist()
     ccd = det.family == "ccd"
     read = rng.uniform(0.5, 1.0 if want["weak_scattering"] else 3.0) if ccd else 0.0
-    S.sc["noise"] = {"dark": _logu(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
+    S.sc["noise"] = {"dark": log_uniform(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
                      "offset": rng.uniform(5.0, 60.0) if ccd else 0.0}
     if not prof.classic:
         S.sc["variety"] = prof.name
@@ -280,12 +288,12 @@ def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
         S.finish_geometry()
         S.sc.update(beam_on=False, background={"level": 0.0, "gradient": [0.0, 0.0]},
                     beamstop=None, features=[], grazing=None)
-        return _jsonable(S.sc)
+        return jsonable(S.sc)
     _sample_beam_on(S)
-    return _jsonable(S.sc)
+    return jsonable(S.sc)
 
 
-def _sample_beam_on(S: _Sampler) -> None:
+def _sample_beam_on(S: Sampler) -> None:
     rng, want, L = S.rng, S.want, S.L
     S.geometry()
     # a calibrant powder anchors the distance
@@ -320,13 +328,13 @@ def _sample_beam_on(S: _Sampler) -> None:
     bs = None
     if want["beamstop_circular"] and on_det:
         R = max(4.0 if S.P.classic else 2.0, rng.uniform(*S.P.beamstop_circular_L) * L)
-        bs = {"type": "circular", "radius_px": R, "transmission": _logu(rng, 1e-5, 1e-2),
+        bs = {"type": "circular", "radius_px": R, "transmission": log_uniform(rng, 1e-5, 1e-2),
               "edge_px": rng.uniform(0.5, 1.5), "angle_deg": _bs_angle(rng),
               "holder_width_px": 2 * R * rng.uniform(0.2, 0.4) if rng.random() < 0.5 else 0.0}
     elif want["beamstop_linear"] and on_det:
         bs = {"type": "linear",
               "width_px": max(4.0 if S.P.classic else 2.5, rng.uniform(*S.P.beamstop_linear_L) * L),
-              "transmission": _logu(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
+              "transmission": log_uniform(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
               "angle_deg": _bs_angle(rng)}
     S.sc["beamstop"] = bs
     # calibrant anchor
@@ -351,7 +359,7 @@ def _sample_beam_on(S: _Sampler) -> None:
             top = 0.9 * r_far / 3.3
         else:
             top = 0.55 * r_far
-        r1 = _u(rng, max(r_lo, 30.0), max(r_lo + 1, 30.0, top))
+        r1 = uniform_in(rng, max(r_lo, 30.0), max(r_lo + 1, 30.0, top))
         S.set_distance_for(q1, r1)
     S.finish_geometry()
     S.sc.update(beam_on=True, background={"level": 0.0, "gradient": [0.0, 0.0]}, features=[])
@@ -376,13 +384,14 @@ def _sample_beam_on(S: _Sampler) -> None:
         if need_rim:
             B = rng.uniform(rim, max(1.15 * rim, 2.6))
         else:
-            B = 0.0 if (not ccd and rng.random() < 0.3) else _logu(rng, 0.02, 2.0)
+            B = 0.0 if (not ccd and rng.random() < 0.3) else log_uniform(rng, 0.02, 2.0)
     elif mode == "high":
-        B = _logu(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
+        B = log_uniform(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
         if not S.P.classic:
             B = min(B, 0.25 * cut)     # a readout with a small range (8-bit ADU)
     else:
-        B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else _logu(rng, 0.01, 30.0)
+        B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else \
+            log_uniform(rng, 0.01, 30.0)
         if need_rim:
             B = max(B, rim)
     if need_rim:
@@ -399,57 +408,57 @@ def _sample_beam_on(S: _Sampler) -> None:
         "peaks_on_ring", "streaks", "specular_rod", "bragg_rods")) + len(ring_styles) + \
         (1 if (want["horizon"] or want["yoneda"]) else 0)
     S.cap = 0.5 * cut / (n_planned + 2) / 1.5
-    S.E = _logu(rng, 200.0, max(250.0, S.cap)) if mode == "normal" else None
+    S.E = log_uniform(rng, 200.0, max(250.0, S.cap)) if mode == "normal" else None
     feats = S.sc["features"]
     # smooth features first (they set the level under sharp ones)
     if want["diffuse_low_q"]:
-        _add_diffuse(S, feats)
+        add_diffuse(S, feats)
     for tag, kappa in (("halo_isotropic", 0.0), ("halo_anisotropic", 1.0)):
         if want[tag]:
-            _add_halo(S, feats, anisotropic=kappa > 0)
+            add_halo(S, feats, anisotropic=kappa > 0)
     if S.gi and (want["horizon"] or want["yoneda"]):
-        _add_gi_diffuse(S, feats)
+        add_gi_diffuse(S, feats)
     S.ring_budget = 10**6 if many_style else 4
     order = sorted(ring_styles, key=lambda s: (s != many_style, s != lam_style))
     for k, style in enumerate(order):
         S.rings_left = len(order) - k - 1
-        _add_rings(S, feats, style, materials[style], many=(style == many_style),
+        add_rings(S, feats, style, materials[style], many=(style == many_style),
                    lamellar=(style == lam_style))
     if want["peaks_isolated"]:
-        _add_isolated(S, feats)
+        add_isolated(S, feats)
     if want["peaks_lattice"]:
-        _add_lattice(S, feats)
+        add_lattice(S, feats)
     if want["peaks_on_ring"]:
-        _add_on_ring(S, feats)
+        add_on_ring(S, feats)
     if S.gi and want["specular_rod"]:
-        _add_specular(S, feats)
+        add_specular(S, feats)
     if S.gi and want["bragg_rods"]:
-        _add_rods(S, feats)
+        add_rods(S, feats)
     if want["streaks"]:
-        _add_streaks(S, feats)
+        add_streaks(S, feats)
     if not feats:
-        _add_halo(S, feats, anisotropic=False, force=True)
+        add_halo(S, feats, anisotropic=False, force=True)
     if mode == "normal":
-        _ensure_bright(S, feats)
-    total = sum(_feature_peak(f, ctx, S.sc) for f in feats) + 1.5 * B + ctx.dark
+        ensure_bright(S, feats)
+    total = sum(feature_peak(f, ctx, S.sc) for f in feats) + 1.5 * B + ctx.dark
     if S.gi:
         total *= float(ph.grazing_factor_rows(ctx).max())
     if total > 0.5 * cut:
         for f in feats:
-            _scale_feature(f, 0.5 * cut / total)
+            scale_feature(f, 0.5 * cut / total)
         total = 0.5 * cut
     if S.gi:
         if S.P.low_contrast_horizon_p and rng.random() < S.P.low_contrast_horizon_p:
             # a low-contrast sample shadow: attenuated 3-50x, still an edge
-            S.gi["below"] = _logu(rng, *S.P.low_contrast_below)
+            S.gi["below"] = log_uniform(rng, *S.P.low_contrast_below)
         else:
             # "strongly attenuated": below the horizon nothing reaches 1 count
             S.gi["below"] = float(min(S.gi["below"], 1.0 / max(total, 1.0)))
     if want["saturation"]:
         before = [dict(f, **{k: list(v) for k, v in f.items() if isinstance(v, list)})
                   for f in feats]
-        _add_saturation(S, feats)
+        add_saturation(S, feats)
         # keep it only if it clips a clear region (no borderline partial clipping)
-        _, st = _label_state(complete_scene(S.sc))
+        _, st = label_state(complete_scene(S.sc))
         if st is None or st.sat_area < 12.0:
             feats[:] = before
