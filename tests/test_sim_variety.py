@@ -62,6 +62,27 @@ def test_wide_profile_is_bit_identical_to_the_recorded_frames():
     assert _digest(gen, 20) == WIDE_64_SEED5_ALL_20
 
 
+def test_sampler_state_is_declared_and_changes_through_its_methods():
+    from dataclasses import fields
+
+    from bluesky_xsml.sim.geometry import DETECTORS
+    from bluesky_xsml.sim.sampler import Sampler
+
+    S = Sampler.start(np.random.default_rng(0), DETECTORS["pilatus_1m"], 128, {}, WIDE)
+    assert S.L == max(S.h, S.w) == 128 and S.p > 0
+    assert S.sc["detector"] is S.detector and S.profile is WIDE
+    assert {"lam", "D", "cx", "cy", "gi", "ctx", "r_lo", "r_hi", "regime", "ring_budget",
+            "rings_left"} <= {f.name for f in fields(Sampler)}
+    with pytest.raises(AttributeError):
+        S.undeclared = 1.0          # no state outside the declared fields
+    S.plan_rings(4)
+    S.begin_ring_style(1)           # one more style follows: keep a ring for it
+    assert S.ring_allowance() == 3
+    S.spend_rings(2)
+    S.begin_ring_style(0)
+    assert S.ring_allowance() == 2
+
+
 def test_wide_differs_and_is_reproducible():
     a = SceneGenerator(seed=2, size=64, variety="wide")
     b = SceneGenerator(seed=2, size=64, variety="wide")
