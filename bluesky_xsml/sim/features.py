@@ -23,8 +23,8 @@ from .labels import (
     streak_peak_factor,
 )
 from .sampler import Sampler
-from .scene import HIGH_MODE_MAX, in_view, log_uniform, threshold, two_theta, uniform_in
-from .variety import draw_azimuth
+from .scene import HIGH_MODE_MAX, in_view, threshold, two_theta
+from .variety import draw_azimuth, log_uniform, uniform_in
 
 
 def _level(S: Sampler, r, exclude=None):

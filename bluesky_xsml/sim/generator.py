@@ -105,13 +105,17 @@ from .scene import (  # noqa: F401 (re-exported)
     frame_seed,
     in_view,
     jsonable,
-    log_uniform,
     render_scene,
     threshold,
     two_theta,
+)
+from .variety import (  # noqa: F401 (re-exported)
+    PROFILES,
+    VarietyProfile,
+    log_uniform,
+    resolve_variety,
     uniform_in,
 )
-from .variety import PROFILES, VarietyProfile, resolve_variety  # noqa: F401 (re-exported)
 
 __all__ = [
     "SCENE_VERSION",

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .geometry import DetectorConfig, Footprint, SceneGeometry
-from .scene import R_E, SCENE_VERSION, detector_entry, log_uniform, uniform_in
-from .variety import CLASSIC, VarietyProfile
+from .scene import R_E, SCENE_VERSION, detector_entry
+from .variety import CLASSIC, VarietyProfile, log_uniform, uniform_in
 
 __all__ = ["Regime", "Sampler"]
 

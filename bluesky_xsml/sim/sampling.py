@@ -38,16 +38,16 @@ from .scene import (
     WANT_P,
     complete_scene,
     jsonable,
-    log_uniform,
-    uniform_in,
 )
 from .variety import (
     CLASSIC,
     VarietyProfile,
     draw_readout,
     effective_read_counts,
+    log_uniform,
     readout_cut,
     resolve_variety,
+    uniform_in,
 )
 
 

@@ -91,16 +91,6 @@ def jsonable(obj):
     return obj
 
 
-def log_uniform(rng, lo, hi):
-    """Log-uniform in [lo, hi] (``lo`` when the interval is empty)."""
-    return float(math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo)))))
-
-
-def uniform_in(rng, lo, hi):
-    """Uniform in [lo, hi] (``lo`` when the interval is empty)."""
-    return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
-
-
 def frame_seed(seed: int, index: int) -> np.random.Generator:
     """The random generator of frame ``index`` in a run seeded with ``seed``."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
