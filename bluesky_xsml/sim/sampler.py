@@ -47,7 +47,7 @@ class Regime:
 
 @dataclass(slots=True, eq=False)
 class Sampler:
-    """State of one scene being sampled; made by :meth:`start` only.
+    """State of one scene being sampled; made by :meth:`start`.
 
     The fields fixed at the start are the draw's inputs; the geometry fields are
     set by :meth:`draw_geometry`, :meth:`set_distance_for` and
@@ -67,8 +67,9 @@ class Sampler:
     want: dict[str, bool]
     #: The scene's ``detector`` entry (shape, pixel size, gaps, dtype, cut-off, ...).
     detector: dict
-    #: Rendered height and width (px).
+    #: Rendered height (px).
     h: int = field(init=False)
+    #: Rendered width (px).
     w: int = field(init=False)
     #: Longest side (px): the scale of most lengths the sampler draws.
     L: int = field(init=False)
@@ -81,8 +82,9 @@ class Sampler:
     lam: float = math.nan
     #: Sample-detector distance (m); ``None`` until chosen.
     D: float | None = None
-    #: Beam centre (px; may lie off the detector).
+    #: Beam centre, column (px; may lie off the detector).
     cx: float = math.nan
+    #: Beam centre, row (px; may lie off the detector).
     cy: float = math.nan
     #: Grazing incidence: the scene's ``grazing`` entry (angles in degrees, ``beta_ratio``,
     #: ``below``: attenuation under the horizon, ``yoneda``); ``None`` in transmission.
@@ -90,15 +92,17 @@ class Sampler:
     # -- beam on
     #: Geometry of the scene as drawn, before features (:meth:`set_window`).
     ctx: SceneGeometry | None = None
-    #: Radii (px) between which features are placed: clear of the beamstop and the
-    #: horizon, inside the detector's far corner.
+    #: Smallest radius (px) features are placed at: on the detector (a beam centre off
+    #: it is that far from its nearest pixel), clear of the beamstop and the horizon.
     r_lo: float = math.nan
+    #: Largest radius (px) features are placed at: inside the detector's far corner.
     r_hi: float = math.nan
     #: Intensity regime (:meth:`set_regime`).
     regime: Regime | None = None
-    #: Rings still allowed in the frame, and ring styles still to come after the one
-    #: being drawn (each may want one ring); see :meth:`ring_allowance`.
+    #: Rings still allowed in the frame (:meth:`plan_rings`, :meth:`spend_rings`).
     ring_budget: int = 0
+    #: Ring styles still to come after the one being drawn, each keeping room for a
+    #: ring (:meth:`begin_ring_style`, :meth:`ring_allowance`).
     rings_left: int = 0
 
     def __post_init__(self):
