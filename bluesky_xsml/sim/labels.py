@@ -44,7 +44,9 @@ def smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
     return level
 
 
-class _LabelState:
+class LabelState:
+    """What the labelling of one scene found: tags, visible amplitudes, saturated area, ..."""
+
     def amp(self, peak: float, typical: float | None = None) -> None:
         self.amps.append((float(peak), float(peak if typical is None else typical)))
 
@@ -481,7 +483,7 @@ def scene_labels(scene: Mapping) -> np.ndarray:
     return label_state(complete_scene(scene))[0]
 
 
-def label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
+def label_state(sc: dict) -> tuple[np.ndarray, LabelState | None]:
     """Labels of a completed scene, and the state behind them (``None`` with the beam off)."""
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
@@ -496,7 +498,7 @@ def label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
     if det["family"] == "ccd":
         cut = (cut - float(noise["offset"])) / max(float(noise["gain"]), 1e-9)
     cut = readout_cut(sc, cut)
-    st = _LabelState()
+    st = LabelState()
     for f in sc["features"]:
         t = f["type"]
         if t == "rings":
