@@ -23,7 +23,7 @@ from .labels import (
     streak_peak_factor,
 )
 from .sampler import Sampler
-from .scene import HIGH_MODE_MAX, in_view, threshold, two_theta
+from .scene import HIGH_MODE_MAX, WEAK_MAX_COUNTS, in_view, threshold, two_theta
 from .variety import draw_azimuth, log_uniform, uniform_in
 
 
@@ -80,9 +80,11 @@ def add_diffuse(S: Sampler, feats: list[dict]) -> None:
         else:
             hi = 4.0 * S.regime.cap
             lo = max(lo, 5.0 * S.regime.background * s0 / s1)
+            if S.regime.mode == "weak":
+                hi = min(hi, WEAK_MAX_COUNTS)    # asked for with weak_scattering: keep it weak
         if lo > hi:
             continue
-        if S.regime.mode == "high":
+        if S.regime.mode != "normal":
             a0 = log_uniform(rng, lo, hi)
         else:
             a0 = float(np.clip(S.regime.typical * 10 ** rng.uniform(-0.5, 0.6), lo, hi))
