@@ -1,6 +1,7 @@
 """Sampling scenes: which features a frame asks for, and a scene that has them.
 
-:func:`sample_scene` draws a scene; the feature families it adds live in
+:func:`sample_scene` draws a scene; the state of a scene being drawn is a
+:class:`~.sampler.Sampler`, the feature families it adds live in
 :mod:`.features`, the labels it checks against in :mod:`.labels`. Part of the
 synthetic generator; :mod:`bluesky_xsml.sim.generator` re-exports it.
 """
@@ -89,7 +90,7 @@ def _want(rng, tags: Mapping[str, bool] | None,
 
 
 def _bs_angle(rng) -> float:
-    """Beamstop holder angle (degrees): mostly along a detector axis."""
+    """Beamstop angle (degrees; its holder or its bar): mostly along a detector axis."""
     if rng.random() < 0.7:
         return float(90.0 * int(rng.integers(4)) + rng.uniform(-3, 3))
     return float(rng.uniform(0, 360))
