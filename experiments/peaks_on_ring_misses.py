@@ -6,7 +6,7 @@ default model's weakest tag. This script scores the model card's test frames
 scenes of the frames that carry the tag, and reports the model's recall at probability 0.5:
 
 - by spot brightness: the median ratio of a spot's peak to the generator's visibility
-  threshold for spots (``_thr("spot", ...)``, about 6 sigma of the local counts), in quartiles;
+  threshold for spots (``threshold("spot", ...)``, about 6 sigma of the local counts), in quartiles;
 - by symmetry (4- or 6-fold) and by frame size;
 - for the bright spots it misses: the mean probability it gives to the other spot tags
   and how many other tags those frames carry.
@@ -49,8 +49,8 @@ def spot_rows(spec, labels):
             if f["type"] != "on_ring":
                 continue
             x, y, a, _ = ph.feature_spots(f, ctx)
-            level = G._smooth_level(scene, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-            ratio = a * ph.grazing_factor(ctx, y) / G._thr("spot", level, ctx.read)
+            level = G.smooth_level(scene, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
+            ratio = a * ph.grazing_factor(ctx, y) / G.threshold("spot", level, ctx.read)
             seen = ctx.fp.seen(x, y)
             rows.append((int(i), int(size), int(f["n_fold"]),
                          float(np.median(ratio[seen])) if seen.any() else 0.0))

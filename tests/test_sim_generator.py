@@ -297,3 +297,15 @@ def test_forced_tags_and_bad_scenes():
         SceneGenerator(tags={"rings": True}).one()
     with pytest.raises(ConfigurationError, match="size must be"):
         SceneGenerator(size=4)
+
+
+@pytest.mark.parametrize("variety", ["classic", "wide"])
+def test_diffuse_low_q_asked_for_in_a_weak_frame_is_drawn_weak(variety):
+    """Forcing diffuse_low_q into a weak frame used to fail on most scenes (TypeError:
+    no typical amplitude in the weak regime); the diffuse scattering now stays weak."""
+    rng = np.random.default_rng(0)
+    want = {"diffuse_low_q": True, "weak_scattering": True}
+    labels = np.stack([scene_labels(sample_scene(rng, size=128, tags=want, variety=variety))
+                       for _ in range(30)])
+    both = labels[:, tag_index("diffuse_low_q")] * labels[:, tag_index("weak_scattering")]
+    assert both.sum() >= 2

@@ -50,6 +50,39 @@ def test_classic_profile_is_bit_identical_to_the_generator_before_profiles():
     assert _digest(gen, 20) == CLASSIC_64_SEED5_ALL_20
 
 
+# Recorded from the wide profile before the sampler became a declared dataclass (commit
+# 12a18c5): refactors of sampling must keep drawing the same numbers in the same order.
+WIDE_128_SEED2_40 = "3f1e8deac6cdd61cd99163be47ee15c9dd20d4b776dff14fbc44271bf20cb478"
+WIDE_64_SEED5_ALL_20 = "70e01fcfac6c91e822faa7fc734bdc1fb6aadb44a9b97f67d7558767916d74cf"
+
+
+def test_wide_profile_is_bit_identical_to_the_recorded_frames():
+    assert _digest(SceneGenerator(seed=2, size=128, variety="wide"), 40) == WIDE_128_SEED2_40
+    gen = SceneGenerator(seed=5, size=64, detectors="all", variety="wide")
+    assert _digest(gen, 20) == WIDE_64_SEED5_ALL_20
+
+
+def test_sampler_state_is_declared_and_changes_through_its_methods():
+    from dataclasses import fields
+
+    from bluesky_xsml.sim.geometry import DETECTORS
+    from bluesky_xsml.sim.sampler import Sampler
+
+    S = Sampler.start(np.random.default_rng(0), DETECTORS["pilatus_1m"], 128, {}, WIDE)
+    assert S.L == max(S.h, S.w) == 128 and S.p > 0
+    assert S.sc["detector"] is S.detector and S.profile is WIDE
+    assert {"lam", "D", "cx", "cy", "gi", "ctx", "r_lo", "r_hi", "regime", "ring_budget",
+            "rings_left"} <= {f.name for f in fields(Sampler)}
+    with pytest.raises(AttributeError):
+        S.undeclared = 1.0          # no state outside the declared fields
+    S.plan_rings(4)
+    S.begin_ring_style(1)           # one more style follows: keep a ring for it
+    assert S.ring_allowance() == 3
+    S.spend_rings(2)
+    S.begin_ring_style(0)
+    assert S.ring_allowance() == 2
+
+
 def test_wide_differs_and_is_reproducible():
     a = SceneGenerator(seed=2, size=64, variety="wide")
     b = SceneGenerator(seed=2, size=64, variety="wide")

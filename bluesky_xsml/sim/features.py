@@ -1,7 +1,9 @@
 """The sampler's feature families: diffuse, halos, rings, spots, rods, streaks, saturation.
 
-Each ``_add_*`` adds one family of features to a scene being sampled by
-:mod:`.sampling` (``S`` is its ``_Sampler``). Part of the synthetic
+Each ``add_*`` adds one family of features to a scene being sampled by
+:mod:`.sampling`: it reads the :class:`~.sampler.Sampler` ``S`` (geometry,
+radial window, intensity regime, profile) and appends to ``feats``, the
+scene's feature list. Part of the synthetic
 generator; :mod:`bluesky_xsml.sim.generator` re-exports it.
 """
 
@@ -14,52 +16,48 @@ import numpy as np
 from . import physics as ph
 from .geometry import ring_points
 from .labels import (
-    _diffuse_inner_radius,
-    _halo_flanks_seen,
-    _pixel_peak_factor,
-    _smooth_level,
-    _streak_peak_factor,
+    diffuse_inner_radius,
+    halo_flanks_seen,
+    pixel_peak_factor,
+    smooth_level,
+    streak_peak_factor,
 )
-from .scene import HIGH_MODE_MAX, _logu, _seen_t, _thr, _two_theta, _u
-from .variety import draw_azimuth
+from .sampler import Sampler
+from .scene import HIGH_MODE_MAX, WEAK_MAX_COUNTS, in_view, threshold, two_theta
+from .variety import draw_azimuth, log_uniform, uniform_in
 
 
-def _bs_angle(rng):
-    if rng.random() < 0.7:
-        return float(90.0 * int(rng.integers(4)) + rng.uniform(-3, 3))
-    return float(rng.uniform(0, 360))
-
-
-def _level(S, r, exclude=None):
+def _level(S: Sampler, r, exclude=None):
     sc = {**S.sc, "features": S.sc["features"]}
-    return _smooth_level(sc, S.ctx, r, exclude)
+    return smooth_level(sc, S.ctx, r, exclude)
 
 
-def _pick_amp(S, thr, hi_extra: float = 1.0):
+def _pick_amp(S: Sampler, thr, hi_extra: float = 1.0):
     """Amplitude for a feature whose visibility threshold is ``thr`` (None if impossible)."""
     rng = S.rng
     lo = 2.0 * float(thr)
-    if S.mode == "weak":
+    if S.regime.mode == "weak":
         hi = 40.0
-        lo = max(lo, 5.0 * S.B)
-        return _logu(rng, lo, hi) if lo <= hi else None
-    if S.mode == "high":
-        hi = HIGH_MODE_MAX * S.B
-        return _logu(rng, lo, hi) if lo <= hi else None
-    lo = max(lo, 5.0 * S.B)
-    hi = S.cap * hi_extra
+        lo = max(lo, 5.0 * S.regime.background)
+        return log_uniform(rng, lo, hi) if lo <= hi else None
+    if S.regime.mode == "high":
+        hi = HIGH_MODE_MAX * S.regime.background
+        return log_uniform(rng, lo, hi) if lo <= hi else None
+    lo = max(lo, 5.0 * S.regime.background)
+    hi = S.regime.cap * hi_extra
     if lo > hi:
         return None
-    return float(np.clip(S.E * 10 ** rng.uniform(*S.P.amp_decades), lo, hi))
+    return float(np.clip(S.regime.typical * 10 ** rng.uniform(*S.profile.amp_decades), lo, hi))
 
 
-def _add_diffuse(S, feats):
+def add_diffuse(S: Sampler, feats: list[dict]) -> None:
+    """Low-q diffuse scattering (spheres, Guinier-Porod, Debye-Bueche), strong at its inner edge."""
     rng, ctx, L = S.rng, S.ctx, S.L
-    r_in = _diffuse_inner_radius({**S.sc}, ctx)
-    thr = float(_thr("ext", S.B + ctx.dark, S.read))
+    r_in = diffuse_inner_radius({**S.sc}, ctx)
+    thr = float(threshold("ext", S.regime.background + ctx.dark, S.regime.read))
     for _ in range(6):
         model = ("spheres", "guinier_porod", "debye_bueche")[int(rng.integers(3))]
-        r_knee = _u(rng, max(0.3 * r_in, 2.0), r_in + 0.1 * L)
+        r_knee = uniform_in(rng, max(0.3 * r_in, 2.0), r_in + 0.1 * L)
         qk = float(ctx.q(r_knee))
         f = {"type": "diffuse", "model": model, "kappa": 0.0, "orient_deg": 0.0}
         if model == "spheres":
@@ -77,40 +75,43 @@ def _add_diffuse(S, feats):
             continue
         # strong at the inner edge (>= 6 thr), visible over >= 0.15 L (>= 2 thr there)
         lo = max(6.0 * thr, 2.0 * thr * s0 / s2)
-        if S.mode == "high":
-            hi = HIGH_MODE_MAX * S.B * s0 / s1
+        if S.regime.mode == "high":
+            hi = HIGH_MODE_MAX * S.regime.background * s0 / s1
         else:
-            hi = 4.0 * S.cap
-            lo = max(lo, 5.0 * S.B * s0 / s1)
+            hi = 4.0 * S.regime.cap
+            lo = max(lo, 5.0 * S.regime.background * s0 / s1)
+            if S.regime.mode == "weak":
+                hi = min(hi, WEAK_MAX_COUNTS)    # asked for with weak_scattering: keep it weak
         if lo > hi:
             continue
-        if S.mode == "high":
-            a0 = _logu(rng, lo, hi)
+        if S.regime.mode != "normal":
+            a0 = log_uniform(rng, lo, hi)
         else:
-            a0 = float(np.clip(S.E * 10 ** rng.uniform(-0.5, 0.6), lo, hi))
+            a0 = float(np.clip(S.regime.typical * 10 ** rng.uniform(-0.5, 0.6), lo, hi))
         f["i0"] = a0 / s0
         feats.append(f)
         return
 
 
-def _add_halo(S, feats, anisotropic, force=False):
+def add_halo(S: Sampler, feats: list[dict], anisotropic, force=False) -> None:
+    """A broad halo (correlation peak or amorphous halo); ``force``: add it even when dim."""
     rng, ctx = S.rng, S.ctx
     for _ in range(8):
-        r0 = _u(rng, max(S.r_lo, 0.12 * S.L), max(S.r_lo + 1, 0.7 * S.r_hi))
+        r0 = uniform_in(rng, max(S.r_lo, 0.12 * S.L), max(S.r_lo + 1, 0.7 * S.r_hi))
         q0 = float(ctx.q(r0))
         # correlation peak (SAXS) or amorphous halo (WAXS, d ~ 1.8-8 A)
         if not (0.004 <= q0 <= 0.5 or 0.8 <= q0 <= 3.5):
             continue
-        f = {"type": "halo", "q0": q0, "fwhm_rel": rng.uniform(*S.P.halo_fwhm_rel), "kappa": 0.0,
-             "orient_deg": rng.uniform(0, 180)}
+        f = {"type": "halo", "q0": q0, "fwhm_rel": rng.uniform(*S.profile.halo_fwhm_rel),
+             "kappa": 0.0, "orient_deg": rng.uniform(0, 180)}
         if anisotropic:
             f["kappa"] = rng.uniform(1.0, 5.0)
-        if S.P.azimuth_p and rng.random() < S.P.azimuth_p:
-            f["azimuth"] = draw_azimuth(rng, S.P, anisotropic)
+        if S.profile.azimuth_p and rng.random() < S.profile.azimuth_p:
+            f["azimuth"] = draw_azimuth(rng, S.profile, anisotropic)
             f["kappa"] = 0.0
         px, py = ring_points(ctx, [r0])
-        cov = _seen_t(ctx, px[0], py[0])
-        if not _halo_flanks_seen(ctx, q0, f["fwhm_rel"], need=0.15):
+        cov = in_view(ctx, px[0], py[0])
+        if not halo_flanks_seen(ctx, q0, f["fwhm_rel"], need=0.15):
             continue
         if anisotropic:
             strong = ph.feature_azimuth_weight(f, cov.size) >= 0.5
@@ -118,10 +119,10 @@ def _add_halo(S, feats, anisotropic, force=False):
                 continue
         elif cov.mean() * 2 * np.pi * r0 < 0.35 * S.L:
             continue
-        thr = float(_thr("ext", _level(S, r0), S.read))
+        thr = float(threshold("ext", _level(S, r0), S.regime.read))
         amp = _pick_amp(S, thr)
         if amp is None and force:
-            amp = max(2.0 * thr, 5.0 * S.B)
+            amp = max(2.0 * thr, 5.0 * S.regime.background)
         if amp is None:
             return
         f["amp"] = amp
@@ -131,13 +132,14 @@ def _add_halo(S, feats, anisotropic, force=False):
         return
 
 
-def _add_gi_diffuse(S, feats):
+def add_gi_diffuse(S: Sampler, feats: list[dict]) -> None:
+    """Grazing incidence: diffuse scattering above the horizon, visible across the width."""
     rng, ctx = S.rng, S.ctx
     hw_px = rng.uniform(0.2, 0.6) * S.w
     f = {"type": "gi_diffuse", "qy_hwhm": float(ctx.q(hw_px)),
          "decay_deg": math.degrees(max(ctx.alpha_c * rng.uniform(1.0, 4.0),
                                        math.atan(rng.uniform(0.1, 0.4) * S.h * ctx.p / ctx.D)))}
-    thr = float(_thr("ext", S.B + ctx.dark, S.read))
+    thr = float(threshold("ext", S.regime.background + ctx.dark, S.regime.read))
     # visible across >= 40 % of the width: amp * C >= thr at |x - cx| = 0.2 w
     need = thr * (1 + (0.2 * S.w / hw_px) ** 2) / 0.7
     amp = _pick_amp(S, max(need, 2 * thr / 0.7) / 2.0 * 1.2)
@@ -147,13 +149,13 @@ def _add_gi_diffuse(S, feats):
     feats.append(f)
 
 
-def _ring_candidates(S, material, lamellar_many):
+def _ring_candidates(S: Sampler, material, lamellar_many):
     """q (1/A) and relative intensities of a material's rings within the detector."""
     ctx, rng = S.ctx, S.rng
     q_lo, q_hi = float(ctx.q(max(S.r_lo, 30.0))), float(ctx.q(S.r_hi))
     if material in ph.CRYSTALS:
         q, inten, hkl = ph.crystal_reflections(material, q_hi)
-        inten = inten * ph.lorentz_polarization(_two_theta(q, ctx.lam))
+        inten = inten * ph.lorentz_polarization(two_theta(q, ctx.lam))
         return q, inten, {"hkl": [list(v) for v in hkl]}
     if material == "AgBH":
         q, inten, n = ph.lamellar_orders(ph.LAMELLAR_D["AgBH"], q_hi, rng.uniform(0.0, 0.08))
@@ -163,7 +165,7 @@ def _ring_candidates(S, material, lamellar_many):
         r_top = min(S.r_hi / (n_want + 0.3), float(ctx.r(2 * math.pi / 15.0)))  # d >= 15 A
         if r_top < max(S.r_lo, 30.0):
             return np.zeros(0), np.zeros(0), {}
-        r1 = _u(rng, max(S.r_lo, 30.0), r_top)
+        r1 = uniform_in(rng, max(S.r_lo, 30.0), r_top)
         q1 = float(ctx.q(r1))
         d = 2 * math.pi / q1
         q, inten, n = ph.lamellar_orders(d, q_hi, rng.uniform(0.0, 0.1))
@@ -179,13 +181,14 @@ def _ring_candidates(S, material, lamellar_many):
     return q, inten, {"lattice": kind, "a_A": a, "c_A": c_ratio * a}
 
 
-def _add_rings(S, feats, style, material, many, lamellar):
+def add_rings(S: Sampler, feats: list[dict], style, material, many, lamellar) -> None:
+    """Rings of ``material`` in ``style``; ``many``: six or more; ``lamellar``: orders in a row."""
     rng, ctx, L = S.rng, S.ctx, S.L
     q, inten, extra = _ring_candidates(S, material, many)
     if len(q) == 0:
         return
     r = ctx.r(q)
-    fwhm_rel = _logu(rng, *S.P.ring_fwhm_rel)
+    fwhm_rel = log_uniform(rng, *S.profile.ring_fwhm_rel)
     f = {"type": "rings", "material": material, "style": style, "fwhm_rel": fwhm_rel,
          "kappa": 0.0, "orient_deg": rng.uniform(0, 180), **extra}
     sel = np.isfinite(r) & (r >= max(S.r_lo, 30.0)) & (r <= S.r_hi)
@@ -198,12 +201,12 @@ def _add_rings(S, feats, style, material, many, lamellar):
                                            math.radians(rng.uniform(8, 40))))
         # FWHM of exp(k (cos 2x - 1)) = 2x with cos 2x = 1 - ln2 / k
         f["kappa"] = float(max(1.2, math.log(2) / (1 - math.cos(fw_arc))))
-    if style != "textured" and S.P.azimuth_p and rng.random() < S.P.azimuth_p:
-        f["azimuth"] = draw_azimuth(rng, S.P, style == "oriented")
+    if style != "textured" and S.profile.azimuth_p and rng.random() < S.profile.azimuth_p:
+        f["azimuth"] = draw_azimuth(rng, S.profile, style == "oriented")
         f["kappa"] = 0.0
     if not sel.any():
         return
-    cov = _seen_t(ctx, *ring_points(ctx, rr))
+    cov = in_view(ctx, *ring_points(ctx, rr))
     if style == "oriented":
         strong = ph.feature_azimuth_weight(f, cov.shape[1]) >= 0.5
         arc = (cov & strong[None, :]).mean(axis=1) * 2 * np.pi * rr
@@ -211,13 +214,13 @@ def _add_rings(S, feats, style, material, many, lamellar):
     else:
         arc = cov.mean(axis=1) * 2 * np.pi * rr
         sel &= arc >= 0.2 * L
-    floor = 0.7 if S.P.classic else 0.5
+    floor = 0.7 if S.profile.classic else 0.5
     gs = float(max(floor, float(np.nanmax(np.where(sel, sig, np.nan)))
-                   * rng.uniform(*S.P.grain_sigma_scale))) if sel.any() else 0.7
+                   * rng.uniform(*S.profile.grain_sigma_scale))) if sel.any() else 0.7
     if style == "textured":
         circ = 2 * np.pi * rr
         cov_frac = np.maximum(arc / np.maximum(circ, 1e-9), 1e-3)
-        n_grains = np.maximum(np.round(rng.uniform(*S.P.grain_fraction) * circ / (2.5 * gs)),
+        n_grains = np.maximum(np.round(rng.uniform(*S.profile.grain_fraction) * circ / (2.5 * gs)),
                               np.ceil(16.0 / cov_frac))
         sel &= (n_grains <= 500) & (n_grains * 2.5 * gs <= circ)
     idx = np.flatnonzero(sel)
@@ -227,7 +230,7 @@ def _add_rings(S, feats, style, material, many, lamellar):
         idx = idx[np.argsort(np.asarray(extra["orders"])[idx])]
     level = _level(S, rr)
     kind = "spot" if style == "textured" else "ext"
-    thr = _thr(kind, level, S.read) / (0.7 if style == "textured" else 1.0)
+    thr = threshold(kind, level, S.regime.read) / (0.7 if style == "textured" else 1.0)
     # how many rings to keep: >= 6 for many_rings, else within the frame's ring budget
     first_order = int(extra["orders"][idx[0]]) if (lamellar and "orders" in extra) else 1
     if many and idx.size >= 6:
@@ -236,7 +239,7 @@ def _add_rings(S, feats, style, material, many, lamellar):
     else:
         n_min = (2 if first_order == 1 else 3) if lamellar else 1
         n_max = int(rng.integers(2, 4)) if lamellar else int(rng.integers(1, 5))
-        n_max = max(min(n_max, S.ring_budget - S.rings_left), 0)
+        n_max = max(min(n_max, S.ring_allowance()), 0)
         if n_max < n_min:
             return
         cand = idx[: n_max + 1]
@@ -262,7 +265,7 @@ def _add_rings(S, feats, style, material, many, lamellar):
     if style == "oriented" and not f.get("azimuth"):
         # narrow enough that the ring vanishes between the arcs (clear on a log scale)
         f["kappa"] = _gap_kappa(f["kappa"], amp[kept], thr[kept])
-    S.ring_budget -= int(kept.size)
+    S.spend_rings(int(kept.size))
     f["q"] = [float(v) for v in q[kept]]
     f["amp"] = [float(v) for v in amp[kept]]
     if "hkl" in extra:
@@ -282,8 +285,9 @@ def _gap_kappa(kappa: float, amp, thr) -> float:
     return float(max(kappa, float(np.max(need)) if np.size(need) else kappa))
 
 
-def _add_isolated(S, feats):
-    if S.P.spots is not None:
+def add_isolated(S: Sampler, feats: list[dict]) -> None:
+    """A few isolated spots away from the rings (or the profile's spot family)."""
+    if S.profile.spots is not None:
         _add_isolated_family(S, feats)
         return
     rng, ctx = S.rng, S.ctx
@@ -295,13 +299,13 @@ def _add_isolated(S, feats):
             break
         x, y = rng.uniform(2, S.w - 3), rng.uniform(2, S.h - 3)
         r = math.hypot(x - ctx.cx, y - ctx.cy)
-        if r < S.r_lo or not _seen_t(ctx, x, y, pad=3.0):
+        if r < S.r_lo or not in_view(ctx, x, y, pad=3.0):
             continue
         if any(abs(r - q) < 5 for q in radii + ring_r):
             continue
         if any(math.hypot(x - a, y - b) < 12 for a, b in xy):
             continue
-        thr = float(_thr("spot", _level(S, r), S.read))
+        thr = float(threshold("spot", _level(S, r), S.regime.read))
         a = _pick_amp(S, thr)
         if a is None:
             continue
@@ -313,10 +317,10 @@ def _add_isolated(S, feats):
         feats.append({"type": "spots", "kind": "isolated", "xy": xy, "amp": amps, "sigma_px": sigs})
 
 
-def _add_isolated_family(S, feats):
+def _add_isolated_family(S: Sampler, feats):
     """Isolated spots of the profile's :class:`~.variety.SpotFamily`: count, size, clusters."""
-    rng, ctx, fam = S.rng, S.ctx, S.P.spots
-    n = int(round(_logu(rng, *fam.count)))
+    rng, ctx, fam = S.rng, S.ctx, S.profile.spots
+    n = int(round(log_uniform(rng, *fam.count)))
     centres = []
     if rng.random() < fam.cluster_p:
         rad = rng.uniform(*fam.cluster_radius_L) * S.L
@@ -334,15 +338,15 @@ def _add_isolated_family(S, feats):
         else:
             x, y = rng.uniform(2, S.w - 3), rng.uniform(2, S.h - 3)
         r = math.hypot(x - ctx.cx, y - ctx.cy)
-        if r < S.r_lo or not _seen_t(ctx, x, y, pad=max(3.0, 2.5 * sig)):
+        if r < S.r_lo or not in_view(ctx, x, y, pad=max(3.0, 2.5 * sig)):
             continue
         if any(abs(r - q) < 5 + 2 * sig for q in ring_r):
             continue
         if any(math.hypot(x - a, y - b) < max(fam.min_separation_px, 3 * (sig + s))
                for (a, b), s in zip(xy, sigs, strict=True)):
             continue
-        thr = float(_thr("spot", _level(S, r), S.read))
-        a = _pick_amp(S, thr / float(_pixel_peak_factor(x, y, sig)))   # its brightest pixel
+        thr = float(threshold("spot", _level(S, r), S.regime.read))
+        a = _pick_amp(S, thr / float(pixel_peak_factor(x, y, sig)))   # its brightest pixel
         if a is None:
             continue
         xy.append([x, y])
@@ -356,10 +360,10 @@ def _add_isolated_family(S, feats):
 def _worst_pixel_factor(sigma: float) -> float:
     """Brightest pixel of a spot centred between four pixels, relative to its peak
     (1 for spots the labels judge by their centre)."""
-    return float(_pixel_peak_factor(0.5, 0.5, sigma))
+    return float(pixel_peak_factor(0.5, 0.5, sigma))
 
 
-def _existing_ring_radii(S, feats):
+def _existing_ring_radii(S: Sampler, feats):
     out = []
     for f in feats:
         if f["type"] == "rings":
@@ -369,11 +373,12 @@ def _existing_ring_radii(S, feats):
     return out
 
 
-def _add_lattice(S, feats):
+def add_lattice(S: Sampler, feats: list[dict]) -> None:
+    """A 2-D lattice of spots (hexagonal, square or oblique), at least nine of them seen."""
     rng, ctx, L = S.rng, S.ctx, S.L
-    sigma = rng.uniform(*S.P.lattice_sigma_px)
+    sigma = rng.uniform(*S.profile.lattice_sigma_px)
     kind = rng.random()
-    a_px = _u(rng, max(9.0, 7 * sigma, 0.05 * L), max(10.0, 0.16 * L))
+    a_px = uniform_in(rng, max(9.0, 7 * sigma, 0.05 * L), max(10.0, 0.16 * L))
     if kind < 0.4:      # hexagonal
         gamma, b_rel = math.radians(60.0), 1.0
     elif kind < 0.7:    # square / rectangular
@@ -391,7 +396,7 @@ def _add_lattice(S, feats):
          "envelope_q": float(ctx.q(rng.uniform(0.3, 0.8) * ctx.r_far))}
     cell = a_px * min(1.0, b_rel) * math.sin(gamma)
     f["hk_max"] = int(min(14, math.ceil(ctx.r_far / cell) + 1))
-    thr = float(_thr("spot", _level(S, 0.3 * L), S.read)) / _worst_pixel_factor(sigma)
+    thr = float(threshold("spot", _level(S, 0.3 * L), S.regime.read)) / _worst_pixel_factor(sigma)
     amp = _pick_amp(S, thr / 0.5)
     if amp is None:
         amp = _pick_amp(S, thr / 0.7)
@@ -403,25 +408,26 @@ def _add_lattice(S, feats):
     f["min_amp"] = 2.0 * thr
     x, y, a, _s = ph.lattice_spots(f, ctx)
     lv = _level(S, np.hypot(x - ctx.cx, y - ctx.cy))
-    if int((_seen_t(ctx, x, y) & (a >= 2.0 * _thr("spot", lv, S.read))).sum()) < 9:
+    if int((in_view(ctx, x, y) & (a >= 2.0 * threshold("spot", lv, S.regime.read))).sum()) < 9:
         return
     feats.append(f)
 
 
-def _add_on_ring(S, feats):
+def add_on_ring(S: Sampler, feats: list[dict]) -> None:
+    """Four or six spots on a ring, evenly spaced in azimuth."""
     rng, ctx, L = S.rng, S.ctx, S.L
     n = 4 if rng.random() < 0.5 else 6
-    sigma = rng.uniform(*S.P.on_ring_sigma_px)
+    sigma = rng.uniform(*S.profile.on_ring_sigma_px)
     r_min = max(S.r_lo, 0.08 * L, 8 * sigma * n / (2 * np.pi))
     for _ in range(20):
-        r0 = _u(rng, r_min, 0.8 * S.r_hi)
+        r0 = uniform_in(rng, r_min, 0.8 * S.r_hi)
         phi0 = rng.uniform(0, 360)
         phis = np.radians(phi0) + 2 * np.pi * np.arange(n) / n
         x = ctx.cx + r0 * np.cos(phis)
         y = ctx.cy - r0 * np.sin(phis)
-        if _seen_t(ctx, x, y, pad=2.0).sum() < (4 if n == 4 else 5):
+        if in_view(ctx, x, y, pad=2.0).sum() < (4 if n == 4 else 5):
             continue
-        thr = float(_thr("spot", _level(S, r0), S.read)) / _worst_pixel_factor(sigma)
+        thr = float(threshold("spot", _level(S, r0), S.regime.read)) / _worst_pixel_factor(sigma)
         amp = _pick_amp(S, thr / 0.9)
         if amp is None:
             return
@@ -430,44 +436,48 @@ def _add_on_ring(S, feats):
         return
 
 
-def _add_specular(S, feats):
+def add_specular(S: Sampler, feats: list[dict]) -> None:
+    """Grazing incidence: the specular rod above the beam."""
     rng, ctx = S.rng, S.ctx
     if not (3 <= ctx.cx <= S.w - 4) or ctx.fp.gap_col[int(round(ctx.cx))]:
         return
     rows_decay = rng.uniform(0.25, 0.8) * S.h
     f = {"type": "specular_rod", "width_px": rng.uniform(0.6, 1.3),
          "decay_deg": math.degrees(math.atan(rows_decay * ctx.p / ctx.D)), "peak_amp": 0.0}
-    thr = float(_thr("spot", S.B + ctx.dark, S.read))
+    thr = float(threshold("spot", S.regime.background + ctx.dark, S.regime.read))
     amp = _pick_amp(S, thr * 1.3)
     if amp is None:
         return
     f["amp"] = amp
     if rng.random() < 0.5:
-        f["peak_amp"] = min(amp * rng.uniform(2, 8), S.cap * 1.4) if S.mode == "normal" else amp
+        f["peak_amp"] = (min(amp * rng.uniform(2, 8), S.regime.cap * 1.4)
+                         if S.regime.mode == "normal" else amp)
     feats.append(f)
 
 
-def _add_rods(S, feats):
+def add_rods(S: Sampler, feats: list[dict]) -> None:
+    """Grazing incidence: one to three orders of Bragg rods."""
     rng, ctx = S.rng, S.ctx
     n = int(rng.integers(1, 4))
-    dx1 = _u(rng, max(8.0, 0.06 * S.w), max(9.0, 0.4 * S.w / n))
+    dx1 = uniform_in(rng, max(8.0, 0.06 * S.w), max(9.0, 0.4 * S.w / n))
     rows_decay = rng.uniform(0.3, 1.0) * S.h
-    thr = float(_thr("spot", S.B + ctx.dark, S.read))
+    thr = float(threshold("spot", S.regime.background + ctx.dark, S.regime.read))
     a1 = _pick_amp(S, thr * 1.3)
     if a1 is None:
         return
     amps = [max(a1 * rng.uniform(0.5, 1.0) ** k, 2 * thr * 1.3) for k in range(n)]
-    if S.mode == "high":
-        amps = [min(a, HIGH_MODE_MAX * S.B) for a in amps]
+    if S.regime.mode == "high":
+        amps = [min(a, HIGH_MODE_MAX * S.regime.background) for a in amps]
     f = {"type": "bragg_rods", "qy": float(ctx.q(dx1)), "n_orders": n, "amp": amps,
          "decay_deg": math.degrees(math.atan(rows_decay * ctx.p / ctx.D)),
          "width_px": rng.uniform(0.6, 1.4)}
     feats.append(f)
 
 
-def _add_streaks(S, feats):
+def add_streaks(S: Sampler, feats: list[dict]) -> None:
+    """Streaks from the beam centre, at least 20 degrees apart."""
     rng, ctx, L = S.rng, S.ctx, S.L
-    n = int(rng.integers(S.P.streak_count[0], S.P.streak_count[1] + 1))
+    n = int(rng.integers(S.profile.streak_count[0], S.profile.streak_count[1] + 1))
     angs = []
     for _ in range(n):
         if rng.random() < 0.6:
@@ -483,10 +493,10 @@ def _add_streaks(S, feats):
     r0 = max(3.0, (bs["radius_px"] if bs and bs["type"] == "circular" else 0.0) + 1.0,
              ctx.r_near + 1.0)
     far = r0 + 0.2 * L
-    width = rng.uniform(*S.P.streak_sigma_px) if not S.P.classic else None
-    thr = float(_thr("spot", _level(S, far), S.read))
+    width = rng.uniform(*S.profile.streak_sigma_px) if not S.profile.classic else None
+    thr = float(threshold("spot", _level(S, far), S.regime.read))
     if width is not None:
-        thr /= _streak_peak_factor(width)
+        thr /= streak_peak_factor(width)
     amp = None
     for p in (rng.uniform(0.3, 1.0), 0.25, 0.1):
         need = 2.0 * thr * (far / r0) ** p
@@ -496,10 +506,11 @@ def _add_streaks(S, feats):
     if amp is None:
         return
     feats.append({"type": "streaks", "angles_deg": angs, "amp": amp, "r0_px": r0, "decay": p,
-                  "width_px": width if width is not None else rng.uniform(*S.P.streak_sigma_px)})
+                  "width_px": (width if width is not None
+                               else rng.uniform(*S.profile.streak_sigma_px))})
 
 
-def _feature_peak(f, ctx, sc):
+def feature_peak(f, ctx, sc):
     """Upper bound of the expected counts a feature adds to any pixel."""
     t = f["type"]
     if t == "rings":
@@ -507,7 +518,7 @@ def _feature_peak(f, ctx, sc):
     if t in ("halo", "gi_diffuse", "on_ring", "lattice", "streaks", "direct_beam"):
         return float(f["amp"]) * (1.1 if t == "on_ring" else 1.0)
     if t == "diffuse":
-        peak = float(ph.radial_profile(f, ctx, _diffuse_inner_radius(sc, ctx)))
+        peak = float(ph.radial_profile(f, ctx, diffuse_inner_radius(sc, ctx)))
         bs = sc.get("beamstop")
         if bs:
             peak = max(peak, float(f["i0"]) * float(bs["transmission"]))
@@ -521,27 +532,29 @@ def _feature_peak(f, ctx, sc):
     return 0.0
 
 
-def _scale_feature(f, k):
+def scale_feature(f, k) -> None:
+    """Multiply a feature's amplitudes by ``k`` in place."""
     for key in ("amp", "i0", "peak_amp", "min_amp"):
         if key in f:
             v = f[key]
             f[key] = [x * k for x in v] if isinstance(v, list) else v * k
 
 
-def _ensure_bright(S, feats):
+def ensure_bright(S: Sampler, feats):
     """Normal regime: the brightest feature reaches at least 200 counts."""
-    peaks = [(_feature_peak(f, S.ctx, S.sc), i) for i, f in enumerate(feats)]
+    peaks = [(feature_peak(f, S.ctx, S.sc), i) for i, f in enumerate(feats)]
     if not peaks:
         return
     best, i = max(peaks)
     if best < 200.0 and best > 0:
-        k = min(200.0 / best * S.rng.uniform(1.0, 3.0), S.cap * 1.4 / best)
+        k = min(200.0 / best * S.rng.uniform(1.0, 3.0), S.regime.cap * 1.4 / best)
         if k > 1:
-            _scale_feature(feats[i], k)
+            scale_feature(feats[i], k)
 
 
-def _add_saturation(S, feats):
-    rng, ctx, cut = S.rng, S.ctx, S.cut
+def add_saturation(S: Sampler, feats: list[dict]) -> None:
+    """Saturate one feature (or add a direct beam) over a clear region."""
+    rng, ctx, cut = S.rng, S.ctx, S.regime.cut
     opts = []
     bs = S.sc["beamstop"]
     if not bs and not S.gi and ctx.fp.on_detector(ctx.cx, ctx.cy, margin=5.0):
@@ -567,17 +580,17 @@ def _add_saturation(S, feats):
     kind, i = o
     f = feats[i]
     if kind == "diffuse":
-        r_in = _diffuse_inner_radius(S.sc, ctx)
+        r_in = diffuse_inner_radius(S.sc, ctx)
         # saturate an annulus of width ~area / (2 pi r_in) outside the inner edge
         width = max(3.0, area / (2 * np.pi * max(r_in, 3.0)) * 3.0)
         _s0, s1 = ph.radial_profile(f, ctx, [r_in, r_in + width])
         if s1 <= 0:
             return
-        f["i0"] = float(f["i0"]) * cut * _logu(rng, 1.2, 5.0) / s1
+        f["i0"] = float(f["i0"]) * cut * log_uniform(rng, 1.2, 5.0) / s1
     elif kind == "ring":
         _r, _sig, amp = ph.ring_geometry(f, ctx)
         k = int(np.argmax(amp))
-        ratio = _logu(rng, 3.0, 30.0)
+        ratio = log_uniform(rng, 3.0, 30.0)
         old = f["amp"][k]
         f["amp"][k] = cut * ratio
         if float(f["kappa"]) > 0 and not f.get("azimuth"):

@@ -17,7 +17,8 @@ produced it.
 
 The pieces live in :mod:`.scene` (constants, completion, rendering),
 :mod:`.labels`, :mod:`.sampling` and :mod:`.features` (the sampler's feature
-families); this module re-exports all of them, so ``generator.X`` keeps working.
+families); this module re-exports their public names (the sim package's own
+helpers among them), so ``generator.X`` works for any of those.
 
 Examples
 --------
@@ -42,26 +43,20 @@ from ..errors import ConfigurationError
 from ..tags import TAG_NAMES
 from . import physics as ph  # noqa: F401 (re-exported)
 from .features import (  # noqa: F401 (re-exported)
-    _add_diffuse,
-    _add_gi_diffuse,
-    _add_halo,
-    _add_isolated,
-    _add_lattice,
-    _add_on_ring,
-    _add_rings,
-    _add_rods,
-    _add_saturation,
-    _add_specular,
-    _add_streaks,
-    _bs_angle,
-    _ensure_bright,
-    _existing_ring_radii,
-    _feature_peak,
-    _gap_kappa,
-    _level,
-    _pick_amp,
-    _ring_candidates,
-    _scale_feature,
+    add_diffuse,
+    add_gi_diffuse,
+    add_halo,
+    add_isolated,
+    add_lattice,
+    add_on_ring,
+    add_rings,
+    add_rods,
+    add_saturation,
+    add_specular,
+    add_streaks,
+    ensure_bright,
+    feature_peak,
+    scale_feature,
 )
 from .geometry import (  # noqa: F401 (re-exported)
     DETECTORS,
@@ -76,39 +71,21 @@ from .geometry import (  # noqa: F401 (re-exported)
     ring_points,
 )
 from .labels import (  # noqa: F401 (re-exported)
-    _DISC,
-    _crosses_horizon,
-    _diffuse_inner_radius,
-    _halo_flanks_seen,
-    _label_beamstop,
-    _label_diffuse,
-    _label_gi,
-    _label_halo,
-    _label_rings,
-    _label_spots,
-    _label_state,
-    _label_streaks,
-    _LabelState,
-    _sat_area_spots,
-    _smooth_level,
+    diffuse_inner_radius,
+    halo_flanks_seen,
+    label_state,
+    pixel_peak_factor,
     scene_labels,
+    smooth_level,
+    streak_peak_factor,
 )
 from .sampling import (  # noqa: F401 (re-exported)
-    _SEEN_TAGS,
-    _ctx_for,
-    _pick_detector,
-    _sample,
-    _sample_beam_on,
-    _sample_once,
-    _Sampler,
-    _want,
+    Sampler,
+    pick_detector,
+    sample_labelled,
     sample_scene,
 )
 from .scene import (  # noqa: F401 (re-exported)
-    _EMPTY2,
-    _FEATURE_DEFAULTS,
-    _R_E,
-    _TAG,
     DIFFUSE_DECAY,
     GAP_FRACTION,
     HALO_MIN_REL,
@@ -117,24 +94,28 @@ from .scene import (  # noqa: F401 (re-exported)
     ISO_MAX_KAPPA,
     MIN_SAT_AREA,
     ORIENT_MIN_KAPPA,
+    R_E,
     SCENE_VERSION,
     SHARP_MAX_REL,
+    TAG_INDEX,
     WANT_P,
     WEAK_MAX_COUNTS,
-    _complete_rings,
-    _detector_entry,
-    _g,
-    _jsonable,
-    _logu,
-    _seen_t,
-    _thr,
-    _two_theta,
-    _u,
     complete_scene,
+    detector_entry,
     frame_seed,
+    in_view,
+    jsonable,
     render_scene,
+    threshold,
+    two_theta,
 )
-from .variety import PROFILES, VarietyProfile, resolve_variety  # noqa: F401 (re-exported)
+from .variety import (  # noqa: F401 (re-exported)
+    PROFILES,
+    VarietyProfile,
+    log_uniform,
+    resolve_variety,
+    uniform_in,
+)
 
 __all__ = [
     "SCENE_VERSION",
@@ -192,8 +173,8 @@ class SceneGenerator:
     def scene_at(self, index: int) -> tuple[dict, np.ndarray, np.random.Generator]:
         """Scene and labels of frame ``index``, and the generator state to render it with."""
         rng = frame_seed(self.seed, index)
-        scene, labels = _sample(rng, _pick_detector(rng, self.detectors), self.size, self.tags,
-                                prof=self.profile)
+        det = pick_detector(rng, self.detectors)
+        scene, labels = sample_labelled(rng, det, self.size, self.tags, prof=self.profile)
         return scene, labels, rng
 
     def frame_at(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:

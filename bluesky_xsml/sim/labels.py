@@ -16,7 +16,6 @@ from ..tags import TAG_NAMES
 from . import physics as ph
 from .geometry import SceneGeometry, ring_points
 from .scene import (
-    _TAG,
     DIFFUSE_DECAY,
     GAP_FRACTION,
     HALO_MIN_REL,
@@ -25,15 +24,16 @@ from .scene import (
     MIN_SAT_AREA,
     ORIENT_MIN_KAPPA,
     SHARP_MAX_REL,
+    TAG_INDEX,
     WEAK_MAX_COUNTS,
-    _seen_t,
-    _thr,
     complete_scene,
+    in_view,
+    threshold,
 )
 from .variety import FORM_ANISO_MAX_CONTRAST, FORM_ISO_MIN_CONTRAST, gaps_visible, readout_cut
 
 
-def _smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
+def smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
     """Expected counts under a feature at radii ``r``: background + diffuse + halos."""
     r = np.asarray(r, dtype=np.float64)
     level = ctx.B * np.cos(np.arctan(r * ctx.p / ctx.D)) ** 3 + ctx.dark
@@ -44,7 +44,9 @@ def _smooth_level(sc: dict, ctx: SceneGeometry, r, exclude=None):
     return level
 
 
-class _LabelState:
+class LabelState:
+    """What the labelling of one scene found: tags, visible amplitudes, saturated area, ..."""
+
     def amp(self, peak: float, typical: float | None = None) -> None:
         self.amps.append((float(peak), float(peak if typical is None else typical)))
 
@@ -67,7 +69,7 @@ SUBPIXEL_SPOT_SIGMA = 0.7
 SUBPIXEL_STREAK_SIGMA = 0.5
 
 
-def _pixel_peak_factor(x, y, s):
+def pixel_peak_factor(x, y, s):
     """Brightest pixel of a Gaussian spot relative to its centre (1 for wide spots)."""
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -76,7 +78,7 @@ def _pixel_peak_factor(x, y, s):
     return np.where(s < SUBPIXEL_SPOT_SIGMA, np.exp(-d2 / (2 * np.maximum(s, 1e-3) ** 2)), 1.0)
 
 
-def _streak_peak_factor(sigma: float) -> float:
+def streak_peak_factor(sigma: float) -> float:
     """Worst-case brightest pixel across a thin streak relative to its line."""
     if sigma >= SUBPIXEL_STREAK_SIGMA:
         return 1.0
@@ -108,12 +110,12 @@ def _label_rings(f, sc, ctx, st, cut):
     L = ctx.L
     kappa = float(f["kappa"])
     fwhm = 2.3548 * sig
-    level = _smooth_level(sc, ctx, np.where(np.isfinite(r), r, 0.0))
+    level = smooth_level(sc, ctx, np.where(np.isfinite(r), r, 0.0))
     if f["style"] == "textured":
         x, y, a, s, idx = ph.textured_grains(f, ctx, r, sig, amp)
-        lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) * _pixel_peak_factor(x, y, s)
-                                   >= _thr("spot", lv, ctx.read))
+        lv = smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
+        vis = ctx.fp.seen(x, y) & (a * ph.grazing_factor(ctx, y) * pixel_peak_factor(x, y, s)
+                                   >= threshold("spot", lv, ctx.read))
         st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, ph.grazing_factor(ctx, y))
         grains = f.get("grains") or [60] * len(r)
         n_vis = np.bincount(idx[vis], minlength=len(r)) if len(idx) else np.zeros(len(r), int)
@@ -130,7 +132,7 @@ def _label_rings(f, sc, ctx, st, cut):
         return
     px, py = ring_points(ctx, r)
     wgt = ph.feature_azimuth_weight(f, px.shape[1])
-    thr = _thr("ext", level, ctx.read)
+    thr = threshold("ext", level, ctx.read)
     expected = amp[:, None] * wgt[None, :] * ph.grazing_factor(ctx, py)
     cov = ctx.fp.seen(px, py) & (expected >= thr[:, None])
     sharp = fwhm <= SHARP_MAX_REL * r
@@ -188,13 +190,13 @@ def _label_halo(f, sc, ctx, st, cut):
     if not math.isfinite(r0) or rel < HALO_MIN_REL:
         return
     amp = float(f["amp"])
-    thr = float(_thr("ext", _smooth_level(sc, ctx, r0, exclude=f), ctx.read))
+    thr = float(threshold("ext", smooth_level(sc, ctx, r0, exclude=f), ctx.read))
     px, py = ring_points(ctx, [r0])
     px, py = px[0], py[0]
     cov = ctx.fp.seen(px, py) & (amp * ph.grazing_factor(ctx, py) >= thr)
     kappa = float(f["kappa"])
     circ = 2 * np.pi * r0
-    if not _halo_flanks_seen(ctx, q0, rel):
+    if not halo_flanks_seen(ctx, q0, rel):
         return
     az = f.get("azimuth")
     if az:
@@ -225,7 +227,7 @@ def _label_halo(f, sc, ctx, st, cut):
             st.amp(amp)
 
 
-def _halo_flanks_seen(ctx, q0: float, rel: float, need: float = 0.1) -> bool:
+def halo_flanks_seen(ctx, q0: float, rel: float, need: float = 0.1) -> bool:
     """A halo reads as a ring when both its flanks (0.6 FWHM either side) are on the detector."""
     r_in, r_out = ctx.r(q0 * (1 - 0.6 * rel)), ctx.r(q0 * (1 + 0.6 * rel))
     if not (math.isfinite(r_in) and math.isfinite(r_out)):
@@ -235,7 +237,7 @@ def _halo_flanks_seen(ctx, q0: float, rel: float, need: float = 0.1) -> bool:
     return bool((arc >= need * ctx.L).all())
 
 
-def _diffuse_inner_radius(sc, ctx):
+def diffuse_inner_radius(sc, ctx):
     r_lo = ctx.r_near
     bs = sc["beamstop"]
     if bs and bs["type"] == "circular":
@@ -246,17 +248,17 @@ def _diffuse_inner_radius(sc, ctx):
 
 
 def _label_diffuse(f, sc, ctx, st, cut):
-    r_lo = _diffuse_inner_radius(sc, ctx)
+    r_lo = diffuse_inner_radius(sc, ctx)
     span = np.linspace(r_lo, r_lo + 0.5 * ctx.L, 64)
     prof = ph.radial_profile(f, ctx, span)
     lvl = ctx.B * np.cos(np.arctan(span * ctx.p / ctx.D)) ** 3 + ctx.dark
-    vis = prof >= _thr("ext", lvl, ctx.read)
-    if not vis[0] or prof[0] < 3 * _thr("ext", lvl[0], ctx.read):
+    vis = prof >= threshold("ext", lvl, ctx.read)
+    if not vis[0] or prof[0] < 3 * threshold("ext", lvl[0], ctx.read):
         return
     n_vis = int(np.argmin(vis)) if not vis.all() else len(vis)
     extent = span[n_vis - 1] - r_lo
     cx_, cy_ = ring_points(ctx, [r_lo + 0.05 * ctx.L], n=90)
-    cov = _seen_t(ctx, cx_[0], cy_[0])
+    cov = in_view(ctx, cx_[0], cy_[0])
     decays = prof[0] >= DIFFUSE_DECAY * float(ph.radial_profile(f, ctx, r_lo + 0.3 * ctx.L))
     if extent >= 0.1 * ctx.L and cov.mean() >= 0.1 and decays:
         st.tags.add("diffuse_low_q")
@@ -279,9 +281,9 @@ def _label_spots(f, sc, ctx, st, cut):
         return
     t_y = ph.grazing_factor(ctx, y)
     st.sat_area += _sat_area_spots(ctx, x, y, a, s, cut, t_y)
-    lv = _smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
-    vis_all = ctx.fp.seen(x, y) & (a * t_y * _pixel_peak_factor(x, y, s)
-                                   >= _thr("spot", lv, ctx.read))
+    lv = smooth_level(sc, ctx, np.hypot(x - ctx.cx, y - ctx.cy))
+    vis_all = ctx.fp.seen(x, y) & (a * t_y * pixel_peak_factor(x, y, s)
+                                   >= threshold("spot", lv, ctx.read))
     vis = vis_all & (a * t_y <= cut)
     t = f["type"]
     n = int(vis_all.sum())
@@ -301,8 +303,8 @@ def _label_streaks(f, sc, ctx, st, cut):
     r0 = float(f["r0_px"])
     s = np.arange(1.0, ctx.r_far + 1.0, 1.0)
     amp = float(f["amp"]) * np.where(s <= r0, 1.0, (r0 / s) ** float(f["decay"]))
-    amp = amp * _streak_peak_factor(float(f["width_px"]))
-    thr_s = _thr("spot", _smooth_level(sc, ctx, s), ctx.read)
+    amp = amp * streak_peak_factor(float(f["width_px"]))
+    thr_s = threshold("spot", smooth_level(sc, ctx, s), ctx.read)
     length = 0.0
     first = None
     for ang in f["angles_deg"]:
@@ -331,7 +333,7 @@ def _label_gi(f, sc, ctx, st, cut):
     lv = ctx.B + ctx.dark
     if t == "gi_diffuse":
         amp = 0.7 * float(f["amp"])
-        thr = float(_thr("ext", lv, ctx.read))
+        thr = float(threshold("ext", lv, ctx.read))
         if amp < 2 * thr:
             return
         cols_ok = (amp * C >= thr) & ~ctx.fp.gap_col[: ctx.w]
@@ -345,7 +347,7 @@ def _label_gi(f, sc, ctx, st, cut):
             if 0.03 * ctx.h <= yy <= 0.97 * ctx.h and hzn - yy >= 3.0:
                 st.tags.add("yoneda")
         return
-    thr = float(_thr("spot", lv, ctx.read))
+    thr = float(threshold("spot", lv, ctx.read))
     if t == "specular_rod":
         col = ctx.cx
         if not (1.0 <= col <= ctx.w - 2.0) or ctx.fp.gap_col[int(round(col))]:
@@ -478,24 +480,25 @@ def scene_labels(scene: Mapping) -> np.ndarray:
     numpy.ndarray
         ``(23,)`` float32 of 0/1 in :data:`~bluesky_xsml.tags.TAG_NAMES` order.
     """
-    return _label_state(complete_scene(scene))[0]
+    return label_state(complete_scene(scene))[0]
 
 
-def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
+def label_state(sc: dict) -> tuple[np.ndarray, LabelState | None]:
+    """Labels of a completed scene, and the state behind them (``None`` with the beam off)."""
     ctx = SceneGeometry(sc)
     lab = np.zeros(len(TAG_NAMES), np.float32)
     det = sc["detector"]
     if gaps_visible(sc):
-        lab[_TAG["detector_gaps"]] = 1
+        lab[TAG_INDEX["detector_gaps"]] = 1
     if not sc["beam_on"]:
-        lab[_TAG["beam_off"]] = 1
+        lab[TAG_INDEX["beam_off"]] = 1
         return lab, None
     noise = sc["noise"]
     cut = float(det["count_cutoff"])
     if det["family"] == "ccd":
         cut = (cut - float(noise["offset"])) / max(float(noise["gain"]), 1e-9)
     cut = readout_cut(sc, cut)
-    st = _LabelState()
+    st = LabelState()
     for f in sc["features"]:
         t = f["type"]
         if t == "rings":
@@ -551,5 +554,5 @@ def _label_state(sc: dict) -> tuple[np.ndarray, _LabelState | None]:
         if normal.size and ctx.B >= HIGH_BG_RATIO * float(np.median(normal)):
             st.tags.add("high_background")
     for t in st.tags:
-        lab[_TAG[t]] = 1
+        lab[TAG_INDEX[t]] = 1
     return lab, st

@@ -1,6 +1,7 @@
 """Sampling scenes: which features a frame asks for, and a scene that has them.
 
-:func:`sample_scene` draws a scene; the feature families it adds live in
+:func:`sample_scene` draws a scene; the state of a scene being drawn is a
+:class:`~.sampler.Sampler`, the feature families it adds live in
 :mod:`.features`, the labels it checks against in :mod:`.labels`. Part of the
 synthetic generator; :mod:`bluesky_xsml.sim.generator` re-exports it.
 """
@@ -16,41 +17,38 @@ from ..errors import ConfigurationError
 from ..tags import TAG_NAMES
 from . import physics as ph
 from .features import (
-    _add_diffuse,
-    _add_gi_diffuse,
-    _add_halo,
-    _add_isolated,
-    _add_lattice,
-    _add_on_ring,
-    _add_rings,
-    _add_rods,
-    _add_saturation,
-    _add_specular,
-    _add_streaks,
-    _bs_angle,
-    _ensure_bright,
-    _feature_peak,
-    _scale_feature,
+    add_diffuse,
+    add_gi_diffuse,
+    add_halo,
+    add_isolated,
+    add_lattice,
+    add_on_ring,
+    add_rings,
+    add_rods,
+    add_saturation,
+    add_specular,
+    add_streaks,
+    ensure_bright,
+    feature_peak,
+    scale_feature,
 )
 from .geometry import DetectorConfig, Footprint, SceneGeometry, resolve_detectors
-from .labels import _label_state, scene_labels
+from .labels import label_state, scene_labels
+from .sampler import Regime, Sampler
 from .scene import (
-    _R_E,
-    SCENE_VERSION,
     WANT_P,
-    _detector_entry,
-    _jsonable,
-    _logu,
-    _u,
     complete_scene,
+    jsonable,
 )
 from .variety import (
     CLASSIC,
     VarietyProfile,
     draw_readout,
     effective_read_counts,
+    log_uniform,
     readout_cut,
     resolve_variety,
+    uniform_in,
 )
 
 
@@ -91,97 +89,11 @@ def _want(rng, tags: Mapping[str, bool] | None,
     return want
 
 
-class _Sampler:
-    """State of one scene being sampled."""
-
-    def __init__(self, rng, det: DetectorConfig, size, want, prof: VarietyProfile = CLASSIC):
-        self.rng = rng
-        self.P = prof
-        self.det = det
-        self.want = want
-        dtype = det.dtypes[0] if len(det.dtypes) == 1 else (
-            det.dtypes[0] if rng.random() < 0.6 else det.dtypes[1])
-        self.d = _detector_entry(det.name, size, rng, dtype)
-        self.h, self.w = self.d["shape"]
-        self.L = max(self.h, self.w)
-        self.p = self.d["pixel_size_m"]
-        self.sc: dict = {"version": SCENE_VERSION, "detector": self.d}
-
-    # -- geometry --------------------------------------------------------
-    def geometry(self):
-        rng, h, w, L, want = self.rng, self.h, self.w, self.L, self.want
-        lam = rng.uniform(0.6, 1.7)
-        self.lam = lam
-        D = None
-        gi = None
-        if want["grazing"]:
-            cx = rng.uniform(0.15, 0.85) * w
-            if want["horizon"]:
-                yh = rng.uniform(0.35, 0.9) * h
-            elif want["yoneda"]:
-                yh = h - 0.5 + rng.uniform(0.5, 0.06 * h + 1.5)
-            else:
-                yh = h - 0.5 + rng.uniform(1.0, 0.3 * h + 2.0)
-            rho = rng.uniform(0.3, 2.0)
-            ac = lam * math.sqrt(rho * _R_E / math.pi)
-            if want["yoneda"]:
-                off = _u(rng, max(4.0, 0.04 * h), max(6.0, 0.16 * h))
-                D = float(np.clip(off * self.p / math.tan(ac), 0.1, 15.0))
-            else:
-                D = self._distance_from_q(lam, cx, yh + 5)
-            ai = float(np.clip(ac * rng.uniform(0.8, 3.0), math.radians(0.03), math.radians(1.0)))
-            cy = yh + D * math.tan(ai) / self.p
-            gi = {"incidence_deg": math.degrees(ai), "critical_deg": math.degrees(ac),
-                  "beta_ratio": _logu(rng, 0.005, 0.05), "below": _logu(rng, 1e-4, 3e-3),
-                  "yoneda": bool(want["yoneda"])}
-        else:
-            mode = rng.random()
-            if want["beamstop_circular"] or want["beamstop_linear"]:
-                mode *= 0.87
-            near, anywhere = self.P.center_split
-            if mode < near:
-                cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
-            elif mode < anywhere:
-                cx, cy = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
-            else:
-                cx, cy = rng.uniform(0.0, 1.0) * w, rng.uniform(0.0, 1.0) * h
-                off = rng.uniform(0.0, self.P.off_detector_max) * L
-                side = int(rng.integers(4))
-                if side == 0:
-                    cx = -off
-                elif side == 1:
-                    cx = w - 1 + off
-                elif side == 2:
-                    cy = -off
-                else:
-                    cy = h - 1 + off
-        self.cx, self.cy = float(cx), float(cy)
-        self.gi = gi
-        self.D = D
-        self.sc["grazing"] = gi
-
-    def _distance_from_q(self, lam, cx, cy):
-        fp = Footprint((self.h, self.w), ([], []), (cx, cy))
-        r_far = fp.farthest_radius()
-        q_far = _logu(self.rng, 0.03, 1.2 if self.want["higher_orders"] else 6.0)
-        s = min(q_far * lam / (4 * math.pi), math.sin(math.radians(32.0)))
-        tth = 2 * math.asin(s)
-        return float(np.clip(r_far * self.p / math.tan(tth), 0.05, 15.0))
-
-    def finish_geometry(self):
-        if self.D is None:
-            self.D = self._distance_from_q(self.lam, self.cx, self.cy)
-        self.sc["geometry"] = {"distance_m": self.D, "wavelength_A": self.lam,
-                               "beam_center": [self.cx, self.cy]}
-
-    def set_distance_for(self, q1, r1):
-        """Choose the distance (and keep the wavelength) so that ``q1`` lands at ``r1`` px."""
-        s = q1 * self.lam / (4 * math.pi)
-        tth = 2 * math.asin(min(s, 0.99))
-        if tth >= math.radians(65):
-            self.lam *= math.sin(math.radians(30)) / s
-            tth = math.radians(60)
-        self.D = float(np.clip(r1 * self.p / math.tan(tth), 0.05, 15.0))
+def _bs_angle(rng) -> float:
+    """Beamstop angle (degrees; its holder or its bar): mostly along a detector axis."""
+    if rng.random() < 0.7:
+        return float(90.0 * int(rng.integers(4)) + rng.uniform(-3, 3))
+    return float(rng.uniform(0, 360))
 
 
 def _ctx_for(sc: dict) -> SceneGeometry:
@@ -228,10 +140,11 @@ def sample_scene(rng: np.random.Generator, detector=None, size: int | None = 256
         raise ConfigurationError(f"size must be an int >= 16 or None, got {size!r}")
     prof = resolve_variety(variety)
     pool = resolve_detectors(detector if detector is not None else detectors)
-    return _sample(rng, _pick_detector(rng, pool), size, tags, prof=prof)[0]
+    return sample_labelled(rng, pick_detector(rng, pool), size, tags, prof=prof)[0]
 
 
-def _pick_detector(rng, pool) -> DetectorConfig:
+def pick_detector(rng, pool) -> DetectorConfig:
+    """One detector of ``pool``, drawn by weight (no draw when there is only one)."""
     if len(pool) == 1:
         return pool[0]
     wts = np.array([d.weight for d in pool])
@@ -242,8 +155,8 @@ _SEEN_TAGS = [i for i, t in enumerate(TAG_NAMES) if t not in (
     "beam_off", "detector_gaps", "beamstop_circular", "beamstop_linear", "high_background")]
 
 
-def _sample(rng, det, size, tags, attempts: int = 4,
-            prof: VarietyProfile = CLASSIC) -> tuple[dict, np.ndarray]:
+def sample_labelled(rng, det, size, tags, attempts: int = 4,
+                    prof: VarietyProfile = CLASSIC) -> tuple[dict, np.ndarray]:
     """A scene and its labels; beam-on scenes in which nothing would be seen are redrawn."""
     for _ in range(attempts):
         scene = _sample_once(rng, det, size, tags, prof)
@@ -255,15 +168,15 @@ def _sample(rng, det, size, tags, attempts: int = 4,
 
 def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
     want = _want(rng, tags, prof)
-    S = _Sampler(rng, det, size, want, prof)
-    d = S.d
+    S = Sampler.start(rng, det, size, want, prof)
+    d = S.detector
     # dead / hot pixels
     n_bad = int(rng.poisson(6e-5 * S.h * S.w))
     d["bad_pixels"] = np.stack([rng.integers(0, S.h, n_bad),
                                 rng.integers(0, S.w, n_bad)], 1).tolist()
     ccd = det.family == "ccd"
     read = rng.uniform(0.5, 1.0 if want["weak_scattering"] else 3.0) if ccd else 0.0
-    S.sc["noise"] = {"dark": _logu(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
+    S.sc["noise"] = {"dark": log_uniform(rng, 1e-4, 1e-2), "read_sigma": read, "gain": 1.0,
                      "offset": rng.uniform(5.0, 60.0) if ccd else 0.0}
     if not prof.classic:
         S.sc["variety"] = prof.name
@@ -276,18 +189,18 @@ def _sample_once(rng, det, size, tags, prof: VarietyProfile = CLASSIC) -> dict:
             if eff is not None:
                 S.sc["noise"]["read_sigma"] = eff
     if want["beam_off"]:
-        S.geometry()
+        S.draw_geometry()
         S.finish_geometry()
         S.sc.update(beam_on=False, background={"level": 0.0, "gradient": [0.0, 0.0]},
                     beamstop=None, features=[], grazing=None)
-        return _jsonable(S.sc)
+        return jsonable(S.sc)
     _sample_beam_on(S)
-    return _jsonable(S.sc)
+    return jsonable(S.sc)
 
 
-def _sample_beam_on(S: _Sampler) -> None:
+def _sample_beam_on(S: Sampler) -> None:
     rng, want, L = S.rng, S.want, S.L
-    S.geometry()
+    S.draw_geometry()
     # a calibrant powder anchors the distance
     ring_styles = []
     for tag, style in (("ring_isotropic", "isotropic"), ("ring_oriented", "oriented"),
@@ -319,14 +232,16 @@ def _sample_beam_on(S: _Sampler) -> None:
         S.cx, S.cy, margin=0.02 * L))
     bs = None
     if want["beamstop_circular"] and on_det:
-        R = max(4.0 if S.P.classic else 2.0, rng.uniform(*S.P.beamstop_circular_L) * L)
-        bs = {"type": "circular", "radius_px": R, "transmission": _logu(rng, 1e-5, 1e-2),
+        R = max(4.0 if S.profile.classic else 2.0,
+                rng.uniform(*S.profile.beamstop_circular_L) * L)
+        bs = {"type": "circular", "radius_px": R, "transmission": log_uniform(rng, 1e-5, 1e-2),
               "edge_px": rng.uniform(0.5, 1.5), "angle_deg": _bs_angle(rng),
               "holder_width_px": 2 * R * rng.uniform(0.2, 0.4) if rng.random() < 0.5 else 0.0}
     elif want["beamstop_linear"] and on_det:
         bs = {"type": "linear",
-              "width_px": max(4.0 if S.P.classic else 2.5, rng.uniform(*S.P.beamstop_linear_L) * L),
-              "transmission": _logu(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
+              "width_px": max(4.0 if S.profile.classic else 2.5,
+                              rng.uniform(*S.profile.beamstop_linear_L) * L),
+              "transmission": log_uniform(rng, 1e-5, 1e-2), "edge_px": rng.uniform(0.5, 1.5),
               "angle_deg": _bs_angle(rng)}
     S.sc["beamstop"] = bs
     # calibrant anchor
@@ -351,105 +266,101 @@ def _sample_beam_on(S: _Sampler) -> None:
             top = 0.9 * r_far / 3.3
         else:
             top = 0.55 * r_far
-        r1 = _u(rng, max(r_lo, 30.0), max(r_lo + 1, 30.0, top))
+        r1 = uniform_in(rng, max(r_lo, 30.0), max(r_lo + 1, 30.0, top))
         S.set_distance_for(q1, r1)
     S.finish_geometry()
     S.sc.update(beam_on=True, background={"level": 0.0, "gradient": [0.0, 0.0]}, features=[])
     ctx = _ctx_for(S.sc)
-    S.ctx = ctx
     r_hi = 0.95 * ctx.r_far
     if ctx.horizon is not None:
         r_lo = max(r_lo, ctx.cy - ctx.horizon + 3.0)
-    S.r_lo, S.r_hi = r_lo, r_hi
+    S.set_window(ctx, r_lo, r_hi)
     # intensity regime
     mode = "weak" if want["weak_scattering"] else ("high" if want["high_background"] else "normal")
-    S.mode = mode
-    cut = float(S.d["count_cutoff"])
+    cut = float(S.detector["count_cutoff"])
     if ccd := (S.det.family == "ccd"):
         cut -= S.sc["noise"]["offset"]
-    S.cut = cut = readout_cut(S.sc, cut)
+    cut = readout_cut(S.sc, cut)
     read = S.sc["noise"]["read_sigma"]
-    S.read = read
     rim = max(1.5, 2.0 * read) * 1.4
     need_rim = bs is not None
     if mode == "weak":
         if need_rim:
             B = rng.uniform(rim, max(1.15 * rim, 2.6))
         else:
-            B = 0.0 if (not ccd and rng.random() < 0.3) else _logu(rng, 0.02, 2.0)
+            B = 0.0 if (not ccd and rng.random() < 0.3) else log_uniform(rng, 0.02, 2.0)
     elif mode == "high":
-        B = _logu(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
-        if not S.P.classic:
+        B = log_uniform(rng, 200.0, max(300.0, min(2e4, 0.02 * cut)))
+        if not S.profile.classic:
             B = min(B, 0.25 * cut)     # a readout with a small range (8-bit ADU)
     else:
-        B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else _logu(rng, 0.01, 30.0)
+        B = 0.0 if (not ccd and not need_rim and rng.random() < 0.15) else \
+            log_uniform(rng, 0.01, 30.0)
         if need_rim:
             B = max(B, rim)
     if need_rim:
         cos3_far = math.cos(math.atan(ctx.r_far * ctx.p / ctx.D)) ** 3
         B = max(B, rim / max(cos3_far, 0.2))
-    S.B = B
     grad = [rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)] if rng.random() < 0.5 else [0.0, 0.0]
     S.sc["background"] = {"level": B, "gradient": grad}
-    ctx.B = B
-    ctx.read = read
-    ctx.dark = S.sc["noise"]["dark"]
     n_planned = sum(bool(want[k]) for k in (
         "halo_isotropic", "halo_anisotropic", "diffuse_low_q", "peaks_isolated", "peaks_lattice",
         "peaks_on_ring", "streaks", "specular_rod", "bragg_rods")) + len(ring_styles) + \
         (1 if (want["horizon"] or want["yoneda"]) else 0)
-    S.cap = 0.5 * cut / (n_planned + 2) / 1.5
-    S.E = _logu(rng, 200.0, max(250.0, S.cap)) if mode == "normal" else None
+    cap = 0.5 * cut / (n_planned + 2) / 1.5
+    typical = log_uniform(rng, 200.0, max(250.0, cap)) if mode == "normal" else None
+    S.set_regime(Regime(mode=mode, cut=cut, read=read, background=B, cap=cap, typical=typical),
+                 dark=S.sc["noise"]["dark"])
     feats = S.sc["features"]
     # smooth features first (they set the level under sharp ones)
     if want["diffuse_low_q"]:
-        _add_diffuse(S, feats)
+        add_diffuse(S, feats)
     for tag, kappa in (("halo_isotropic", 0.0), ("halo_anisotropic", 1.0)):
         if want[tag]:
-            _add_halo(S, feats, anisotropic=kappa > 0)
+            add_halo(S, feats, anisotropic=kappa > 0)
     if S.gi and (want["horizon"] or want["yoneda"]):
-        _add_gi_diffuse(S, feats)
-    S.ring_budget = 10**6 if many_style else 4
+        add_gi_diffuse(S, feats)
+    S.plan_rings(10**6 if many_style else 4)
     order = sorted(ring_styles, key=lambda s: (s != many_style, s != lam_style))
     for k, style in enumerate(order):
-        S.rings_left = len(order) - k - 1
-        _add_rings(S, feats, style, materials[style], many=(style == many_style),
+        S.begin_ring_style(len(order) - k - 1)
+        add_rings(S, feats, style, materials[style], many=(style == many_style),
                    lamellar=(style == lam_style))
     if want["peaks_isolated"]:
-        _add_isolated(S, feats)
+        add_isolated(S, feats)
     if want["peaks_lattice"]:
-        _add_lattice(S, feats)
+        add_lattice(S, feats)
     if want["peaks_on_ring"]:
-        _add_on_ring(S, feats)
+        add_on_ring(S, feats)
     if S.gi and want["specular_rod"]:
-        _add_specular(S, feats)
+        add_specular(S, feats)
     if S.gi and want["bragg_rods"]:
-        _add_rods(S, feats)
+        add_rods(S, feats)
     if want["streaks"]:
-        _add_streaks(S, feats)
+        add_streaks(S, feats)
     if not feats:
-        _add_halo(S, feats, anisotropic=False, force=True)
+        add_halo(S, feats, anisotropic=False, force=True)
     if mode == "normal":
-        _ensure_bright(S, feats)
-    total = sum(_feature_peak(f, ctx, S.sc) for f in feats) + 1.5 * B + ctx.dark
+        ensure_bright(S, feats)
+    total = sum(feature_peak(f, ctx, S.sc) for f in feats) + 1.5 * B + ctx.dark
     if S.gi:
         total *= float(ph.grazing_factor_rows(ctx).max())
     if total > 0.5 * cut:
         for f in feats:
-            _scale_feature(f, 0.5 * cut / total)
+            scale_feature(f, 0.5 * cut / total)
         total = 0.5 * cut
     if S.gi:
-        if S.P.low_contrast_horizon_p and rng.random() < S.P.low_contrast_horizon_p:
+        if S.profile.low_contrast_horizon_p and rng.random() < S.profile.low_contrast_horizon_p:
             # a low-contrast sample shadow: attenuated 3-50x, still an edge
-            S.gi["below"] = _logu(rng, *S.P.low_contrast_below)
+            S.set_horizon_attenuation(log_uniform(rng, *S.profile.low_contrast_below))
         else:
             # "strongly attenuated": below the horizon nothing reaches 1 count
-            S.gi["below"] = float(min(S.gi["below"], 1.0 / max(total, 1.0)))
+            S.set_horizon_attenuation(float(min(S.gi["below"], 1.0 / max(total, 1.0))))
     if want["saturation"]:
         before = [dict(f, **{k: list(v) for k, v in f.items() if isinstance(v, list)})
                   for f in feats]
-        _add_saturation(S, feats)
+        add_saturation(S, feats)
         # keep it only if it clips a clear region (no borderline partial clipping)
-        _, st = _label_state(complete_scene(S.sc))
+        _, st = label_state(complete_scene(S.sc))
         if st is None or st.sat_area < 12.0:
             feats[:] = before

@@ -31,8 +31,8 @@ from .geometry import (
 from .variety import apply_readout
 
 SCENE_VERSION = 1
-_TAG = {n: i for i, n in enumerate(TAG_NAMES)}
-_R_E = 2.8179403262e-5  # classical electron radius, angstrom
+TAG_INDEX = {n: i for i, n in enumerate(TAG_NAMES)}
+R_E = 2.8179403262e-5  # classical electron radius, angstrom
 
 #: Probability of asking for each feature when a scene is sampled (see
 #: :func:`sample_scene`); grazing-incidence features are conditional on a
@@ -72,13 +72,14 @@ def _g(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` as plain JSON types, floats rounded as :func:`_g` (what a scene stores)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         if obj and all(type(v) is float for v in obj):
             return [_g(v) for v in obj]
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -86,17 +87,8 @@ def _jsonable(obj):
     if isinstance(obj, (float, np.floating)):
         return _g(obj)
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     return obj
-
-
-def _logu(rng, lo, hi):
-    return float(math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo)))))
-
-
-def _u(rng, lo, hi):
-    """Uniform in [lo, hi] (``lo`` when the interval is empty)."""
-    return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
 
 
 def frame_seed(seed: int, index: int) -> np.random.Generator:
@@ -104,7 +96,7 @@ def frame_seed(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
 
 
-def _thr(kind: str, level, read: float = 0.0):
+def threshold(kind: str, level, read: float = 0.0):
     """Smallest visible peak (counts above ``level``) of a feature of ``kind``.
 
     ``"ext"``: rings, arcs, halos, diffuse (many pixels); ``"spot"``: spots,
@@ -123,7 +115,8 @@ def _thr(kind: str, level, read: float = 0.0):
 # Scene completion
 
 
-def _detector_entry(spec, size, rng=None, dtype=None) -> dict:
+def detector_entry(spec, size, rng=None, dtype=None) -> dict:
+    """The scene's ``detector`` entry for ``spec`` (a name or a dict) rendered at ``size``."""
     if isinstance(spec, Mapping):
         d = dict(spec)
         name = d.get("name")
@@ -201,7 +194,7 @@ def complete_scene(scene: Mapping) -> dict:
     """
     sc = dict(scene)  # nested dicts are copied below before they are changed
     size = sc.get("size", 256)
-    sc["detector"] = _detector_entry(sc.get("detector", "pilatus_1m"), size)
+    sc["detector"] = detector_entry(sc.get("detector", "pilatus_1m"), size)
     h, w = sc["detector"]["shape"]
     geo = dict(sc.get("geometry") or {})
     geo.setdefault("wavelength_A", 1.0)
@@ -234,7 +227,7 @@ def complete_scene(scene: Mapping) -> dict:
     if gi:
         gi = dict(gi)
         lam = geo["wavelength_A"]
-        gi.setdefault("critical_deg", math.degrees(lam * math.sqrt(0.7 * _R_E / math.pi)))
+        gi.setdefault("critical_deg", math.degrees(lam * math.sqrt(0.7 * R_E / math.pi)))
         gi.setdefault("incidence_deg", 2 * gi["critical_deg"])
         gi.setdefault("beta_ratio", 0.02)
         gi.setdefault("below", 1e-3)
@@ -285,7 +278,8 @@ def complete_scene(scene: Mapping) -> dict:
     return sc
 
 
-def _two_theta(q, lam):
+def two_theta(q, lam):
+    """Scattering angle 2 theta (radians) of ``q`` (1/A) at wavelength ``lam`` (A)."""
     return 2 * np.arcsin(np.clip(np.asarray(q) * lam / (4 * np.pi), 0, 1))
 
 
@@ -294,7 +288,7 @@ def _complete_rings(f: dict, ctx: SceneGeometry) -> None:
     q_max = float(q_from_r(ctx.r_far, ctx.p, ctx.D, ctx.lam))
     if mat in ph.CRYSTALS:
         q, inten, hkl = ph.crystal_reflections(mat, q_max)
-        inten = inten * ph.lorentz_polarization(_two_theta(q, ctx.lam))
+        inten = inten * ph.lorentz_polarization(two_theta(q, ctx.lam))
         f.setdefault("hkl", [list(v) for v in hkl])
     elif mat in ph.LAMELLAR_D or mat == "lamellar":
         d = ph.LAMELLAR_D.get(mat, f.get("d_A", 50.0))
@@ -316,7 +310,7 @@ def _complete_rings(f: dict, ctx: SceneGeometry) -> None:
 # Derived geometry of a completed scene
 
 
-def _seen_t(ctx: SceneGeometry, x, y, pad: float = 1.0):
+def in_view(ctx: SceneGeometry, x, y, pad: float = 1.0):
     """Seen on the detector and not attenuated by the sample (factor >= 0.5)."""
     ok = ctx.fp.seen(x, y, pad)
     if ctx.gi:

@@ -219,8 +219,14 @@ def resolve_variety(variety: str | VarietyProfile | None) -> VarietyProfile:
 # Draws
 
 
-def _logu(rng, lo, hi):
+def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Log-uniform in [lo, hi] (``lo`` when ``hi <= lo``; one number is drawn either way)."""
     return float(math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo)))))
+
+
+def uniform_in(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Uniform in [lo, hi] (``lo``, drawing nothing, when ``hi <= lo``)."""
+    return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
 
 
 def draw_azimuth(rng: np.random.Generator, prof: VarietyProfile, anisotropic: bool) -> dict:
@@ -229,7 +235,7 @@ def draw_azimuth(rng: np.random.Generator, prof: VarietyProfile, anisotropic: bo
     wts = np.array([f.weight for f in fams], float)
     fam = fams[int(rng.choice(len(fams), p=wts / wts.sum()))]
     n = int(fam.folds[int(rng.integers(len(fam.folds)))])
-    sharp = _logu(rng, *fam.sharpness)
+    sharp = log_uniform(rng, *fam.sharpness)
     lo, hi = prof.aniso_depth if anisotropic else prof.iso_depth
     az = {"form": fam.form, "n": n, "depth": float(rng.uniform(lo, hi))}
     az["p" if fam.form == "cos_n" else "kappa"] = sharp
@@ -248,11 +254,11 @@ def draw_readout(rng: np.random.Generator, prof: VarietyProfile, family: str,
     if ro.dtypes:
         out["dtype"] = ro.dtypes[int(rng.integers(len(ro.dtypes)))]
     if ro.name == "float_corrected":
-        out["scale"] = _logu(rng, *ro.scale)
+        out["scale"] = log_uniform(rng, *ro.scale)
         out["flat_sigma"] = float(rng.uniform(0.0, 0.03))
     elif ro.name == "integrating_adu":
         eight = out["dtype"] == "uint8"
-        out["gain"] = _logu(rng, *(ADU8_GAIN if eight else ro.gain))
+        out["gain"] = log_uniform(rng, *(ADU8_GAIN if eight else ro.gain))
         out["offset"] = float(rng.uniform(*(ADU8_OFFSET if eight else ro.offset)))
         out["read_counts"] = float(rng.uniform(*ro.read_counts))
     fill = ro.gap_fill[int(rng.integers(len(ro.gap_fill)))]

@@ -283,7 +283,7 @@ def generator_fingerprint(variety: str = "classic") -> str:
     sim = Path(__file__).resolve().parent.parent / "sim"
     h = hashlib.sha1()
     for name in ("generator.py", "physics.py", "geometry.py", "scene.py", "sampling.py",
-                 "features.py", "labels.py", "variety.py"):
+                 "sampler.py", "features.py", "labels.py", "variety.py"):
         f = sim / name
         if f.exists():
             h.update(name.encode())
