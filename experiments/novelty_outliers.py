@@ -108,13 +108,14 @@ def make_outliers(x, kinds, n: int, generator):
 
 
 def outlier_loss_fn(kinds, *, share: float, weight: float, margin: float, objective: str,
-                    prior: np.ndarray, seed: int, joint_batch: bool = False):
+                    prior: np.ndarray, seed: int, joint_batch: bool = True):
     """A ``loss_fn`` for :func:`novelty_lofo.train`: the tagger's BCE plus the outlier term.
 
-    The outliers go through the network in a second pass with batch norm in inference
-    mode (normalised by the inliers' running statistics, as every frame is at inference,
-    and leaving those statistics to the inliers); ``joint_batch`` puts them in the
-    inliers' batch instead (they then shift the batch statistics).
+    With ``joint_batch`` the outliers share the inliers' batch (and its batch-norm
+    statistics). Without, they go through a second pass with batch norm in inference mode
+    (the inliers' running statistics); that lets the network tell the passes apart by
+    their normalisation, and it cost the trained tags most of their mAP on halo
+    (docs/novelty.md).
     """
     import torch
     import torch.nn.functional as F
@@ -158,7 +159,7 @@ def outlier_loss_fn(kinds, *, share: float, weight: float, margin: float, object
 
 def variant_name(kinds, weight, share, margin, objective, joint_batch) -> str:
     return (f"-oe-{'+'.join(kinds)}-w{weight:g}-s{share:g}-m{margin:g}-{objective}"
-            + ("-joint" if joint_batch else ""))
+            + ("" if joint_batch else "-sep"))
 
 
 def run(family, kinds, weight, inputs, labels, args) -> dict:
@@ -202,9 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--margin", type=float, default=1.0,
                    help="how far below the inliers' mean log norm the outliers are pushed")
     p.add_argument("--objective", choices=("norm", "prior", "both"), default="norm")
-    p.add_argument("--joint-batch", action="store_true",
-                   help="outliers in the inliers' batch (batch statistics) instead of a "
-                        "second pass with batch norm in inference mode")
+    p.add_argument("--separate-pass", dest="joint_batch", action="store_false",
+                   help="outliers in a second pass with batch norm in inference mode, "
+                        "instead of in the inliers' batch")
     p.add_argument("--baseline", action="store_true",
                    help="also train (or reload) every family's network without outliers")
     args = p.parse_args(argv)
