@@ -8,14 +8,14 @@ network on the same frames and splits, with one change: every batch also carries
 augmented inputs, and the loss gains ``weight x`` a term on them (outlier exposure,
 Hendrycks et al. 2019):
 
-* ``--objective norm``: ``relu(margin + log|f_out| - mean(log|f_in|))``: the outliers'
+* objective ``norm``: ``relu(margin + log|f_out| - mean(log|f_in|))``: the outliers'
   pooled features are pushed to a norm ``exp(-margin)`` below the batch's inliers (the
   inliers' side is not back-propagated), which is what the score's low-norm term reads;
-* ``--objective prior``: the outliers' sigmoid outputs are pulled toward the training
+* objective ``prior``: the outliers' sigmoid outputs are pulled toward the training
   label frequencies of the trained tags (BCE against the prior);
 * ``both``: the sum.
 
-Outlier kinds (``--kinds``), all made from frames of the trained families only (the
+Outlier kinds, all made from frames of the trained families only (the
 held-out family's frames are never loaded into training):
 
 * ``tiles``: the 64 x 64 input cut into a 4 x 4 grid of tiles, shuffled (all six
@@ -39,8 +39,8 @@ reported. Each network is saved in ``--models`` (its name carries the setting) a
 reloaded on a rerun. Reduced run (docs/novelty.md)::
 
     OMP_NUM_THREADS=1 nice -n 10 python experiments/novelty_outliers.py \\
-        --families halo,peaks,grazing,rings --kinds tiles,mix,tiles+mix --weights 0.5 \\
-        --models /tmp/xsml-lofo-models --out /tmp/nov-oe/outliers.json
+        --families halo,peaks,grazing,rings --baseline --models /tmp/xsml-lofo-models \\
+        --out /tmp/nov-oe/outliers.json
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def variant_name(kinds, weight, share, margin, objective, joint_batch) -> str:
             + ("" if joint_batch else "-sep"))
 
 
-def run(family, kinds, weight, inputs, labels, args) -> dict:
+def run(family, kinds, weight, objective, inputs, labels, args) -> dict:
     from bluesky_xsml.tags import TAG_NAMES
 
     cols = [TAG_NAMES.index(t) for t in FAMILIES[family]]
@@ -173,15 +173,15 @@ def run(family, kinds, weight, inputs, labels, args) -> dict:
     if not kinds:
         name, loss_fn = "", None
     else:
-        name = variant_name(kinds, weight, args.share, args.margin, args.objective,
+        name = variant_name(kinds, weight, args.share, args.margin, objective,
                             args.joint_batch)
         loss_fn = outlier_loss_fn(kinds, share=args.share, weight=weight, margin=args.margin,
-                                  objective=args.objective, prior=prior, seed=args.seed,
+                                  objective=objective, prior=prior, seed=args.seed,
                                   joint_batch=args.joint_batch)
     t0 = time.perf_counter()
     res = run_family(family, inputs, labels, args, variant=name, loss_fn=loss_fn)
     res.update(outliers="+".join(kinds) or "none", weight=weight if kinds else 0.0,
-               share=args.share, margin=args.margin, objective=args.objective,
+               share=args.share, margin=args.margin, objective=objective if kinds else "",
                joint_batch=args.joint_batch,
                seconds=round(time.perf_counter() - t0, 1))
     return res
@@ -194,15 +194,16 @@ def main(argv=None) -> int:
                    widths=(16, 32, 64, 96), depths=(1, 1, 1, 1), stem_width=16, threads=1)
     p.add_argument("--dev-family", default="halo",
                    help="the family the outlier kinds and weight are chosen on (not reported)")
-    p.add_argument("--kinds", default="tiles,mix,tiles+mix",
-                   help="comma separated candidate settings, each kinds joined by +; "
-                        f"kinds: {', '.join(KINDS)}; 'none' for no outliers")
-    p.add_argument("--weights", default="0.5", help="comma separated candidate loss weights")
+    p.add_argument("--candidates", default="tiles:0.1:norm,tiles:0.5:norm,mix:0.1:norm,"
+                   "mix:0.5:norm,tiles:0.5:prior",
+                   help="comma separated settings tried on the development family, each "
+                        "KINDS:WEIGHT:OBJECTIVE with KINDS of "
+                        f"{', '.join(KINDS)} joined by + and OBJECTIVE norm, prior or both; "
+                        "the first is used when the development family is not run")
     p.add_argument("--share", type=float, default=0.25,
                    help="outliers per batch, as a fraction of the batch size")
     p.add_argument("--margin", type=float, default=1.0,
                    help="how far below the inliers' mean log norm the outliers are pushed")
-    p.add_argument("--objective", choices=("norm", "prior", "both"), default="norm")
     p.add_argument("--separate-pass", dest="joint_batch", action="store_false",
                    help="outliers in a second pass with batch norm in inference mode, "
                         "instead of in the inliers' batch")
@@ -211,13 +212,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     candidates = []
-    for spec in args.kinds.split(","):
-        kinds = tuple(k for k in spec.strip().split("+") if k and k != "none")
-        if set(kinds) - set(KINDS):
-            p.error(f"unknown outlier kinds in {spec!r}; known: {', '.join(KINDS)}")
-        for w in (float(v) for v in args.weights.split(",")):
-            candidates.append((kinds, w if kinds else 0.0))
-    candidates = list(dict.fromkeys(candidates))
+    for spec in args.candidates.split(","):
+        parts = spec.strip().split(":")
+        kinds = tuple(k for k in parts[0].split("+") if k)
+        if (len(parts) != 3 or not kinds or set(kinds) - set(KINDS)
+                or parts[2] not in ("norm", "prior", "both")):
+            p.error(f"bad candidate {spec!r}: KINDS:WEIGHT:OBJECTIVE, kinds of "
+                    f"{', '.join(KINDS)}, objective norm, prior or both")
+        candidates.append((kinds, float(parts[1]), parts[2]))
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if set(families) - set(FAMILIES):
         p.error(f"unknown families; known: {', '.join(FAMILIES)}")
@@ -231,33 +233,35 @@ def main(argv=None) -> int:
     results = []
     chosen = candidates[0]
     if args.dev_family in families:
-        dev = [run(args.dev_family, k, w, inputs, labels, args) for k, w in candidates]
+        dev = [run(args.dev_family, *c, inputs, labels, args) for c in candidates]
+        best = max(range(len(dev)), key=lambda i: dev[i]["auroc"]["knn"])
+        chosen = candidates[best]
+        if args.baseline:
+            dev.append(run(args.dev_family, (), 0.0, "", inputs, labels, args))
         for r in dev:
             r["dev"] = True
             print(json.dumps(r), flush=True)
-        best = max(range(len(dev)), key=lambda i: dev[i]["auroc"]["knn"])
-        chosen = candidates[best]
         results += dev
-        print(f"chosen on {args.dev_family}: {'+'.join(chosen[0]) or 'none'} "
-              f"weight {chosen[1]:g}", flush=True)
+        print(f"chosen on {args.dev_family}: {'+'.join(chosen[0])} weight {chosen[1]:g} "
+              f"objective {chosen[2]}", flush=True)
     for fam in families:
         if fam == args.dev_family:
             continue
-        todo = [chosen] + ([((), 0.0)] if args.baseline and chosen[0] else [])
-        for k, w in todo:
-            r = run(fam, k, w, inputs, labels, args)
+        todo = [chosen] + ([((), 0.0, "")] if args.baseline else [])
+        for c in todo:
+            r = run(fam, *c, inputs, labels, args)
             r["dev"] = False
             print(json.dumps(r), flush=True)
             results.append(r)
-    print("family   outliers        weight  mAP    knn(shipped) dist  lownorm  flagged")
+    print("family   outliers   weight objective  mAP    knn(shipped) dist  lownorm  flagged")
     for r in results:
         a = r["auroc"]
-        print(f"{r['family']:8s} {r['outliers']:15s} {r['weight']:5g}  "
+        print(f"{r['family']:8s} {r['outliers']:10s} {r['weight']:5g}  {r['objective']:9s} "
               f"{r['held_in_mAP_of_trained_tags']:.3f}  {a['knn']:.3f}        "
               f"{a['knn_distance_only']:.3f} {a['low_norm_only']:.3f}    {r['flagged_out']:.3f}")
     summary = {"reduced": True, "chosen_on_dev_family": {
-        "family": args.dev_family, "outliers": "+".join(chosen[0]) or "none",
-        "weight": chosen[1]},
+        "family": args.dev_family, "outliers": "+".join(chosen[0]), "weight": chosen[1],
+        "objective": chosen[2]},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "results": results}
     if args.out:
