@@ -85,7 +85,12 @@ def split_indices(labels: np.ndarray, family: str) -> dict[str, np.ndarray]:
             "train": idx_in[2 * n_test:], "test_out": idx_out[:600]}
 
 
-def train(inputs, labels, args, seed: int):
+def train(inputs, labels, args, seed: int, loss_fn=None):
+    """Train a :class:`TaggerNet` on cached inputs with the training recipe's pieces.
+
+    ``loss_fn(net, x, y)``, when given, returns the loss of one augmented batch in place
+    of the network's own masked BCE (``experiments/novelty_outliers.py`` adds a term).
+    """
     import torch
 
     from bluesky_xsml.model import TaggerNet, TaggerNetConfig
@@ -107,7 +112,7 @@ def train(inputs, labels, args, seed: int):
         for x, y in loader.epoch(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total=total, warmup=len(loader) // 2, peak=args.lr)
-            _, loss = net(x, y)
+            loss = net(x, y)[1] if loss_fn is None else loss_fn(net, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -118,12 +123,13 @@ def train(inputs, labels, args, seed: int):
     return net.eval()
 
 
-def load_or_train(family: str, inputs, labels, args):
+def load_or_train(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None):
     """Train a tagger network without ``family``, or reload the one saved in ``args.models``.
 
     Training is deterministic for given data and options (one thread), so a saved network
     is the one this run would train; ``experiments/novelty_layers.py`` saves to the same
-    names.
+    names. ``variant`` (appended to the file name) and ``loss_fn`` (see :func:`train`) are
+    for networks trained differently (``experiments/novelty_outliers.py``).
     """
     import torch
 
@@ -132,20 +138,25 @@ def load_or_train(family: str, inputs, labels, args):
     path = None
     if getattr(args, "models", None):
         Path(args.models).mkdir(parents=True, exist_ok=True)
-        path = Path(args.models) / f"{family}-{args.n}-{args.epochs}-{args.input_size}.pt"
+        path = (Path(args.models)
+                / f"{family}-{args.n}-{args.epochs}-{args.input_size}{variant}.pt")
         if path.exists():
             saved = torch.load(path, weights_only=True)
             net = TaggerNet(TaggerNetConfig.from_dict(saved["config"]))
             net.load_state_dict(saved["state"])
             print(f"{family}: reloaded {path}", flush=True)
             return net.eval()
-    net = train(inputs, labels, args, seed=args.seed)
+    net = train(inputs, labels, args, seed=args.seed, loss_fn=loss_fn)
     if path is not None:
         torch.save({"config": net.config.to_dict(), "state": net.state_dict()}, path)
     return net
 
 
-def run_family(family: str, inputs, labels, args) -> dict:
+def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None) -> dict:
+    """Train (or reload) without ``family``, fit the statistics, report AUROCs and mAP.
+
+    ``variant`` and ``loss_fn`` go to :func:`load_or_train`.
+    """
     from bluesky_xsml import Tagger
     from bluesky_xsml.novelty import NoveltyModel, auroc, energy_novelty
     from bluesky_xsml.preprocess import PreprocessConfig
@@ -161,7 +172,7 @@ def run_family(family: str, inputs, labels, args) -> dict:
     print(f"{family}: training on {len(train_in)} frames without {FAMILIES[family]}; "
           f"{len(test_in)} held-out frames without, {len(test_out)} with", flush=True)
     t0 = time.perf_counter()
-    net = load_or_train(family, inputs[train_in], y, args)
+    net = load_or_train(family, inputs[train_in], y, args, variant=variant, loss_fn=loss_fn)
     train_s = time.perf_counter() - t0
     tagger = Tagger(net, TAG_NAMES, preprocess=PreprocessConfig(size=inputs.shape[-1]),
                     precision="fp32")
@@ -197,6 +208,8 @@ def run_family(family: str, inputs, labels, args) -> dict:
                   "knn": round(auroc(model.score(f_in), model.score(f_out)), 4),
                   "knn_distance_only": round(auroc(model.knn_distance(f_in),
                                                    model.knn_distance(f_out)), 4),
+                  "low_norm_only": round(auroc(-np.log(np.linalg.norm(f_in, axis=1)),
+                                               -np.log(np.linalg.norm(f_out, axis=1))), 4),
                   "mahalanobis": round(auroc(maha.score(f_in), maha.score(f_out)), 4),
                   "pca_residual": round(auroc(model.residual(f_in), model.residual(f_out)), 4),
                   "energy": round(auroc(energy_novelty(p_in[:, seen]),
@@ -205,8 +218,8 @@ def run_family(family: str, inputs, labels, args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The data, network and training options (shared with ``novelty_outliers.py``)."""
     p.add_argument("--families", default="peaks,grazing,rings",
                    help=f"comma separated, of {', '.join(FAMILIES)}")
     p.add_argument("--n", type=int, default=96000, help="frames rendered (all families share)")
@@ -225,6 +238,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the results (JSON) here")
     p.add_argument("--models", default=None,
                    help="save trained networks here, and reload them when present")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_options(p)
     args = p.parse_args(argv)
 
     import torch
