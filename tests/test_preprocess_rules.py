@@ -233,8 +233,8 @@ def test_extra_sentinels_are_masked_and_the_dtype_rules_still_hold():
     # a config with sentinels changes nothing for a frame that holds none of them
     clean = np.random.default_rng(5).integers(0, 60000, (32, 32)).astype(np.uint16)
     clean[clean == 7] = 8
-    np.testing.assert_array_equal(preprocess_frame(clean, PreprocessConfig(size=32, sentinels=(7,))),
-                                  preprocess_frame(clean, CFG))
+    with_sentinel = preprocess_frame(clean, PreprocessConfig(size=32, sentinels=(7,)))
+    np.testing.assert_array_equal(with_sentinel, preprocess_frame(clean, CFG))
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint32, np.int64])
