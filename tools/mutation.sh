@@ -27,6 +27,7 @@ declare -A MODULES=(
   [preprocess]="bluesky_xsml/preprocess.py"
   [query]="bluesky_xsml/catalog/query.py"
   [checkpoints]="bluesky_xsml/training/checkpoints.py bluesky_xsml/training/live.py"
+  [gate]="bluesky_xsml/training/finetune.py"
   [security]="bluesky_xsml/api/security.py"
   [protocol]="bluesky_xsml/api/protocol.py"
   [gaps]="bluesky_xsml/scaleout/gaps.py"
@@ -36,9 +37,10 @@ declare -A TESTS=(
   [documents]="tests/test_callback.py tests/test_frame_index.py tests/test_external_frames.py"
   [external]="tests/test_external_frames.py tests/test_callback_external.py tests/test_file_access.py"
   [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_inference_worker_direct.py"
-  [preprocess]="tests/test_preprocess_properties.py tests/test_tagger.py"
+  [preprocess]="tests/test_preprocess_rules.py tests/test_preprocess_properties.py"
   [query]="tests/test_query.py tests/test_frame_index.py tests/test_boundaries.py"
   [checkpoints]="tests/test_replay_checkpoints.py tests/test_service_edges.py tests/test_finetune.py"
+  [gate]="tests/test_finetune_gate.py"
   [security]="tests/test_security.py tests/test_api_session.py tests/test_service_edges.py"
   [protocol]="tests/test_service_edges.py"
   [gaps]="tests/test_gaps.py"
@@ -54,11 +56,12 @@ declare -A SELECT=(
   [protocol]='"-k", "endless or half_sent or connection_cap or live_feed"'
   [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
 )
-ORDER=(gaps policy security protocol preprocess query documents external inference checkpoints)
+ORDER=(gaps policy security protocol preprocess query documents external inference checkpoints gate)
 # Groups whose tests run torch: their mutants are forked from a clean fork server, not from
 # the process that ran the tests (a fork of a process whose torch thread pool has started
 # can deadlock in its first parallel op: the mutant then sits idle until the timeout).
-declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [preprocess]=forkserver
+declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [gate]=forkserver
+                      [preprocess]=forkserver
                       [documents]=forkserver [external]=forkserver [query]=forkserver)
 
 if [[ "${1:-}" == "--list" ]]; then
