@@ -51,10 +51,11 @@ def test_config_defaults_checks_and_round_trip():
             PreprocessConfig(size=bad)
         assert str(info.value) == f"PreprocessConfig.size must be an int >= 8, got {bad!r}"
     assert PreprocessConfig(size=8).size == 8
-    cfg = PreprocessConfig(size=32, sentinels=[7, -3], saturation_level=1000.0, min_plateau=2)
+    cfg = PreprocessConfig(size=32, sentinels=[7, -3], saturation_level=1000.0, min_plateau=2,
+                           min_saturation_counts=50.0)
     assert cfg.sentinels == (7.0, -3.0) and all(type(s) is float for s in cfg.sentinels)
     assert cfg.to_dict() == {"size": 32, "sentinels": [7.0, -3.0], "saturation_level": 1000.0,
-                             "min_plateau": 2, "min_saturation_counts": 256.0,
+                             "min_plateau": 2, "min_saturation_counts": 50.0,
                              "channels": list(CHANNELS)}
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     # keys of other versions are ignored; a stored list of sentinels becomes a tuple
