@@ -155,3 +155,19 @@ def test_both_checks_are_reported_when_both_fail():
     first, second = rep.reason.split("; ", 1)
     assert first.startswith("held-out new-domain mAP did not improve")
     assert second.startswith("original-domain mAP fell 40.00 points")
+
+
+def test_certain_scores_cost_a_bounded_loss():
+    """A network sure of itself outputs exactly 0 or 1 in float32: each known label then
+    costs at most -log(1e-6), and a right answer about nothing (never log(0) or 0 * inf)."""
+    y = np.array([[1, NAN, 0], [1, NAN, NAN], [NAN, NAN, 0], [NAN, NAN, NAN]], np.float32)
+    half = scores([0.5] * 4, [0.5] * 4)
+    right = scores([1.0, 1.0, 0.5, 0.5], [0.0, 0.5, 0.0, 0.5])
+    wrong = scores([0.0, 0.0, 0.5, 0.5], [1.0, 0.5, 1.0, 0.5])
+    rep = decide(report(), y, before=half, after=right)
+    assert rep.passed is True and rep.new_domain_metric == "loss"
+    assert rep.new_domain_after == pytest.approx(1e-6, rel=0.05)
+    rep = decide(report(), y, before=half, after=wrong)
+    assert rep.passed is False
+    # -log(1e-6) = 13.8155 per label (a little less where float32 rounds 1 - 1e-6)
+    assert rep.new_domain_after == pytest.approx(13.81, abs=0.01)
