@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -401,6 +401,38 @@ def test_a_pool_splits_the_groups_and_changes_no_input():
         got, _, _ = preprocess_batch(batch[:5], CFG, pool=pool)
         assert pool.submitted == 3
         np.testing.assert_array_equal(got, want[:5])
+    with CountingPool(2) as pool:                      # two parts are enough to submit
+        got, _, _ = preprocess_batch(batch[:2], CFG, pool=pool)
+        assert pool.submitted == 2
+        np.testing.assert_array_equal(got, want[:2])
+    with CountingPool(1) as pool:                      # one worker: one part, run here
+        got, _, _ = preprocess_batch(batch[:3], CFG, pool=pool)
+        assert pool.submitted == 0
+        np.testing.assert_array_equal(got, want[:3])
+
+
+class BareExecutor(Executor):
+    """An executor that does not say how many workers it has (no ``_max_workers``)."""
+
+    def __init__(self):
+        self.submitted = 0
+
+    def submit(self, fn, *args, **kwargs):
+        self.submitted += 1
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def test_an_executor_of_unknown_size_gets_one_part_per_dtype():
+    rng = np.random.default_rng(8)
+    batch = [rng.integers(0, 100, (32, 40)).astype(np.uint16) for _ in range(3)]
+    batch.append(rng.random((30, 30)) * 50)
+    pool = BareExecutor()
+    got, ok, errors = preprocess_batch(batch, CFG, pool=pool)
+    assert ok == [0, 1, 2, 3] and errors == {}
+    assert pool.submitted == 2                          # uint16 and float64, one part each
+    np.testing.assert_array_equal(got, preprocess_batch(batch, CFG)[0])
 
 
 # ------------------------------------------------------------------ the first-use lock
