@@ -1,0 +1,210 @@
+"""The Labeller's rules on their own: declared labels, labels after the fact, the cache.
+
+:class:`~bluesky_xsml.documents.labelling.Labeller` only talks to its callback (declared
+labels, error counts, the tagger's tags and thresholds) and to the fine-tuner
+(``add_labels``/``add_labels_async``/``close``). Here both are small stand-ins that record
+what they are given, so each rule is checked in milliseconds; the same paths with a real
+RunEngine, callback and live fine-tuner run in ``tests/test_finetune.py``
+(``test_label_suggest_and_document_labels_through_a_run``), which trains and is too slow to
+run for every mutant of ``labelling.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bluesky_xsml.documents.labelling import Labeller, document_labels
+from bluesky_xsml.errors import ConfigurationError
+
+
+@dataclass
+class Job:
+    run_uid: str
+    stream: str
+    seq_num: int
+    key: str
+
+
+class Callback:
+    """What a Labeller reads from its TaggingCallback."""
+
+    def __init__(self, declared=None, isolation="thread"):
+        self.declared = declared or {}
+        self.errors: list[str] = []
+        self.tagger = SimpleNamespace(tags=("a", "b"), thresholds=np.float32([0.5, 0.5]))
+        self.isolation = isolation
+        self.worker = object()
+
+    def declared_labels(self, run_uid, stream, seq_num):
+        return self.declared.get((run_uid, stream, seq_num))
+
+    def count_error(self, what):
+        self.errors.append(what)
+
+
+class Tuner:
+    """What a Labeller hands labels to."""
+
+    def __init__(self):
+        self.sync: list[tuple] = []
+        self.queued: list[tuple] = []
+        self.closed = None
+
+    def add_labels(self, x, row, prov, tags):
+        self.sync.append((x, row, prov, tags))
+        return {"pending": 1, "accepted": len(prov)}
+
+    def add_labels_async(self, x, row, prov, tags):
+        self.queued.append((x, row, prov, tags))
+
+    def close(self, timeout):
+        self.closed = timeout
+
+
+def items(n=3, run="r1", stream="primary", key="cam"):
+    return [(Job(run, stream, s, key), 0, np.full((2, 4, 4), s, np.float32)) for s in range(n)]
+
+
+# ------------------------------------------------------------------ document_labels
+def test_document_labels_accepts_a_mapping_or_its_json():
+    want = {"ring_oriented": True, "halo": False, "odd": None}
+    assert document_labels(want, run_uid="r", stream="primary", seq_num=1) == want
+    assert document_labels(json.dumps(want), run_uid="r", stream="s", seq_num=0) == want
+
+
+@pytest.mark.parametrize("value", [["ring"], 3, "[1, 2]"])
+def test_document_labels_must_be_a_mapping(value):
+    kind = type(json.loads(value) if isinstance(value, str) else value).__name__
+    with pytest.raises(ValueError, match=f"^xsml_labels must map tag names to True/False/None, "
+                                         f"got {kind}$"):
+        document_labels(value, run_uid="r", stream="primary", seq_num=1)
+
+
+@pytest.mark.parametrize("value", [{"seq_num": True}, {"1ring": True}, {"a": 3}, {},
+                                   {"a": True, "x" * 65: True}])
+def test_document_labels_are_checked_as_the_api_checks_a_label(value):
+    with pytest.raises(ValueError):
+        document_labels(value, run_uid="r", stream="primary", seq_num=1)
+
+
+def test_document_labels_checks_the_frame_it_names():
+    with pytest.raises(ValueError):
+        document_labels({"a": True}, run_uid="", stream="primary", seq_num=1)
+    with pytest.raises(ValueError):
+        document_labels({"a": True}, run_uid="r", stream="primary", seq_num=-1)
+    with pytest.raises(ValueError):
+        document_labels({"a": True}, run_uid="r", stream="", seq_num=1)
+
+
+# ------------------------------------------------------------------ the cache and declared labels
+def test_a_new_labeller_keeps_frames_and_has_no_fine_tuner():
+    lab = Labeller(Callback())
+    assert lab.frame_cache.max_frames == 2000 and lab.finetuner is None and lab.ignored == 0
+    assert Labeller(Callback(), cache_size=5).frame_cache.max_frames == 5
+
+
+def test_declared_labels_without_fine_tuning_are_counted_as_ignored():
+    cb = Callback({("r1", "primary", 1): {"a": True}, ("r1", "primary", 2): {"b": False}})
+    lab = Labeller(cb)
+    lab.on_inputs(items(4))
+    assert len(lab.frame_cache) == 4 and lab.ignored == 2 and cb.errors == []
+    lab.on_inputs(items(1, run="r2"))                # nothing declared: nothing ignored
+    assert lab.ignored == 2 and len(lab.frame_cache) == 5
+
+
+def test_declared_labels_go_to_the_fine_tuner_with_their_provenance():
+    cb = Callback({("r1", "primary", 1): {"a": True, "c": None},
+                   ("r1", "primary", 2): {"b": 2},             # not a label: counted, skipped
+                   ("r1", "primary", 3): {"b": False}})
+    lab = Labeller(cb)
+    lab.finetuner = tuner = Tuner()
+    batch = items(4)
+    lab.on_inputs(batch)
+    assert cb.errors == ["bad xsml_labels: ValueError"] and lab.ignored == 0
+    assert len(tuner.queued) == 2 and tuner.sync == []
+    (x, row, prov, tags), (x3, row3, prov3, tags3) = tuner.queued
+    np.testing.assert_array_equal(x, batch[1][2][None])
+    assert tags == ("a", "c") and row.shape == (1, 2)
+    assert row[0, 0] == 1.0 and np.isnan(row[0, 1])
+    assert prov == [{"source": "document", "run_uid": "r1", "stream": "primary", "seq_num": 1,
+                     "key": "cam", "frame_index": 0}]
+    assert type(prov[0]["seq_num"]) is int and type(prov[0]["frame_index"]) is int
+    assert tags3 == ("b",) and row3.tolist() == [[0.0]] and prov3[0]["seq_num"] == 3
+    np.testing.assert_array_equal(x3, batch[3][2][None])
+
+
+def test_nothing_declared_reaches_no_fine_tuner():
+    lab = Labeller(Callback())
+    lab.finetuner = tuner = Tuner()
+    lab.on_inputs(items(3))
+    assert tuner.queued == [] and len(lab.frame_cache) == 3
+
+
+# ------------------------------------------------------------------ labels after the fact
+def results(run_checkpoint="ck1"):
+    return [SimpleNamespace(probs=np.float32([0.45, 0.9]), stream="primary", seq_num=s, key="cam",
+                            frame_index=0, checkpoint=run_checkpoint) for s in range(3)]
+
+
+def test_label_needs_fine_tuning():
+    lab = Labeller(Callback())
+    lab.on_inputs(items(1))
+    with pytest.raises(ConfigurationError, match=r"^fine-tuning is not enabled; call "
+                                                 r"enable_finetuning\(directory\) first$"):
+        lab.label("r1", 0, a=True)
+
+
+def test_label_hands_the_cached_input_to_the_fine_tuner_and_answers_what_it_did():
+    cb = Callback()
+    lab = Labeller(cb)
+    lab.finetuner = tuner = Tuner()
+    batch = items(3)
+    lab.on_inputs(batch)
+    lab.on_results("r1", results())
+    assert len(lab.suggest_labels(10)) == 3
+    answer = lab.label("r1", 1, stream="primary", key="cam", frame_index=0, a=True, c=None)
+    assert answer == {"run_uid": "r1", "stream": "primary", "seq_num": 1, "key": "cam",
+                      "frame_index": 0, "labels": {"a": True, "c": None}, "new_tags": ["c"],
+                      "pending": 1, "accepted": 1}
+    (x, row, prov, tags), = tuner.sync
+    np.testing.assert_array_equal(x, batch[1][2][None].astype(np.float16))
+    assert tags == ("a", "c") and row[0, 0] == 1.0 and np.isnan(row[0, 1])
+    assert prov == [{"source": "label", "run_uid": "r1", "stream": "primary", "seq_num": 1,
+                     "key": "cam", "frame_index": 0, "checkpoint": "ck1"}]
+    # a labeled frame is not suggested again
+    assert [s["seq_num"] for s in lab.suggest_labels(10)] == [0, 2]
+    assert len(lab.suggest_labels(1)) == 1
+    # the key may be left out when the event has one image key; False is a label too
+    assert lab.label("r1", 2, b=False)["labels"] == {"b": False}
+    assert lab.label("r1", 2, b=False)["new_tags"] == []
+
+
+def test_a_frame_no_longer_cached_cannot_be_labeled():
+    lab = Labeller(Callback(), cache_size=2)
+    lab.finetuner = Tuner()
+    lab.on_inputs(items(3))
+    with pytest.raises(KeyError):
+        lab.label("r1", 0, a=True)
+    assert lab.finetuner.sync == []
+
+
+def test_enable_finetuning_keeps_a_fine_tuner_it_has():
+    for isolation in ("thread", "process"):
+        lab = Labeller(Callback(isolation=isolation))
+        lab.finetuner = tuner = Tuner()
+        assert lab.enable_finetuning("/nonexistent/dir") is tuner
+
+
+def test_close_closes_the_fine_tuner_with_the_timeout():
+    lab = Labeller(Callback())
+    lab.close()                                    # none: nothing to close
+    lab.finetuner = tuner = Tuner()
+    lab.close(7.5)
+    assert tuner.closed == 7.5
+    lab.close()
+    assert tuner.closed == 30.0
