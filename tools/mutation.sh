@@ -25,6 +25,7 @@ declare -A MODULES=(
   [external]="bluesky_xsml/documents/external.py"
   [routing]="bluesky_xsml/documents/routing.py"
   [options]="bluesky_xsml/documents/options.py bluesky_xsml/option_checks.py"
+  [labelling]="bluesky_xsml/documents/labelling.py"
   [inference]="bluesky_xsml/inference/tagger.py bluesky_xsml/inference/worker.py"
   [preprocess]="bluesky_xsml/preprocess.py"
   [query]="bluesky_xsml/catalog/query.py"
@@ -40,6 +41,7 @@ declare -A TESTS=(
   [external]="tests/test_external_frames.py tests/test_callback_external.py tests/test_file_access.py"
   [routing]="tests/test_routing.py"
   [options]="tests/test_option_rules.py tests/test_callback_options.py"
+  [labelling]="tests/test_labelling_rules.py"
   [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_inference_worker_direct.py"
   [preprocess]="tests/test_preprocess_rules.py tests/test_preprocess_properties.py"
   [query]="tests/test_query.py tests/test_frame_index.py tests/test_boundaries.py"
@@ -62,12 +64,13 @@ declare -A SELECT=(
   [options]='"-k", "rules or refused_with_its_name or normalised_and_replace"'
   [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
 )
-ORDER=(gaps policy security protocol preprocess query documents routing options external inference
-       checkpoints gate)
+ORDER=(gaps policy security protocol preprocess query documents routing options labelling external
+       inference checkpoints gate)
 # Groups whose tests run torch: their mutants are forked from a clean fork server, not from
 # the process that ran the tests (a fork of a process whose torch thread pool has started
 # can deadlock in its first parallel op: the mutant then sits idle until the timeout).
 declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [gate]=forkserver
+                      [labelling]=forkserver
                       [preprocess]=forkserver
                       [documents]=forkserver [external]=forkserver [query]=forkserver)
 
