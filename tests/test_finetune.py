@@ -342,7 +342,7 @@ def test_a_round_that_fails_the_gate_changes_nothing_live(RE, live, recorder, tm
     assert len(listed) == 2 and listed[1]["parent_id"] == base_id
     assert listed[1]["checkpoint_id"] != base_id
     assert ft.registry.active_id == base_id and ft.status()["active_id"] == base_id
-    assert ft.status()["promoted"] == 0
+    assert ft.status()["promoted"] == 0 and ft.status()["kept"] == 1
     assert tagger.checkpoint_id == base_id and tagger.tags == base_tags
     state = tagger.net.state_dict()
     assert state.keys() == base_state.keys()
