@@ -92,7 +92,8 @@ def test_a_resource_whose_run_start_is_none_goes_to_every_open_run_without_the_k
 
 
 def test_external_data_passes_through_unfilled():
-    """No handler is registered for the spec: a filling router would fail on the event."""
+    """Events keep their datum ids, even one whose datum never came (a filling router
+    raises ``UnresolvableForeignKeyError`` there): the per-run objects read the files."""
     router, runs, unrouted = _router()
     run = event_model.compose_run()
     res = run.compose_resource(spec="NO_SUCH_SPEC", root="/", resource_path="a.h5",
@@ -102,13 +103,17 @@ def test_external_data_passes_through_unfilled():
         "cam": {"dtype": "array", "shape": [4, 4], "source": "sim", "external": "FILESTORE:"}})
     event = desc.compose_event(data={"cam": datum["datum_id"]}, timestamps={"cam": 0},
                                seq_num=1, filled={"cam": False})
+    lost = desc.compose_event(data={"cam": "never-sent/0"}, timestamps={"cam": 0},
+                              seq_num=2, filled={"cam": False})
     for name, doc in (("start", run.start_doc), ("resource", res.resource_doc),
-                      ("datum", datum), ("descriptor", desc.descriptor_doc), ("event", event)):
+                      ("datum", datum), ("descriptor", desc.descriptor_doc), ("event", event),
+                      ("event", lost)):
         router(name, doc)
     router("stop", run.compose_stop())
     keeper = runs[run.start_doc["uid"]]
-    page = next(d for n, d in keeper.got if n == "event_page")
-    assert page["data"]["cam"] == [datum["datum_id"]] and page["filled"]["cam"] == [False]
+    pages = [d for n, d in keeper.got if n == "event_page"]
+    assert [p["data"]["cam"] for p in pages] == [[datum["datum_id"]], ["never-sent/0"]]
+    assert all(p["filled"]["cam"] == [False] for p in pages)
     assert unrouted == []
 
 
@@ -150,10 +155,31 @@ def test_stopped_runs_are_remembered_up_to_the_bound_newest_kept():
         router("stop", run.compose_stop())
     for desc in descs:
         router("event", _event(desc, 9))
-    assert [(why, uid) for _, _, why, uid in unrouted] == [
-        ("event for unknown descriptor", None),
-        ("event after stop", runs[1].start_doc["uid"]),
-        ("event after stop", runs[2].start_doc["uid"])]
+    pages = [event_model.pack_event_page(_event(d, 9)) for d in descs]
+    assert [(n, d["descriptor"], why, uid) for n, d, why, uid in unrouted] == [
+        ("event_page", p["descriptor"], why, uid) for p, why, uid in zip(pages, [
+            "event for unknown descriptor", "event after stop", "event after stop"],
+            [None, runs[1].start_doc["uid"], runs[2].start_doc["uid"]], strict=True)]
+
+
+def test_a_stop_whose_callback_raises_still_forgets_everything():
+    class Broken(Keeper):
+        def stop(self, doc):
+            raise RuntimeError("boom")
+
+    router = RunRouter([lambda name, start: ([Broken(start)], [])])
+    a, _, da, _ = _two_runs()
+    router("start", a.start_doc)
+    router("descriptor", da.descriptor_doc)
+    router("event", _event(da))
+    try:
+        router("stop", a.compose_stop())
+    except RuntimeError:
+        pass
+    assert router.open_runs == [] and router._descriptor_to_start == {}
+    assert router._factory_cbs_by_descriptor == {}
+    assert router._subfactory_cbs_by_descriptor == {}
+    assert router._stopped == {da.descriptor_doc["uid"]: a.start_doc["uid"]}
 
 
 def test_without_on_unrouted_it_is_logged_at_debug(caplog):
