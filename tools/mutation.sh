@@ -62,7 +62,7 @@ declare -A SELECT=(
   [protocol]='"-k", "endless or half_sent or connection_cap or live_feed"'
   [routing]='"-k", "not callback_keeps"'
   [options]='"-k", "rules or refused_with_its_name or normalised_and_replace"'
-  [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
+  [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback or goes_live"'
 )
 ORDER=(gaps policy security protocol preprocess query documents routing options labelling external
        inference checkpoints gate)
