@@ -449,3 +449,19 @@ def test_later_calls_do_not_take_the_first_use_lock():
     t.join(60)
     assert finished, "a call for a warm dtype waited on the first-use lock"
     np.testing.assert_array_equal(result["x"], want)
+
+
+def test_the_first_call_for_each_dtype_takes_the_first_use_lock(monkeypatch):
+    monkeypatch.setattr(preprocess, "_warm_dtypes", set())        # no dtype used yet
+    for dtype in (np.uint16, np.float32):
+        frame = np.ones((16, 16), dtype)
+        done = threading.Event()
+        with preprocess._FIRST_USE_LOCK:
+            t = threading.Thread(target=lambda f=frame, d=done: (preprocess_frame(f, CFG), d.set()),
+                                 daemon=True)
+            t.start()
+            waited = not done.wait(1.0)
+        t.join(60)
+        assert waited, f"the first {np.dtype(dtype)} call did not wait for the lock"
+        assert done.is_set()
+
