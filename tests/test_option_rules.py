@@ -142,7 +142,7 @@ def test_objects_that_must_be_of_a_kind():
 
 
 def test_name_lists():
-    o = CallbackOptions(image_keys=["det", "cam"], streams=("primary",),
+    o = CallbackOptions(image_keys=["det", "cam"], streams=["primary"],
                         allowed_roots=iter(["/data", "/scratch"]))
     assert (o.image_keys, o.streams, o.allowed_roots) == (("det", "cam"), ("primary",),
                                                            ("/data", "/scratch"))
@@ -187,6 +187,8 @@ def test_seconds_options(field):
 def test_read_timeout_may_be_none_but_not_zero():
     assert CallbackOptions(read_timeout=None).read_timeout is None
     assert CallbackOptions(read_timeout=0.001).read_timeout == 0.001
+    o = CallbackOptions(read_timeout="2")                 # stored as the number it checked
+    assert o.read_timeout == 2.0 and type(o.read_timeout) is float
     for value in (0, 0.0, -1, math.inf):
         with refused("callback option read_timeout must be a finite number of seconds > 0 or "
                      f"None, got {value!r}"):
