@@ -208,3 +208,23 @@ def test_close_closes_the_fine_tuner_with_the_timeout():
     assert tuner.closed == 7.5
     lab.close()
     assert tuner.closed == 30.0
+
+
+def test_enable_finetuning_builds_the_fine_tuner_of_the_isolation(monkeypatch):
+    import bluesky_xsml.inference.process as process
+    import bluesky_xsml.training.live as live
+
+    made = []
+    monkeypatch.setattr(live, "LiveFineTuner",
+                        lambda *args, **kwargs: made.append(("live", args, kwargs)) or "L")
+    monkeypatch.setattr(process, "RemoteFineTuner",
+                        lambda *args, **kwargs: made.append(("remote", args, kwargs)) or "R")
+    cb = Callback(isolation="thread")
+    lab = Labeller(cb)
+    assert lab.enable_finetuning("/ft", steps=3) == "L" and lab.finetuner == "L"
+    assert made == [("live", (cb.tagger, "/ft"), {"steps": 3})]
+    made.clear()
+    cb = Callback(isolation="process")           # trained in the tagging process
+    lab = Labeller(cb)
+    assert lab.enable_finetuning("/ft", steps=3) == "R" and lab.finetuner == "R"
+    assert made == [("remote", (cb.worker, "/ft", {"steps": 3}), {})]
