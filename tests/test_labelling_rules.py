@@ -228,3 +228,24 @@ def test_enable_finetuning_builds_the_fine_tuner_of_the_isolation(monkeypatch):
     lab = Labeller(cb)
     assert lab.enable_finetuning("/ft", steps=3) == "R" and lab.finetuner == "R"
     assert made == [("remote", (cb.worker, "/ft", {"steps": 3}), {})]
+
+
+def test_label_takes_the_named_key_of_an_event_with_several():
+    lab = Labeller(Callback())
+    lab.finetuner = tuner = Tuner()
+    batch = [*items(2, key="cam1"),
+             (Job("r1", "primary", 1, "cam2"), 0, np.full((2, 4, 4), 7, np.float32))]
+    lab.on_inputs(batch)
+    with pytest.raises(KeyError, match="several image keys"):
+        lab.label("r1", 1, a=True)
+    assert lab.label("r1", 1, key="cam2", a=True)["key"] == "cam2"
+    np.testing.assert_array_equal(tuner.sync[-1][0], np.full((1, 2, 4, 4), 7, np.float16))
+
+
+def test_suggest_labels_gives_ten_by_default():
+    lab = Labeller(Callback())
+    lab.on_inputs(items(12))
+    lab.on_results("r1", [SimpleNamespace(probs=np.float32([0.45, 0.9]), stream="primary",
+                                          seq_num=s, key="cam", frame_index=0, checkpoint="c")
+                          for s in range(12)])
+    assert len(lab.suggest_labels()) == 10 and len(lab.suggest_labels(12)) == 12
