@@ -338,6 +338,12 @@ def test_float_frames_use_the_level_as_given():
     sat = ch(preprocess_frame(frame, PreprocessConfig(size=32, saturation_level=1000.0)),
              "saturated")
     assert sat[0, 0] == 1.0 and np.count_nonzero(sat) == 1
+    # a level of 0 is a level (every valid count reaches it), not "no level"
+    zero = PreprocessConfig(size=32, saturation_level=0.0, min_saturation_counts=0.0)
+    frame = np.full((32, 32), 0.5, np.float32)
+    frame[0, 0] = np.nan
+    sat = ch(preprocess_frame(frame, zero), "saturated")
+    assert sat[0, 0] == 0.0 and np.count_nonzero(sat == 1.0) == 32 * 32 - 1
 
 
 # ------------------------------------------------------------------ batches
