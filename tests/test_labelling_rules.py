@@ -249,3 +249,17 @@ def test_suggest_labels_gives_ten_by_default():
                                           seq_num=s, key="cam", frame_index=0, checkpoint="c")
                           for s in range(12)])
     assert len(lab.suggest_labels()) == 10 and len(lab.suggest_labels(12)) == 12
+
+
+def test_label_finds_the_frame_by_stream_and_index_and_an_untagged_one_has_no_checkpoint():
+    lab = Labeller(Callback())
+    lab.finetuner = tuner = Tuner()
+    lab.on_inputs([(Job("r1", "baseline", 1, "cam"), 1, np.full((2, 4, 4), 3, np.float32)),
+                   (Job("r1", "primary", 1, "cam"), 0, np.zeros((2, 4, 4), np.float32))])
+    answer = lab.label("r1", 1, stream="baseline", frame_index=1, a=False)
+    assert (answer["stream"], answer["frame_index"]) == ("baseline", 1)
+    x, _, prov, _ = tuner.sync[-1]
+    np.testing.assert_array_equal(x, np.full((1, 2, 4, 4), 3, np.float16))
+    assert prov[0]["checkpoint"] == ""                # never tagged: no model to name
+    with pytest.raises(KeyError):
+        lab.label("r1", 1, stream="baseline", a=False)   # frame 0 of that event is not cached
