@@ -115,6 +115,9 @@ def test_declared_labels_without_fine_tuning_are_counted_as_ignored():
     assert len(lab.frame_cache) == 4 and lab.ignored == 2 and cb.errors == []
     lab.on_inputs(items(1, run="r2"))                # nothing declared: nothing ignored
     assert lab.ignored == 2 and len(lab.frame_cache) == 5
+    cb.declared[("r3", "primary", 0)] = {"a": False}
+    lab.on_inputs(items(1, run="r3"))                # counted on top of the earlier ones
+    assert lab.ignored == 3
 
 
 def test_declared_labels_go_to_the_fine_tuner_with_their_provenance():
