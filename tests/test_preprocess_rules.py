@@ -197,6 +197,9 @@ def test_other_dtypes_and_layouts_give_the_input_of_their_values():
     same(base.astype(np.longdouble), base.astype(np.float64))
     same(base.astype(">u2"), base.astype(np.uint16))                  # big-endian
     same(base.astype(">f8"), base.astype(np.float64))
+    masked = base.astype(np.uint16)
+    masked[:5] = 65535                                                # keeps its meaning
+    same(masked.astype(">u2"), masked)
     same(base.astype(np.uint16)[:, ::2], np.ascontiguousarray(base.astype(np.uint16)[:, ::2]))
     same(np.asfortranarray(base), base)
     same(base.tolist(), base.astype(np.int64))                        # nested lists
