@@ -214,8 +214,15 @@ def _prepared(frame, config: PreprocessConfig, readout: Readout | None = None) -
         if rep > 1:
             arr = np.repeat(np.repeat(arr, rep, axis=0), rep, axis=1)
     if config.sentinels and readout is None:  # rare: extra sentinels become NaN in a float copy
+        # Matched in the frame's own values (a float32 copy would round 2**24 + 1 onto
+        # 2**24), and an integer frame's own masked values (the unsigned maximum,
+        # negatives) are marked too: the float copy's valid range no longer knows them.
+        masked = np.isin(arr, np.asarray(config.sentinels, np.float64))
+        if arr.dtype.kind in "iu":
+            lo, hi = _valid_range(arr.dtype)
+            masked |= (arr < lo) | (arr > hi)
         arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
-        arr[np.isin(arr, np.asarray(config.sentinels, arr.dtype))] = np.nan
+        arr[masked] = np.nan
     return arr
 
 

@@ -342,7 +342,10 @@ def test_a_round_that_fails_the_gate_changes_nothing_live(RE, live, recorder, tm
     assert len(listed) == 2 and listed[1]["parent_id"] == base_id
     assert listed[1]["checkpoint_id"] != base_id
     assert ft.registry.active_id == base_id and ft.status()["active_id"] == base_id
-    assert ft.status()["promoted"] == 0
+    assert ft.status()["promoted"] == 0 and ft.status()["kept"] == 1
+    # a second refused round (on the same labels) is counted and changes nothing either
+    assert ft.retrain_now(wait=True, timeout=120)["passed"] is False
+    assert ft.status()["kept"] == 2 and ft.registry.active_id == base_id
     assert tagger.checkpoint_id == base_id and tagger.tags == base_tags
     state = tagger.net.state_dict()
     assert state.keys() == base_state.keys()
@@ -358,3 +361,28 @@ def test_a_round_that_fails_the_gate_changes_nothing_live(RE, live, recorder, tm
     desc = next(d for d in recorder.of("descriptor") if d["name"] == "xsml_tags")
     assert "ring_doubling" not in desc["data_keys"]
     assert recorder.of("stop")[0]["xsml_model"] == base_id
+
+
+def test_a_round_that_passes_the_gate_goes_live(RE, live, recorder, tmp_path):
+    """A gate that any round passes (``min_improvement=-1``): each round is promoted and the
+    live tagger swaps to it, without a manual activate."""
+    ft = live.enable_finetuning(tmp_path / "ft", min_labels=1000, steps=3, batch_size=4,
+                                synthetic=None, synthetic_val=None, nice=0,
+                                min_improvement=-1.0)
+    base_id = live.tagger.checkpoint_id
+    RE(count([make_image_detector(shape=(64, 80), seed=3)], 8),
+       xsml_labels={"ring_isotropic": 1, "weak_scattering": 0})
+    assert live.flush(60) and ft.flush_labels(30)
+    uid = recorder.of("start")[0]["uid"]
+    for seq in range(1, 9):
+        live.label(uid, seq, ring_doubling=seq <= 4)
+    ids = [base_id]
+    for n in (1, 2):
+        report = ft.retrain_now(wait=True, timeout=120)
+        assert report["passed"] is True, report["reason"]
+        listed = ft.registry.list()
+        assert len(listed) == n + 1 and listed[-1]["parent_id"] == ids[-1]
+        ids.append(listed[-1]["checkpoint_id"])
+        assert ft.registry.active_id == ids[-1] == live.tagger.checkpoint_id
+        assert live.tagger.tags[-1] == "ring_doubling"
+        assert ft.status()["promoted"] == n and ft.status()["kept"] == 0

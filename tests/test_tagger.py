@@ -47,6 +47,16 @@ def test_decide_uses_thresholds(tagger):
     assert tagger.decide(probs) == [[TAG_NAMES[3]]]
 
 
+def test_decide_refuses_rows_of_another_width(tagger):
+    """Probabilities of another model (one tag more or fewer) must not be matched to tag
+    names column by column: a short row would silently leave the last tags undecided."""
+    n = len(TAG_NAMES)
+    for width in (n - 1, n + 1):
+        probs = np.ones((2, width), np.float32)
+        with pytest.raises(ValueError):
+            tagger.decide(probs)
+
+
 def test_checkpoint_round_trip(tmp_path):
     t = Tagger.untrained(seed=3, metadata={"note": "x"})
     t.thresholds[:] = 0.3

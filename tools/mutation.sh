@@ -23,10 +23,14 @@ set -euo pipefail
 declare -A MODULES=(
   [documents]="bluesky_xsml/documents/callback.py bluesky_xsml/documents/compose.py bluesky_xsml/documents/frames.py bluesky_xsml/documents/frame_index.py"
   [external]="bluesky_xsml/documents/external.py"
+  [routing]="bluesky_xsml/documents/routing.py"
+  [options]="bluesky_xsml/documents/options.py bluesky_xsml/option_checks.py"
+  [labelling]="bluesky_xsml/documents/labelling.py"
   [inference]="bluesky_xsml/inference/tagger.py bluesky_xsml/inference/worker.py"
   [preprocess]="bluesky_xsml/preprocess.py"
   [query]="bluesky_xsml/catalog/query.py"
   [checkpoints]="bluesky_xsml/training/checkpoints.py bluesky_xsml/training/live.py"
+  [gate]="bluesky_xsml/training/finetune.py"
   [security]="bluesky_xsml/api/security.py"
   [protocol]="bluesky_xsml/api/protocol.py"
   [gaps]="bluesky_xsml/scaleout/gaps.py"
@@ -35,10 +39,14 @@ declare -A MODULES=(
 declare -A TESTS=(
   [documents]="tests/test_callback.py tests/test_frame_index.py tests/test_external_frames.py"
   [external]="tests/test_external_frames.py tests/test_callback_external.py tests/test_file_access.py"
+  [routing]="tests/test_routing.py tests/test_routing_rules.py"
+  [options]="tests/test_option_rules.py tests/test_callback_options.py"
+  [labelling]="tests/test_labelling_rules.py"
   [inference]="tests/test_tagger.py tests/test_boundaries.py tests/test_torch_floor.py tests/test_inference_worker_direct.py"
-  [preprocess]="tests/test_preprocess_properties.py tests/test_tagger.py"
+  [preprocess]="tests/test_preprocess_rules.py tests/test_preprocess_properties.py"
   [query]="tests/test_query.py tests/test_frame_index.py tests/test_boundaries.py"
   [checkpoints]="tests/test_replay_checkpoints.py tests/test_service_edges.py tests/test_finetune.py"
+  [gate]="tests/test_finetune_gate.py"
   [security]="tests/test_security.py tests/test_api_session.py tests/test_service_edges.py"
   [protocol]="tests/test_service_edges.py"
   [gaps]="tests/test_gaps.py"
@@ -52,13 +60,18 @@ declare -A TESTS=(
 declare -A SELECT=(
   [security]='"-m", "security", "-k", "not endless and not half_sent and not connection_cap and not live_feed and not loopback_is_not_served"'
   [protocol]='"-k", "endless or half_sent or connection_cap or live_feed"'
-  [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback"'
+  [routing]='"-k", "not callback_keeps"'
+  [options]='"-k", "rules or refused_with_its_name or normalised_and_replace"'
+  [checkpoints]='"-k", "registry or full_disk or write_failing_midway or fails_the_gate or hot_swap_and_rollback or goes_live"'
 )
-ORDER=(gaps policy security protocol preprocess query documents external inference checkpoints)
+ORDER=(gaps policy security protocol preprocess query documents routing options labelling external
+       inference checkpoints gate)
 # Groups whose tests run torch: their mutants are forked from a clean fork server, not from
 # the process that ran the tests (a fork of a process whose torch thread pool has started
 # can deadlock in its first parallel op: the mutant then sits idle until the timeout).
-declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [preprocess]=forkserver
+declare -A ISOLATION=([inference]=forkserver [checkpoints]=forkserver [gate]=forkserver
+                      [labelling]=forkserver
+                      [preprocess]=forkserver
                       [documents]=forkserver [external]=forkserver [query]=forkserver)
 
 if [[ "${1:-}" == "--list" ]]; then

@@ -250,6 +250,86 @@ def _tag_ap(labels, scores, j) -> float:
     return float(average_precision(labels[:, j], scores[:, j]))
 
 
+def _gate(report: FinetuneReport, y_val: np.ndarray, before: np.ndarray | None,
+          after: np.ndarray | None, *, out_tags: Sequence[str], new_tags: Sequence[str],
+          n_labeled: int, original: tuple[float, float] | None) -> None:
+    """Decide the validation gate: fill ``report``'s metrics, ``passed`` and ``reason``.
+
+    Parameters
+    ----------
+    report : FinetuneReport
+        The round's report; its ``min_improvement`` and ``max_forgetting`` are the limits.
+    y_val : numpy.ndarray
+        ``(V, len(out_tags))`` held-out labels of the new data (``NaN``: unknown).
+    before, after : numpy.ndarray or None
+        The parent's and the new network's probabilities for those frames (both ``None``:
+        no held-out frames, which fails the gate).
+    out_tags, new_tags : sequence of str
+        The new network's tags, and those of them the parent does not have (the parent
+        scores those as the constant predictor: AP = their positive rate).
+    n_labeled : int
+        Labeled frames given (for the reason when none were held out).
+    original : (float, float) or None
+        Original-domain mAP before and after, or ``None`` when not checked.
+    """
+    reasons: list[str] = []
+    ok = True
+    if before is not None:
+        n_val = len(y_val)
+        cols = _scorable(y_val)
+        report.new_domain_tags = [out_tags[j] for j in cols]
+        if cols:
+            prior = {j: float(np.nanmean(y_val[:, j])) for j in cols}
+            aps_before = [prior[j] if out_tags[j] in new_tags else _tag_ap(y_val, before, j)
+                          for j in cols]
+            aps_after = [_tag_ap(y_val, after, j) for j in cols]
+            report.new_domain_before = float(np.nanmean(aps_before))
+            report.new_domain_after = float(np.nanmean(aps_after))
+            report.new_tag_ap = {out_tags[j]: round(a, 4)
+                                 for j, a in zip(cols, aps_after, strict=True)
+                                 if out_tags[j] in new_tags}
+            gain = report.new_domain_after - report.new_domain_before
+            if not gain > report.min_improvement:
+                ok = False
+                reasons.append(f"held-out new-domain mAP did not improve "
+                               f"({report.new_domain_before:.4f}"
+                               f" -> {report.new_domain_after:.4f}, {n_val} frames)")
+            else:
+                reasons.append(f"held-out new-domain mAP {report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f}")
+        else:
+            report.new_domain_metric = "loss"
+            report.new_domain_before = _masked_loss(before[:, :before.shape[1]], y_val)
+            report.new_domain_after = _masked_loss(after, y_val)
+            if not report.new_domain_after < report.new_domain_before:
+                ok = False
+                reasons.append(f"held-out new-domain loss did not fall "
+                               f"({report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f}; no tag has both classes held out)")
+            else:
+                reasons.append(f"held-out new-domain loss {report.new_domain_before:.4f} -> "
+                               f"{report.new_domain_after:.4f} (no tag has both classes held out)")
+    else:
+        ok = False
+        reasons.append(f"no held-out labeled frames to validate on ({n_labeled} labeled; need "
+                       "at least 4)")
+    if original is not None:
+        report.original_before, report.original_after = original
+        drop = report.original_before - report.original_after
+        if not drop <= report.max_forgetting:
+            ok = False
+            reasons.append(f"original-domain mAP fell {100 * drop:.2f} points "
+                           f"({report.original_before:.4f} -> {report.original_after:.4f}; "
+                           f"allowed {100 * report.max_forgetting:.2f})")
+        else:
+            reasons.append(f"original-domain mAP {report.original_before:.4f} -> "
+                           f"{report.original_after:.4f}")
+    else:
+        reasons.append("original domain not checked (no synthetic validation set)")
+    report.passed = ok
+    report.reason = "; ".join(reasons)
+
+
 # -------------------------------------------------------------------- fine-tune
 def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
              tags: Sequence[str] | None = None, val_inputs=None, val_labels=None,
@@ -428,68 +508,17 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
 
     # ------------------------------------------------------------------ the gate
     parent_net = base.net.float().eval()
-    reasons: list[str] = []
-    ok = True
+    before = after = original = None
     if len(x_val):
-        before = _scores(parent_net, x_val)
-        after = _scores(net, x_val)
-        cols = _scorable(y_val)
-        report.new_domain_tags = [out_tags[j] for j in cols]
-        if cols:
-            prior = {j: float(np.nanmean(y_val[:, j])) for j in cols}
-            aps_before = [prior[j] if out_tags[j] in new_tags else _tag_ap(y_val, before, j)
-                          for j in cols]
-            aps_after = [_tag_ap(y_val, after, j) for j in cols]
-            report.new_domain_before = float(np.nanmean(aps_before))
-            report.new_domain_after = float(np.nanmean(aps_after))
-            report.new_tag_ap = {out_tags[j]: round(a, 4)
-                                 for j, a in zip(cols, aps_after, strict=True)
-                                 if out_tags[j] in new_tags}
-            gain = report.new_domain_after - report.new_domain_before
-            if not gain > min_improvement:
-                ok = False
-                reasons.append(f"held-out new-domain mAP did not improve "
-                               f"({report.new_domain_before:.4f}"
-                               f" -> {report.new_domain_after:.4f}, {len(x_val)} frames)")
-            else:
-                reasons.append(f"held-out new-domain mAP {report.new_domain_before:.4f} -> "
-                               f"{report.new_domain_after:.4f}")
-        else:
-            report.new_domain_metric = "loss"
-            report.new_domain_before = _masked_loss(before[:, :before.shape[1]], y_val)
-            report.new_domain_after = _masked_loss(after, y_val)
-            if not report.new_domain_after < report.new_domain_before:
-                ok = False
-                reasons.append(f"held-out new-domain loss did not fall "
-                               f"({report.new_domain_before:.4f} -> "
-                               f"{report.new_domain_after:.4f}; no tag has both classes held out)")
-            else:
-                reasons.append(f"held-out new-domain loss {report.new_domain_before:.4f} -> "
-                               f"{report.new_domain_after:.4f} (no tag has both classes held out)")
-    else:
-        ok = False
-        reasons.append(f"no held-out labeled frames to validate on ({len(x_all)} labeled; need "
-                       "at least 4)")
+        before, after = _scores(parent_net, x_val), _scores(net, x_val)
     if syn_val is not None and len(syn_val[0]):
         vy = _remap(syn_val[1], syn_val[2], out_tags, absent_negative=False)
         cols = [j for j in _scorable(vy) if out_tags[j] in tagger.tags]
         if original_before is None or not math.isfinite(original_before):
             original_before = _map(vy, _scores(parent_net, syn_val[0]), cols)
-        report.original_before = float(original_before)
-        report.original_after = _map(vy, _scores(net, syn_val[0]), cols)
-        drop = report.original_before - report.original_after
-        if not drop <= max_forgetting:
-            ok = False
-            reasons.append(f"original-domain mAP fell {100 * drop:.2f} points "
-                           f"({report.original_before:.4f} -> {report.original_after:.4f}; "
-                           f"allowed {100 * max_forgetting:.2f})")
-        else:
-            reasons.append(f"original-domain mAP {report.original_before:.4f} -> "
-                           f"{report.original_after:.4f}")
-    else:
-        reasons.append("original domain not checked (no synthetic validation set)")
-    report.passed = ok
-    report.reason = "; ".join(reasons)
+        original = (float(original_before), _map(vy, _scores(net, syn_val[0]), cols))
+    _gate(report, y_val, before, after, out_tags=out_tags, new_tags=new_tags,
+          n_labeled=len(x_all), original=original)
 
     # the new tagger is uncalibrated (the network changed): thresholds on the network's scale
     thresholds = _raw_thresholds(base)
