@@ -101,7 +101,7 @@ def test_documented_defaults():
         "max_block": 0.5, "handler_registry": None, "root_map": None, "read_retries": 5,
         "read_retry_delay": 0.1, "allowed_roots": None, "read_timeout": 30.0, "threads": None,
         "validate_pages": False, "delivery_retry": None, "label_cache_size": 2000,
-        "index_min_prob": 0.5, "index_limit": 1000, "beam_center": None,
+        "index_min_prob": 0.5, "index_limit": 1000, "beam_center": None, "readout": None,
         "isolation": "thread", "process_options": None}
 
 

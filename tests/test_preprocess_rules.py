@@ -370,10 +370,10 @@ def test_batch_accounts_for_every_frame_and_keeps_each_frames_input():
 def test_any_other_failure_is_a_recorded_skip(monkeypatch):
     real = preprocess._prepared
 
-    def failing(frame, config):
+    def failing(frame, config, *rest):
         if frame is marker:
             raise MemoryError("no room")
-        return real(frame, config)
+        return real(frame, config, *rest)
 
     marker = np.ones((16, 16), np.uint16)
     monkeypatch.setattr(preprocess, "_prepared", failing)
