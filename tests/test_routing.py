@@ -6,7 +6,6 @@ import time
 
 import event_model
 import numpy as np
-import pytest
 from event_model import DocumentRouter
 
 from bluesky_xsml.documents.routing import RunRouter
@@ -138,20 +137,6 @@ def test_a_stopped_run_is_forgotten_and_a_late_event_named():
     # nothing of the run is kept (event-model 1.24 keeps its resource uids)
     assert router._resources == {} and router._stream_resources == {}
     assert router._descriptor_to_start == {} and router._fillers == {}
-
-
-def test_a_run_whose_stop_handler_raises_is_still_forgotten():
-    class Broken(Keeper):
-        def stop(self, doc):
-            raise RuntimeError("boom")
-
-    router = RunRouter([lambda name, start: ([Broken(start)], [])])
-    a, _, da, _ = _two_runs()
-    router("start", a.start_doc)
-    router("descriptor", da.descriptor_doc)
-    with pytest.raises(RuntimeError):
-        router("stop", a.compose_stop())
-    assert router.open_runs == [] and router._descriptor_to_start == {}
 
 
 def test_resource_without_run_start_goes_to_every_open_run():
