@@ -153,6 +153,20 @@ def test_synthetic_source_is_built_and_cached(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
+def test_sources_joined_by_a_bar_are_concatenated_in_order(tmp_path):
+    first, second = "synth:seed=7,n=3,sizes=64", "synth:seed=8,n=2,sizes=96,variety=wide"
+    a = load_arrays(first, cache_dir=tmp_path, progress=False)
+    b = load_arrays(second, cache_dir=tmp_path, progress=False)
+    both = load_arrays(f"{first} | {second}", cache_dir=tmp_path, progress=False)
+    assert len(both) == 5 and both.source == f"{a.source}|{b.source}"
+    assert np.array_equal(np.asarray(both.inputs), np.concatenate([a.inputs, b.inputs]))
+    assert np.array_equal(both.labels, np.concatenate([a.labels, b.labels]), equal_nan=True)
+    assert [max(s) for s in both.shapes] == [64, 64, 64, 96, 96]
+    assert len(list(tmp_path.iterdir())) == 2  # each part keeps its own cache entry
+    with pytest.raises(ValueError, match="empty part"):
+        load_arrays(f"{first}|", cache_dir=tmp_path, progress=False)
+
+
 def test_zarr_source_from_xsml_synth(tmp_path):
     dataset = pytest.importorskip("bluesky_xsml.sim.dataset")
     store = tmp_path / "tiny.zarr"

@@ -21,7 +21,10 @@ A data source is either
 * a zarr store written by ``xsml synth`` (read with
   :func:`bluesky_xsml.sim.dataset.open_dataset`); or
 * a directory of already preprocessed arrays (a cache entry, or one written
-  by :func:`save_arrays`), used as is.
+  by :func:`save_arrays`), used as is; or
+* several of these joined by ``|``, concatenated in order, e.g.
+  ``synth:seed=4,n=24000|synth:seed=20,n=24000,variety=wide`` (classic and
+  wide frames in one training set); each part keeps its own cache entries.
 
 The cache key is a hash of the source, the preprocessing config and
 :data:`CACHE_VERSION`, so a changed generator spec never reuses stale inputs.
@@ -325,6 +328,13 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
     -------
     CachedArrays
     """
+    sources = split_sources(source)
+    if len(sources) > 1:
+        opened = [load_arrays(s, config=config, cache_dir=cache_dir, workers=workers,
+                              progress=progress) for s in sources]
+        out = _concatenated(opened, source)
+        out.source = "|".join(o.source for o in opened)
+        return out
     if not source.startswith("synth:") and (Path(source) / "meta.json").exists():
         return _open(Path(source))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -339,6 +349,27 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
         if not (final / "meta.json").exists():
             _build(part, config, final, workers=workers, progress=progress)
         opened.append(_open(final))
+    out = _concatenated(opened, source)
+    out.source = str(spec) if spec is not None else source
+    return out
+
+
+def split_sources(source: str) -> list[str]:
+    """The parts of a ``|``-joined data source, stripped; one part if none.
+
+    >>> split_sources("synth:seed=4,n=10 | synth:seed=20,n=10,variety=wide")
+    ['synth:seed=4,n=10', 'synth:seed=20,n=10,variety=wide']
+    >>> split_sources("runs/b-train.zarr")
+    ['runs/b-train.zarr']
+    """
+    parts = [p.strip() for p in str(source).split("|")]
+    if any(not p for p in parts):
+        raise ValueError(f"empty part in data source {source!r}")
+    return parts
+
+
+def _concatenated(opened: list[CachedArrays], source: str) -> CachedArrays:
+    """One :class:`CachedArrays` over ``opened``, rows in order, without copying inputs."""
     if len(opened) == 1:
         out = opened[0]
     else:
@@ -352,7 +383,6 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
             source, opened[0].tags, opened[0].preprocess,
             None if any(o.centers is None for o in opened)
             else np.concatenate([o.centers for o in opened]))
-    out.source = str(spec) if spec is not None else source
     return out
 
 
