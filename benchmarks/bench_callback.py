@@ -12,7 +12,13 @@ medians are reported.
    shared ring); with ``--peer`` also ``process-peer`` (inline frames read by
    the tagging process out of this process's memory), with ``--lean`` also
    ``process-lean`` (no label cache; since issue 22 the default process mode
-   sends no inputs back either: its label cache stays in the tagging process).
+   sends no inputs back either: its label cache stays in the tagging process);
+   with ``--bound`` also ``untagged-corunner``: the untagged scan while another
+   process, at the tagging process's priority (``SCHED_IDLE``) and with its
+   threads, runs ``Tagger.predict`` on the same frames in a loop and nothing
+   crosses between them. Its ratio is what merely sharing the machine with the
+   model costs the scan (caches, memory bandwidth, the scheduler): no design of
+   the boundary can go below it.
 2. **rates**: ``count([det], num, delay)`` at 20 and 50 frames/s: scan time
    ratio to the untagged count and frame-to-tag latency (p50, p99).
 3. **files**: the stress scan with an ophyd area detector writing AD_HDF5
@@ -90,6 +96,37 @@ def _callback(mode: str, sink, frames_shape):
     return xsml
 
 
+_CORUNNER = """
+import sys, time
+import numpy as np
+from bluesky_xsml import Tagger
+from bluesky_xsml.inference.child import set_priority
+sys.path.insert(0, {here!r})
+from bench_callback import make_frames
+set_priority("idle")
+frames, _ = make_frames(16, {size})
+tagger = Tagger.load()
+tagger.warmup(shape=({size}, {size}), dtypes=("uint32",))
+print("ready", flush=True)
+i = 0
+while True:
+    tagger.predict(frames[i % len(frames)])
+    i += 1
+"""
+
+
+def _start_corunner(size: int) -> subprocess.Popen:
+    """A process tagging frames in a loop at ``SCHED_IDLE``, ready before it returns."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", _CORUNNER.format(here=here, size=size)],
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the co-runner did not start")
+    time.sleep(1.0)  # into its loop
+    return proc
+
+
 def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) -> dict:
     """One run in this process; returns its figures."""
     import numpy as np
@@ -108,8 +145,10 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
             latencies.extend(doc["data"]["latency"])
             tagged[0] += len(doc["seq_num"])
 
-    xsml = None
-    if mode != "untagged":
+    xsml = corunner = None
+    if mode == "untagged-corunner":
+        corunner = _start_corunner(size)
+    elif mode != "untagged":
         xsml = _callback(mode, sink, (size, size))
         RE.subscribe(xsml)
     tmp = tempfile.TemporaryDirectory()
@@ -127,6 +166,9 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
     else:
         RE(scan([det], motor, 0, 10, n))
     scan_s = time.perf_counter() - t0
+    if corunner is not None:
+        corunner.kill()
+        corunner.wait()
     accounted = n
     if xsml is not None:
         xsml.flush(900)
@@ -219,6 +261,10 @@ def main(argv=None) -> int:
                    help="also run 'process-peer': the tagging process reading inline frames "
                         "out of the RunEngine's process's memory (process_vm_readv) instead of "
                         "the shared ring")
+    p.add_argument("--bound", action="store_true",
+                   help="also run 'untagged-corunner' (stress and files): the untagged scan "
+                        "beside a SCHED_IDLE process running the model in a loop, nothing "
+                        "crossing; the floor that sharing the machine with the model sets")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -233,10 +279,12 @@ def main(argv=None) -> int:
     plan = []
     tagged_modes = (("thread", "process") + (("process-peer",) if args.peer else ())
                     + (("process-lean",) if args.lean else ()))
+    if args.bound:
+        tagged_modes += ("untagged-corunner",)
     for mode in ("untagged", *tagged_modes):
         if "stress" in wanted:
             plan.append({"experiment": "stress", "mode": mode, "n": args.frames})
-        if "rate" in wanted:
+        if "rate" in wanted and mode != "untagged-corunner":
             for rate in (20.0, 50.0):
                 plan.append({"experiment": "rate", "mode": mode, "n": args.rate_frames,
                              "rate": rate})
@@ -272,10 +320,14 @@ def main(argv=None) -> int:
         print(f"{label:12s} untagged {base:7.2f} s")
         for mode in tagged_modes:
             key = (exp, mode, rate)
+            if key not in results:
+                continue
             ratio = med(key, "scan_s") / base
             figures[(exp, mode, rate)] = ratio
             print(f"{'':12s} {mode:12s} {med(key, 'scan_s'):7.2f} s  ratio {ratio:.3f}  "
                   f"latency p50 {med(key, 'p50_ms'):6.0f} ms  p99 {med(key, 'p99_ms'):6.0f} ms")
+            if mode == "untagged-corunner":  # nothing tagged: nothing to account for
+                continue
             for r in results[key]:
                 accounted += r["accounted"]
                 total += r["frames"]
