@@ -335,18 +335,28 @@ def test_frames_recovered_from_the_catalog_get_the_runs_readout(model):
     assert got[:, model.tags.index("saturation")].min() > 0.99
 
 
-def test_xsml_retag_and_serve_refuse_a_bad_readout_before_connecting(capsys):
+@pytest.mark.parametrize("text, message", [
+    ('{"gain": 4, "ofset": 1}', "--readout: unknown key 'ofset'"),
+    ("gain=4", "--readout must be JSON, e.g. '{\"gain\": 3.6}': Expecting value"),
+])
+def test_xsml_retag_serve_and_worker_refuse_a_bad_readout_before_connecting(capsys, text,
+                                                                          message):
+    """The three commands read ``--readout`` with one parser (readout.readout_option); the
+    addresses below have nothing listening, so reaching them would fail differently."""
     import argparse
 
     from bluesky_xsml.api import serve
-    from bluesky_xsml.scaleout import retag
+    from bluesky_xsml.scaleout import retag, worker
 
-    for module, extra in ((retag, ["--catalog", "http://127.0.0.1:1"]), (serve, [])):
+    for module, extra in ((retag, ["--catalog", "http://127.0.0.1:1"]), (serve, []),
+                          (worker, ["--zmq", "127.0.0.1:1", "--republish", "127.0.0.1:2",
+                                    "--model", "/nonexistent.pt"])):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
-        args = parser.parse_args([*extra, "--readout", '{"gain": 4, "ofset": 1}'])
+        args = parser.parse_args([*extra, "--readout", text])
         assert module.main(args) == 2
-        assert "--readout: unknown key 'ofset'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"xsml {module.__name__.rsplit('.', 1)[-1]}: {message}" in err, err
 
 
 # ------------------------------------------------------------------ the service
