@@ -42,6 +42,7 @@ it) and the document side (which reads it from start documents).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -51,7 +52,8 @@ import numpy as np
 
 from .errors import ConfigurationError
 
-__all__ = ["KINDS", "Readout", "as_readouts", "parse_readouts", "run_readouts"]
+__all__ = ["KINDS", "Readout", "as_readouts", "parse_readouts", "readout_option",
+           "run_readouts"]
 
 #: What ``Readout.kind`` may say (informational: the conversion is the same).
 KINDS = ("counting", "integrating")
@@ -275,6 +277,32 @@ def parse_readouts(value: Any, what: str = "xsml_readout") -> dict[str, Readout]
         return {"*": Readout.from_metadata(value, what)}
     return {str(key): Readout.from_metadata(item, f"{what}[{key!r}]")
             for key, item in value.items()}
+
+
+def readout_option(text: str, what: str = "--readout") -> dict[str, Readout]:
+    """A command line's readout option (JSON) as :func:`parse_readouts` reads it.
+
+    ``xsml serve``, ``xsml worker`` and ``xsml retag`` take ``--readout JSON``
+    through this, so the three read it alike: one readout, or
+    ``{image key: readout}``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``text`` is not JSON or not a readout; the message names ``what``.
+
+    >>> readout_option('{"gain": 3.6, "offset": 100}')["*"].gain
+    3.6
+    >>> readout_option("gain=3.6")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bluesky_xsml.errors.ConfigurationError: --readout must be JSON, e.g. ...: Expecting value: ...
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigurationError(f"{what} must be JSON, e.g. '{{\"gain\": 3.6}}': {err}") from err
+    return parse_readouts(value, what)
 
 
 def run_readouts(start: Mapping[str, Any], default: Mapping[str, Readout] | None = None

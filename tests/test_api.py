@@ -57,7 +57,8 @@ class ASGIClient:
 class Live:
     """A RunEngine, a tagging callback with fine-tuning, and the service around them."""
 
-    def __init__(self, tmp, *, finetune=True, isolation="thread", **settings):
+    def __init__(self, tmp, *, finetune=True, isolation="thread", callback_options=None,
+                 **settings):
         self.tagger = Tagger.untrained(seed=0, config=TINY)
         self.recorder = DocumentRecorder()
         extra = {}
@@ -66,7 +67,8 @@ class Live:
 
             extra = {"process_options": ProcessOptions(priority="normal", threads=1)}
         self.xsml = TaggingCallback(self.tagger, downstream=[self.recorder], threads=1,
-                                    max_wait=0.01, isolation=isolation, **extra)
+                                    max_wait=0.01, isolation=isolation, **extra,
+                                    **(callback_options or {}))
         if finetune:
             self.xsml.enable_finetuning(tmp / "ft", auto=False, synthetic=None,
                                         synthetic_val=None, steps=2, batch_size=4)
@@ -385,6 +387,50 @@ def test_process_mode_thumbnails_and_labels_come_from_the_tagging_process(tmp_pa
         assert c.get(f"/api/runs/{uid}/frames/1/thumbnail.png").status_code == 404
     finally:
         lv.close()
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_without_a_label_cache_process_mode_says_why_there_is_no_thumbnail(tmp_path, isolation):
+    """``label_cache_size=0``: in process mode the thumbnails would come from the tagging
+    process's label cache, so there are none, and the service says so at once (404 with the
+    reason, no call to the tagging process); in thread mode each frame's input reaches the
+    service as it is tagged, so thumbnails do not depend on the label cache."""
+    lv = Live(tmp_path, isolation=isolation, finetune=False,
+              callback_options={"label_cache_size": 0})
+    try:
+        uid = lv.scan(2)
+        calls = []
+        if isolation == "process":
+            call = lv.xsml.worker.call
+            lv.xsml.worker.call = lambda *a, **k: (calls.append(a), call(*a, **k))[1]
+        t0 = time.monotonic()
+        r = lv.asgi.get(f"/api/runs/{uid}/frames/2/thumbnail.png")
+        took = time.monotonic() - t0
+        if isolation == "thread":
+            assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+            return
+        assert r.status_code == 404, r.text
+        assert r.json()["detail"] == (
+            f"no thumbnail for frame 0 of event 2 (stream 'primary', key None) of run {uid!r}: "
+            "the label cache is disabled (label_cache_size=0); with isolation='process' "
+            "thumbnails are made from the frames in the tagging process's label cache")
+        assert calls == [] and took < 5.0
+        # the frame itself is known: its tags are served as usual
+        frames = lv.asgi.get(f"/api/runs/{uid}/frames").json()["frames"]
+        assert [f["seq_num"] for f in frames] == [1, 2]
+    finally:
+        lv.close()
+
+
+@pytest.mark.parametrize("thumbnails, reason", [
+    (0, "thumbnails are off (the service's thumbnails setting is 0)"),
+    (7, "only the last 7 tagged frames have one"),
+])
+def test_the_reason_for_no_thumbnail_names_the_setting(thumbnails, reason):
+    from bluesky_xsml.api.state import ServiceState
+
+    state = ServiceState(settings=ServiceSettings(api_key=KEY, thumbnails=thumbnails))
+    assert state.no_thumbnail_reason() == reason
 
 
 @pytest.mark.parametrize("query", [{"n": 3}, {"n": 100, "tag": "beam_off"}, {"n": 0},

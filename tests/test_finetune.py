@@ -85,6 +85,30 @@ def test_gate_fails_without_held_out_frames_and_bad_labels_are_refused():
         finetune(tagger, x[:, :, :64, :64], y, synthetic=None)
 
 
+@pytest.mark.parametrize("val, message", [
+    (lambda vx, vy: (vx, np.full_like(vy, 0.5)),
+     r"val_labels must be 0, 1 or NaN \(unknown\); got \[0.5\]"),
+    (lambda vx, vy: (vx, np.where(np.isnan(vy), np.nan, 2.0 * vy)),
+     r"val_labels must be 0, 1 or NaN \(unknown\); got \[2.0\]"),
+    (lambda vx, vy: (vx, vy[:3]),
+     r"val_labels must be \(N=4, 23\) .*one row per frame of val_inputs\); got \(3, 23\)"),
+    (lambda vx, vy: (vx, vy[:, :5]), r"val_labels must be \(N=4, 23\) .*got \(4, 5\)"),
+    (lambda vx, vy: (vx[:, :, :64, :64], vy),
+     r"val_inputs must be preprocessed \(N, 6, 128, 128\); got \(4, 6, 64, 64\)"),
+    (lambda vx, vy: (vx, None), "val_inputs was given without val_labels; pass both"),
+    (lambda vx, vy: (None, vy), "val_labels was given without val_inputs; pass both"),
+], ids=["half", "two", "fewer-rows", "fewer-tags", "not-preprocessed", "no-labels", "no-inputs"])
+def test_bad_validation_frames_are_refused_like_training_frames(val, message):
+    tagger = tiny()
+    x, y = toy(4, 0)
+    vx, vy = val(*toy(4, 1))
+    steps = []  # nothing trains before the refusal
+    with pytest.raises(ValueError, match=message):
+        finetune(tagger, x, y, val_inputs=vx, val_labels=vy, synthetic=None, synthetic_val=None,
+                 steps=2, batch_size=2, on_step=lambda step, loss: steps.append(step))
+    assert steps == []
+
+
 def test_grow_head_keeps_old_outputs_and_learns_a_new_tag():
     tagger = tiny()
     x, y = toy(32, 0)

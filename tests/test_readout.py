@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -270,6 +271,14 @@ def test_the_readout_crosses_into_the_tagging_process(RE, recorder, model):
     frames = [ccd_frame(i) for i in range(2)]
     xsml = TaggingCallback(model, downstream=[recorder], isolation="process",
                            process_options=ProcessOptions(priority="normal", threads=1))
+    forgotten = []  # each run is forgotten in the tagging process at its stop (its readouts
+    forget_run = xsml.worker.forget_run  # dropped), with or without files
+
+    def spy(run_uid):
+        forgotten.append(run_uid)
+        forget_run(run_uid)
+
+    xsml.worker.forget_run = spy
     try:
         got, shown = _runs(RE, xsml, recorder, [{"xsml_readout": CCD}, {}], frames)
     finally:
@@ -278,6 +287,79 @@ def test_the_readout_crosses_into_the_tagging_process(RE, recorder, model):
     np.testing.assert_allclose(got[1], model.predict(shown[1]), atol=1e-4)
     s = model.tags.index("saturation")
     assert got[0][:, s].min() > 0.99 and got[1][:, s].max() < 0.01
+    assert forgotten == [d["uid"] for d in recorder.of("start")]
+
+
+def test_the_tagging_process_checks_a_runs_readout_once_not_per_frame(model, monkeypatch):
+    """The tagging process's loop (``inference.child._Child``, run here in a thread on a
+    real pipe, as the spawned process runs it) parses a run's readout, which crosses with
+    every frame as plain numbers, once per run and image key, and parses it again only
+    after the run was forgotten (its stop went out)."""
+    import mmap
+    import threading
+    from multiprocessing import Pipe
+
+    from bluesky_xsml.inference import child
+
+    calls = []
+    parse = Readout.from_metadata
+
+    def counting(value, what="xsml_readout"):
+        if not isinstance(value, Readout):  # a Readout is handed back unchecked
+            calls.append(what)
+        return parse(value, what)
+
+    monkeypatch.setattr(Readout, "from_metadata", staticmethod(counting))
+    frames = [ccd_frame(i, shape=(64, 80)) for i in range(4)]
+    ccd, masked = Readout(**CCD).to_dict(), Readout.from_metadata(MASKED).to_dict()
+    calls.clear()
+
+    def jobs(run_uid, readout, first_jid):
+        return ("jobs", [{"jid": first_jid + i, "run_uid": run_uid, "stream": "primary",
+                          "seq_num": i + 1, "event_uid": f"{run_uid}-{i}", "key": "ccd",
+                          "skip_reason": "", "t_in": 0.0, "beam_center": None,
+                          "kind": "array", "array": f, "readout": readout}
+                         for i, f in enumerate(frames)])
+
+    parent, conn = Pipe()
+    spec = {"slot_bytes": 1 << 12, "max_batch": 8, "max_wait": 0.01, "warmup": False,
+            "heartbeat": 60.0}
+    kid = child._Child(child._Link(conn), model, mmap.mmap(-1, 1 << 12), spec,
+                       make_reader=None, make_finetuner=None)
+    loop = threading.Thread(target=kid.run, daemon=True)
+    loop.start()
+    results: dict[int, list] = {}
+
+    def collect(n):
+        deadline = time.monotonic() + 60
+        while len(results) < n and parent.poll(max(0.0, deadline - time.monotonic())):
+            msg = parent.recv()
+            for what, payload in (msg[1] if msg[0] == "many" else [msg]):
+                if what == "results":
+                    results.update((jid, r) for jid, r in payload)
+        assert len(results) == n, sorted(results)
+
+    try:
+        parent.send(jobs("run-a", ccd, 0))
+        parent.send(jobs("run-b", masked, 100))
+        parent.send(jobs("run-c", None, 200))
+        collect(3 * len(frames))
+        assert calls == ["readout", "readout"]  # run-a's and run-b's, once each
+        parent.send(("forget", "run-a"))
+        parent.send(jobs("run-a", ccd, 300))
+        collect(4 * len(frames))
+        assert calls == ["readout"] * 3  # dropped at run-a's stop: parsed again
+        parent.send(("stop", None))
+        loop.join(60)
+        assert not loop.is_alive()
+    finally:
+        parent.close()
+    got = {first: np.array([results[first + i][0].probs for i in range(len(frames))])
+           for first in (0, 100, 200, 300)}
+    np.testing.assert_allclose(got[0], model.predict(frames, readout=CCD), atol=1e-5)
+    np.testing.assert_allclose(got[100], model.predict(frames, readout=MASKED), atol=1e-5)
+    np.testing.assert_allclose(got[200], model.predict(frames), atol=1e-5)
+    np.testing.assert_allclose(got[300], got[0], atol=1e-5)  # batched differently
 
 
 # ------------------------------------------------------------------ stored runs
@@ -335,18 +417,28 @@ def test_frames_recovered_from_the_catalog_get_the_runs_readout(model):
     assert got[:, model.tags.index("saturation")].min() > 0.99
 
 
-def test_xsml_retag_and_serve_refuse_a_bad_readout_before_connecting(capsys):
+@pytest.mark.parametrize("text, message", [
+    ('{"gain": 4, "ofset": 1}', "--readout: unknown key 'ofset'"),
+    ("gain=4", "--readout must be JSON, e.g. '{\"gain\": 3.6}': Expecting value"),
+])
+def test_xsml_retag_serve_and_worker_refuse_a_bad_readout_before_connecting(capsys, text,
+                                                                          message):
+    """The three commands read ``--readout`` with one parser (readout.readout_option); the
+    addresses below have nothing listening, so reaching them would fail differently."""
     import argparse
 
     from bluesky_xsml.api import serve
-    from bluesky_xsml.scaleout import retag
+    from bluesky_xsml.scaleout import retag, worker
 
-    for module, extra in ((retag, ["--catalog", "http://127.0.0.1:1"]), (serve, [])):
+    for module, extra in ((retag, ["--catalog", "http://127.0.0.1:1"]), (serve, []),
+                          (worker, ["--zmq", "127.0.0.1:1", "--republish", "127.0.0.1:2",
+                                    "--model", "/nonexistent.pt"])):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
-        args = parser.parse_args([*extra, "--readout", '{"gain": 4, "ofset": 1}'])
+        args = parser.parse_args([*extra, "--readout", text])
         assert module.main(args) == 2
-        assert "--readout: unknown key 'ofset'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"xsml {module.__name__.rsplit('.', 1)[-1]}: {message}" in err, err
 
 
 # ------------------------------------------------------------------ the service

@@ -81,6 +81,8 @@ def publish_main(argv: list[str]) -> int:
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--max-runs", type=int, default=10)
     parser.add_argument("--drops", default="{}")
+    parser.add_argument("--start-md", default="{}",
+                        help="JSON {run index: extra start metadata}")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -101,11 +103,13 @@ def publish_main(argv: list[str]) -> int:
     RE.subscribe(make_writer(connect(args.tiled)))  # stored first, then on the bus
     publisher = bus_publisher(args.proxy)  # msgpack: what xsml worker decodes
     drops = {int(k): v for k, v in json.loads(args.drops).items()}
+    start_md = {int(k): v for k, v in json.loads(args.start_md).items()}
     RE.subscribe(DroppingPublisher(publisher, drops))
     det = HDF5ResourceDetector("ad", frame, args.data)
     uids: list[str] = []
     while len(uids) < args.max_runs:
-        (uid,) = RE(count([det], FRAMES), sample=f"s{len(uids)}")
+        (uid,) = RE(count([det], FRAMES), sample=f"s{len(uids)}",
+                    **start_md.get(len(uids), {}))
         uids.append(uid)
         per = [sum(partition_of(u, args.partitions) == p for u in uids)
                for p in range(args.partitions)]
@@ -215,11 +219,13 @@ def bus(tmp_path):
         procs.append(proc)
         return report
 
-    def publish(runs: int, *, partitions: int = 1, drops: dict | None = None) -> list[str]:
+    def publish(runs: int, *, partitions: int = 1, drops: dict | None = None,
+                start_md: dict | None = None) -> list[str]:
         out = tmp_path / f"uids-{len(procs)}.json"
         cmd = [sys.executable, str(HERE), "publish", "--proxy", proxy_in, "--tiled", cat.uri,
                "--data", str(data), "--runs", str(runs), "--partitions", str(partitions),
-               "--drops", json.dumps(drops or {}), "--out", str(out)]
+               "--drops", json.dumps(drops or {}), "--start-md", json.dumps(start_md or {}),
+               "--out", str(out)]
         proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -234,8 +240,9 @@ def bus(tmp_path):
         cat.close()
 
 
-def assert_stored_tags(cat, uid, tagger, stream="xsml_tags"):
-    """The run's tag stream: one row per stored frame, equal to the model's output."""
+def assert_stored_tags(cat, uid, tagger, stream="xsml_tags", readout=None):
+    """The run's tag stream: one row per stored frame, equal to the model's output
+    (with ``readout``, the frames converted with it)."""
     from bluesky_xsml.tags import TAG_NAMES
 
     run = cat.catalog[uid]
@@ -251,7 +258,7 @@ def assert_stored_tags(cat, uid, tagger, stream="xsml_tags"):
     got = np.stack([ds[t].values for t in TAG_NAMES], axis=1)[order]
     from .conftest import assert_probs_match
 
-    assert_probs_match(got, tagger.predict(list(frames)))
+    assert_probs_match(got, tagger.predict(list(frames), readout=readout))
     return ds
 
 
@@ -422,6 +429,35 @@ def test_gaps_are_reported_and_recovered_from_the_catalog(bus):
     assert [done_lines[u]["frames"] for u in uids] == [FRAMES] * 4
     for uid in uids:
         assert_stored_tags(bus.cat, uid, bus.tagger)
+
+
+def test_worker_readout_is_the_default_for_runs_whose_start_gives_none(bus):
+    """``xsml worker --readout JSON`` converts the frames of a run whose start has no
+    ``xsml_readout``; a run's own ``xsml_readout`` wins over it (as in ``xsml serve``)."""
+    flag, own = {"gain": 8.0}, {"ad_image": {"gain": 0.25}}
+    report = bus.worker("0/1", "--readout", json.dumps(flag))
+    wait_for(lambda: any(r["event"] == "ready" for r in read_report(report)), 240,
+             "worker ready", bus.procs[1:])
+    time.sleep(1.0)
+    uids = bus.publish(2, start_md={1: {"xsml_readout": own}})
+
+    def done():
+        return {r["run"] for r in read_report(report) if r["event"] == "run_done"} >= set(uids)
+
+    wait_for(done, 240, "every run tagged", bus.procs[1:])
+    assert bus.cat.catalog[uids[0]].metadata["start"].get("xsml_readout") is None
+    assert bus.cat.catalog[uids[1]].metadata["start"]["xsml_readout"] == own
+    for uid, readout, others in ((uids[0], flag, (None, own["ad_image"])),
+                                 (uids[1], own["ad_image"], (None, flag))):
+        ds = assert_stored_tags(bus.cat, uid, bus.tagger, readout=readout)
+        # the readouts give tags far enough apart that the check above tells them apart
+        from bluesky_xsml.tags import TAG_NAMES
+
+        got = np.stack([ds[t].values for t in TAG_NAMES], axis=1)[np.argsort(ds["source_seq_num"]
+                                                                             .values)]
+        frames = list(np.asarray(bus.cat.catalog[uid]["primary"]["ad_image"].read())[:, 0])
+        for other in others:
+            assert np.abs(got - bus.tagger.predict(frames, readout=other)).max() > 5e-3, other
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ serves until interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -32,7 +31,7 @@ import threading
 import time
 
 from ..documents.callback import TaggingCallback, set_service_starter
-from ..readout import parse_readouts
+from ..readout import readout_option
 
 __all__ = ["ServiceHandle", "add_arguments", "main", "serve", "serve_app"]
 
@@ -232,8 +231,8 @@ def main(args: argparse.Namespace) -> int:
     readout = None
     if getattr(args, "readout", None):
         try:
-            readout = parse_readouts(json.loads(args.readout), "--readout")
-        except ValueError as err:  # JSONDecodeError and ConfigurationError
+            readout = readout_option(args.readout)
+        except ValueError as err:  # ConfigurationError
             print(f"xsml serve: {err}", file=sys.stderr)
             return 2
     model = Tagger.load(args.model) if isolation == "thread" else args.model

@@ -410,9 +410,27 @@ class ServiceState:
                         thumb = self._thumbs[ident]
                         break
         if (thumbnail and thumb is None and record is not None and self._thumbs_on_demand
-                and self.settings.thumbnails):
+                and self.settings.thumbnails and self._label_cache_size() != 0):
             thumb = self._fetch_thumb(record)
         return record, thumb
+
+    def _label_cache_size(self) -> int | None:
+        """The callback's ``label_cache_size`` (None when it has no such option)."""
+        return getattr(getattr(self.callback, "options", None), "label_cache_size", None)
+
+    def no_thumbnail_reason(self) -> str:
+        """Why a frame may have no thumbnail here, in words for a 404's detail."""
+        if not self.settings.thumbnails:
+            return "thumbnails are off (the service's thumbnails setting is 0)"
+        if self._thumbs_on_demand:
+            size = self._label_cache_size()
+            if size == 0:
+                return ("the label cache is disabled (label_cache_size=0); with "
+                        "isolation='process' thumbnails are made from the frames in the "
+                        "tagging process's label cache")
+            return ("with isolation='process' only frames still in the tagging process's "
+                    f"label cache (the last {size} tagged) have one")
+        return f"only the last {self.settings.thumbnails} tagged frames have one"
 
     def _fetch_thumb(self, record: dict) -> Thumbnail | None:
         """The thumbnail of ``record``'s frame from the input in the tagging process's cache."""

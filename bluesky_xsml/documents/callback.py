@@ -500,10 +500,10 @@ class TaggingCallback:
             if self._active.get(router.uid) is router:
                 del self._active[router.uid]
             self._finished_runs.append({"uid": router.uid, **router.summary()})
+        forget_run = getattr(self.worker, "forget_run", None)
+        if forget_run is not None:  # the tagging process closes the run's files and drops
+            forget_run(router.uid)  # its parsed readouts
         if router.state.external is not None:
-            forget_run = getattr(self.worker, "forget_run", None)
-            if forget_run is not None:
-                forget_run(router.uid)  # the tagging process closes the run's files
             router.release_files()
 
     def declared_labels(self, run_uid: str, stream: str, seq_num: int) -> dict:

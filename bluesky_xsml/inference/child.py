@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Runs whose external-file readers the child keeps open at once.
 MAX_OPEN_RUNS = 8
+#: Runs whose parsed readouts the child keeps (a run's are dropped at its stop anyway).
+MAX_READOUT_RUNS = 64
 
 
 def set_priority(priority: str | int | None) -> str:
@@ -210,6 +212,47 @@ class _ExternalReaders:
             _forget(ext)
 
 
+class _RunReadouts:
+    """Each run's readouts, checked once: a frame's readout crosses the pipe as plain
+    types with every job, and re-checking it per frame would be the same work each time.
+
+    Keyed by run uid and image key; a job whose plain readout differs from the cached
+    one (never expected within a run) is parsed again. A value that fails the check is
+    not cached: it raises every time. Used from the receiver thread only (no lock).
+    """
+
+    def __init__(self, max_runs: int = MAX_READOUT_RUNS) -> None:
+        self.max_runs = int(max_runs)
+        self.runs: collections.OrderedDict[str, dict[str, tuple[Any, Readout]]] = \
+            collections.OrderedDict()
+
+    def get(self, run_uid: str, key: str, plain: Any) -> Readout:
+        """The :class:`~bluesky_xsml.readout.Readout` of ``plain`` (a ``to_dict()``).
+
+        Raises
+        ------
+        ConfigurationError
+            If ``plain`` is not a valid readout.
+        """
+        run = self.runs.get(run_uid)
+        if run is not None:
+            self.runs.move_to_end(run_uid)
+            hit = run.get(key)
+            if hit is not None and hit[0] == plain:
+                return hit[1]
+        readout = Readout.from_metadata(plain, "readout")
+        if run is None:
+            run = self.runs[run_uid] = {}
+            while len(self.runs) > self.max_runs:
+                self.runs.popitem(last=False)
+        run[key] = (plain, readout)
+        return readout
+
+    def forget(self, run_uid: str) -> None:
+        """Drop the run's readouts (its stop went out)."""
+        self.runs.pop(run_uid, None)
+
+
 def _forget(ext) -> None:
     try:
         ext.forget()
@@ -303,6 +346,7 @@ class _Child:
         #: The label cache: each tagged frame's input stays here; the parent keeps its key.
         self.cache = FrameCache(int(spec.get("label_cache_size", 0)))
         self.readers = _ExternalReaders(spec.get("external_options") or {}, make_reader)
+        self.readouts = _RunReadouts()
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
         self.finetuner = None
@@ -346,9 +390,9 @@ class _Child:
                        msg["key"], skip_reason=msg.get("skip_reason", ""), t_in=msg["t_in"],
                        beam_center=msg.get("beam_center"))
         job.jid = msg["jid"]
-        if msg.get("readout") is not None:  # crossed as plain types; checked again here
+        if msg.get("readout") is not None:  # crossed as plain types; checked once per run
             try:
-                job.readout = Readout.from_metadata(msg["readout"], "readout")
+                job.readout = self.readouts.get(msg["run_uid"], msg["key"], msg["readout"])
             except ValueError as err:  # never expected: the parent sent a checked one
                 job.skip_reason = job.skip_reason or f"bad_readout: {err}"
                 return job
@@ -498,8 +542,9 @@ class _Child:
                         self.tagger.thresholds = np.asarray(msg[1], np.float32)
                 elif what == "call":
                     self.calls.put(msg[1])
-                elif what == "forget":
+                elif what == "forget":  # the run's stop went out
                     self.readers.forget(msg[1])
+                    self.readouts.forget(msg[1])
                 elif what == "swap":
                     self._swap(msg[1])
                 elif what == "stop":

@@ -747,7 +747,8 @@ class ProcessInferenceWorker(QueuedIntake):
         self._control.put(("inputs", self._sends_inputs()))
 
     def forget_run(self, run_uid: str) -> None:
-        """Let the child close the files of a finished run (sent by the feeder thread)."""
+        """Let the child forget a finished run: close its files, drop its parsed readouts
+        (sent by the feeder thread)."""
         self._control.put(("forget", run_uid))
 
     def _inject(self, what: str, arg: Any = None) -> None:

@@ -443,12 +443,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     options = {}
     if getattr(args, "readout", None):
-        from ..readout import parse_readouts
+        from ..readout import readout_option
 
         try:
             options["readout"] = {key: r.to_dict() for key, r in
-                                  parse_readouts(json.loads(args.readout), "--readout").items()}
-        except ValueError as err:  # JSONDecodeError and ConfigurationError
+                                  readout_option(args.readout).items()}
+        except ValueError as err:  # ConfigurationError
             print(f"xsml retag: {err}", file=sys.stderr)
             return 2
     report = retag_catalog(args.catalog, model=args.model, container=args.container or None,

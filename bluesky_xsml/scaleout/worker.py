@@ -47,7 +47,7 @@ from ..documents.callback import TaggingCallback
 from ..documents.compose import FrameResult, TagStreamComposer
 from ..documents.routing import RunRouter
 from ..inference.results import FrameItem, frames_to_results
-from ..readout import run_readouts
+from ..readout import readout_option, run_readouts
 from ..summary import RunSummary
 from .gaps import Gap, GapDetector, read_stored_frames, stored_image_keys
 from .partition import Partition
@@ -648,6 +648,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest wait, after a run's stop, for the run to appear stored "
                              "(default 60)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for tagging")
+    parser.add_argument("--readout", default=None, metavar="JSON",
+                        help="the detector readout for runs whose start metadata gives none "
+                             "(xsml_readout), as JSON: one readout, e.g. '{\"gain\": 3.6, "
+                             "\"offset\": 100, \"saturated_value\": 65535}', or "
+                             "{image key: readout}")
     parser.add_argument("--report", metavar="FILE", help="JSON-lines report (default: stdout)")
     parser.add_argument("--idle-exit", type=float, default=None, metavar="S",
                         help="exit after S seconds with no documents and no open run")
@@ -663,6 +668,13 @@ def main(args: argparse.Namespace) -> int:
         print("xsml worker: give --tiled URI (write tags into stored runs) and/or "
               "--republish HOST:PORT (publish tag documents)", file=sys.stderr)
         return 2
+    options: dict[str, Any] = {} if args.threads is None else {"threads": args.threads}
+    if getattr(args, "readout", None):  # the callback's default; a run's xsml_readout wins
+        try:
+            options["readout"] = readout_option(args.readout)
+        except ValueError as err:  # ConfigurationError, before any connection
+            print(f"xsml worker: {err}", file=sys.stderr)
+            return 2
     serializer = "pickle" if args.trust_pickle else "msgpack"
     tagger = Tagger.load(args.model)
     catalog = None
@@ -689,7 +701,6 @@ def main(args: argparse.Namespace) -> int:
     if not source.ready.wait(30) or source.error is not None:
         print(f"xsml worker: cannot subscribe to {args.zmq}: {source.error}", file=sys.stderr)
         return 1
-    options = {} if args.threads is None else {"threads": args.threads}
     worker = BusWorker(tagger, source, catalog=catalog, partition=args.partition,
                        republish=republisher, stream_name=args.stream_name,
                        stop_quiet=args.stop_quiet, store_timeout=args.store_timeout,

@@ -331,6 +331,36 @@ def _gate(report: FinetuneReport, y_val: np.ndarray, before: np.ndarray | None,
 
 
 # -------------------------------------------------------------------- fine-tune
+def _checked_labeled(tagger, inputs, labels, names: Sequence[str], *,
+                     what: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels)`` as arrays, refused unless they fit ``tagger`` and ``names``.
+
+    ``what`` names the two arguments in the messages (``("val_inputs", "val_labels")``).
+
+    Raises
+    ------
+    ValueError
+        Inputs not ``(N, C, S, S)`` preprocessed for ``tagger``, labels not
+        ``(N, len(names))``, or a label other than 0, 1 or ``NaN``.
+    """
+    x_name, y_name = what
+    x = np.asarray(inputs)
+    y = np.asarray(labels, np.float32)
+    channels, size = tagger.net.config.in_channels, tagger.preprocess_config.size
+    if x.ndim != 4 or x.shape[1:] != (channels, size, size):
+        raise ValueError(f"{x_name} must be preprocessed (N, {channels}, {size}, {size}); got "
+                         f"{x.shape}. Use Tagger.preprocess(frames) or finetune_frames(tagger, "
+                         "frames, labels)")
+    if y.shape != (len(x), len(names)):
+        raise ValueError(f"{y_name} must be (N={len(x)}, {len(names)}) in tag order "
+                         f"{list(names)[:3]}... (one row per frame of {x_name}); got {y.shape}")
+    bad = np.isfinite(y) & (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"{y_name} must be 0, 1 or NaN (unknown); got "
+                         f"{sorted(set(y[bad].tolist()))[:5]}")
+    return x, y
+
+
 def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
              tags: Sequence[str] | None = None, val_inputs=None, val_labels=None,
              replay_inputs=None, replay_labels=None, original_before: float | None = None,
@@ -357,8 +387,10 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
         Column names of ``labels`` (default ``tagger.tags``); names the tagger
         does not have grow its head.
     val_inputs, val_labels : array_like, optional
-        Held-out labeled frames of the new data for the gate; by default
-        ``config.val_fraction`` of the given frames are held out (not trained on).
+        Held-out labeled frames of the new data for the gate, checked like
+        ``inputs`` and ``labels`` (same shapes, labels 0, 1 or ``NaN``, one row
+        per frame) and given together; by default ``config.val_fraction`` of
+        the given frames are held out (not trained on).
     replay_inputs, replay_labels : array_like, optional
         Older labeled frames to mix in (labels in the same ``tags`` order).
     original_before : float, optional
@@ -378,7 +410,9 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
     ConfigurationError
         A setting out of range.
     ValueError
-        Inputs or labels of the wrong shape or values.
+        Inputs or labels (training or validation) of the wrong shape or
+        values, or only one of ``val_inputs`` and ``val_labels``; raised
+        before any training.
 
     Returns
     -------
@@ -396,23 +430,17 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
         cfg.seed, cfg.freeze, cfg.distill)
     t0 = time.perf_counter()
     names = tuple(tags) if tags is not None else tagger.tags
-    x_all = np.asarray(inputs)
-    y_all = np.asarray(labels, np.float32)
-    if x_all.ndim != 4 or x_all.shape[1:] != (tagger.net.config.in_channels,
-                                             tagger.preprocess_config.size,
-                                             tagger.preprocess_config.size):
-        raise ValueError(f"inputs must be preprocessed (N, {tagger.net.config.in_channels}, "
-                         f"{tagger.preprocess_config.size}, {tagger.preprocess_config.size}); got "
-                         f"{x_all.shape}. Use Tagger.preprocess(frames) or finetune_frames(tagger, "
-                         "frames, labels)")
-    if y_all.shape != (len(x_all), len(names)):
-        raise ValueError(f"labels must be (N={len(x_all)}, {len(names)}) in tag order "
-                         f"{list(names)[:3]}...; got {y_all.shape}")
-    bad = np.isfinite(y_all) & (y_all != 0) & (y_all != 1)
-    if bad.any():
-        raise ValueError(f"labels must be 0, 1 or NaN (unknown); got {sorted(set(y_all[bad]))[:5]}")
+    if (val_inputs is None) != (val_labels is None):
+        given, missing = (("val_inputs", "val_labels") if val_labels is None
+                          else ("val_labels", "val_inputs"))
+        raise ValueError(f"{given} was given without {missing}; pass both (held-out frames and "
+                         "their labels) or neither (config.val_fraction is held out)")
+    x_all, y_all = _checked_labeled(tagger, inputs, labels, names, what=("inputs", "labels"))
     if len(x_all) == 0:
         raise ValueError("need at least one labeled frame to fine-tune on")
+    if val_inputs is not None:  # refused before any work, like the training frames
+        x_val, y_val = _checked_labeled(tagger, val_inputs, val_labels, names,
+                                        what=("val_inputs", "val_labels"))
 
     new_tags = [t for t in dict.fromkeys(names) if t not in tagger.tags]
     base = grow_head(tagger, new_tags) if new_tags else tagger
@@ -421,8 +449,7 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
 
     if val_inputs is not None:
         x_tr, y_tr = x_all, y_all
-        x_val = np.asarray(val_inputs)
-        y_val = _remap(np.asarray(val_labels, np.float32), names, out_tags, absent_negative=False)
+        y_val = _remap(y_val, names, out_tags, absent_negative=False)
     else:
         hold = split_holdout(len(x_all), fraction=val_fraction, seed=seed)
         x_tr, y_tr, x_val, y_val = x_all[~hold], y_all[~hold], x_all[hold], y_all[hold]

@@ -105,8 +105,8 @@ def thumbnail(run_uid: RunUid, seq_num: SeqNum, stream: Stream = "primary", key:
                                      frame_index=frame_index)
     if thumb is None:
         raise HTTPException(404, f"no thumbnail for frame {frame_index} of event {seq_num} "
-                                 f"(stream {stream!r}, key {key!r}) of run {run_uid!r}: only "
-                                 f"the last {state.settings.thumbnails} tagged frames have one")
+                                 f"(stream {stream!r}, key {key!r}) of run {run_uid!r}: "
+                                 f"{state.no_thumbnail_reason()}")
     tags = ",".join(record["tags"]) if record else ""
     png = render_png(thumb.image, thumb.invalid, scale=scale, text={"xsml:tags": tags})
     return Response(png, media_type="image/png",
