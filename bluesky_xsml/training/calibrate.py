@@ -153,14 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uncalibrated checkpoint (or a training output directory holding "
                              "model.pt); default: the packaged model")
     parser.add_argument("--data", required=True,
-                        help="validation frames to fit on ('synth:...' spec or an 'xsml synth' "
-                             "zarr store); not the frames you report")
+                        help="validation frames to fit on ('synth:...' or 'renderb:...' spec or an "
+                             "'xsml synth' zarr store); not the frames you report")
     parser.add_argument("--out", required=True, help="where to write the calibrated checkpoint")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="frames per inference batch (default 64)")
     parser.add_argument("--cache-dir", default=None, help="cache of preprocessed inputs")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="processes rendering synthetic frames")
+                        help="processes rendering frames of synth: and renderb: specs")
     parser.add_argument("--no-beam-center", action="store_true",
                         help="fit on the CNN's outputs without the frames' beam centres")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],

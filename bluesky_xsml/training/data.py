@@ -18,16 +18,29 @@ A data source is either
   default ``classic``, the shipped model's data), e.g.
   ``synth:seed=1,n=2000,sizes=256+512+1024`` or
   ``synth:seed=1,n=2000,variety=wide``; or
-* a zarr store written by ``xsml synth`` (read with
-  :func:`bluesky_xsml.sim.dataset.open_dataset`); or
+* a renderer B specification string, ``renderb:KEY=VALUE,...`` with keys
+  ``seed`` (default 0), ``n`` (frames, default 1000), ``start`` (first
+  frame index, default 0) and ``detectors`` (renderer B's detector names
+  joined by ``+``, or ``all``, the default): frame ``i`` is
+  :func:`bluesky_xsml.render_b.render_scene` ``(seed, i)`` at the detector's
+  native size, the same frame as frame ``i`` of
+  ``python -m bluesky_xsml.render_b --seed S`` (with the same
+  ``--detectors``), rendered straight into the cache without a zarr store,
+  e.g. ``renderb:seed=0,n=24000``; or
+* a zarr store written by ``xsml synth`` or ``python -m bluesky_xsml.render_b``
+  (read with :func:`bluesky_xsml.sim.dataset.open_dataset`); or
 * a directory of already preprocessed arrays (a cache entry, or one written
   by :func:`save_arrays`), used as is; or
 * several of these joined by ``|``, concatenated in order, e.g.
   ``synth:seed=4,n=24000|synth:seed=20,n=24000,variety=wide`` (classic and
   wide frames in one training set); each part keeps its own cache entries.
 
-The cache key is a hash of the source, the preprocessing config and
-:data:`CACHE_VERSION`, so a changed generator spec never reuses stale inputs.
+Specification strings are built in shards of :data:`SHARD` frames, each cached
+on its own, so a larger ``n`` reuses the frames of a smaller one.  The cache
+key is a hash of the source, the preprocessing config, :data:`CACHE_VERSION`
+and what identifies the renderer's frames (:func:`generator_fingerprint`,
+:func:`renderer_b_fingerprint`), so neither a changed spec nor a changed
+renderer ever reuses stale inputs.
 
 Examples
 --------
@@ -37,6 +50,8 @@ Examples
 (3, 10, (256, None), ('eiger_4m',))
 >>> spec.size_of(1) is None
 True
+>>> str(RenderBSpec.parse("renderb:seed=0,n=24000,detectors=b_ccd_512+b_timepix_quad"))
+'renderb:seed=0,n=24000,start=0,detectors=b_ccd_512+b_timepix_quad'
 """
 
 from __future__ import annotations
@@ -53,21 +68,24 @@ from pathlib import Path
 import numpy as np
 
 from ..preprocess import CHANNELS, PreprocessConfig, preprocess_batch
+from ..render_b import SceneSampler, render_scene
+from ..render_b.detectors import DETECTORS as B_DETECTORS
 from ..sim.dataset import open_dataset
 from ..sim.generator import SceneGenerator
 from ..sim.variety import PROFILES
 from ..tags import TAG_NAMES
 from .baseline import profile_features
 
-__all__ = ["CACHE_VERSION", "SynthSpec", "CachedArrays", "load_arrays", "save_arrays",
-           "default_cache_dir", "label_frequencies"]
+__all__ = ["CACHE_VERSION", "SHARD", "CachedArrays", "RenderBSpec", "SynthSpec",
+           "default_cache_dir", "label_frequencies", "load_arrays", "parse_spec",
+           "renderer_b_fingerprint", "save_arrays"]
 
 log = logging.getLogger(__name__)
 
 #: Bump when what is cached changes meaning (features, layout).
 CACHE_VERSION = 3
 _CHUNK = 32
-#: Frames per cached shard of a synthetic spec.
+#: Frames per cached shard of a ``synth:`` or ``renderb:`` spec.
 SHARD = 2000
 
 
@@ -153,6 +171,93 @@ class SynthSpec:
         variety = "" if self.variety == "classic" else f",variety={self.variety}"
         return (f"synth:seed={self.seed},n={self.n},sizes={sizes},"
                 f"detectors={'+'.join(self.detectors)},start={self.start}{variety}")
+
+
+@dataclass(frozen=True)
+class RenderBSpec:
+    """A reproducible set of renderer B's frames (see the module docstring).
+
+    ``detectors`` is empty for renderer B's default mix (every detector).
+    """
+
+    seed: int = 0
+    n: int = 1000
+    start: int = 0
+    detectors: tuple[str, ...] = ()
+
+    PREFIX = "renderb:"
+
+    @classmethod
+    def parse(cls, text: str) -> RenderBSpec:
+        """Parse ``renderb:seed=0,n=100,start=0,detectors=b_ccd_512+b_timepix_quad``.
+
+        Raises
+        ------
+        ValueError
+            For an item that is not ``KEY=VALUE``, an unknown key, a value that
+            is not an integer, ``n < 1``, ``start < 0`` or an unknown detector
+            (the message lists the known ones).
+        """
+        body = text[len(cls.PREFIX):] if text.startswith(cls.PREFIX) else text
+        known = {d.name for d in B_DETECTORS}
+        kw: dict = {}
+        for item in filter(None, (p.strip() for p in body.split(","))):
+            if "=" not in item:
+                raise ValueError(f"bad renderer B spec item {item!r} in {text!r}; use KEY=VALUE")
+            key, value = (v.strip() for v in item.split("=", 1))
+            if key in ("seed", "n", "start"):
+                try:
+                    kw[key] = int(value)
+                except ValueError:
+                    raise ValueError(f"{key}={value!r} in {text!r} is not an integer") from None
+            elif key == "detectors":
+                names = tuple(v.strip() for v in value.split("+"))
+                if names == ("all",):
+                    names = ()
+                for name in names:
+                    if name not in known:
+                        raise ValueError(
+                            f"unknown renderer B detector {name!r} in {text!r}; known: all, "
+                            f"{', '.join(d.name for d in B_DETECTORS)}")
+                kw[key] = names
+            else:
+                raise ValueError(f"unknown renderer B spec key {key!r} in {text!r}; "
+                                 "known: seed, n, start, detectors")
+        spec = cls(**kw)
+        if spec.n < 1 or spec.start < 0:
+            raise ValueError(f"renderer B spec {text!r} needs n >= 1 and start >= 0")
+        return spec
+
+    def sampler(self) -> SceneSampler:
+        """The scene sampler of these frames (``python -m bluesky_xsml.render_b``'s)."""
+        from dataclasses import replace
+
+        return replace(SceneSampler(), detectors=self.detectors) if self.detectors \
+            else SceneSampler()
+
+    def shards(self, size: int) -> list[RenderBSpec]:
+        """This spec cut into consecutive specs of at most ``size`` frames."""
+        from dataclasses import replace
+
+        return [replace(self, start=self.start + a, n=min(size, self.n - a))
+                for a in range(0, self.n, size)]
+
+    def __str__(self) -> str:
+        dets = f",detectors={'+'.join(self.detectors)}" if self.detectors else ""
+        return f"renderb:seed={self.seed},n={self.n},start={self.start}{dets}"
+
+
+def parse_spec(source: str) -> SynthSpec | RenderBSpec | None:
+    """The spec of a ``synth:`` or ``renderb:`` source; ``None`` for a path.
+
+    >>> parse_spec("renderb:n=5").n, parse_spec("runs/b-train.zarr") is None
+    (5, True)
+    """
+    if source.startswith("synth:"):
+        return SynthSpec.parse(source)
+    if source.startswith(RenderBSpec.PREFIX):
+        return RenderBSpec.parse(source)
+    return None
 
 
 @dataclass
@@ -244,6 +349,24 @@ def _synth_chunk(args):
     return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes, centers
 
 
+def _renderb_chunk(args):
+    """Worker: render frames ``[a, b)`` of a renderer B spec, preprocess, featurise."""
+    spec_text, a, b, config_dict = args
+    spec = RenderBSpec.parse(spec_text)
+    config = PreprocessConfig.from_dict(config_dict)
+    sampler = spec.sampler()
+    frames, labels, centers, dets, shapes = [], [], [], [], []
+    for i in range(spec.start + a, spec.start + b):
+        frame, lab, scene = render_scene(spec.seed, i, sampler)
+        frames.append(frame)
+        labels.append(lab)
+        centers.append((scene.get("geometry") or {}).get("beam_center"))
+        dets.append(str(scene["detector"].get("name", "?")))
+        shapes.append(frame.shape)
+    inputs, feats = _frames_features(frames, centers, config)
+    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes, centers
+
+
 def _zarr_source(path: Path):
     """Open a ``xsml synth`` store: ``(n, get_chunk(a, b))`` or raise."""
     ds = open_dataset(path)
@@ -294,15 +417,40 @@ def generator_fingerprint(variety: str = "classic") -> str:
     return h.hexdigest()[:12]
 
 
+#: Renderer B's modules that do not change its frames (the zarr writer, the command line).
+_RENDER_B_NOT_FRAMES = frozenset({"store.py", "__main__.py"})
+
+
+def renderer_b_fingerprint(root: str | os.PathLike | None = None) -> str:
+    """What identifies renderer B's frames (part of every ``renderb:`` cache key).
+
+    A hash of the source of every module of :mod:`bluesky_xsml.render_b` (or of
+    the ``*.py`` files in ``root``) but its zarr writer and command line, so a
+    change to how renderer B samples, composes, reads out or labels a frame
+    never reuses inputs rendered before it.
+    """
+    base = Path(root) if root is not None else Path(__file__).resolve().parent.parent / "render_b"
+    h = hashlib.sha1(b"render_b")
+    for f in sorted(base.glob("*.py")):
+        if f.name not in _RENDER_B_NOT_FRAMES:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _cache_key(source: str, config: PreprocessConfig) -> str:
-    if source.startswith("synth:"):
-        extra = generator_fingerprint(SynthSpec.parse(source).variety)
+    spec = parse_spec(source)
+    fields: dict = {}
+    if isinstance(spec, SynthSpec):
+        extra = generator_fingerprint(spec.variety)
+    elif isinstance(spec, RenderBSpec):
+        extra, fields = renderer_b_fingerprint(), {"renderer": "render_b"}
     else:
         p = Path(source).resolve()
         stamp = max((f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()), default=0)
         source, extra = f"{p}@{stamp}", ""
     blob = json.dumps({"source": source, "preprocess": config.to_dict(),
-                       "version": CACHE_VERSION, "generator": extra}, sort_keys=True)
+                       "version": CACHE_VERSION, "generator": extra, **fields}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -314,13 +462,14 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
     Parameters
     ----------
     source : str
-        ``synth:...`` spec or a path to an ``xsml synth`` zarr store.
+        ``synth:...`` or ``renderb:...`` spec, a path to an ``xsml synth`` zarr
+        store or to preprocessed arrays, or several joined by ``|``.
     config : PreprocessConfig
         How frames become model inputs (the model's preprocessing).
     cache_dir : path, optional
         Where cached arrays live (default :func:`default_cache_dir`).
     workers : int
-        Processes rendering frames in parallel (synthetic sources).
+        Processes rendering frames in parallel (``synth:`` and ``renderb:`` sources).
     progress : bool
         Show a tqdm progress bar while building.
 
@@ -335,14 +484,11 @@ def load_arrays(source: str, *, config: PreprocessConfig = PreprocessConfig(),
         out = _concatenated(opened, source)
         out.source = "|".join(o.source for o in opened)
         return out
-    if not source.startswith("synth:") and (Path(source) / "meta.json").exists():
+    spec = parse_spec(source)
+    if spec is None and (Path(source) / "meta.json").exists():
         return _open(Path(source))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if source.startswith("synth:"):
-        spec = SynthSpec.parse(source)
-        parts = [str(s) for s in spec.shards(SHARD)]
-    else:
-        spec, parts = None, [source]
+    parts = [str(s) for s in spec.shards(SHARD)] if spec is not None else [source]
     opened = []
     for part in parts:
         final = cache_dir / _cache_key(part, config)
@@ -501,10 +647,11 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    if source.startswith("synth:"):
-        spec = SynthSpec.parse(source)
+    spec = parse_spec(source)
+    if spec is not None:
         n = spec.n
         ds = None
+        render = _synth_chunk if isinstance(spec, SynthSpec) else _renderb_chunk
     else:
         ds = _zarr_source(Path(source))
         n = int(np.asarray(ds.labels).shape[0])
@@ -541,11 +688,11 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
 
             jobs = [(source, a, b, config.to_dict()) for a, b in chunks]
             with mp.get_context("fork").Pool(workers) as pool:
-                for res in pool.imap_unordered(_synth_chunk, jobs):
+                for res in pool.imap_unordered(render, jobs):
                     store(res)
         elif ds is None:
             for a, b in chunks:
-                store(_synth_chunk((source, a, b, config.to_dict())))
+                store(render((source, a, b, config.to_dict())))
         else:
             for a, b in chunks:
                 store(_zarr_chunk(ds, a, b, config))
@@ -555,9 +702,14 @@ def _build(source: str, config: PreprocessConfig, final: Path, *, workers: int,
     inputs = None  # drop the memmap (and its open file) before the directory is moved
     np.save(tmp / "labels.npy", labels)
     np.save(tmp / "features.npy", feats)
-    variety = SynthSpec.parse(source).variety if ds is None else None
+    if isinstance(spec, SynthSpec):
+        renderer = {"generator": generator_fingerprint(spec.variety)}
+    elif isinstance(spec, RenderBSpec):
+        renderer = {"generator": None, "renderer_b": renderer_b_fingerprint()}
+    else:
+        renderer = {"generator": None}
     meta = {"source": source, "n": n, "preprocess": config.to_dict(), "tags": list(TAG_NAMES),
-            "generator": generator_fingerprint(variety) if ds is None else None,
+            **renderer,
             "detectors": dets, "shapes": shapes, "centers": centers,
             "cache_version": CACHE_VERSION,
             "build_seconds": round(time.perf_counter() - t0, 1)}

@@ -1,7 +1,7 @@
 """``xsml evaluate``: per-tag AP and ROC-AUC, mAP, thresholds, PR curves.
 
 Scores a checkpoint (its deployed, TorchScript form) on a data source (a
-``synth:...`` spec or an ``xsml synth`` zarr store; see
+``synth:...`` or ``renderb:...`` spec or an ``xsml synth`` zarr store; see
 :mod:`bluesky_xsml.training.data`) and prints a per-tag table. Suggested
 per-tag thresholds maximise F1 on a validation split: ``--threshold-data``
 when given, otherwise a random half of the frames (the F1 column is then
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (or a training output directory holding model.pt); "
                              "default: the packaged model")
     parser.add_argument("--data", required=True,
-                        help="test frames: 'synth:...' spec or an 'xsml synth' zarr store")
+                        help="test frames: a 'synth:...' or 'renderb:...' spec or an 'xsml synth' "
+                             "zarr store")
     parser.add_argument("--out", default=None,
                         help="directory for metrics.json, the per-tag table and pr_curves.png")
     parser.add_argument("--threshold-data", default=None,
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where preprocessed inputs are cached (default $XSML_CACHE, else "
                              "$XDG_CACHE_HOME/bluesky-xsml or ~/.cache/bluesky-xsml)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="processes rendering synthetic frames")
+                        help="processes rendering frames of synth: and renderb: specs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the threshold split")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("--no-beam-center", action="store_true",

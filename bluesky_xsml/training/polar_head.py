@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="tagger checkpoint whose CNN is kept (default: the packaged model)")
     parser.add_argument("--data", required=True,
-                        help="training frames with beam centres: a synth: spec (frames the "
-                             "CNN was not trained on) or an xsml synth store")
+                        help="training frames with beam centres: a synth: or renderb: spec (frames "
+                             "the CNN was not trained on) or an xsml synth store")
     parser.add_argument("--val-data", required=True,
                         help="validation frames (per-epoch mAP and the thresholds)")
     parser.add_argument("--out", default="runs/polar-head",
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the head's initialisation and batch order (default 0)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="processes rendering synthetic frames")
+                        help="processes rendering frames of synth: and renderb: specs")
     parser.add_argument("--cache-dir", default=None,
                         help="where preprocessed inputs are cached (default $XSML_CACHE, else "
                              "$XDG_CACHE_HOME/bluesky-xsml or ~/.cache/bluesky-xsml)")

@@ -55,7 +55,7 @@ from ..inference.tagger import Tagger
 from ..model import TaggerNet, TaggerNetConfig
 from ..preprocess import CHANNELS, PreprocessConfig
 from ..tags import TAG_NAMES
-from .data import SynthSpec, describe, load_arrays
+from .data import describe, load_arrays, parse_spec
 from .metrics import evaluate_scores
 from .recipe import BatchLoader, augment, ema_update, lr_at, pos_weights
 
@@ -77,10 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``xsml train``."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=DEFAULT_DATA,
-                   help="training frames: a 'synth:...' spec or an 'xsml synth' zarr store "
+                   help="training frames: a 'synth:...' or 'renderb:...' spec, an 'xsml synth' "
+                        "zarr store, or several joined by '|' "
                         f"(default {DEFAULT_DATA})")
     g.add_argument("--n", type=int, default=None,
-                   help="number of training frames (overrides n= of a synth spec)")
+                   help="number of training frames (overrides n= of a synth: or renderb: spec)")
     g.add_argument("--val-data", default=DEFAULT_VAL,
                    help=f"validation frames for thresholds and monitoring (default {DEFAULT_VAL})")
     g.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where preprocessed inputs are cached (default $XSML_CACHE, else "
                         "$XDG_CACHE_HOME/bluesky-xsml or ~/.cache/bluesky-xsml)")
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes rendering synthetic frames")
+                   help="processes rendering frames of synth: and renderb: specs")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20,
                    help="epochs of the learning-rate schedule (default 20)")
@@ -144,9 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _with_n(source: str, n: int | None) -> str:
     if n is None:
         return source
-    if not source.startswith("synth:"):
-        raise SystemExit("--n applies only to a 'synth:...' data source")
-    return str(replace(SynthSpec.parse(source), n=int(n)))
+    spec = parse_spec(source) if "|" not in source else None
+    if spec is None:
+        raise SystemExit("--n applies only to a single 'synth:...' or 'renderb:...' data source")
+    return str(replace(spec, n=int(n)))
 
 
 def _init_tagger(path: str, tags):
