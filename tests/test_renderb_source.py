@@ -175,3 +175,32 @@ def test_train_n_option_applies_to_renderb_specs():
         "renderb:seed=0,n=4,start=0,detectors=b_ccd_512"
     with pytest.raises(SystemExit, match="single 'synth:...' or 'renderb:...'"):
         _with_n("runs/b-train.zarr", 4)
+
+
+def test_train_and_evaluate_commands_read_renderb_sources(tmp_path, capsys):
+    import torch
+
+    from bluesky_xsml import cli
+    from bluesky_xsml.checkpoints import safe_torch_load
+
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--no-progress"]
+    tiny = ["--widths", "8,16", "--depths", "1,1", "--stem-width", "8", "--batch-size", "2",
+            "--input-size", "64", "--threads", "1", "--precision", "fp32", "--epochs", "1"]
+    out = tmp_path / "train-on-b"
+    assert cli.main(["train", "--data", "renderb:seed=3,n=4", "--n", "3",
+                     "--val-data", "renderb:seed=7,n=4", "--out", str(out), *tiny, *cache]) == 0
+    state = safe_torch_load(out / "last.pt")
+    assert state["train_data"] == "renderb:seed=3,n=3,start=0"
+    assert state["val_data"] == "renderb:seed=7,n=4"
+    assert isinstance(state["state_dict"], dict) and torch.is_tensor(
+        next(iter(state["state_dict"].values())))
+    capsys.readouterr()
+    built = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cli.main(["evaluate", "--model", str(out), "--data", "renderb:seed=7,n=4",
+                     "--by-detector", "--out", str(tmp_path / "ev"), "--precision", "fp32",
+                     *cache]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == built  # from the cache
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["data"] == "renderb:seed=7,n=4,start=0" and metrics["n_frames"] == 4
+    assert set(metrics["per_detector"]) == {render_scene(7, i)[2]["detector"]["name"]
+                                            for i in range(4)}
