@@ -7,6 +7,7 @@ few frames only.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -173,7 +174,7 @@ def test_train_n_option_applies_to_renderb_specs():
 
     assert _with_n("renderb:seed=0,n=10,detectors=b_ccd_512", 4) == \
         "renderb:seed=0,n=4,start=0,detectors=b_ccd_512"
-    with pytest.raises(SystemExit, match="single 'synth:...' or 'renderb:...'"):
+    with pytest.raises(SystemExit, match=re.escape("single 'synth:...' or 'renderb:...'")):
         _with_n("runs/b-train.zarr", 4)
 
 
