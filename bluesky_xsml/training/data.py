@@ -110,6 +110,24 @@ def default_cache_dir() -> Path:
     return base / "bluesky-xsml"
 
 
+def _spec_items(body: str, text: str, what: str):
+    """``(key, value)`` of each ``KEY=VALUE`` item of a spec's comma-separated body."""
+    for item in filter(None, (p.strip() for p in body.split(","))):
+        if "=" not in item:
+            raise ValueError(f"bad {what} spec item {item!r} in {text!r}; use KEY=VALUE")
+        key, value = (v.strip() for v in item.split("=", 1))
+        yield key, value
+
+
+def _shards(spec, size: int) -> list:
+    """``spec`` cut into consecutive specs of at most ``size`` frames (cached separately,
+    so a larger ``n`` reuses the frames of a smaller one)."""
+    from dataclasses import replace
+
+    return [replace(spec, start=spec.start + a, n=min(size, spec.n - a))
+            for a in range(0, spec.n, size)]
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """A reproducible set of synthetic frames (see the module docstring)."""
@@ -126,10 +144,7 @@ class SynthSpec:
         """Parse ``synth:seed=0,n=100,sizes=256+512,detectors=train``."""
         body = text[len("synth:"):] if text.startswith("synth:") else text
         kw: dict = {}
-        for item in filter(None, (p.strip() for p in body.split(","))):
-            if "=" not in item:
-                raise ValueError(f"bad synthetic spec item {item!r} in {text!r}; use KEY=VALUE")
-            key, value = (s.strip() for s in item.split("=", 1))
+        for key, value in _spec_items(body, text, "synthetic"):
             if key in ("seed", "n", "start"):
                 kw[key] = int(value)
             elif key == "sizes":
@@ -160,10 +175,7 @@ class SynthSpec:
         Shards are cached separately, so a larger ``n`` reuses the frames of a
         smaller one.
         """
-        from dataclasses import replace
-
-        return [replace(self, start=self.start + a, n=min(size, self.n - a))
-                for a in range(0, self.n, size)]
+        return _shards(self, size)
 
     def __str__(self) -> str:
         sizes = "+".join("native" if s is None else str(s) for s in self.sizes)
@@ -201,10 +213,7 @@ class RenderBSpec:
         body = text[len(cls.PREFIX):] if text.startswith(cls.PREFIX) else text
         known = {d.name for d in B_DETECTORS}
         kw: dict = {}
-        for item in filter(None, (p.strip() for p in body.split(","))):
-            if "=" not in item:
-                raise ValueError(f"bad renderer B spec item {item!r} in {text!r}; use KEY=VALUE")
-            key, value = (v.strip() for v in item.split("=", 1))
+        for key, value in _spec_items(body, text, "renderer B"):
             if key in ("seed", "n", "start"):
                 try:
                     kw[key] = int(value)
@@ -237,10 +246,7 @@ class RenderBSpec:
 
     def shards(self, size: int) -> list[RenderBSpec]:
         """This spec cut into consecutive specs of at most ``size`` frames."""
-        from dataclasses import replace
-
-        return [replace(self, start=self.start + a, n=min(size, self.n - a))
-                for a in range(0, self.n, size)]
+        return _shards(self, size)
 
     def __str__(self) -> str:
         dets = f",detectors={'+'.join(self.detectors)}" if self.detectors else ""
