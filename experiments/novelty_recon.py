@@ -92,10 +92,10 @@ def make_b_data(n: int, seed: int, input_size: int, cache: Path):
 def parse_ae(spec: str) -> dict:
     """``"w16-l8-d3"`` (width 16, 8 latent channels, 3 halvings), with ``-fc32`` (a dense
     32-value bottleneck after the convolutions) or ``-p2`` (the input averaged over 2 x 2
-    pixels first, the residual measured at that resolution) -> keyword arguments of
-    :func:`build_ae`."""
+    pixels first, the residual measured at that resolution), ``-e2`` (2 epochs instead of
+    ``--ae-epochs``) -> keyword arguments of :func:`build_ae` (and ``epochs``)."""
     out = {"width": 16, "latent": 8, "down": 3, "dense": 0, "pool": 1}
-    keys = {"w": "width", "l": "latent", "d": "down", "fc": "dense", "p": "pool"}
+    keys = {"w": "width", "l": "latent", "d": "down", "fc": "dense", "p": "pool", "e": "epochs"}
     for part in spec.split("-"):
         key = part.rstrip("0123456789")
         if key not in keys or key == part:
@@ -130,7 +130,7 @@ def build_ae(c_in: int, size: int, width: int = 16, latent: int = 8, down: int =
         dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, nxt, 3, padding=1)]
         dec += [] if last else [nn.ReLU(inplace=True)]
         ch = nxt
-    return Recon(nn.Sequential(*enc, *mid, *dec), pool)
+    return Recon(nn.Sequential(*enc, *mid, *dec), pool, len(enc))
 
 
 def _recon_class():
@@ -139,23 +139,45 @@ def _recon_class():
     class _Recon(nn.Module):
         """The autoencoder and its input pooling: ``forward`` returns ``(target, output)``."""
 
-        def __init__(self, body, pool: int):
+        def __init__(self, body, pool: int, n_enc: int):
             super().__init__()
-            self.body, self.pool = body, int(pool)
+            self.body, self.pool, self.n_enc = body, int(pool), int(n_enc)
 
         def forward(self, x):
             if self.pool > 1:
                 x = nn.functional.avg_pool2d(x, self.pool)
             return x, self.body(x)
 
+        def encode(self, x):
+            """The bottleneck map (before any dense squeeze)."""
+            if self.pool > 1:
+                x = nn.functional.avg_pool2d(x, self.pool)
+            return self.body[:self.n_enc](x)
+
     return _Recon
 
 
-def Recon(body, pool):
+def Recon(body, pool, n_enc):
     global _RECON
     if "_RECON" not in globals():
         _RECON = _recon_class()
-    return _RECON(body, pool)
+    return _RECON(body, pool, n_enc)
+
+
+def _zero_ae():
+    """The baseline ``zero``: reconstructs nothing (the residual is the input squared), its
+    codes are the input averaged over 8 x 8 pixels (kNN on a coarse copy of the input)."""
+    import torch
+    from torch import nn
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return x, torch.zeros_like(x)
+
+        def encode(self, x):
+            return nn.functional.avg_pool2d(x, 8)
+
+    return Zero().eval()
 
 
 def fit_ae(x: np.ndarray, spec: str, *, epochs: int, batch: int = 64, lr: float = 2e-3,
@@ -164,8 +186,12 @@ def fit_ae(x: np.ndarray, spec: str, *, epochs: int, batch: int = 64, lr: float 
     error; returns the network in eval mode and the seconds it took."""
     import torch
 
+    if spec == "zero":
+        return _zero_ae(), 0.0
     torch.manual_seed(seed)
-    net = build_ae(x.shape[1], x.shape[-1], **parse_ae(spec))
+    kw = parse_ae(spec)
+    epochs = kw.pop("epochs", epochs)
+    net = build_ae(x.shape[1], x.shape[-1], **kw)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     steps = epochs * (len(x) // batch)
@@ -187,16 +213,29 @@ def fit_ae(x: np.ndarray, spec: str, *, epochs: int, batch: int = 64, lr: float 
     return net.eval(), time.perf_counter() - t0
 
 
-def residuals(net, x: np.ndarray, batch: int = 128) -> np.ndarray:
-    """``(x - AE(x))**2`` per channel and pixel, float16 ``(N, C, S, S)``."""
+def residuals(net, x: np.ndarray, batch: int = 128):
+    """``(x - AE(x))**2`` per channel and pixel, float16 ``(N, C, S, S)``, and the
+    bottleneck codes ``(N, L * s * s)`` float32."""
     import torch
 
-    out = []
+    out, codes = [], []
     with torch.inference_mode():
         for a in range(0, len(x), batch):
             xb = torch.from_numpy(np.asarray(x[a:a + batch], np.float32))
             target, rec = net(xb)
             out.append(((rec - target) ** 2).numpy().astype(np.float16))
+            codes.append(net.encode(xb).flatten(1).numpy())
+    return np.concatenate(out), np.concatenate(codes)
+
+
+def nearest_cosine(bank: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Cosine distance of each row of ``x`` to its nearest row of ``bank``."""
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    b, out = unit(np.asarray(bank, np.float32)), []
+    for a in range(0, len(x), 512):
+        out.append(1.0 - (unit(np.asarray(x[a:a + 512], np.float32)) @ b.T).max(1))
     return np.concatenate(out)
 
 
@@ -275,9 +314,14 @@ def run_family(fam: str, inputs, labels, b_inputs, b_labels, specs, args) -> dic
     for spec in specs:
         ae, fit_s = fit_ae(data["train"][fit_rows], spec, epochs=args.ae_epochs, seed=args.seed)
         t0 = time.perf_counter()
-        res = {k: residuals(ae, data[k]) for k in evals}
+        both = {k: residuals(ae, data[k]) for k in evals}
+        res = {k: v[0] for k, v in both.items()}
+        _, bank = residuals(ae, data["train"][fit_rows])
         scale = res["val"].astype(np.float32).mean(axis=(0, 2, 3)) + 1e-12
         per = {k: residual_scores(res[k], scale) for k in evals}
+        # the bottleneck codes as features of their own: distance to the nearest fit frame
+        for k in evals:
+            per[k]["latent_knn"] = nearest_cosine(bank, both[k][1])
         names = list(per["val"])
         cand = {f"{spec}:{n}": {k: per[k][n] for k in evals} for n in names}
         zship = _z(base["shipped"])
@@ -349,10 +393,12 @@ def main(argv=None) -> int:
     b_inputs, b_labels = make_b_data(args.n_b, args.b_seed, args.input_size, b_cache)
     specs = [s.strip() for s in args.ae.split(",") if s.strip()]
     for s in specs:
-        parse_ae(s)
+        if s != "zero":
+            parse_ae(s)
     t0 = time.perf_counter()
     dev = run_family(args.dev_family, inputs, labels, b_inputs, b_labels, specs, args)
     recon = [n for n in dev["scores"] if ":" in n]
+    recon = [n for n in recon if not n.startswith("zero:")]
     chosen = max(recon, key=lambda n: dev["scores"][n]["auroc"])
     alone = max((n for n in recon if "shipped+" not in n),
                 key=lambda n: dev["scores"][n]["auroc"])
@@ -362,8 +408,12 @@ def main(argv=None) -> int:
     results = [dev]
     for fam in families:
         if fam != args.dev_family:
-            results.append(run_family(fam, inputs, labels, b_inputs, b_labels, [spec], args))
+            run = [spec] + (["zero"] if "zero" in specs else [])
+            results.append(run_family(fam, inputs, labels, b_inputs, b_labels, run, args))
     shown = ["shipped", "n_tags_pred", alone, chosen]
+    if "zero" in specs:  # the same scores of the input itself (no autoencoder)
+        shown += [n for n in ("zero:" + alone.split(":")[1], "zero:latent_knn")
+                  if n in dev["scores"]]
     for extra in (f"{spec}:mse", f"{spec}:mse_log_max", f"{spec}:grid16_max_img"):
         if extra not in shown:
             shown.append(extra)
@@ -376,7 +426,7 @@ def main(argv=None) -> int:
     print("score".ljust(44), " ".join(r["family"][:8].rjust(14) for r in results))
     for n in shown:
         cells = [f"{r['scores'][n]['auroc']:.3f} ({100 * r['scores'][n]['flagged_b']:4.1f}%)"
-                 for r in results]
+                 if n in r["scores"] else "-" for r in results]
         print(n[:44].ljust(44), " ".join(c.rjust(14) for c in cells))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
