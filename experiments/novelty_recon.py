@@ -93,9 +93,12 @@ def parse_ae(spec: str) -> dict:
     """``"w16-l8-d3"`` (width 16, 8 latent channels, 3 halvings), with ``-fc32`` (a dense
     32-value bottleneck after the convolutions) or ``-p2`` (the input averaged over 2 x 2
     pixels first, the residual measured at that resolution), ``-e2`` (2 epochs instead of
-    ``--ae-epochs``) -> keyword arguments of :func:`build_ae` (and ``epochs``)."""
+    ``--ae-epochs``) -> keyword arguments of :func:`build_ae` (and ``epochs``). ``-t2``:
+    not an autoencoder but a decoder of the input from the (frozen) tagger's stage-2 map
+    (:func:`build_tag_decoder`; ``-l`` and ``-d`` are then unused)."""
     out = {"width": 16, "latent": 8, "down": 3, "dense": 0, "pool": 1}
-    keys = {"w": "width", "l": "latent", "d": "down", "fc": "dense", "p": "pool", "e": "epochs"}
+    keys = {"w": "width", "l": "latent", "d": "down", "fc": "dense", "p": "pool", "e": "epochs",
+            "t": "stage"}
     for part in spec.split("-"):
         key = part.rstrip("0123456789")
         if key not in keys or key == part:
@@ -164,6 +167,54 @@ def Recon(body, pool, n_enc):
     return _RECON(body, pool, n_enc)
 
 
+def build_tag_decoder(net, stage: int, c_in: int, size: int, width: int = 16,
+                      pool: int = 1, **_unused):
+    """A decoder of the (``pool``-averaged) input from the frozen tagger ``net``'s map after
+    stage ``stage``: a 1x1 convolution to ``width`` channels, then nearest-neighbour
+    upsampling and 3x3 convolutions up to the input's resolution."""
+    import torch
+    from torch import nn
+
+    with torch.inference_mode():
+        h = net.stem(torch.zeros(1, c_in, size, size))
+        for block in net.stages[:stage]:
+            h = block(h)
+    ch, side, target = h.shape[1], h.shape[-1], size // pool
+    dec = [nn.Conv2d(ch, width, 1), nn.ReLU(inplace=True)]
+    ch = width
+    while side < target:
+        side *= 2
+        last = side >= target
+        dec += [nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(ch, c_in if last else width, 3, padding=1)]
+        dec += [] if last else [nn.ReLU(inplace=True)]
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+
+    class TagDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tagger, self.dec = net.eval(), nn.Sequential(*dec)
+
+        def encode(self, x):
+            with torch.no_grad():
+                h = self.tagger.stem(x)
+                for block in self.tagger.stages[:stage]:
+                    h = block(h)
+            return h
+
+        def forward(self, x):
+            t = nn.functional.avg_pool2d(x, pool) if pool > 1 else x
+            return t, self.dec(self.encode(x))
+
+        def train(self, mode: bool = True):  # the tagger stays in eval mode
+            super().train(mode)
+            self.tagger.eval()
+            return self
+
+    return TagDecoder()
+
+
 def _zero_ae():
     """The baseline ``zero``: reconstructs nothing (the residual is the input squared), its
     codes are the input averaged over 8 x 8 pixels (kNN on a coarse copy of the input)."""
@@ -181,7 +232,7 @@ def _zero_ae():
 
 
 def fit_ae(x: np.ndarray, spec: str, *, epochs: int, batch: int = 64, lr: float = 2e-3,
-           seed: int = 0):
+           seed: int = 0, tagger_net=None):
     """Fit an autoencoder (``spec``, see :func:`parse_ae`) to inputs ``x`` by mean squared
     error; returns the network in eval mode and the seconds it took."""
     import torch
@@ -191,8 +242,15 @@ def fit_ae(x: np.ndarray, spec: str, *, epochs: int, batch: int = 64, lr: float 
     torch.manual_seed(seed)
     kw = parse_ae(spec)
     epochs = kw.pop("epochs", epochs)
-    net = build_ae(x.shape[1], x.shape[-1], **kw)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    if "stage" in kw:
+        import copy
+
+        net = build_tag_decoder(copy.deepcopy(tagger_net), kw.pop("stage"), x.shape[1],
+                                x.shape[-1], **kw)
+    else:
+        net = build_ae(x.shape[1], x.shape[-1], **kw)
+    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
+                            weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
@@ -265,6 +323,40 @@ def _z(v: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: (x - mu) / sd for k, x in v.items()}
 
 
+def cost(spec: str, input_size: int, repeats: int = 20) -> dict:
+    """Milliseconds per frame (batches of 8, this process's threads): a fresh network of
+    ``spec`` at the resolution it would see in the product (the default model's input
+    averaged to the same side as here), and the packaged default tagger's
+    ``predict_inputs`` on 128-pixel inputs."""
+    import torch
+
+    from bluesky_xsml import Tagger
+
+    def per_frame(fn, x):
+        fn(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn(x)
+        return 1e3 * (time.perf_counter() - t0) / (repeats * len(x))
+
+    tagger = Tagger.load()
+    side = tagger.preprocess_config.size
+    x = np.random.default_rng(0).random((8, 6, side, side), dtype=np.float32)
+    out = {"default_predict_inputs_ms": round(per_frame(tagger.predict_inputs, x), 3),
+           "default_input_size": int(side)}
+    if spec != "zero" and "-t" not in spec:
+        kw = parse_ae(spec)
+        kw.pop("epochs", None)
+        kw["pool"] = kw["pool"] * side // input_size  # the same working side as here
+        ae = build_ae(6, side, **kw).eval()
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            out["ae_ms"] = round(per_frame(ae, xt), 3)
+        out["ae_working_side"] = side // kw["pool"]
+        out["ae_share"] = round(out["ae_ms"] / out["default_predict_inputs_ms"], 3)
+    return out
+
+
 def run_family(fam: str, inputs, labels, b_inputs, b_labels, specs, args) -> dict:
     """Shipped score and autoencoder scores of one family's held-out frames (see module)."""
     import torch
@@ -312,7 +404,8 @@ def run_family(fam: str, inputs, labels, b_inputs, b_labels, specs, args) -> dic
     rng = np.random.default_rng(args.seed)
     fit_rows = np.sort(rng.permutation(len(data["train"]))[:args.n_fit])
     for spec in specs:
-        ae, fit_s = fit_ae(data["train"][fit_rows], spec, epochs=args.ae_epochs, seed=args.seed)
+        ae, fit_s = fit_ae(data["train"][fit_rows], spec, epochs=args.ae_epochs, seed=args.seed,
+                           tagger_net=net)
         t0 = time.perf_counter()
         both = {k: residuals(ae, data[k]) for k in evals}
         res = {k: v[0] for k, v in both.items()}
@@ -351,7 +444,9 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="halo,peaks,grazing,rings")
     p.add_argument("--dev-family", default="halo",
                    help="settings are chosen on this family only (reported, marked as such)")
-    p.add_argument("--ae", default="w16-l8-d3,w16-l4-d4,w16-l8-d3-fc32,w8-l8-d3-p2",
+    p.add_argument("--ae", default="zero,w8-l8-d3-p2-e1,w8-l8-d3-p2-e3,w8-l8-d3-p2,"
+                   "w8-l4-d3-p2-e3,w16-l8-d3-fc32-e2,w16-l16-d4-e2,w8-l4-d3-e2,"
+                   "w16-t1-p2-e3,w16-t2-p2-e3,w16-t3-p2-e3",
                    help="autoencoders tried on the development family (see parse_ae)")
     p.add_argument("--ae-epochs", type=int, default=6)
     p.add_argument("--n-fit", type=int, default=4000, help="training frames the AE is fitted on")
@@ -417,9 +512,12 @@ def main(argv=None) -> int:
     for extra in (f"{spec}:mse", f"{spec}:mse_log_max", f"{spec}:grid16_max_img"):
         if extra not in shown:
             shown.append(extra)
+    timing = cost(spec, args.input_size)
+    print("cost:", json.dumps(timing), flush=True)
     summary = {"options": {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in vars(args).items()},
                "chosen_on_dev_family": {"score": chosen, "residual_alone": alone},
+               "cost": timing,
                "seconds": round(time.perf_counter() - t0, 1), "results": results}
     print("AUROC (family frames against held-out frames without it); in brackets: share of "
           "renderer B frames without the family flagged at the 1% threshold")
