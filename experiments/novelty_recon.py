@@ -100,12 +100,13 @@ def parse_ae(spec: str) -> dict:
     """``"w16-l8-d3"`` (width 16, 8 latent channels, 3 halvings), with ``-fc32`` (a dense
     32-value bottleneck after the convolutions) or ``-p2`` (the input averaged over 2 x 2
     pixels first, the residual measured at that resolution), ``-e2`` (2 epochs instead of
-    ``--ae-epochs``) -> keyword arguments of :func:`build_ae` (and ``epochs``). ``-t2``:
+    ``--ae-epochs``), ``-m4`` (a masked predictor of 4 x 4-pixel blocks, see
+    :func:`build_ae`) -> keyword arguments of :func:`build_ae` (and ``epochs``). ``-t2``:
     not an autoencoder but a decoder of the input from the (frozen) tagger's stage-2 map
     (:func:`build_tag_decoder`; ``-l`` and ``-d`` are then unused)."""
     out = {"width": 16, "latent": 8, "down": 3, "dense": 0, "pool": 1}
     keys = {"w": "width", "l": "latent", "d": "down", "fc": "dense", "p": "pool", "e": "epochs",
-            "t": "stage"}
+            "t": "stage", "m": "mask"}
     for part in spec.split("-"):
         key = part.rstrip("0123456789")
         if key not in keys or key == part:
@@ -115,14 +116,16 @@ def parse_ae(spec: str) -> dict:
 
 
 def build_ae(c_in: int, size: int, width: int = 16, latent: int = 8, down: int = 3,
-             dense: int = 0, pool: int = 1):
+             dense: int = 0, pool: int = 1, mask: int = 0):
     """A small convolutional autoencoder: ``down`` stride-2 convolutions (width ``width``,
     then ``2 * width``), a 1x1 bottleneck of ``latent`` channels (optionally squeezed
-    through ``dense`` values), and the mirror image with nearest-neighbour upsampling."""
+    through ``dense`` values), and the mirror image with nearest-neighbour upsampling.
+    With ``mask``, a masked predictor instead: it sees the input with half of its
+    ``mask x mask`` blocks blanked (and the mask as one more channel) and predicts them."""
     from torch import nn
 
     size //= pool
-    enc, ch = [], c_in
+    enc, ch = [], c_in + (1 if mask else 0)
     for i in range(down):
         nxt = width if i == 0 else 2 * width
         enc += [nn.Conv2d(ch, nxt, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
@@ -140,38 +143,62 @@ def build_ae(c_in: int, size: int, width: int = 16, latent: int = 8, down: int =
         dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, nxt, 3, padding=1)]
         dec += [] if last else [nn.ReLU(inplace=True)]
         ch = nxt
-    return Recon(nn.Sequential(*enc, *mid, *dec), pool, len(enc))
+    return Recon(nn.Sequential(*enc, *mid, *dec), pool, len(enc), mask)
 
 
 def _recon_class():
+    import torch
     from torch import nn
 
     class _Recon(nn.Module):
         """The autoencoder and its input pooling: ``forward`` returns ``(target, output)``."""
 
-        def __init__(self, body, pool: int, n_enc: int):
+        def __init__(self, body, pool: int, n_enc: int, mask: int = 0):
             super().__init__()
-            self.body, self.pool, self.n_enc = body, int(pool), int(n_enc)
+            self.body, self.pool, self.n_enc, self.mask = body, int(pool), int(n_enc), int(mask)
+
+        def _masked(self, x, m):
+            return self.body(torch.cat([x * (1 - m), m], 1))
 
         def forward(self, x):
             if self.pool > 1:
                 x = nn.functional.avg_pool2d(x, self.pool)
-            return x, self.body(x)
+            if not self.mask:
+                return x, self.body(x)
+            b, (n, _, h, w) = self.mask, x.shape
+            if self.training:  # half the blocks, at random; the loss only on them
+                m = (torch.rand(n, 1, h // b, w // b) < 0.5).to(x.dtype)
+                m = m.repeat_interleave(b, 2).repeat_interleave(b, 3)
+                return x * m, self._masked(x, m) * m
+            # scoring: four passes, each predicting one quarter of the blocks (a 2 x 2
+            # pattern), so every pixel is predicted once from the blocks around it
+            rows = torch.arange(h // b)[:, None] % 2
+            cols = torch.arange(w // b)[None, :] % 2
+            out = torch.zeros_like(x)
+            for di in (0, 1):
+                for dj in (0, 1):
+                    cell = ((rows == di) & (cols == dj)).to(x.dtype)
+                    m = cell.repeat_interleave(b, 0).repeat_interleave(b, 1)
+                    m = m[None, None].expand(n, 1, h, w)
+                    out = out + self._masked(x, m) * m
+            return x, out
 
         def encode(self, x):
             """The bottleneck map (before any dense squeeze)."""
             if self.pool > 1:
                 x = nn.functional.avg_pool2d(x, self.pool)
+            if self.mask:
+                x = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
             return self.body[:self.n_enc](x)
 
     return _Recon
 
 
-def Recon(body, pool, n_enc):
+def Recon(body, pool, n_enc, mask=0):
     global _RECON
     if "_RECON" not in globals():
         _RECON = _recon_class()
-    return _RECON(body, pool, n_enc)
+    return _RECON(body, pool, n_enc, mask)
 
 
 def build_tag_decoder(net, stage: int, c_in: int, size: int, width: int = 16,
