@@ -20,8 +20,10 @@ whether its residual marks the unseen content. For each family (``--families``) 
   ``latent_knn``, the cosine distance of the network's bottleneck map to the nearest fit
   frame's. The networks: small convolutional autoencoders (``w8-l8-d3-p2``: width 8,
   8 bottleneck channels, 3 halvings, on the input averaged over 2 x 2 pixels; ``-fc32`` a
-  dense 32-value bottleneck; ``-e3`` 3 epochs), decoders of the input from the frozen
-  tagger's own stage maps (``w16-t3-p2``: from the map after stage 3), and ``zero``, no
+  dense 32-value bottleneck; ``-e3`` 3 epochs), masked predictors (``-m2``: half of the
+  2 x 2-pixel blocks blanked, predicted from the others; scored in four passes that
+  predict every block once), decoders of the input from the frozen tagger's own stage
+  maps (``w16-t3-p2``: from the map after stage 3), and ``zero``, no
   network (the residual is the input itself squared, the "bottleneck" the input averaged
   over 8 x 8 pixels): what an input statistic gives without any reconstruction;
 * adds each residual score, standardised on the validation frames (median, standard
@@ -46,7 +48,7 @@ The threshold of every score is its 99% quantile on the validation frames (no fa
   gain from it; this baseline shows how far that alone goes.
 
 The run reported in docs/novelty.md (its defaults: the networks and the cached frames of
-``novelty_lofo.py``'s reduced run, every network above; about 10 minutes on one thread)::
+``novelty_lofo.py``'s reduced run, every network above; about 12 minutes on one thread)::
 
     OMP_NUM_THREADS=1 nice -n 10 python experiments/novelty_recon.py \\
         --families halo,peaks,grazing,rings --models /tmp/xsml-lofo-models --out recon.json
@@ -480,7 +482,8 @@ def main(argv=None) -> int:
                    help="settings are chosen on this family only (reported, marked as such)")
     p.add_argument("--ae", default="zero,w8-l8-d3-p2-e1,w8-l8-d3-p2-e3,w8-l8-d3-p2,"
                    "w8-l4-d3-p2-e3,w16-l8-d3-fc32-e2,w16-l16-d4-e2,w8-l4-d3-e2,"
-                   "w16-t1-p2-e3,w16-t2-p2-e3,w16-t3-p2-e3",
+                   "w16-t1-p2-e3,w16-t2-p2-e3,w16-t3-p2-e3,w8-l8-d3-p2-e3-m2,"
+                   "w8-l8-d3-p2-e3-m4,w16-l16-d2-p2-e3-m2,w16-l16-d4-e2-m4",
                    help="autoencoders tried on the development family (see parse_ae)")
     p.add_argument("--ae-epochs", type=int, default=6)
     p.add_argument("--n-fit", type=int, default=4000, help="training frames the AE is fitted on")
