@@ -32,8 +32,9 @@ whether its residual marks the unseen content. For each family (``--families``) 
 Settings are chosen on the development family (``--dev-family``, halo) only: the network
 and the score (``zero`` excluded) with the best AUROC there. The other families are
 reported with that choice fixed (and ``zero`` beside it). The cost of the chosen network
-and of the best plain autoencoder is timed at the working side they would have in the
-product, against the packaged default tagger's ``predict_inputs`` (``cost`` in the JSON).
+and of the best plain autoencoder (no mask, no tagger maps) is timed at the working side
+they would have in the product, against the packaged default tagger's ``predict_inputs``
+(``cost`` in the JSON).
 The threshold of every score is its 99% quantile on the validation frames (no family), as
 ``novelty_lofo.py``. Two more columns per score:
 
@@ -559,7 +560,7 @@ def main(argv=None) -> int:
             f"alone_{k}": mine[best_alone][k] for k in ("auroc", "flagged_b")},
             "sum": best_sum.split(":", 1)[1], **{
             f"sum_{k}": mine[best_sum][k] for k in ("auroc", "flagged_b")}}
-    plain = [sp for sp in specs if sp != "zero" and "-t" not in sp]
+    plain = [sp for sp in specs if sp != "zero" and "-t" not in sp and "-m" not in sp]
     best_plain = max(plain, key=lambda sp: dev_table[sp]["sum_auroc"]) if plain else None
     timing = {sp: cost(sp, args.input_size) for sp in [spec, best_plain] if sp}
     print("cost:", json.dumps(timing), flush=True)
