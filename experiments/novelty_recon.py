@@ -198,6 +198,8 @@ def _recon_class():
 
 
 def Recon(body, pool, n_enc, mask=0):
+    """The network around ``body`` (its module class is built on first use, so that torch
+    is imported only when a network is)."""
     global _RECON
     if "_RECON" not in globals():
         _RECON = _recon_class()
