@@ -49,9 +49,16 @@ from pathlib import Path
 import numpy as np
 
 try:  # run as a script (python experiments/novelty_layers.py) or imported from the repo root
-    from novelty_lofo import FAMILIES, _ints, make_data, split_indices, train
+    from novelty_lofo import FAMILIES, REDUCED, add_options, make_data, split_indices, train
 except ImportError:  # pragma: no cover
-    from experiments.novelty_lofo import FAMILIES, _ints, make_data, split_indices, train
+    from experiments.novelty_lofo import (
+        FAMILIES,
+        REDUCED,
+        add_options,
+        make_data,
+        split_indices,
+        train,
+    )
 
 
 class Gaussian:
@@ -277,25 +284,12 @@ def scores_for(fam, net, inputs, labels, args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", default="halo,peaks,grazing,rings")
     p.add_argument("--dev-family", default="halo",
                    help="the family the shipped score is chosen on (not reported as a result)")
-    p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--widths", type=_ints, default=(16, 32, 64, 96))
-    p.add_argument("--depths", type=_ints, default=(1, 1, 1, 1))
-    p.add_argument("--stem-width", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-seed", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default=None)
-    p.add_argument("--models", default="/tmp/xsml-lofo-models",
-                   help="trained networks are saved here and reloaded when present")
-    p.add_argument("--out", default=None)
+    # the data and tagger options of novelty_lofo.py's reduced run (to find its cache and
+    # networks; a network is trained with them when absent)
+    add_options(p)
+    p.set_defaults(**REDUCED, families="halo,peaks,grazing,rings")
     p.add_argument("--keep", action="store_true",
                    help="also save every split's features and scores to --models")
     args = p.parse_args(argv)

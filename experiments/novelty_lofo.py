@@ -218,6 +218,12 @@ def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=
     return result
 
 
+#: The reduced run's settings (docs/novelty.md): ``p.set_defaults(**REDUCED)`` after
+#: :func:`add_options` in the scripts that reload its networks.
+REDUCED = {"n": 10000, "input_size": 64, "widths": (16, 32, 64, 96), "depths": (1, 1, 1, 1),
+           "stem_width": 16, "epochs": 8, "threads": 1, "models": "/tmp/xsml-lofo-models"}
+
+
 def add_options(p: argparse.ArgumentParser) -> None:
     """The data, network and training options (shared with ``novelty_outliers.py``)."""
     p.add_argument("--families", default="peaks,grazing,rings",

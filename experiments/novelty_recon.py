@@ -65,9 +65,23 @@ from pathlib import Path
 import numpy as np
 
 try:  # run as a script (python experiments/novelty_recon.py) or imported from the repo root
-    from novelty_lofo import FAMILIES, _ints, load_or_train, make_data, split_indices
+    from novelty_lofo import (
+        FAMILIES,
+        REDUCED,
+        add_options,
+        load_or_train,
+        make_data,
+        split_indices,
+    )
 except ImportError:  # pragma: no cover
-    from experiments.novelty_lofo import FAMILIES, _ints, load_or_train, make_data, split_indices
+    from experiments.novelty_lofo import (
+        FAMILIES,
+        REDUCED,
+        add_options,
+        load_or_train,
+        make_data,
+        split_indices,
+    )
 
 CHANNELS = ("log_mean", "log_max", "relative", "invalid", "outside", "saturated")
 IMAGE = (0, 1, 2)  # the channels that carry counts (the others are masks and fractions)
@@ -480,7 +494,6 @@ def run_family(fam: str, inputs, labels, b_inputs, b_labels, specs, args) -> dic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", default="halo,peaks,grazing,rings")
     p.add_argument("--dev-family", default="halo",
                    help="settings are chosen on this family only (reported, marked as such)")
     p.add_argument("--ae", default="zero,w8-l8-d3-p2-e1,w8-l8-d3-p2-e3,w8-l8-d3-p2,"
@@ -497,21 +510,8 @@ def main(argv=None) -> int:
     p.add_argument("--b-cache", default=None)
     # the data and tagger options of novelty_lofo.py's reduced run (to find its cache and
     # networks; a network is trained with them when absent)
-    p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--widths", type=_ints, default=(16, 32, 64, 96))
-    p.add_argument("--depths", type=_ints, default=(1, 1, 1, 1))
-    p.add_argument("--stem-width", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-seed", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default=None)
-    p.add_argument("--models", default="/tmp/xsml-lofo-models")
-    p.add_argument("--out", default=None, help="write the results (JSON) here")
+    add_options(p)
+    p.set_defaults(**REDUCED, families="halo,peaks,grazing,rings")
     args = p.parse_args(argv)
 
     import torch
