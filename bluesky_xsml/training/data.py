@@ -333,44 +333,47 @@ def _frames_features(frames, centers, config: PreprocessConfig):
     return inputs.astype(np.float16), feats
 
 
+def _chunk_arrays(a: int, rendered, config: PreprocessConfig) -> tuple:
+    """A worker's result for frames from index ``a``: ``rendered`` yields ``(frame,
+    labels, beam centre, detector name)``; the frames are preprocessed and featurised."""
+    frames, labels, centers, dets = (list(col) for col in zip(*rendered, strict=True))
+    inputs, feats = _frames_features(frames, centers, config)
+    return (a, inputs, np.stack(labels).astype(np.float32), feats, dets,
+            [f.shape for f in frames], centers)
+
+
 def _synth_chunk(args):
     """Worker: render frames ``[a, b)`` of a spec, preprocess, featurise."""
     spec_text, a, b, config_dict = args
     spec = SynthSpec.parse(spec_text)
-    config = PreprocessConfig.from_dict(config_dict)
     gens: dict = {}
-    frames, labels, centers, dets, shapes = [], [], [], [], []
-    for i in range(spec.start + a, spec.start + b):
-        size = spec.size_of(i)
-        if size not in gens:
-            gens[size] = SceneGenerator(seed=spec.seed, size=size, detectors=list(spec.detectors),
-                                        variety=spec.variety)
-        frame, lab, params = gens[size].frame_at(i)
-        frames.append(frame)
-        labels.append(lab)
-        centers.append(params["geometry"]["beam_center"])
-        dets.append(str(params["detector"].get("name", "?")))
-        shapes.append(frame.shape)
-    inputs, feats = _frames_features(frames, centers, config)
-    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes, centers
+
+    def rendered():
+        for i in range(spec.start + a, spec.start + b):
+            size = spec.size_of(i)
+            if size not in gens:
+                gens[size] = SceneGenerator(seed=spec.seed, size=size,
+                                            detectors=list(spec.detectors), variety=spec.variety)
+            frame, lab, params = gens[size].frame_at(i)
+            yield (frame, lab, params["geometry"]["beam_center"],
+                   str(params["detector"].get("name", "?")))
+
+    return _chunk_arrays(a, rendered(), PreprocessConfig.from_dict(config_dict))
 
 
 def _renderb_chunk(args):
     """Worker: render frames ``[a, b)`` of a renderer B spec, preprocess, featurise."""
     spec_text, a, b, config_dict = args
     spec = RenderBSpec.parse(spec_text)
-    config = PreprocessConfig.from_dict(config_dict)
     sampler = spec.sampler()
-    frames, labels, centers, dets, shapes = [], [], [], [], []
-    for i in range(spec.start + a, spec.start + b):
-        frame, lab, scene = render_scene(spec.seed, i, sampler)
-        frames.append(frame)
-        labels.append(lab)
-        centers.append((scene.get("geometry") or {}).get("beam_center"))
-        dets.append(str(scene["detector"].get("name", "?")))
-        shapes.append(frame.shape)
-    inputs, feats = _frames_features(frames, centers, config)
-    return a, inputs, np.stack(labels).astype(np.float32), feats, dets, shapes, centers
+
+    def rendered():
+        for i in range(spec.start + a, spec.start + b):
+            frame, lab, scene = render_scene(spec.seed, i, sampler)
+            yield (frame, lab, (scene.get("geometry") or {}).get("beam_center"),
+                   str(scene["detector"].get("name", "?")))
+
+    return _chunk_arrays(a, rendered(), PreprocessConfig.from_dict(config_dict))
 
 
 def _zarr_source(path: Path):
