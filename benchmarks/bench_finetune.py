@@ -15,6 +15,13 @@ few labeled frames of it):
     background) scaled by an exposure factor ``k ~ logU(0.02, 0.2)``, far
     below the training distribution.
 
+  - ``renderb``: frames of renderer B (bluesky_xsml.render_b, written apart
+    from the generator: its own detectors, readouts, sentinels and shapes),
+    labeled frames from ``renderb:seed=1`` and the test frames from
+    ``--shift-test`` (renderer B's test set, ``renderb:seed=100,n=1000``):
+    issue 21's "fine-tuning on 200 labelled frames of a domain the model was
+    not trained on".
+
   Labels are recomputed from the shifted scene (for ``exposure``, features
   that sink into the noise lose their tag and ``weak_scattering`` appears),
   so they stay true to the frames. The shift is applied to the scene here,
@@ -61,7 +68,11 @@ SHIFTS = {
     # full scale. Training frames are photon counts or CCDs at 1 ADU per photon, offset < 60.
     "integrating": {"seed": 5, "size": 512, "detectors": "heldout", "gain": (4.0, 40.0),
                     "offset": (100.0, 1000.0), "read_sigma": (3.0, 30.0), "version": 1},
+    # frames of renderer B: the labeled pool is renderb:seed=1, the test set --shift-test
+    "renderb": {"source": "renderb:seed=1"},
 }
+#: Renderer B's test set (docs/render-b.md), where ``--shift renderb`` scores.
+RENDERB_TEST = "renderb:seed=100,n=1000"
 
 
 #: Original-domain frames replayed while fine-tuning, and those the gate checks forgetting on
@@ -145,6 +156,30 @@ def shifted_data(n: int, workers: int, shift: dict):
     return inputs, labels, frames
 
 
+def renderb_data(n: int, test: str, config, *, workers: int, cache_dir=None):
+    """Renderer B's labeled pool (its first ``n`` frames), test set and 4 raw frames.
+
+    Returns ``(inputs, labels, test_inputs, test_labels, raw)``; the pool and the test
+    set come through :func:`~bluesky_xsml.training.data.load_arrays` (cached in
+    ``cache_dir``, default the training cache). The pool and the test set must not share
+    frames: a test source of the pool's seed is refused.
+    """
+    from bluesky_xsml.render_b import render_scene
+    from bluesky_xsml.training.data import load_arrays
+
+    source = SHIFTS["renderb"]["source"]
+    seed = int(source.split("seed=")[1])
+    if test.startswith("renderb:") and f"seed={seed}," in test + ",":
+        raise ValueError(f"test frames {test!r} share a seed with the labeled pool {source!r}")
+    pool = load_arrays(f"{source},n={n}", config=config, workers=workers, progress=False,
+                       cache_dir=cache_dir)
+    test_set = load_arrays(test, config=config, workers=workers, progress=False,
+                           cache_dir=cache_dir)
+    raw = [render_scene(seed, i)[0] for i in range(4)]
+    return (np.asarray(pool.inputs), pool.labels, np.asarray(test_set.inputs),
+            test_set.labels, raw)
+
+
 def scores(tagger, inputs, labels):
     """Per-tag metrics of ``tagger`` over the tags of ``labels`` (first columns of a grown head)."""
     from bluesky_xsml.training.metrics import evaluate_scores
@@ -199,6 +234,8 @@ def experiment_setup(model: str | None, shift: str, n: int, *, threads: int):
     from bluesky_xsml import Tagger
     from bluesky_xsml.training.data import load_arrays
 
+    if shift not in ("integrating", "exposure"):
+        raise ValueError(f"experiment_setup renders scene shifts only, not {shift!r}")
     torch.set_num_threads(threads)
     tagger = Tagger.load(model)
     cfg = tagger.preprocess_config
@@ -219,6 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default="32,128,512",
                    help="labeled shifted frames per run ('none': only the throughput part)")
     p.add_argument("--test-n", type=int, default=400, help="held-out shifted test frames")
+    p.add_argument("--shift-test", default=RENDERB_TEST,
+                   help="with --shift renderb: the test frames (a data source, e.g. "
+                        "renderer B's zarr test store; default: %(default)s)")
     p.add_argument("--steps", default="100,300,600", help="fine-tuning steps per label count")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -259,10 +299,16 @@ def main(argv=None) -> int:
         raise SystemExit("--steps needs one value per --labels value")
     tagger = Tagger.load(args.model)
     cfg = tagger.preprocess_config
-    n_shift = max([*label_ns, 512]) + args.test_n
     shift = SHIFTS[args.shift]
-    x_shift, y_shift, raw = shifted_data(n_shift, args.workers, shift)
-    x_test, y_test = x_shift[-args.test_n:], y_shift[-args.test_n:]
+    if args.shift == "renderb":
+        x_shift, y_shift, x_test, y_test, raw = renderb_data(
+            max([*label_ns, 64]), args.shift_test, cfg, workers=args.workers)
+        args.test_n = len(x_test)
+        shift = {**shift, "test": args.shift_test}
+    else:
+        n_shift = max([*label_ns, 512]) + args.test_n
+        x_shift, y_shift, raw = shifted_data(n_shift, args.workers, shift)
+        x_test, y_test = x_shift[-args.test_n:], y_shift[-args.test_n:]
     replay = load_arrays(args.replay, config=cfg, progress=False)
     gate_val = load_arrays(args.gate_val, config=cfg, progress=False)
     gate_val = (np.asarray(gate_val.inputs[:args.gate_val_n]),

@@ -71,3 +71,23 @@ def test_exposure_shift_scales_intensities_only(bench):
     assert shift["k_lo"] <= k <= shift["k_hi"]
     assert sc["detector"] == scene["detector"] and sc["noise"] == scene["noise"]
     assert sc["background"]["level"] == pytest.approx(scene["background"]["level"] * k)
+
+
+def test_renderb_shift_labels_one_seed_and_tests_on_another(bench, tmp_path):
+    from bluesky_xsml.preprocess import PreprocessConfig
+    from bluesky_xsml.render_b import render_scene
+
+    cfg = PreprocessConfig()
+    x, y, xt, yt, raw = bench.renderb_data(3, "renderb:seed=100,n=2", cfg, workers=1,
+                                           cache_dir=tmp_path)
+    assert x.shape == (3, *xt.shape[1:]) and len(xt) == 2
+    assert y.shape == (3, len(TAG_NAMES)) and yt.shape == (2, len(TAG_NAMES))
+    # the pool is frames 0-2 of seed 1, with renderer B's own labels
+    frame, labels, _ = render_scene(1, 2)
+    np.testing.assert_array_equal(np.nan_to_num(y[2], nan=-1), np.nan_to_num(labels, nan=-1))
+    np.testing.assert_array_equal(raw[0], render_scene(1, 0)[0])
+    assert not np.array_equal(x[:2], xt)
+    with pytest.raises(ValueError, match="share a seed"):
+        bench.renderb_data(3, "renderb:seed=1,n=2,start=10", cfg, workers=1, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="scene shifts only"):
+        bench.experiment_setup(None, "renderb", 4, threads=1)
