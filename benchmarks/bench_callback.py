@@ -36,6 +36,15 @@ p99_20hz_ms P files_ratio F capacity_fps C accounted n/N``: S and F for the
 tagging process against the untagged scan, A and B likewise at 20 and 50 Hz,
 P the tagging process's p99 at 20 Hz, C its capacity, n/N the frames accounted
 for (tagged or skipped with a reason) over all tagged runs.
+
+Before it, a CPU table (medians, milliseconds per frame; CPU time, so it
+stands a shared machine better than the wall-clock ratios): for each scan
+and mode the RunEngine's thread (``bluesky-run-engine``; of it the callback's
+``__call__``, and its wait for a core and time blocked, e.g. on the GIL),
+the rest of the RunEngine's process during the scan and after it until the
+last tag is out, the tagging process's feeder thread (the ring copy), and
+``own``: what tagging costs the RunEngine's process, the callback plus the
+rest of the process over the untagged scan's rest, scan and tail together.
 """
 
 from __future__ import annotations
@@ -127,6 +136,57 @@ def _start_corunner(size: int) -> subprocess.Popen:
     return proc
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each live Python thread of this process, by name."""
+    import threading
+
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            s = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, TypeError, ProcessLookupError):
+            continue
+        out[t.name] = out.get(t.name, 0.0) + s
+    return out
+
+
+def _schedstat(tid: int | None) -> tuple[float, float]:
+    """(on-CPU, waiting for a CPU) seconds of thread ``tid`` (Linux schedstat), or NaNs."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return int(run) / 1e9, int(wait) / 1e9
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+
+
+class _CpuMarks:
+    """CPU of the RunEngine's process at the scan's start, end and last tag."""
+
+    def __init__(self) -> None:
+        import threading
+
+        # bluesky runs the plan and calls the callbacks on its event loop's thread
+        self.tid = next((t.native_id for t in threading.enumerate()
+                         if t.name == "bluesky-run-engine"), None)
+        self.marks: list[tuple] = []
+
+    def mark(self) -> None:
+        self.marks.append((time.perf_counter(), time.process_time(), _schedstat(self.tid),
+                           _thread_cpu()))
+
+    def per_frame(self, n: int, callback_s: float) -> dict:
+        """Milliseconds per frame (see the module docstring)."""
+        (w0, p0, (r0, q0), t0), (w1, p1, (r1, q1), _), (_, p2, _, t2) = self.marks
+        ms = 1e3 / n
+        feed = "xsml-tagger-feed"
+        return {"re_ms": (r1 - r0) * ms, "re_wait_ms": (q1 - q0) * ms,
+                "re_blocked_ms": ((w1 - w0) - (r1 - r0) - (q1 - q0)) * ms,
+                "callback_ms": callback_s * ms,
+                "rest_ms": ((p1 - p0) - (r1 - r0)) * ms, "tail_ms": (p2 - p1) * ms,
+                "feed_ms": (t2.get(feed, 0.0) - t0.get(feed, 0.0)) * ms}
+
+
 def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) -> dict:
     """One run in this process; returns its figures."""
     import numpy as np
@@ -146,11 +206,20 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
             tagged[0] += len(doc["seq_num"])
 
     xsml = corunner = None
+    in_callback = [0.0]  # CPU seconds of the RunEngine's thread inside the callback
     if mode == "untagged-corunner":
         corunner = _start_corunner(size)
     elif mode != "untagged":
         xsml = _callback(mode, sink, (size, size))
-        RE.subscribe(xsml)
+
+        def timed(name, doc, xsml=xsml):
+            t = time.thread_time()
+            try:
+                return xsml(name, doc)
+            finally:
+                in_callback[0] += time.thread_time() - t
+
+        RE.subscribe(timed)
     tmp = tempfile.TemporaryDirectory()
     if experiment == "files":
         from bluesky_xsml.sim.detectors import HDF5ResourceDetector
@@ -160,18 +229,24 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
         det = SynSignal(func=lambda: frames[next(counter) % len(frames)], name="saxs",
                         labels={"detectors"})
     motor = SynAxis(name="sample_x")
+    cpu = _CpuMarks()
+    cpu.mark()
     t0 = time.perf_counter()
     if experiment == "rate":
         RE(count([det], num=n, delay=1.0 / rate))
     else:
         RE(scan([det], motor, 0, 10, n))
     scan_s = time.perf_counter() - t0
+    cpu.mark()
+    callback_s = in_callback[0]
     if corunner is not None:
         corunner.kill()
         corunner.wait()
     accounted = n
     if xsml is not None:
         xsml.flush(900)
+    cpu.mark()
+    if xsml is not None:
         st = xsml.status()
         accounted = st["frames_tagged"] + st["frames_skipped"]
         xsml.close()
@@ -179,6 +254,7 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
     lat = np.asarray(latencies, float)
     return {"experiment": experiment, "mode": mode, "rate": rate, "frames": n,
             "source": source, "scan_s": scan_s, "accounted": accounted,
+            "cpu": cpu.per_frame(n, callback_s),
             "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
             "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")}
 
@@ -239,6 +315,35 @@ def _sub(args: list[str]) -> dict:
         sys.stderr.write(out.stderr[-4000:])
         raise SystemExit(f"benchmark run {args} failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _print_cpu(results: dict, modes: tuple) -> None:
+    """The CPU table: milliseconds per frame of the RunEngine's process, medians."""
+    print("CPU ms per frame of the RunEngine's process (medians): RE thread [callback in it; "
+          "waiting for a core; blocked], rest of the process during the scan | after it to the "
+          "last tag, the feeder (ring copy); own = callback + rest + tail - untagged rest")
+    for exp, rate in (("stress", 0.0), ("rate", 20.0), ("rate", 50.0), ("files", 0.0)):
+        if (exp, "untagged", rate) not in results:
+            continue
+
+        def cpu(mode, field, exp=exp, rate=rate):
+            rs = [r["cpu"][field] for r in results.get((exp, mode, rate), []) if "cpu" in r]
+            return statistics.median(rs) if rs else float("nan")
+
+        label = f"{exp} {int(rate)} Hz" if rate else exp
+        base_rest = cpu("untagged", "rest_ms")
+        for mode in ("untagged", *modes):
+            if (exp, mode, rate) not in results:
+                continue
+            own = (cpu(mode, "callback_ms") + cpu(mode, "rest_ms") + cpu(mode, "tail_ms")
+                   - base_rest)
+            print(f"{label:12s} {mode:17s} RE thread {cpu(mode, 're_ms'):5.2f} "
+                  f"[{cpu(mode, 'callback_ms'):4.2f}; {cpu(mode, 're_wait_ms'):4.2f}; "
+                  f"{cpu(mode, 're_blocked_ms'):4.2f}]  rest {cpu(mode, 'rest_ms'):5.2f} | "
+                  f"{cpu(mode, 'tail_ms'):5.2f}  feeder {cpu(mode, 'feed_ms'):4.2f}"
+                  + (f"  own {own:5.2f}" if mode not in ("untagged", "untagged-corunner")
+                     else ""))
+            label = ""
 
 
 def main(argv=None) -> int:
@@ -331,6 +436,7 @@ def main(argv=None) -> int:
             for r in results[key]:
                 accounted += r["accounted"]
                 total += r["frames"]
+    _print_cpu(results, tagged_modes)
     cap = {}
     if ("capacity", "process", 0.0) in results:
         for mode in ("naive", "batched", "thread", "process"):
