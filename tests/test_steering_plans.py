@@ -34,16 +34,21 @@ def shipped_tagger():
 def beamline():
     from bluesky_xsml.sim.sample import make_beamline
 
-    bl = make_beamline(size=128)
+    bl = make_beamline(size=256)
     bl.sample_y.set(2.0).wait()
     return bl
 
 
 @pytest.fixture
-def xsml(shipped_tagger, recorder):
+def xsml(shipped_tagger, recorder, beamline):
     from bluesky_xsml.documents.callback import TaggingCallback
 
-    cb = TaggingCallback(shipped_tagger, downstream=[recorder], threads=1, max_wait=0.01)
+    # as a beamline would run it (and as `xsml demo` does): the frames at the demo's size and
+    # the beam centre given, without which the shipped model's spot and orientation tags are
+    # weaker (the model card); a powder frame at 128 px without the centre can get a
+    # borderline `ring_oriented`, which hides the oriented region's appearance from the rule
+    cb = TaggingCallback(shipped_tagger, downstream=[recorder], threads=1, max_wait=0.01,
+                         beam_center=list(beamline.sample.beam_center))
     assert cb.wait_ready(120)
     yield cb
     cb.close()
