@@ -57,11 +57,16 @@ from pathlib import Path
 import numpy as np
 
 try:  # run as a script (python experiments/novelty_joint.py) or imported from the repo root
-    from novelty_lofo import (FAMILIES, REDUCED, add_options, make_data, run_family,
-                              split_indices)
+    from novelty_lofo import FAMILIES, REDUCED, add_options, make_data, run_family, split_indices
 except ImportError:  # pragma: no cover
-    from experiments.novelty_lofo import (FAMILIES, REDUCED, add_options, make_data,
-                                          run_family, split_indices)
+    from experiments.novelty_lofo import (
+        FAMILIES,
+        REDUCED,
+        add_options,
+        make_data,
+        run_family,
+        split_indices,
+    )
 
 METHODS = ("contrastive", "recon")
 IMAGE = (0, 1, 2)  # the input channels that carry counts: log_mean, log_max, relative
@@ -118,13 +123,48 @@ def shift_frames(x, generator, max_shift: int):
                         for i in range(b)])
 
 
-def physics_view(x, generator, *, max_shift: int = 3, noise_pixels: float = 16.0):
+def detector_layout(x, generator, *, stripes: int = 3, max_border: float = 0.125):
+    """Another detector layout on the frames of ``x`` (changed in place, and returned).
+
+    Each frame gets, with probability 0.5, 1 to ``stripes`` one-pixel lines across the
+    frame (rows or columns, like the gaps between detector modules) marked invalid with
+    their counts removed, and, with probability 0.5, a band of up to ``max_border`` of the
+    side along one edge moved outside the detector (a smaller or offset detector). What
+    the frame shows elsewhere is untouched.
+    """
+    import torch
+
+    b, _, s, _ = x.shape
+    u = torch.rand(b, 6, generator=generator)
+    pos = torch.randint(0, s, (b, stripes), generator=generator)
+    for i in range(b):
+        if u[i, 0] < 0.5:
+            k = 1 + int(u[i, 1] * stripes)
+            for j in pos[i, :k].tolist():
+                rows = (slice(None), j) if u[i, 2] < 0.5 else (j, slice(None))
+                x[i, :3][(slice(None), *rows)] = 0
+                x[i, 3][rows] = 1
+        if u[i, 3] < 0.5:
+            w = 1 + int(u[i, 4] * max_border * s)
+            side = int(u[i, 5] * 4)
+            band = [(slice(0, w), slice(None)), (slice(s - w, s), slice(None)),
+                    (slice(None), slice(0, w)), (slice(None), slice(s - w, s))][side]
+            x[i, :4][(slice(None), *band)] = 0
+            x[i, 4][band] = 1
+            x[i, 5][band] = 0
+    return _relative(x)
+
+
+def physics_view(x, generator, *, max_shift: int = 3, noise_pixels: float = 16.0,
+                 layout: bool = False):
     """One augmented view of the batch ``x`` (untouched): the training recipe's horizontal
-    flip and count scale, then :func:`count_noise` and :func:`shift_frames`."""
+    flip and count scale, then :func:`count_noise`, :func:`shift_frames` and, with
+    ``layout``, :func:`detector_layout`."""
     from bluesky_xsml.training.recipe import augment
 
     v = augment(x.clone(), generator=generator)
-    return shift_frames(count_noise(v, generator, noise_pixels), generator, max_shift)
+    v = shift_frames(count_noise(v, generator, noise_pixels), generator, max_shift)
+    return detector_layout(v, generator) if layout else v
 
 
 def nt_xent(z1, z2, tau: float):
@@ -193,7 +233,7 @@ def make_decoder(features: int, side: int, mean, std):
 
 
 def joint_loss_fn(method: str, aux, *, lam: float, seed: int, tau: float = 0.2,
-                  max_shift: int = 3, noise_pixels: float = 16.0):
+                  max_shift: int = 3, noise_pixels: float = 16.0, layout: bool = False):
     """A ``loss_fn`` for :func:`novelty_lofo.train`: the tags' masked BCE plus ``lam`` x the
     auxiliary term of ``method`` computed with ``aux`` (the projection head or decoder)."""
     import torch
@@ -207,8 +247,8 @@ def joint_loss_fn(method: str, aux, *, lam: float, seed: int, tau: float = 0.2,
     def loss_fn(net, x, y):
         if method == "contrastive":
             b = x.shape[0]
-            v = torch.cat([physics_view(x, gen, max_shift=max_shift, noise_pixels=noise_pixels),
-                           physics_view(x, gen, max_shift=max_shift, noise_pixels=noise_pixels)])
+            kw = {"max_shift": max_shift, "noise_pixels": noise_pixels, "layout": layout}
+            v = torch.cat([physics_view(x, gen, **kw), physics_view(x, gen, **kw)])
             logits, pooled = net.logits_and_features(v)
             bce = masked_bce_loss(logits, torch.cat([y, y]), net.pos_weight)
             z = aux(pooled)
@@ -229,26 +269,39 @@ def recon_scores(aux):
     return scores
 
 
-def variant_name(method: str, args) -> str:
+def parse_candidate(spec: str) -> tuple[str, float, bool]:
+    """``METHOD:LAMBDA[:layout]`` -> ``(method, lam, layout)``; ``layout`` only with
+    ``contrastive`` (views on other detector layouts, :func:`detector_layout`)."""
+    parts = spec.strip().split(":")
+    if (len(parts) not in (2, 3) or parts[0] not in METHODS
+            or (len(parts) == 3 and (parts[2] != "layout" or parts[0] != "contrastive"))):
+        raise ValueError(f"bad candidate {spec!r}: METHOD:LAMBDA[:layout], METHOD of "
+                         f"{', '.join(METHODS)}; layout only with contrastive")
+    return parts[0], float(parts[1]), len(parts) == 3
+
+
+def variant_name(method: str, lam: float, layout: bool, args) -> str:
+    """The suffix of the saved network's file name (carries every setting)."""
     if method == "contrastive":
-        return (f"-joint-contrastive-l{args.lam_contrastive:g}-t{args.tau:g}"
-                f"-s{args.shift}-p{args.noise_pixels:g}")
-    return f"-joint-recon-l{args.lam_recon:g}"
+        return (f"-joint-contrastive-l{lam:g}-t{args.tau:g}-s{args.shift}"
+                f"-p{args.noise_pixels:g}" + ("-layout" if layout else ""))
+    return f"-joint-recon-l{lam:g}"
 
 
-def run(family: str, method: str, inputs, labels, controls, args) -> dict:
-    """One network: ``method`` ``"bce"`` (the plain network) or one of :data:`METHODS`."""
+def run(family: str, candidate, inputs, labels, controls, args) -> dict:
+    """One network: ``candidate`` ``None`` (the plain network) or ``(method, lam, layout)``."""
     import torch
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # the heads' initial weights; train() reseeds the network
     width = 2 * args.widths[-1]
     aux = loss_fn = extra = None
+    method, lam, layout = candidate or ("bce", 0.0, False)
     if method == "contrastive":
         aux = make_projection(width)
-        loss_fn = joint_loss_fn(method, aux, lam=args.lam_contrastive, seed=args.seed,
-                                tau=args.tau, max_shift=args.shift,
-                                noise_pixels=args.noise_pixels)
+        loss_fn = joint_loss_fn(method, aux, lam=lam, seed=args.seed, tau=args.tau,
+                                max_shift=args.shift, noise_pixels=args.noise_pixels,
+                                layout=layout)
     elif method == "recon":
         train_idx = split_indices(labels, family)["train"]
         sample = np.asarray(inputs[train_idx[:2000]], np.float32)[:, list(IMAGE)]
@@ -256,24 +309,51 @@ def run(family: str, method: str, inputs, labels, controls, args) -> dict:
         pooled = pooled.mean(axis=(3, 5))
         aux = make_decoder(width, inputs.shape[-1], pooled.mean(axis=(0, 2, 3)),
                            pooled.std(axis=(0, 2, 3)) + 1e-6)
-        loss_fn = joint_loss_fn(method, aux, lam=args.lam_recon, seed=args.seed)
+        loss_fn = joint_loss_fn(method, aux, lam=lam, seed=args.seed)
         extra = recon_scores(aux)
-    name = "" if method == "bce" else variant_name(method, args)
+    name = "" if candidate is None else variant_name(method, lam, layout, args)
     res = run_family(family, inputs, labels, args, variant=name, loss_fn=loss_fn, aux=aux,
                      extra_scores=extra, controls=controls)
-    res.update(method=method, variant=name, seconds=round(time.perf_counter() - t0, 1))
+    res.update(method=method, lam=lam, layout=layout, variant=name,
+               seconds=round(time.perf_counter() - t0, 1))
     return res
+
+
+def choose(dev: list[dict], scores: tuple[str, ...], tolerance: float) -> dict:
+    """Per method, the (network, score) with the best AUROC on the development family among
+    the networks whose trained tags' mAP is within ``tolerance`` of the plain network's."""
+    base = next(r for r in dev if r["method"] == "bce")
+    floor = base["held_in_mAP_of_trained_tags"] - tolerance
+    chosen = {}
+    for method in METHODS:
+        pairs = [(r["auroc"][k], r["variant"], k, r) for r in dev if r["method"] == method
+                 and r["held_in_mAP_of_trained_tags"] >= floor for k in scores
+                 if k in r["auroc"]]
+        if pairs:
+            best = max(pairs, key=lambda t: t[0])
+            chosen[method] = {"candidate": [best[3]["method"], best[3]["lam"],
+                                            best[3]["layout"]],
+                              "variant": best[1], "score": best[2], "dev_auroc": best[0]}
+    return chosen
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_options(p)
-    p.set_defaults(**REDUCED)
-    p.add_argument("--methods", default="contrastive,recon",
-                   help=f"comma separated, of {', '.join(METHODS)} (the plain network is "
-                        "always run, or reloaded, beside them)")
-    p.add_argument("--lam-contrastive", type=float, default=0.5)
-    p.add_argument("--lam-recon", type=float, default=1.0)
+    p.set_defaults(**REDUCED, families="halo,peaks,grazing,rings")
+    p.add_argument("--a-priori", default="contrastive:0.5,recon:1",
+                   help="candidates METHOD:LAMBDA[:layout] run on every family (fixed before "
+                        f"any run); METHOD of {', '.join(METHODS)}")
+    p.add_argument("--dev-family", default="halo",
+                   help="the family further candidates are chosen on (when in --families)")
+    p.add_argument("--dev-candidates", default="contrastive:0.1:layout,contrastive:0.5:layout,"
+                   "contrastive:0.1,recon:0.3,recon:3",
+                   help="candidates tried on the development family besides --a-priori")
+    p.add_argument("--dev-scores", default="knn,knn_distance_only,mahalanobis,recon_error+knn",
+                   help="the scores a choice on the development family may pick")
+    p.add_argument("--map-tolerance", type=float, default=0.03,
+                   help="a chosen network's trained-tag mAP may be this much below the "
+                        "plain network's on the development family")
     p.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--shift", type=int, default=3, help="largest shift of a view, input pixels")
     p.add_argument("--noise-pixels", type=float, default=16.0,
@@ -284,9 +364,12 @@ def main(argv=None) -> int:
     p.add_argument("--b-cache", default=None,
                    help="renderer B frames (novelty_recon.py's cache); used when present")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if set(methods) - set(METHODS):
-        p.error(f"unknown methods; known: {', '.join(METHODS)}")
+    try:
+        a_priori = [parse_candidate(c) for c in args.a_priori.split(",") if c.strip()]
+        dev_candidates = [parse_candidate(c) for c in args.dev_candidates.split(",")
+                          if c.strip()]
+    except ValueError as err:
+        p.error(str(err))
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if set(families) - set(FAMILIES):
         p.error(f"unknown families; known: {', '.join(FAMILIES)}")
@@ -310,24 +393,39 @@ def main(argv=None) -> int:
     if b_cache.exists():
         with np.load(b_cache, allow_pickle=False) as z:
             controls["renderer_b"] = (z["inputs"], z["labels"])
-    results = []
-    for fam in families:
-        for method in ["bce", *methods]:
-            r = run(fam, method, inputs, labels, controls, args)
+    results: list[dict] = []
+    chosen: dict = {}
+
+    def do(fam, todo, dev):
+        for c in todo:
+            r = run(fam, c, inputs, labels, controls, args)
+            r["dev"] = dev
             results.append(r)
             if args.out:  # keep what is done so far
                 Path(args.out).write_text(json.dumps({"results": results}, indent=1))
-    print("family  method       mAP    knn    dist   lownorm maha   extra+knn  "
-          "flagged  | heldout-det knn  renderer-B knn")
+
+    if args.dev_family in families:
+        do(args.dev_family, [None, *a_priori, *[c for c in dev_candidates if c not in a_priori]],
+           True)
+        scores = tuple(k.strip() for k in args.dev_scores.split(",") if k.strip())
+        chosen = choose([r for r in results if r["dev"]], scores, args.map_tolerance)
+        print(f"chosen on {args.dev_family}: {json.dumps(chosen)}", flush=True)
+    for fam in families:
+        if fam != args.dev_family:
+            more = [tuple(v["candidate"]) for v in chosen.values()]
+            do(fam, [None, *a_priori, *[c for c in more if c not in a_priori]], False)
+    print("family  network                                    mAP    knn    dist   lownorm "
+          "maha   recon+knn flagged | heldout-det knn (flagged)  renderer-B knn (flagged)")
     for r in results:
         a = r["auroc"]
-        c = r.get("control", {})
         extra = a.get("recon_error+knn", float("nan"))
-        print(f"{r['family']:7s} {r['method']:12s} {r['held_in_mAP_of_trained_tags']:.3f}  "
-              f"{a['knn']:.3f}  {a['knn_distance_only']:.3f}  {a['low_norm_only']:.3f}   "
-              f"{a['mahalanobis']:.3f}  {extra:.3f}      {r['flagged_out']:.3f}    | "
-              + "  ".join(f"{v['auroc']['knn']:.3f} ({v['flagged']:.3f})" for v in c.values()))
-    summary = {"reduced": True,
+        print(f"{r['family']:7s} {r['method'] + r['variant']:42s} "
+              f"{r['held_in_mAP_of_trained_tags']:.3f}  {a['knn']:.3f}  "
+              f"{a['knn_distance_only']:.3f}  {a['low_norm_only']:.3f}   "
+              f"{a['mahalanobis']:.3f}  {extra:.3f}     {r['flagged_out']:.3f}   | "
+              + "  ".join(f"{v['auroc']['knn']:.3f} ({v['flagged']:.3f})"
+                          for v in r.get("control", {}).values()))
+    summary = {"reduced": True, "chosen_on_dev_family": chosen,
                "options": {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in vars(args).items()},
                "results": results}
