@@ -47,14 +47,17 @@ def _ints(text):
     return tuple(int(v) for v in str(text).split(",") if v.strip())
 
 
-def make_data(n: int, size: int, input_size: int, seed: int, cache: Path):
+def make_data(n: int, size: int, input_size: int, seed: int, cache: Path,
+              detectors: str = "train"):
+    """``n`` generator frames (``detectors`` as :class:`SceneGenerator` takes them),
+    preprocessed to ``input_size``; cached in ``cache`` (reloaded when it exists)."""
     from bluesky_xsml.preprocess import PreprocessConfig, preprocess_batch
     from bluesky_xsml.sim.generator import SceneGenerator
 
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             return z["inputs"], z["labels"]
-    gen = SceneGenerator(seed=seed, size=size, detectors="train")
+    gen = SceneGenerator(seed=seed, size=size, detectors=detectors)
     cfg = PreprocessConfig(size=input_size)
     xs, ys = [], []
     t0 = time.perf_counter()
@@ -85,11 +88,13 @@ def split_indices(labels: np.ndarray, family: str) -> dict[str, np.ndarray]:
             "train": idx_in[2 * n_test:], "test_out": idx_out[:600]}
 
 
-def train(inputs, labels, args, seed: int, loss_fn=None):
+def train(inputs, labels, args, seed: int, loss_fn=None, aux=None):
     """Train a :class:`TaggerNet` on cached inputs with the training recipe's pieces.
 
     ``loss_fn(net, x, y)``, when given, returns the loss of one augmented batch in place
     of the network's own masked BCE (``experiments/novelty_outliers.py`` adds a term).
+    ``aux``, an ``nn.Module`` the loss uses beside the network (an auxiliary head,
+    ``experiments/novelty_joint.py``), is trained by the same optimizer.
     """
     import torch
 
@@ -102,12 +107,15 @@ def train(inputs, labels, args, seed: int, loss_fn=None):
     net = TaggerNet(config)
     known = np.where(np.isfinite(labels), labels, 0.0)
     net.pos_weight.copy_(torch.from_numpy(pos_weights(known)))
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
+    params = list(net.parameters()) + ([] if aux is None else list(aux.parameters()))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     loader = BatchLoader(inputs, labels, args.batch_size, seed=seed, augment_fn=augment)
     total = args.epochs * len(loader)
     step = 0
     for epoch in range(args.epochs):
         net.train()
+        if aux is not None:
+            aux.train()
         t0, run = time.perf_counter(), 0.0
         for x, y in loader.epoch(epoch):
             for g in opt.param_groups:
@@ -120,16 +128,21 @@ def train(inputs, labels, args, seed: int, loss_fn=None):
             step += 1
         print(f"  epoch {epoch + 1}/{args.epochs} loss {run / max(len(loader), 1):.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if aux is not None:
+        aux.eval()
     return net.eval()
 
 
-def load_or_train(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None):
+def load_or_train(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None,
+                  aux=None):
     """Train a tagger network without ``family``, or reload the one saved in ``args.models``.
 
     Training is deterministic for given data and options (one thread), so a saved network
     is the one this run would train; ``experiments/novelty_layers.py`` saves to the same
-    names. ``variant`` (appended to the file name) and ``loss_fn`` (see :func:`train`) are
-    for networks trained differently (``experiments/novelty_outliers.py``).
+    names. ``variant`` (appended to the file name), ``loss_fn`` and ``aux`` (see
+    :func:`train`) are for networks trained differently (``experiments/novelty_outliers.py``,
+    ``experiments/novelty_joint.py``); ``aux``'s weights are saved and reloaded with the
+    network's.
     """
     import torch
 
@@ -144,19 +157,40 @@ def load_or_train(family: str, inputs, labels, args, *, variant: str = "", loss_
             saved = torch.load(path, weights_only=True)
             net = TaggerNet(TaggerNetConfig.from_dict(saved["config"]))
             net.load_state_dict(saved["state"])
+            if aux is not None:
+                aux.load_state_dict(saved["aux"])
+                aux.eval()
             print(f"{family}: reloaded {path}", flush=True)
             return net.eval()
-    net = train(inputs, labels, args, seed=args.seed, loss_fn=loss_fn)
+    net = train(inputs, labels, args, seed=args.seed, loss_fn=loss_fn, aux=aux)
     if path is not None:
-        torch.save({"config": net.config.to_dict(), "state": net.state_dict()}, path)
+        saved = {"config": net.config.to_dict(), "state": net.state_dict()}
+        if aux is not None:
+            saved["aux"] = aux.state_dict()
+        torch.save(saved, path)
     return net
 
 
-def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None) -> dict:
+def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=None,
+               aux=None, extra_scores=None, controls=None) -> dict:
     """Train (or reload) without ``family``, fit the statistics, report AUROCs and mAP.
 
-    ``variant`` and ``loss_fn`` go to :func:`load_or_train`.
+    ``variant``, ``loss_fn`` and ``aux`` go to :func:`load_or_train`. Two hooks for
+    ``experiments/novelty_joint.py``, both optional:
+
+    * ``extra_scores(net, x)``: per-frame scores of an eager batch ``x`` (float32 tensor),
+      a dict of name to array, higher meaning more novel. Each is reported as
+      ``auroc[name]`` and, added to the shipped score after standardising on the
+      validation frames (``(s - median) / sd``, the shipped score's own units), as
+      ``auroc[name + "+knn"]``.
+    * ``controls``: a dict of name to ``(inputs, labels)``, frames rendered differently
+      (other detectors, another renderer). Those without the family's tags are scored
+      against the held-out frames without it: ``control[name]`` has their number, every
+      score's AUROC and the share flagged novel (``knn``'s threshold). It should stay
+      near 0.5 and 1%.
     """
+    import torch
+
     from bluesky_xsml import Tagger
     from bluesky_xsml.novelty import NoveltyModel, auroc, energy_novelty
     from bluesky_xsml.preprocess import PreprocessConfig
@@ -172,29 +206,47 @@ def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=
     print(f"{family}: training on {len(train_in)} frames without {FAMILIES[family]}; "
           f"{len(test_in)} held-out frames without, {len(test_out)} with", flush=True)
     t0 = time.perf_counter()
-    net = load_or_train(family, inputs[train_in], y, args, variant=variant, loss_fn=loss_fn)
+    net = load_or_train(family, inputs[train_in], y, args, variant=variant, loss_fn=loss_fn,
+                        aux=aux)
     train_s = time.perf_counter() - t0
     tagger = Tagger(net, TAG_NAMES, preprocess=PreprocessConfig(size=inputs.shape[-1]),
                     precision="fp32")
 
-    def analyse(idx):
-        probs, feats = [], []
+    def analyse(data, idx):
+        probs, feats, extra = [], [], []
         for a in range(0, len(idx), 128):
-            out = tagger.analyse_inputs(np.asarray(inputs[idx[a:a + 128]], np.float32),
-                                        keep_features=True)
+            x = np.asarray(data[idx[a:a + 128]], np.float32)
+            out = tagger.analyse_inputs(x, keep_features=True)
             probs.append(out.probs)
             feats.append(out.features)
-        return np.concatenate(probs), np.concatenate(feats)
+            if extra_scores is not None:
+                with torch.no_grad():
+                    extra.append(extra_scores(net, torch.from_numpy(x)))
+        more = {k: np.concatenate([e[k] for e in extra]) for k in (extra[0] if extra else {})}
+        return np.concatenate(probs), np.concatenate(feats), more
 
-    _, f_train = analyse(train_in)
-    _, f_val = analyse(val_in)
-    p_in, f_in = analyse(test_in)
-    p_out, f_out = analyse(test_out)
+    _, f_train, _ = analyse(inputs, train_in)
+    _, f_val, e_val = analyse(inputs, val_in)
+    p_in, f_in, e_in = analyse(inputs, test_in)
+    p_out, f_out, e_out = analyse(inputs, test_out)
     model = NoveltyModel.fit(f_train, f_val, embedding_dim=64, fpr=0.01)  # the shipped score
     maha = NoveltyModel.fit(f_train, f_val, embedding_dim=64, fpr=0.01, score="mahalanobis")
     seen = [i for i in range(len(TAG_NAMES)) if i not in cols]
     metrics = evaluate_scores(labels[test_in][:, seen], p_in[:, seen],
                               [TAG_NAMES[i] for i in seen])
+    units = {k: (float(np.median(v)), float(np.std(v)) or 1.0) for k, v in e_val.items()}
+
+    def scores(p, f, e):
+        out = {"knn": model.score(f), "knn_distance_only": model.knn_distance(f),
+               "low_norm_only": -np.log(np.linalg.norm(f, axis=1)),
+               "mahalanobis": maha.score(f), "pca_residual": model.residual(f),
+               "energy": energy_novelty(p[:, seen])}
+        for k, v in e.items():
+            out[k] = v
+            out[f"{k}+knn"] = out["knn"] + (v - units[k][0]) / units[k][1]
+        return out
+
+    s_in, s_out = scores(p_in, f_in, e_in), scores(p_out, f_out, e_out)
     result = {"family": family, "tags": list(FAMILIES[family]), "n_train": int(len(train_in)),
               "n_in": int(len(test_in)), "n_out": int(len(test_out)),
               "train_seconds": round(train_s, 1),
@@ -204,16 +256,15 @@ def run_family(family: str, inputs, labels, args, *, variant: str = "", loss_fn=
               "flagged_out": round(float(model.is_novel(model.score(f_out)).mean()), 4),
               "flagged_out_mahalanobis": round(float(maha.is_novel(maha.score(f_out)).mean()),
                                                4),
-              "auroc": {
-                  "knn": round(auroc(model.score(f_in), model.score(f_out)), 4),
-                  "knn_distance_only": round(auroc(model.knn_distance(f_in),
-                                                   model.knn_distance(f_out)), 4),
-                  "low_norm_only": round(auroc(-np.log(np.linalg.norm(f_in, axis=1)),
-                                               -np.log(np.linalg.norm(f_out, axis=1))), 4),
-                  "mahalanobis": round(auroc(maha.score(f_in), maha.score(f_out)), 4),
-                  "pca_residual": round(auroc(model.residual(f_in), model.residual(f_out)), 4),
-                  "energy": round(auroc(energy_novelty(p_in[:, seen]),
-                                        energy_novelty(p_out[:, seen])), 4)}}
+              "auroc": {k: round(auroc(s_in[k], s_out[k]), 4) for k in s_in}}
+    for name, (c_inputs, c_labels) in (controls or {}).items():
+        idx = np.flatnonzero(~(c_labels[:, cols] > 0.5).any(axis=1))
+        p_c, f_c, e_c = analyse(c_inputs, idx)
+        s_c = scores(p_c, f_c, e_c)
+        result.setdefault("control", {})[name] = {
+            "n": int(len(idx)),
+            "flagged": round(float(model.is_novel(model.score(f_c)).mean()), 4),
+            "auroc": {k: round(auroc(s_in[k], s_c[k]), 4) for k in s_in}}
     print(json.dumps(result), flush=True)
     return result
 
