@@ -8,6 +8,7 @@ change to the package that breaks one fails here. experiments/README.md lists th
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,46 @@ def test_script_starts(script):
 def test_the_shell_experiment_is_valid_bash():
     for script in EXPERIMENTS.glob("*.sh"):
         subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
+def _xsml_commands(script: Path, out: str) -> list[list[str]]:
+    """The argument lists of the ``xsml`` commands of a shell script, ``$OUT`` filled in."""
+    text = script.read_text().replace("\\\n", " ")
+    return [shlex.split(line.replace('"$OUT"', out))[1:]
+            for line in text.splitlines() if line.startswith("xsml ")]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXPERIMENTS.glob("*.sh")))
+def test_shell_experiment_commands_parse(script, tmp_path):
+    """Each ``xsml`` command's options parse, and each data source that is a spec parses."""
+    from bluesky_xsml.cli import build_parser
+    from bluesky_xsml.training.data import parse_spec
+
+    commands = _xsml_commands(EXPERIMENTS / script, str(tmp_path))
+    assert commands
+    for argv in commands:
+        args = build_parser(argv[:1]).parse_args(argv)  # SystemExit(2) on a bad option
+        for source in (getattr(args, "data", None), getattr(args, "val_data", None)):
+            for part in (source or "").split("|"):
+                if part.startswith(("synth:", "renderb:")):
+                    assert parse_spec(part) is not None, part
+
+
+def test_loro_reduced_renders_renderer_b_into_the_cache_not_into_stores(tmp_path):
+    """Renderer B's 10,000 frames come from renderb: sources; no zarr store is written."""
+    from bluesky_xsml.cli import build_parser
+    from bluesky_xsml.training.data import RenderBSpec, parse_spec
+
+    script = EXPERIMENTS / "loro_reduced.sh"
+    code = "\n".join(line for line in script.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    assert ".zarr" not in code and "render_b" not in code
+    renderb = {}
+    for argv in _xsml_commands(script, str(tmp_path)):
+        args = build_parser(argv[:1]).parse_args(argv)
+        assert args.workers == 2
+        for source in (args.data, getattr(args, "val_data", None) or ""):
+            spec = parse_spec(source)
+            if isinstance(spec, RenderBSpec):
+                renderb[spec.seed] = spec.n
+    assert renderb == {0: 8000, 1: 1000, 100: 1000}

@@ -109,6 +109,32 @@ def test_bad_validation_frames_are_refused_like_training_frames(val, message):
     assert steps == []
 
 
+@pytest.mark.parametrize("replay, message", [
+    (lambda rx, ry: (rx, np.full_like(ry, 0.5)),
+     r"replay_labels must be 0, 1 or NaN \(unknown\); got \[0.5\]"),
+    (lambda rx, ry: (rx, np.where(np.isnan(ry), np.nan, 2.0 * ry)),
+     r"replay_labels must be 0, 1 or NaN \(unknown\); got \[2.0\]"),
+    (lambda rx, ry: (rx, ry[:3]),
+     r"replay_labels must be \(N=4, 23\) .*one row per frame of replay_inputs\); got \(3, 23\)"),
+    (lambda rx, ry: (rx, ry[:, :5]), r"replay_labels must be \(N=4, 23\) .*got \(4, 5\)"),
+    (lambda rx, ry: (rx[:, :, :64, :64], ry),
+     r"replay_inputs must be preprocessed \(N, 6, 128, 128\); got \(4, 6, 64, 64\)"),
+    (lambda rx, ry: (rx, None), "replay_inputs was given without replay_labels; pass both"),
+    (lambda rx, ry: (None, ry), "replay_labels was given without replay_inputs; pass both"),
+], ids=["half", "two", "fewer-rows", "fewer-tags", "not-preprocessed", "no-labels", "no-inputs"])
+def test_bad_replay_frames_are_refused_like_training_frames(replay, message):
+    tagger = tiny()
+    x, y = toy(4, 0)
+    vx, vy = toy(4, 1)
+    rx, ry = replay(*toy(4, 2))
+    steps = []  # nothing trains before the refusal
+    with pytest.raises(ValueError, match=message):
+        finetune(tagger, x, y, val_inputs=vx, val_labels=vy, replay_inputs=rx, replay_labels=ry,
+                 synthetic=None, synthetic_val=None, steps=2, batch_size=2,
+                 on_step=lambda step, loss: steps.append(step))
+    assert steps == []
+
+
 def test_grow_head_keeps_old_outputs_and_learns_a_new_tag():
     tagger = tiny()
     x, y = toy(32, 0)

@@ -390,3 +390,57 @@ def test_pinned_frame_lists_frames_like_it(browser, tmp_path):
         page.close()
         service.stop()
         xsml.close()
+
+
+def test_a_frame_without_a_thumbnail_says_why(browser, tmp_path):
+    """A frame whose thumbnail is gone shows the thumbnail route's reason (its 404 detail),
+    on its card (the title) and in the current view when pinned."""
+    from bluesky_xsml.api.settings import ServiceSettings
+
+    tagger = Tagger.untrained(seed=4, config=TINY)
+    xsml = TaggingCallback(tagger, threads=1, max_wait=0.01)
+    RE = RunEngine({}, call_returns_result=False)
+    RE.subscribe(xsml)
+    service = serve(xsml, port=0, announce=False, settings=ServiceSettings(thumbnails=3))
+    RE(count([make_image_detector(shape=(64, 80), seed=2)], 6))
+    assert xsml.flush(60)
+    reason = service.app.state.service.no_thumbnail_reason()
+    assert reason == "only the last 3 tagged frames have one"
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = _watch(page)
+    try:
+        page.goto(service.page_url)
+        page.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        cards = page.locator("#frames .frame-card")
+        assert cards.count() == 6
+        # the newest three have pictures; the older three say why they have none
+        page.wait_for_function("() => document.querySelectorAll("
+                               "'#frames .frame-card .thumb[title]').length === 3",
+                               timeout=20_000)
+        for i in range(6):
+            thumb = cards.nth(i).locator(".thumb")
+            if i < 3:
+                assert thumb.locator("img").count() == 1, i
+                assert thumb.get_attribute("title") is None, i
+            else:
+                assert thumb.inner_text() == "no preview", i
+                assert thumb.get_attribute("title") == f"no preview: {reason}", i
+        # pinned, the current view says it in words
+        cards.nth(4).click()
+        page.wait_for_function("() => document.querySelector('#current-note').textContent"
+                               ".startsWith('no preview kept')", timeout=20_000)
+        assert page.inner_text("#current-note") == f"no preview kept for this frame: {reason}"
+        detail = page.get_attribute("#current-view", "title")
+        assert detail.startswith("no thumbnail for frame 0 of event") and detail.endswith(reason)
+        # back to live: the newest frame's picture, and no reason left over
+        page.click("#current-live")
+        page.wait_for_selector("#current-img:not([hidden])", timeout=20_000)
+        assert page.inner_text("#current-note") == ""
+        assert page.get_attribute("#current-view", "title") in (None, "")
+        # the only errors are the missing thumbnails' 404s
+        assert errors and all(e.startswith("404 ") and "/thumbnail.png" in e for e in errors), \
+            errors
+    finally:
+        page.close()
+        service.stop()
+        xsml.close()

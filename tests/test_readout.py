@@ -290,6 +290,36 @@ def test_the_readout_crosses_into_the_tagging_process(RE, recorder, model):
     assert forgotten == [d["uid"] for d in recorder.of("start")]
 
 
+def test_the_runengine_side_converts_a_runs_readout_once_not_per_frame(RE, recorder, model,
+                                                                        monkeypatch):
+    """In process isolation each frame's readout crosses the pipe as plain types; this
+    process makes them once per run and image key (a spy on ``Readout.to_dict`` here; the
+    spawned child imports its own), and drops them at the run's stop."""
+    from bluesky_xsml import TaggingCallback
+    from bluesky_xsml.inference.process import ProcessOptions
+
+    calls = []
+    to_dict = Readout.to_dict
+
+    def counting(self):
+        calls.append(self)
+        return to_dict(self)
+
+    monkeypatch.setattr(Readout, "to_dict", counting)
+    frames = [ccd_frame(i) for i in range(5)]
+    xsml = TaggingCallback(model, downstream=[recorder], readout=MASKED, isolation="process",
+                           process_options=ProcessOptions(priority="normal", threads=1))
+    try:
+        got, shown = _runs(RE, xsml, recorder, [{"xsml_readout": {"ccd": CCD}}, {}], frames)
+        cache = getattr(xsml.worker, "_readouts", None)  # the converted readouts
+    finally:
+        xsml.close()
+    np.testing.assert_allclose(got[0], model.predict(shown[0], readout=CCD), atol=1e-4)
+    np.testing.assert_allclose(got[1], model.predict(shown[1], readout=MASKED), atol=1e-4)
+    assert calls == [Readout(**CCD), Readout.from_metadata(MASKED)]  # one per run, not 10
+    assert cache is not None and not cache.runs  # both dropped at their stops
+
+
 def test_the_tagging_process_checks_a_runs_readout_once_not_per_frame(model, monkeypatch):
     """The tagging process's loop (``inference.child._Child``, run here in a thread on a
     real pipe, as the spawned process runs it) parses a run's readout, which crosses with

@@ -392,7 +392,8 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
         per frame) and given together; by default ``config.val_fraction`` of
         the given frames are held out (not trained on).
     replay_inputs, replay_labels : array_like, optional
-        Older labeled frames to mix in (labels in the same ``tags`` order).
+        Older labeled frames to mix in (labels in the same ``tags`` order),
+        checked like ``inputs`` and ``labels`` and given together.
     original_before : float, optional
         The parent's original-domain mAP on ``synthetic_val`` if already known.
     should_stop : callable, optional
@@ -410,9 +411,9 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
     ConfigurationError
         A setting out of range.
     ValueError
-        Inputs or labels (training or validation) of the wrong shape or
-        values, or only one of ``val_inputs`` and ``val_labels``; raised
-        before any training.
+        Inputs or labels (training, validation or replay) of the wrong shape
+        or values, or only one of ``val_inputs`` and ``val_labels`` (or of
+        ``replay_inputs`` and ``replay_labels``); raised before any training.
 
     Returns
     -------
@@ -430,17 +431,25 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
         cfg.seed, cfg.freeze, cfg.distill)
     t0 = time.perf_counter()
     names = tuple(tags) if tags is not None else tagger.tags
-    if (val_inputs is None) != (val_labels is None):
-        given, missing = (("val_inputs", "val_labels") if val_labels is None
-                          else ("val_labels", "val_inputs"))
-        raise ValueError(f"{given} was given without {missing}; pass both (held-out frames and "
-                         "their labels) or neither (config.val_fraction is held out)")
+    for pair, (a, b), neither in (
+            (("val_inputs", "val_labels"), (val_inputs, val_labels),
+             "neither (config.val_fraction is held out)"),
+            (("replay_inputs", "replay_labels"), (replay_inputs, replay_labels),
+             "neither (no replay)")):
+        if (a is None) != (b is None):
+            given, missing = pair if b is None else pair[::-1]
+            raise ValueError(f"{given} was given without {missing}; pass both (frames and "
+                             f"their labels) or {neither}")
     x_all, y_all = _checked_labeled(tagger, inputs, labels, names, what=("inputs", "labels"))
     if len(x_all) == 0:
         raise ValueError("need at least one labeled frame to fine-tune on")
-    if val_inputs is not None:  # refused before any work, like the training frames
+    # refused before any work, like the training frames
+    if val_inputs is not None:
         x_val, y_val = _checked_labeled(tagger, val_inputs, val_labels, names,
                                         what=("val_inputs", "val_labels"))
+    if replay_inputs is not None and len(replay_inputs):
+        replay_inputs, replay_labels = _checked_labeled(
+            tagger, replay_inputs, replay_labels, names, what=("replay_inputs", "replay_labels"))
 
     new_tags = [t for t in dict.fromkeys(names) if t not in tagger.tags]
     base = grow_head(tagger, new_tags) if new_tags else tagger
@@ -458,7 +467,7 @@ def finetune(tagger, inputs, labels, *, config: FineTuneConfig | None = None,
     pools: list[tuple[Any, np.ndarray, bool]] = []
     n_replay = 0
     if replay_inputs is not None and len(replay_inputs):
-        ry = _remap(np.asarray(replay_labels, np.float32), names, out_tags, absent_negative=False)
+        ry = _remap(replay_labels, names, out_tags, absent_negative=False)
         pools.append((replay_inputs, ry, False))
         n_replay = len(replay_inputs)
     syn = load_synthetic(synthetic, tagger.preprocess_config)

@@ -408,15 +408,30 @@ function thumbUrl(f) {
 }
 
 // An image is put on the page only once it has loaded; until then a grey
-// placeholder (never black: black is what a beam-off frame looks like).
+// placeholder (never black: black is what a beam-off frame looks like). When
+// there is none, the error says why: the thumbnail route's 404 detail.
 function loadImage(url, alt) {
   return new Promise((resolve, reject) => {
     const img = new Image();
     img.alt = alt;
     img.onload = () => resolve(img);
-    img.onerror = () => reject(new Error("no preview"));
+    img.onerror = () => noPreviewDetail(url).then((detail) => reject(new Error(detail)));
     img.src = url;
   });
+}
+
+// The service's reason for a missing thumbnail (an <img> cannot read a 404's
+// body, so the route is asked again); "" when it gives none.
+function noPreviewDetail(url) {
+  return fetch(url).then((r) => (r.ok ? "" : r.json().then((j) => String(j.detail || ""))))
+    .catch(() => "");
+}
+
+// The reason alone, without the frame's address that starts the detail
+// ("no thumbnail for frame 0 of event 3 (...) of run '...': <reason>").
+function noPreviewReason(f, detail) {
+  const at = detail.indexOf(": ", detail.indexOf(f.run_uid));
+  return at >= 0 ? detail.slice(at + 2) : detail;
 }
 
 function drawCards() {
@@ -438,7 +453,10 @@ function drawCards() {
         loadImage(thumbUrl(f), frameTitle(f)).then((img) => {
           thumb.replaceChildren(img);
           thumb.classList.remove("placeholder");
-        }).catch(() => { thumb.firstChild.textContent = "no preview"; });
+        }).catch((err) => {
+          thumb.firstChild.textContent = "no preview";
+          thumb.title = err.message ? `no preview: ${noPreviewReason(f, err.message)}` : "";
+        });
       }
       const run = runOf(f.run_uid);
       const head = el("div", "meta");
@@ -464,10 +482,10 @@ function showCurrent(f) {
   loadImage(thumbUrl(f), frameTitle(f)).then((img) => {
     const newer = state.pinned ? f === state.pinned : f.id >= state.shownId;
     if (newer) drawCurrent(f, img);
-  }).catch(() => { if (state.wantedId === f.id) drawCurrent(f, null); });
+  }).catch((err) => { if (state.wantedId === f.id) drawCurrent(f, null, err.message); });
 }
 
-function drawCurrent(f, img) {
+function drawCurrent(f, img, detail = "") {
   state.shownId = f.id;
   const view = $("#current-view");
   const old = $("#current-img");
@@ -477,11 +495,14 @@ function drawCurrent(f, img) {
     old.replaceWith(img);
     view.classList.remove("placeholder");
     $("#current-note").textContent = "";
+    view.title = "";
   } else {
     old.hidden = true;
     view.classList.add("placeholder");
-    $("#current-note").textContent = f.probs ? "no preview kept for this frame"
+    const why = detail ? `: ${noPreviewReason(f, detail)}` : "";
+    $("#current-note").textContent = f.probs ? `no preview kept for this frame${why}`
       : `not tagged: ${f.skip_reason || "skipped"}`;
+    view.title = f.probs ? detail : "";
   }
   view.dataset.frameId = String(f.id);
   state.shown = f;
