@@ -83,7 +83,7 @@ def test_renderb_shift_labels_one_seed_and_tests_on_another(bench, tmp_path):
     assert x.shape == (3, *xt.shape[1:]) and len(xt) == 2
     assert y.shape == (3, len(TAG_NAMES)) and yt.shape == (2, len(TAG_NAMES))
     # the pool is frames 0-2 of seed 1, with renderer B's own labels
-    frame, labels, _ = render_scene(1, 2)
+    _, labels, _ = render_scene(1, 2)
     np.testing.assert_array_equal(np.nan_to_num(y[2], nan=-1), np.nan_to_num(labels, nan=-1))
     np.testing.assert_array_equal(raw[0], render_scene(1, 0)[0])
     assert not np.array_equal(x[:2], xt)
