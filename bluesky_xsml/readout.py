@@ -42,9 +42,11 @@ it) and the document side (which reads it from start documents).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -354,3 +356,53 @@ def as_readouts(readout: Any, n: int) -> list[Readout | None] | None:
     out = [None if r is None else Readout.from_metadata(r, f"readout[{i}]")
            for i, r in enumerate(items)]
     return None if all(r is None for r in out) else out
+
+
+class RunReadoutCache:
+    """Each run's readouts, converted once per run and image key instead of once per frame.
+
+    The RunEngine's process turns a :class:`Readout` into the plain dict that crosses the
+    pipe (``convert=Readout.to_dict``), the tagging process checks that dict back into a
+    :class:`Readout` (:func:`Readout.from_metadata`); both keep the result here. A value that
+    is not the cached one (never expected within a run) is converted again; a value whose
+    conversion raises is not cached and raises every time. A run is dropped by
+    :meth:`forget` (its stop went out); at most ``max_runs`` are kept, the least recently
+    used going first, so the late frames of a run forgotten early cannot make it grow.
+    Cached results are shared by the run's frames and must not be changed. Thread-safe.
+
+    Parameters
+    ----------
+    convert : callable
+        ``value -> converted``.
+    max_runs : int
+        Runs kept at most.
+    """
+
+    def __init__(self, convert: Callable[[Any], Any], max_runs: int = 64) -> None:
+        self.convert = convert
+        self.max_runs = int(max_runs)
+        self.runs: collections.OrderedDict[str, dict[str, tuple[Any, Any]]] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_uid: str, key: str, value: Any) -> Any:
+        """``convert(value)``, from the cache when the run's ``key`` had ``value`` before."""
+        with self._lock:
+            run = self.runs.get(run_uid)
+            if run is not None:
+                self.runs.move_to_end(run_uid)
+                hit = run.get(key)
+                if hit is not None and (hit[0] is value or hit[0] == value):
+                    return hit[1]
+            converted = self.convert(value)
+            if run is None:
+                run = self.runs[run_uid] = {}
+                while len(self.runs) > self.max_runs:
+                    self.runs.popitem(last=False)
+            run[key] = (value, converted)
+            return converted
+
+    def forget(self, run_uid: str) -> None:
+        """Drop the run's readouts (its stop went out)."""
+        with self._lock:
+            self.runs.pop(run_uid, None)

@@ -501,3 +501,32 @@ def test_the_service_reports_the_readout_each_run_is_tagged_with(RE):
     assert runs[1]["readout"] == {"*": Readout(**MASKED).to_dict()}
     assert runs[2]["readout"] == {} and "gain must be > 0" in runs[2]["readout_error"]
     assert all(r["tagged"] == 1 for r in runs)
+
+
+def test_run_readout_cache_converts_once_per_run_and_key_and_stays_bounded():
+    from bluesky_xsml.readout import RunReadoutCache
+
+    calls = []
+
+    def convert(value):
+        calls.append(value)
+        if value == "bad":
+            raise ConfigurationError("bad readout")
+        return {"v": value}
+
+    cache = RunReadoutCache(convert, max_runs=2)
+    first = cache.get("run-a", "img", "x")
+    assert cache.get("run-a", "img", "x") is first and calls == ["x"]
+    assert cache.get("run-a", "img", "y") == {"v": "y"} and calls == ["x", "y"]  # changed value
+    cache.get("run-a", "other", "y")
+    assert len(calls) == 3                                   # another image key
+    for _ in range(2):                                       # a failure is never cached
+        with pytest.raises(ConfigurationError):
+            cache.get("run-a", "img", "bad")
+    assert calls.count("bad") == 2
+    cache.get("run-b", "img", "x")
+    cache.get("run-c", "img", "x")                           # run-a, least recently used, goes
+    assert list(cache.runs) == ["run-b", "run-c"]
+    cache.forget("run-b")
+    cache.forget("never-seen")
+    assert list(cache.runs) == ["run-c"]

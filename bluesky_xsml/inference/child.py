@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..frame_cache import FrameCache
 from ..label_rows import parse_tag_labels
-from ..readout import Readout
+from ..readout import Readout, RunReadoutCache
 from .worker import FrameJob, InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,17 @@ log = logging.getLogger(__name__)
 MAX_OPEN_RUNS = 8
 #: Runs whose parsed readouts the child keeps (a run's are dropped at its stop anyway).
 MAX_READOUT_RUNS = 64
+
+
+def _checked_readout(plain: Any) -> Readout:
+    """The :class:`~bluesky_xsml.readout.Readout` of ``plain`` (a ``to_dict()``).
+
+    Raises
+    ------
+    ConfigurationError
+        If ``plain`` is not a valid readout.
+    """
+    return Readout.from_metadata(plain, "readout")
 
 
 def set_priority(priority: str | int | None) -> str:
@@ -212,47 +223,6 @@ class _ExternalReaders:
             _forget(ext)
 
 
-class _RunReadouts:
-    """Each run's readouts, checked once: a frame's readout crosses the pipe as plain
-    types with every job, and re-checking it per frame would be the same work each time.
-
-    Keyed by run uid and image key; a job whose plain readout differs from the cached
-    one (never expected within a run) is parsed again. A value that fails the check is
-    not cached: it raises every time. Used from the receiver thread only (no lock).
-    """
-
-    def __init__(self, max_runs: int = MAX_READOUT_RUNS) -> None:
-        self.max_runs = int(max_runs)
-        self.runs: collections.OrderedDict[str, dict[str, tuple[Any, Readout]]] = \
-            collections.OrderedDict()
-
-    def get(self, run_uid: str, key: str, plain: Any) -> Readout:
-        """The :class:`~bluesky_xsml.readout.Readout` of ``plain`` (a ``to_dict()``).
-
-        Raises
-        ------
-        ConfigurationError
-            If ``plain`` is not a valid readout.
-        """
-        run = self.runs.get(run_uid)
-        if run is not None:
-            self.runs.move_to_end(run_uid)
-            hit = run.get(key)
-            if hit is not None and hit[0] == plain:
-                return hit[1]
-        readout = Readout.from_metadata(plain, "readout")
-        if run is None:
-            run = self.runs[run_uid] = {}
-            while len(self.runs) > self.max_runs:
-                self.runs.popitem(last=False)
-        run[key] = (plain, readout)
-        return readout
-
-    def forget(self, run_uid: str) -> None:
-        """Drop the run's readouts (its stop went out)."""
-        self.runs.pop(run_uid, None)
-
-
 def _forget(ext) -> None:
     try:
         ext.forget()
@@ -346,7 +316,8 @@ class _Child:
         #: The label cache: each tagged frame's input stays here; the parent keeps its key.
         self.cache = FrameCache(int(spec.get("label_cache_size", 0)))
         self.readers = _ExternalReaders(spec.get("external_options") or {}, make_reader)
-        self.readouts = _RunReadouts()
+        # each run's readout checked once, not per frame
+        self.readouts = RunReadoutCache(_checked_readout, MAX_READOUT_RUNS)
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
         self.finetuner = None

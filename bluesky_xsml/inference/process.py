@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ..readout import Readout, RunReadoutCache
 from ..results import FrameResult
 from .child_process import ChildProcess, SharedRing
 from .remote import RemoteDevice, RemoteFineTuner, RemoteRegistry, RemoteTagger
@@ -66,48 +67,6 @@ __all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteFineTuner", "Remot
 log = logging.getLogger(__name__)
 
 MAX_PLAIN_READOUT_RUNS = 64  # runs whose plain readouts are kept (as the child keeps them)
-
-
-class _PlainReadouts:
-    """Each run's readouts as the plain dicts that cross the pipe, made once per run and
-    image key instead of once per frame (the child keeps the parsed ones the same way).
-
-    Keyed by run uid and image key; a job whose readout is not the cached one (never
-    expected within a run) is converted again. A run is dropped when it is forgotten
-    (its stop went out); at most ``max_runs`` are kept, the least recently used going
-    first, so the late frames of a run forgotten early cannot make it grow. The dicts
-    are shared by the run's messages and must not be changed. Thread-safe.
-    """
-
-    def __init__(self, max_runs: int = MAX_PLAIN_READOUT_RUNS) -> None:
-        self.max_runs = int(max_runs)
-        self.runs: collections.OrderedDict[str, dict[str, tuple[Any, dict]]] = \
-            collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, run_uid: str, key: str, readout: Any) -> dict | None:
-        """``readout.to_dict()``, from the cache when the run's ``key`` had it before."""
-        if readout is None:
-            return None
-        with self._lock:
-            run = self.runs.get(run_uid)
-            if run is not None:
-                self.runs.move_to_end(run_uid)
-                hit = run.get(key)
-                if hit is not None and (hit[0] is readout or hit[0] == readout):
-                    return hit[1]
-            plain = readout.to_dict()
-            if run is None:
-                run = self.runs[run_uid] = {}
-                while len(self.runs) > self.max_runs:
-                    self.runs.popitem(last=False)
-            run[key] = (readout, plain)
-            return plain
-
-    def forget(self, run_uid: str) -> None:
-        """Drop the run's readouts (its stop went out)."""
-        with self._lock:
-            self.runs.pop(run_uid, None)
 
 
 @dataclass(frozen=True)
@@ -234,7 +193,8 @@ class ProcessInferenceWorker(QueuedIntake):
         self.on_inputs = on_inputs
         self.label_cache_size = int(label_cache_size)
         self._want_inputs = False  # inputs cross only while someone here listens
-        self._readouts = _PlainReadouts()  # each run's readout converted once, not per frame
+        # each run's readout converted to its plain form once, not per frame
+        self._readouts = RunReadoutCache(Readout.to_dict, MAX_PLAIN_READOUT_RUNS)
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.max_pending_bytes = int(max_pending_bytes)
@@ -412,7 +372,8 @@ class ProcessInferenceWorker(QueuedIntake):
                "seq_num": job.seq_num, "event_uid": job.event_uid, "key": job.key,
                "skip_reason": job.skip_reason, "t_in": job.t_in,
                "beam_center": job.beam_center, "kind": "none",
-               "readout": self._readouts.get(job.run_uid, job.key, job.readout)}
+               "readout": None if job.readout is None else
+               self._readouts.get(job.run_uid, job.key, job.readout)}
         ref = getattr(job, "ref", None)
         if job.source is None:
             return msg
