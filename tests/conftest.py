@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import event_model
 import numpy as np
@@ -51,6 +53,15 @@ class DocumentRecorder:
 @pytest.fixture
 def recorder():
     return DocumentRecorder()
+
+
+def load_script(relative_path: str, name: str | None = None):
+    """Import a script of the repository that is not in the package (a benchmark, a tool)."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def validate_all(docs):

@@ -9,24 +9,18 @@ shifted scene; the exposure shift only scales intensities.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from bluesky_xsml.sim.generator import SceneGenerator, render_scene, scene_labels
 from bluesky_xsml.tags import TAG_NAMES
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_finetune.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_finetune.py")
 
 
 def _first_with_gaps(gen):
