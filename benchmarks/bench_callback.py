@@ -163,12 +163,16 @@ def _schedstat(tid: int | None) -> tuple[float, float]:
 class _CpuMarks:
     """CPU of the RunEngine's process at the scan's start, end and last tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, RE=None) -> None:
         import threading
 
-        # bluesky runs the plan and calls the callbacks on its event loop's thread
-        self.tid = next((t.native_id for t in threading.enumerate()
-                         if t.name == "bluesky-run-engine"), None)
+        # bluesky runs the plan and calls the callbacks on its event loop's thread: this
+        # RunEngine's (another RunEngine's loop thread may still be alive in this process)
+        thread = getattr(RE, "_th", None)
+        if thread is None:  # the newest thread of that name
+            thread = next((t for t in reversed(threading.enumerate())
+                           if t.name == "bluesky-run-engine"), None)
+        self.tid = getattr(thread, "native_id", None)
         self.marks: list[tuple] = []
 
     def mark(self) -> None:
@@ -229,7 +233,7 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
         det = SynSignal(func=lambda: frames[next(counter) % len(frames)], name="saxs",
                         labels={"detectors"})
     motor = SynAxis(name="sample_x")
-    cpu = _CpuMarks()
+    cpu = _CpuMarks(RE)
     cpu.mark()
     t0 = time.perf_counter()
     if experiment == "rate":

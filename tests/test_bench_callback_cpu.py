@@ -61,6 +61,12 @@ def test_table_own_is_callback_plus_rest_and_tail_over_untagged(bench, capsys):
 
 
 def test_untagged_scan_times_the_runengine_thread(bench):
+    from bluesky import RunEngine
+
+    # an earlier RunEngine's loop thread, alive in this process (as in a test worker), has the
+    # same name: the scan's own thread must be the one timed
+    earlier = RunEngine({}, call_returns_result=False)
+    assert earlier._th.is_alive()
     r = bench.run_one("stress", "untagged", 5, 64)
     cpu = r["cpu"]
     assert r["accounted"] == 5
