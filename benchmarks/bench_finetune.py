@@ -165,17 +165,18 @@ def renderb_data(n: int, test: str, config, *, workers: int, cache_dir=None):
     frames: a test source of the pool's seed is refused.
     """
     from bluesky_xsml.render_b import render_scene
-    from bluesky_xsml.training.data import load_arrays
+    from bluesky_xsml.training.data import RenderBSpec, load_arrays, parse_spec
 
-    source = SHIFTS["renderb"]["source"]
-    seed = int(source.split("seed=")[1])
-    if test.startswith("renderb:") and f"seed={seed}," in test + ",":
-        raise ValueError(f"test frames {test!r} share a seed with the labeled pool {source!r}")
-    pool = load_arrays(f"{source},n={n}", config=config, workers=workers, progress=False,
+    pool_spec = RenderBSpec.parse(f"{SHIFTS['renderb']['source']},n={n}")
+    test_spec = parse_spec(test)
+    if isinstance(test_spec, RenderBSpec) and test_spec.seed == pool_spec.seed:
+        raise ValueError(f"test frames {test!r} share a seed with the labeled pool "
+                         f"{str(pool_spec)!r}")
+    pool = load_arrays(str(pool_spec), config=config, workers=workers, progress=False,
                        cache_dir=cache_dir)
     test_set = load_arrays(test, config=config, workers=workers, progress=False,
                            cache_dir=cache_dir)
-    raw = [render_scene(seed, i)[0] for i in range(4)]
+    raw = [render_scene(pool_spec.seed, i)[0] for i in range(4)]
     return (np.asarray(pool.inputs), pool.labels, np.asarray(test_set.inputs),
             test_set.labels, raw)
 

@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Runs whose external-file readers the child keeps open at once.
 MAX_OPEN_RUNS = 8
-#: Runs whose parsed readouts the child keeps (a run's are dropped at its stop anyway).
-MAX_READOUT_RUNS = 64
 
 
 def _checked_readout(plain: Any) -> Readout:
@@ -317,7 +315,7 @@ class _Child:
         self.cache = FrameCache(int(spec.get("label_cache_size", 0)))
         self.readers = _ExternalReaders(spec.get("external_options") or {}, make_reader)
         # each run's readout checked once, not per frame
-        self.readouts = RunReadoutCache(_checked_readout, MAX_READOUT_RUNS)
+        self.readouts = RunReadoutCache(_checked_readout)
         self.heartbeat = float(spec.get("heartbeat", 0.5))
         self.stop = threading.Event()
         self.finetuner = None

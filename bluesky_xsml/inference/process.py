@@ -66,8 +66,6 @@ __all__ = ["ProcessInferenceWorker", "ProcessOptions", "RemoteFineTuner", "Remot
 
 log = logging.getLogger(__name__)
 
-MAX_PLAIN_READOUT_RUNS = 64  # runs whose plain readouts are kept (as the child keeps them)
-
 
 @dataclass(frozen=True)
 class ProcessOptions:
@@ -194,7 +192,7 @@ class ProcessInferenceWorker(QueuedIntake):
         self.label_cache_size = int(label_cache_size)
         self._want_inputs = False  # inputs cross only while someone here listens
         # each run's readout converted to its plain form once, not per frame
-        self._readouts = RunReadoutCache(Readout.to_dict, MAX_PLAIN_READOUT_RUNS)
+        self._readouts = RunReadoutCache(Readout.to_dict)
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
         self.max_pending_bytes = int(max_pending_bytes)
