@@ -40,7 +40,8 @@ for (tagged or skipped with a reason) over all tagged runs.
 Before it, a CPU table (medians, milliseconds per frame; CPU time, so it
 stands a shared machine better than the wall-clock ratios): for each scan
 and mode the RunEngine's thread (``bluesky-run-engine``; of it the callback's
-``__call__``, and its wait for a core and time blocked, e.g. on the GIL),
+``__call__``, and its wait for a core and its time off the CPU otherwise: blocked on a lock,
+the GIL, a page fault or I/O),
 the rest of the RunEngine's process during the scan and after it until the
 last tag is out, the tagging process's feeder thread (the ring copy), and
 ``own``: what tagging costs the RunEngine's process, the callback plus the
@@ -160,6 +161,19 @@ def _schedstat(tid: int | None) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def timed_callback(callback, seconds: list):
+    """``callback`` that adds the CPU time of the calling thread inside it to ``seconds[0]``."""
+
+    def timed(name, doc):
+        t = time.thread_time()
+        try:
+            return callback(name, doc)
+        finally:
+            seconds[0] += time.thread_time() - t
+
+    return timed
+
+
 class _CpuMarks:
     """CPU of the RunEngine's process at the scan's start, end and last tag."""
 
@@ -216,14 +230,7 @@ def run_one(experiment: str, mode: str, n: int, size: int, rate: float = 0.0) ->
     elif mode != "untagged":
         xsml = _callback(mode, sink, (size, size))
 
-        def timed(name, doc, xsml=xsml):
-            t = time.thread_time()
-            try:
-                return xsml(name, doc)
-            finally:
-                in_callback[0] += time.thread_time() - t
-
-        RE.subscribe(timed)
+        RE.subscribe(timed_callback(xsml, in_callback))
     tmp = tempfile.TemporaryDirectory()
     if experiment == "files":
         from bluesky_xsml.sim.detectors import HDF5ResourceDetector

@@ -75,7 +75,7 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def run_one(mode: str, n: int, size: int) -> dict:
-    from bench_callback import _callback, make_frames
+    from bench_callback import _callback, make_frames, timed_callback
     from bluesky import RunEngine
     from bluesky.plans import scan
     from ophyd.sim import SynAxis, SynSignal
@@ -87,15 +87,7 @@ def run_one(mode: str, n: int, size: int) -> dict:
     xsml = None
     if mode != "untagged":
         xsml = _callback(mode, lambda name, doc: None, (size, size))
-
-        def timed(name, doc):
-            t = time.thread_time()
-            try:
-                return xsml(name, doc)
-            finally:
-                inside[0] += time.thread_time() - t
-
-        RE.subscribe(timed)
+        RE.subscribe(timed_callback(xsml, inside))
     det = SynSignal(func=lambda: frames[next(counter) % len(frames)], name="saxs",
                     labels={"detectors"})
     motor = SynAxis(name="sample_x")
